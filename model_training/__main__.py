@@ -1,0 +1,63 @@
+"""``python -m model_training {train,evaluate,export}``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model_training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from an image folder (DIR/NORMAL, DIR/PNEUMONIA)")
+    t.add_argument("--data-dir", type=Path, required=True)
+    t.add_argument("--out", type=Path, required=True, help="folder for model.pt and training.json")
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--val-fraction", type=float, default=0.15)
+    t.add_argument("--limit", type=int, default=None, help="use only this many training images (smoke tests)")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    e = sub.add_parser("evaluate", help="metrics, ROC and calibration plots for a model artifact")
+    e.add_argument("--model", type=Path, required=True, help="artifact .pt (its .json card next to it)")
+    e.add_argument("--data-dir", type=Path, required=True)
+    e.add_argument("--subset", choices=["all", "val", "train"], default="all",
+                   help="'val' re-creates the card's patient split and scores its validation part")
+    e.add_argument("--plots", type=Path, default=Path("."), help="folder for roc.png and calibration.png")
+
+    x = sub.add_parser("export", help="write the daemon's artifact and model card from a training run")
+    x.add_argument("--run", type=Path, required=True, help="training output folder")
+    x.add_argument("--out", type=Path, default=Path("pacsbridge/models"))
+    x.add_argument("--version", required=True)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    if args.command == "train":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        from .train import train
+
+        train(args.data_dir, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+              seed=args.seed, val_fraction=args.val_fraction, limit=args.limit,
+              command="python -m model_training " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
+    elif args.command == "evaluate":
+        from .evaluate import evaluate
+
+        evaluate(args.model, args.data_dir, subset=args.subset, plots=args.plots)
+    elif args.command == "export":
+        from .export import export
+
+        export(args.run, args.out, args.version)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
