@@ -1,0 +1,142 @@
+"""SQLAlchemy 2 models.  One migration in ``alembic/versions`` per change here."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    Boolean, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Deterministic constraint names so Alembic migrations are reproducible on SQLite and PostgreSQL.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class InstanceState(str, enum.Enum):
+    """Where an instance is on its way through pacsbridge."""
+
+    RECEIVED = "received"          # on disk and recorded; waiting for the inference worker
+    PROCESSING = "processing"      # claimed by a worker
+    PREDICTED = "predicted"        # a prediction row exists
+    NOT_ANALYSED = "not_analysed"  # quality gate or decoding said no; reason recorded
+
+
+class WorklistStatus(str, enum.Enum):
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))  # PHI: never log at INFO
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    requested_priority: Mapped[str | None] = mapped_column(String(16))  # e.g. STAT, HIGH, ROUTINE
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    series: Mapped[list["Series"]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list["Instance"]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    file_path: Mapped[str] = mapped_column(String(255))  # relative to the spool dir; built from hashes
+    file_size: Mapped[int] = mapped_column(Integer)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default=InstanceState.RECEIVED.value, index=True)
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+    prediction: Mapped["Prediction | None"] = relationship(back_populates="instance")
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), unique=True)
+    probability: Mapped[float] = mapped_column(Float)
+    positive: Mapped[bool] = mapped_column(Boolean)
+    threshold: Mapped[float] = mapped_column(Float)
+    model_id: Mapped[str] = mapped_column(String(64))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    decode_ms: Mapped[float | None] = mapped_column(Float)
+    inference_ms: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    instance: Mapped[Instance] = relationship(back_populates="prediction")
+
+
+class WorklistItem(Base):
+    """One per study with a positive prediction; the radiologists' queue."""
+
+    __tablename__ = "worklist_items"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), unique=True)
+    priority: Mapped[float] = mapped_column(Float, index=True)
+    probability: Mapped[float] = mapped_column(Float)  # highest calibrated probability in the study
+    status: Mapped[str] = mapped_column(String(16), default=WorklistStatus.PENDING.value, index=True)
+    first_positive_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # when the study first arrived
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    study: Mapped[Study] = relationship()
+
+
+class Event(Base):
+    """Audit trail: what happened, to what, and why (rejections, failures, state changes)."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)  # e.g. association_rejected, store_failed
+    level: Mapped[str] = mapped_column(String(8), default="info")
+    instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id", ondelete="SET NULL"))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    peer: Mapped[str | None] = mapped_column(String(64))  # calling AE @ address
+    detail: Mapped[str | None] = mapped_column(Text)
