@@ -1,0 +1,117 @@
+"""Write the daemon's artifact (``pneumonia-<version>.pt``) and its model card (JSON + Markdown)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from pacsbridge.model.artifact import sha256_file
+
+DATA_CREDIT = (
+    "Kermany, Daniel; Zhang, Kang; Goldbaum, Michael (2018), \"Labeled Optical Coherence Tomography (OCT) "
+    "and Chest X-Ray Images for Classification\", Mendeley Data, V2, doi:10.17632/rscbjbr9sj.2; "
+    "Kermany et al., Cell 172(5):1122-1131, 2018. License: CC BY 4.0."
+)
+INTENDED_USE = (
+    "Screening aid that routes likely-pneumonia chest radiographs to a radiologist first. "
+    "Not a diagnosis: every study still needs a radiologist's read; a negative score does not rule out disease."
+)
+LIMITS = [
+    "Trained only on pediatric (age 1-5) frontal chest radiographs from one hospital (Guangzhou), mostly AP views.",
+    "Training images were 8-bit JPEGs squashed to 224x224; adult, lateral or non-chest images are out of scope "
+    "(the daemon's quality gate refuses what it can recognize).",
+    "Threshold chosen on a patient-grouped validation split for sensitivity >= 0.95; performance on other sites "
+    "shifts (expect lower specificity) and must be monitored locally.",
+]
+
+
+def export(run_dir: Path, out_dir: Path, version: str) -> Path:
+    """Copy the weights from a training run and write the card; returns the artifact path."""
+    report = json.loads((run_dir / "training.json").read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"pneumonia-{version}"
+    dest = out_dir / f"{name}.pt"
+    blob = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    torch.save(blob, dest)
+    digest = sha256_file(dest)
+    card = {
+        "model_id": name,
+        "version": version,
+        "architecture": report["architecture"],
+        "weights_file": dest.name,
+        "weights_sha256": digest,
+        "input": {
+            "channels": 1, "size": report["input_size"],
+            "expects": "display-ready 2-D float image in [0,1], bright = dense; squashed to a square",
+            "preprocessing": "pacsbridge.model.preprocess.preprocess",
+        },
+        "output": "one logit; probability = sigmoid(logit / temperature)",
+        "temperature": report["temperature"],
+        "threshold": report["threshold"],
+        "operating_point": f"sensitivity >= {report['min_sensitivity']} on validation",
+        "validation": report["validation"],
+        "split": report["split"],
+        "best_epoch": report["best_epoch"],
+        "epochs": report["epochs"],
+        "seed": report["seed"],
+        "val_fraction": report["val_fraction"],
+        "training_command": report.get("command"),
+        "data_source": DATA_CREDIT,
+        "intended_use": INTENDED_USE,
+        "limits": LIMITS,
+    }
+    (out_dir / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(model_card_markdown(card))
+    return dest
+
+
+def model_card_markdown(card: dict) -> str:
+    v = card["validation"]
+    s = card["split"]
+    lines = [
+        f"# Model card: {card['model_id']}",
+        "",
+        f"- Architecture: `{card['architecture']}` (trained from scratch, no ImageNet weights)",
+        f"- Weights: `{card['weights_file']}`, SHA-256 `{card['weights_sha256']}`",
+        f"- Input: {card['input']['expects']}; {card['input']['size']}x{card['input']['size']}, "
+        f"via `{card['input']['preprocessing']}`",
+        f"- Calibration: temperature {card['temperature']:.4f} (ECE {v['ece_before']:.4f} -> {v['ece_after']:.4f})",
+        f"- Threshold: {card['threshold']:.4f} ({card['operating_point']})",
+        "",
+        "## Validation (patient-grouped split of the training folder)",
+        "",
+        f"Split: {s['train_images']} training images ({s['train_patients']} patients), "
+        f"{s['val_images']} validation images ({s['val_patients']} patients; "
+        f"{s['val_positive']} pneumonia, {s['val_negative']} normal). Seed {card['seed']}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| ROC AUC | {v['auc']:.4f} |",
+        f"| sensitivity | {v['sensitivity']:.4f} |",
+        f"| specificity | {v['specificity']:.4f} |",
+        f"| accuracy | {v['accuracy']:.4f} |",
+        f"| false-negative rate | {v['false_negative_rate']:.4f} |",
+        f"| confusion (TP/FN/TN/FP) | {v['tp']}/{v['fn']}/{v['tn']}/{v['fp']} |",
+        "",
+        "Reproduce: `python -m model_training evaluate --model pacsbridge/models/"
+        f"{card['weights_file']} --data-dir ../shared/data/chest_xray/train --subset val`",
+        "",
+        f"Training command: `{card['training_command']}`",
+        "",
+        "## Data",
+        "",
+        card["data_source"],
+        "",
+        "## Intended use",
+        "",
+        card["intended_use"],
+        "",
+        "## Limits",
+        "",
+        *[f"- {x}" for x in card["limits"]],
+        "",
+    ]
+    return "\n".join(lines)
