@@ -110,8 +110,8 @@ def train(
                     pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
                 for be, bm in zip(ema.buffers(), model.buffers()):
                     be.copy_(bm)
-            total += float(loss) * len(idx)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            total += float(loss.detach()) * len(idx)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         val_logits = predict_logits(ema, x_val, device)
         auc = metrics.roc_auc(y_val, val_logits)
         row = {"epoch": epoch, "train_loss": total / len(x_train), "val_auc": auc, "seconds": time.time() - t0}

@@ -1,0 +1,187 @@
+"""Fast tests of the training package and the shared preprocessing (no real data needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model_training import metrics
+from model_training.__main__ import main as train_main
+from model_training.data import list_samples, patient_key, split_by_patient
+from pacsbridge.model.artifact import ModelError, load_model
+from pacsbridge.model.preprocess import INPUT_SIZE, preprocess, preprocess_batch
+
+SHARED_TRAIN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray" / "train"
+
+
+# --- preprocessing -------------------------------------------------------------------------
+
+def test_preprocess_shape_dtype_and_standardization() -> None:
+    img = np.random.default_rng(0).random((300, 500)).astype(np.float32)
+    x = preprocess(img)
+    assert x.shape == (1, INPUT_SIZE, INPUT_SIZE) and x.dtype == torch.float32
+    assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 0.05
+
+
+def test_preprocess_squashes_without_keeping_aspect() -> None:
+    # Left half dark, right half bright on a wide image: after squashing the split stays in the middle.
+    img = np.zeros((100, 400), np.float32)
+    img[:, 200:] = 1.0
+    x = preprocess(img)[0]
+    assert float(x[:, : INPUT_SIZE // 2 - 2].max()) < 0 < float(x[:, INPUT_SIZE // 2 + 2 :].min())
+    # A tall image is squashed too (no padding rows).
+    tall = np.zeros((400, 100), np.float32)
+    tall[200:, :] = 1.0
+    y = preprocess(tall)[0]
+    assert float(y[: INPUT_SIZE // 2 - 2].max()) < 0 < float(y[INPUT_SIZE // 2 + 2 :].min())
+
+
+def test_preprocess_is_invariant_to_linear_intensity_changes() -> None:
+    img = np.random.default_rng(1).random((224, 224)).astype(np.float32)
+    a = preprocess(img)
+    b = preprocess(0.2 + 0.5 * img)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_preprocess_clamps_out_of_range_and_rejects_bad_shapes() -> None:
+    img = np.full((64, 64), 0.5, np.float32)
+    img[0, 0] = 5.0  # outside [0, 1]: clamped before standardization
+    assert torch.isfinite(preprocess(img)).all()
+    with pytest.raises(ValueError):
+        preprocess(np.zeros((3, 64, 64), np.float32))
+    with pytest.raises(ValueError):
+        preprocess(np.zeros((4, 4), np.float32))
+
+
+def test_preprocess_single_equals_batch() -> None:
+    imgs = torch.rand(3, 224, 224)
+    batch = preprocess_batch(imgs)
+    for i in range(3):
+        assert torch.allclose(preprocess(imgs[i]), batch[i], atol=1e-6)
+
+
+# --- metrics, temperature, threshold -------------------------------------------------------
+
+def test_auc_known_values() -> None:
+    assert metrics.roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert metrics.roc_auc([0, 0, 1, 1], [0.4, 0.3, 0.2, 0.1]) == 0.0
+    assert metrics.roc_auc([0, 1], [0.5, 0.5]) == 0.5
+    # 3 of 4 positive/negative pairs ordered correctly.
+    assert metrics.roc_auc([0, 0, 1, 1], [0.1, 0.35, 0.3, 0.4]) == 0.75
+
+
+def test_temperature_recovers_known_scale() -> None:
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 2, 20000)
+    y = (rng.random(20000) < metrics.sigmoid(true_logits)).astype(float)
+    # The model is over-confident by a factor 3: the fitted temperature must undo it.
+    t = metrics.fit_temperature(y, true_logits * 3.0)
+    assert 2.7 < t < 3.3
+    assert metrics.expected_calibration_error(y, metrics.sigmoid(true_logits * 3 / t)) < \
+        metrics.expected_calibration_error(y, metrics.sigmoid(true_logits * 3))
+
+
+def test_threshold_for_sensitivity_known_answer() -> None:
+    y = np.array([1] * 20 + [0] * 5)
+    prob = np.r_[np.linspace(1.0, 0.05, 20), [0.9, 0.5, 0.3, 0.2, 0.01]]
+    t = metrics.threshold_for_sensitivity(y, prob, 0.95)
+    # 19 of 20 positives must be >= t, so t is the 19th-highest positive score.
+    assert t == pytest.approx(np.sort(prob[:20])[::-1][18])
+    c = metrics.confusion(y, prob, t)
+    assert c["sensitivity"] >= 0.95 and c["tp"] == 19 and c["fn"] == 1
+    assert metrics.confusion(y, prob, np.nextafter(t, 2))["sensitivity"] < 0.95  # highest such t
+
+
+# --- data split ----------------------------------------------------------------------------
+
+def test_patient_keys() -> None:
+    assert patient_key(Path("IM-0115-0001.jpeg")) == "IM-0115"
+    assert patient_key(Path("NORMAL2-IM-0427-0001.jpeg")) == "NORMAL2-IM-0427"
+    assert patient_key(Path("person1000_bacteria_2931.jpeg")) == "person1000"
+    assert patient_key(Path("person1000_virus_1681.jpeg")) == "person1000"
+
+
+def _fake_folder(root: Path, n_per_class: int = 24) -> Path:
+    """A tiny image folder: 'pneumonia' images carry a bright blob, normals do not."""
+    rng = np.random.default_rng(0)
+    for label, cls in enumerate(("NORMAL", "PNEUMONIA")):
+        (root / cls).mkdir(parents=True)
+        for i in range(n_per_class):
+            img = (rng.random((224, 224)) * 80 + 60).astype(np.uint8)
+            if label:
+                img[60:160, 40:110] = 230
+            name = f"IM-{i // 2:04d}-{i % 2 + 1:04d}.jpeg" if not label else f"person{i // 2}_bacteria_{i}.jpeg"
+            Image.fromarray(img).convert("RGB").save(root / cls / name)
+    return root
+
+
+def test_split_is_by_patient_and_reproducible(tmp_path: Path) -> None:
+    samples = list_samples(_fake_folder(tmp_path / "data"))
+    tr, va = split_by_patient(samples, 0.25, seed=7)
+    assert {s.patient for s in tr}.isdisjoint({s.patient for s in va})
+    tr2, va2 = split_by_patient(samples, 0.25, seed=7)
+    assert [s.path for s in va] == [s.path for s in va2]
+    assert {s.label for s in va} == {0, 1}
+
+
+# --- the whole train -> export -> load -> evaluate path --------------------------------------
+
+def test_train_export_load_evaluate_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _fake_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    assert train_main(["train", "--data-dir", str(data), "--out", str(run), "--epochs", "1", "--val-fraction", "0.3"]) == 0
+    report = json.loads((run / "training.json").read_text())
+    assert report["split"]["val_images"] > 0 and math.isfinite(report["temperature"])
+    assert train_main(["export", "--run", str(run), "--out", str(tmp_path / "models"), "--version", "t1"]) == 0
+    art = tmp_path / "models" / "pneumonia-t1.pt"
+    card = json.loads(art.with_suffix(".json").read_text())
+    assert card["threshold"] == report["threshold"] and "CC BY 4.0" in card["data_source"]
+    assert art.stat().st_size < 20 * 1024 * 1024
+
+    # Export then load gives identical outputs to the trained weights on the same input.
+    from pacsbridge.model.architecture import build_model
+
+    blob = torch.load(run / "model.pt", weights_only=True)
+    ref = build_model(blob["architecture"])
+    ref.load_state_dict(blob["state_dict"])
+    ref.eval()
+    loaded = load_model(art, device="cpu")
+    x = preprocess_batch(torch.rand(4, 224, 224))
+    with torch.inference_mode():
+        assert torch.equal(ref(x), loaded.logits(x))
+
+    # The card's validation figures are reproducible by `evaluate --subset val`.
+    capsys.readouterr()
+    assert train_main(["evaluate", "--model", str(art), "--data-dir", str(data), "--subset", "val",
+                       "--plots", str(tmp_path / "plots")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["auc"] == pytest.approx(card["validation"]["auc"], abs=1e-6)
+    assert out["sensitivity"] == pytest.approx(card["validation"]["sensitivity"])
+    assert (tmp_path / "plots" / "roc.png").stat().st_size > 1000
+
+
+def test_tampered_weights_are_refused(tmp_path: Path) -> None:
+    from pacsbridge.model.architecture import build_model
+
+    art = tmp_path / "m.pt"
+    torch.save({"architecture": "small-resnet-v1", "input_size": INPUT_SIZE,
+                "state_dict": build_model("small-resnet-v1").state_dict()}, art)
+    art.with_suffix(".json").write_text(json.dumps({"model_id": "m", "weights_sha256": "0" * 64,
+                                                    "temperature": 1.0, "threshold": 0.5}))
+    with pytest.raises(ModelError, match="SHA-256"):
+        load_model(art)
+
+
+@pytest.mark.skipif(not SHARED_TRAIN.is_dir(), reason=f"training data not present at {SHARED_TRAIN} (a user's clone has none)")
+def test_train_on_real_subset_runs(tmp_path: Path) -> None:
+    """The real data path (patient keys, JPEG loading) on a few dozen real radiographs, one epoch."""
+    assert train_main(["train", "--data-dir", str(SHARED_TRAIN), "--out", str(tmp_path), "--epochs", "1",
+                       "--limit", "48"]) == 0
+    report = json.loads((tmp_path / "training.json").read_text())
+    assert report["split"]["train_images"] == 48
