@@ -1,0 +1,152 @@
+"""Quality gate: is this an image the model was trained for (a frontal chest radiograph)?
+
+Each check returns ``None`` when the image may be analysed, else a short human-readable reason
+that ends up in the prediction row as "not analysed".  The header checks run before any pixel is
+decoded, so refusing a CT series or a hand X-ray costs next to nothing.
+
+What is refused, and why:
+
+* Modality not CR/DX (SC/OT allowed only when grayscale): the model saw only projection
+  radiographs.
+* Body Part Examined present and not chest-like (e.g. EXTREMITY, HAND, SKULL).
+* A lateral or oblique view (View Position, View Code Sequence, or -- without a View Position --
+  series description/protocol keywords such as LAT).
+* Without Body Part Examined: descriptions naming another anatomy (e.g. KNEE, HAND), or an
+  Image Laterality/Laterality of R or L, which belongs to paired body parts, not the chest.
+* Not MONOCHROME1/2 or more than one sample per pixel (colour), 1-bit data, fewer than 128
+  rows/columns, no pixel data.
+* After decoding: a blank image (no contrast at all).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+MIN_SIDE = 128
+RADIOGRAPH_MODALITIES = {"CR", "DX"}
+#: Secondary capture / other: allowed only for a grayscale image (a digitised film, say).
+GRAYSCALE_ONLY_MODALITIES = {"SC", "OT"}
+GRAYSCALE = {"MONOCHROME1", "MONOCHROME2"}
+
+#: Words that make a body part or description chest-like (English and a few common locales).
+CHEST_WORDS = {"CHEST", "THORAX", "THORACIC", "LUNG", "LUNGS", "CXR", "TORAX", "THORAX", "TORACE",
+               "BRUST", "POITRINE", "PULMONARY", "RIBS"}
+#: Anatomy that is clearly not a chest; used on descriptions when Body Part Examined is absent.
+OTHER_ANATOMY = {
+    "HAND", "HANDS", "FINGER", "FINGERS", "THUMB", "WRIST", "FOREARM", "ELBOW", "HUMERUS", "ARM",
+    "SHOULDER", "CLAVICLE", "SCAPULA", "FOOT", "FEET", "TOE", "TOES", "ANKLE", "HEEL", "CALCANEUS",
+    "TIBIA", "FIBULA", "LEG", "KNEE", "PATELLA", "FEMUR", "HIP", "HIPS", "PELVIS", "SACRUM",
+    "SPINE", "CSPINE", "TSPINE", "LSPINE", "CERVICAL", "LUMBAR", "SKULL", "HEAD", "FACE", "SINUS",
+    "SINUSES", "MANDIBLE", "DENTAL", "TEETH", "ABDOMEN", "ABDOMINAL", "KUB", "EXTREMITY",
+    "BREAST", "MAMMO", "MAMMOGRAPHY",
+}
+LATERAL_VIEW_POSITIONS = {"LL", "RL", "LAT", "LATERAL", "LLO", "RLO"}
+FRONTAL_VIEW_POSITIONS = {"PA", "AP", "LLD", "RLD"}  # decubitus films are frontal projections
+LATERAL_WORDS = {"LAT", "LATERAL", "LATERALE", "LL", "RL", "OBLIQUE", "OBL"}
+FRONTAL_WORDS = {"PA", "AP", "FRONTAL", "PORTABLE"}
+
+
+def _words(text: object) -> set[str]:
+    return set(re.split(r"[^A-Z0-9]+", str(text or "").upper())) - {""}
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"):
+        value = " ".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _view_code_meanings(ds: Dataset) -> list[str]:
+    meanings = []
+    for item in ds.get("ViewCodeSequence") or []:
+        meaning = item.get("CodeMeaning")
+        if meaning:
+            meanings.append(str(meaning))
+    return meanings
+
+
+def check_header(ds: Dataset) -> str | None:
+    """Header-only gate.  ``None`` when the image may be analysed, else the reason."""
+    modality = _text(ds, "Modality").upper()
+    photometric = _text(ds, "PhotometricInterpretation").upper()
+    samples = ds.get("SamplesPerPixel", 1)
+    grayscale = photometric in GRAYSCALE and samples in (None, 1)
+    if not modality:
+        return "no Modality in the file"
+    if modality in GRAYSCALE_ONLY_MODALITIES:
+        if not grayscale:
+            return f"colour image ({modality}, {photometric or 'no photometric interpretation'})"
+    elif modality not in RADIOGRAPH_MODALITIES:
+        return f"modality {modality} is not a radiograph (expects CR or DX)"
+
+    reason = _check_anatomy(ds) or _check_view(ds)
+    if reason:
+        return reason
+
+    if "PixelData" not in ds:
+        return "no Pixel Data in the file"
+    if not grayscale:
+        return f"colour image ({photometric or 'no photometric interpretation'}, {samples} samples/pixel)"
+    bits = ds.get("BitsAllocated")
+    if bits == 1:
+        return "1-bit image (a bitmap, not a radiograph)"
+    rows, cols = ds.get("Rows") or 0, ds.get("Columns") or 0
+    if rows < MIN_SIDE or cols < MIN_SIDE:
+        return f"image too small ({rows}x{cols}, needs at least {MIN_SIDE}x{MIN_SIDE})"
+    return None
+
+
+def _check_anatomy(ds: Dataset) -> str | None:
+    body_part = _text(ds, "BodyPartExamined")
+    if body_part:
+        if _words(body_part) & CHEST_WORDS:
+            return None
+        return f"body part {body_part.upper()} is not chest"
+    # No body part: look at what the study/series say they are.
+    described = (_words(_text(ds, "StudyDescription")) | _words(_text(ds, "SeriesDescription"))
+                 | _words(_text(ds, "ProtocolName")))
+    if described & CHEST_WORDS:
+        return None
+    other = sorted(described & OTHER_ANATOMY)
+    if other:
+        return f"description names {other[0]}, not chest"
+    for keyword in ("ImageLaterality", "Laterality"):
+        side = _text(ds, keyword).upper()
+        if side in ("R", "L"):
+            return f"{keyword} {side} without a body part suggests a limb or breast, not chest"
+    return None
+
+
+def _check_view(ds: Dataset) -> str | None:
+    view = _text(ds, "ViewPosition").upper()
+    if view in LATERAL_VIEW_POSITIONS:
+        kind = "oblique" if view.endswith("O") else "lateral"
+        return f"{kind} view (View Position {view}); the model reads frontal views"
+    for meaning in _view_code_meanings(ds):
+        low = meaning.lower()
+        if "lateral" in low or "oblique" in low:
+            return f"non-frontal view ({meaning}); the model reads frontal views"
+    if view in FRONTAL_VIEW_POSITIONS:
+        return None
+    # No usable View Position: series-level wording.  (Not the study description: "CHEST PA
+    # AND LAT" describes a study holding both views.)
+    for keyword in ("SeriesDescription", "ProtocolName"):
+        words = _words(_text(ds, keyword))
+        if words & LATERAL_WORDS and not words & FRONTAL_WORDS:
+            return f"lateral view ({keyword} says so); the model reads frontal views"
+    return None
+
+
+def check_image(image: np.ndarray) -> str | None:
+    """Gate on the decoded display image: refuse one with no contrast at all."""
+    if image.ndim != 2:
+        return f"not a 2-D image (shape {image.shape})"
+    if float(image.std()) < 1e-3:
+        return "blank image (no contrast after windowing)"
+    return None
