@@ -1,0 +1,139 @@
+"""The long-running daemon: migrate, start components in order, serve, stop them in reverse order.
+
+A component is anything with ``name``, ``start()`` and ``stop()`` (and optionally ``healthy()``);
+add new ones in :meth:`Daemon.build_components`.  systemd integration (READY=1, WATCHDOG=1,
+STOPPING=1) talks to $NOTIFY_SOCKET directly, so no systemd Python package is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from pacsbridge.config import Settings
+from pacsbridge.dicom.storage_scp import storage_scp_from_settings
+from pacsbridge.store import migrations
+from pacsbridge.store.db import make_engine, make_sessionmaker
+from pacsbridge.store.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Component(Protocol):
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def sd_notify(message: str) -> bool:
+    """Send ``message`` (e.g. ``"READY=1"``) to systemd's notify socket; False when not under systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):  # abstract namespace socket
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError as exc:
+        log.warning("sd_notify(%s) failed: %s", message.split("=")[0], exc)
+        return False
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec for this process, or None when no watchdog is configured."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(int(usec) / 2e6, 0.1)
+    except ValueError:
+        return None
+
+
+class Daemon:
+    """Owns the database engine, the spool and the components of ``pacsbridge serve``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.database_url)
+        self.sessions = make_sessionmaker(self.engine)
+        self.spool = Spool(Path(settings.spool_dir), fsync=settings.fsync)
+        self.components: list[Component] = []
+        self._stop = threading.Event()
+
+    def build_components(self) -> list[Component]:
+        """The components in start order (stopped in reverse).  Receiving comes first: a PACS may send
+        as soon as the port is open, and the worker/scheduler/API only read what was stored."""
+        components: list[Component] = [storage_scp_from_settings(self.settings, self.sessions, self.spool)]
+        return components
+
+    def request_stop(self, signum: int | None = None, _frame: object = None) -> None:
+        if signum is not None:
+            log.info("received %s; shutting down", signal.Signals(signum).name)
+        self._stop.set()
+
+    def prepare(self) -> None:
+        """Everything before listening: schema to head, spool folders, configuration warnings."""
+        migrations.upgrade(self.engine)
+        self.spool.prepare()
+        if not self.settings.allowed_calling_aes:
+            log.warning("allowed_calling_aes is empty: accepting associations from ANY calling AE title")
+
+    def start(self) -> None:
+        self.prepare()
+        self.components = self.build_components()
+        started: list[Component] = []
+        try:
+            for component in self.components:
+                component.start()
+                started.append(component)
+        except BaseException:
+            self._stop_all(started)
+            raise
+        self.components = started
+
+    def run(self, install_signal_handlers: bool = True) -> int:
+        """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), stop cleanly; returns exit code."""
+        if install_signal_handlers:
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
+        self.start()
+        sd_notify("READY=1\nSTATUS=serving")
+        log.info("pacsbridge is ready (%d component(s): %s)", len(self.components),
+                 ", ".join(c.name for c in self.components))
+        interval = watchdog_interval()
+        while not self._stop.wait(interval if interval else 1.0):
+            if interval and self._healthy():
+                sd_notify("WATCHDOG=1")
+        sd_notify("STOPPING=1")
+        self._stop_all(self.components)
+        self.engine.dispose()
+        log.info("pacsbridge stopped")
+        return 0
+
+    def _healthy(self) -> bool:
+        for component in self.components:
+            check = getattr(component, "healthy", None)
+            if check is not None and not check():
+                log.error("component %s is unhealthy; withholding the systemd watchdog ping", component.name)
+                return False
+        return True
+
+    def _stop_all(self, components: list[Component]) -> None:
+        for component in reversed(components):
+            try:
+                component.stop()
+            except Exception:  # noqa: BLE001 - keep stopping the others
+                log.exception("error while stopping %s", component.name)

@@ -1,0 +1,187 @@
+"""Understand a received dataset without decoding its pixels.
+
+``read_metadata`` checks that the encoded bytes are complete and well framed, that they match the
+C-STORE request (SOP Class/Instance), that the UIDs are valid, and pulls the few attributes the
+database needs.  Problems raise :class:`RejectedDataset` carrying the DIMSE status to answer with.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+import zlib
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator, read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+# C-STORE failure statuses (PS3.4 Annex B.2.3).
+STATUS_OUT_OF_RESOURCES = 0xA700      # disk trouble
+STATUS_OUT_OF_RESOURCES_DB = 0xA701   # database trouble (still "Refused: Out of Resources")
+STATUS_DOES_NOT_MATCH = 0xA900        # dataset does not match SOP class
+STATUS_CANNOT_UNDERSTAND = 0xC000     # unparseable / truncated
+STATUS_BAD_UID = 0xC001               # a UID we must store is missing or invalid
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_PIXEL_DATA = 0x7FE00010
+_UNDEFINED = 0xFFFFFFFF
+
+
+class RejectedDataset(Exception):
+    """The dataset cannot be stored; ``status`` is the DIMSE failure status to return."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    body_part: str | None
+    patient_id: str | None  # PHI: never log at INFO
+    accession_number: str | None
+    study_date: str | None
+    requested_priority: str | None
+
+
+def is_valid_uid(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
+
+
+def read_metadata(body: bytes, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str) -> InstanceMeta:
+    """Validate the encoded dataset ``body`` (no file meta) and return what the database needs.
+
+    ``sop_class_uid``/``sop_instance_uid`` are the values from the C-STORE request.
+    """
+    ts = UID(transfer_syntax)
+    for name, uid in (("Affected SOP Class UID", sop_class_uid), ("Affected SOP Instance UID", sop_instance_uid)):
+        if not is_valid_uid(uid):
+            raise RejectedDataset(STATUS_BAD_UID, f"request {name} is not a valid UID")
+
+    plain = _inflate(body) if ts == DeflatedExplicitVRLittleEndian else body
+    tags = _check_framing(plain, ts)
+    try:
+        ds = _parse_without_pixels(plain, ts)
+        meta = _extract(ds, ts, sop_class_uid, sop_instance_uid)
+    except RejectedDataset:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything pydicom cannot read is "cannot understand"
+        raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
+
+    if _PIXEL_DATA not in tags:
+        raise RejectedDataset(STATUS_DOES_NOT_MATCH, "image SOP class but the dataset has no Pixel Data")
+    return meta
+
+
+def _inflate(body: bytes) -> bytes:
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = d.decompress(body) + d.flush()
+    except zlib.error as exc:
+        raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, f"deflated dataset does not inflate: {exc}") from exc
+    if not d.eof:
+        raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, "deflated dataset is truncated")
+    return out
+
+
+def _encoding(ts: UID) -> tuple[bool, bool]:
+    """(is_implicit_VR, is_little_endian) of a transfer syntax's dataset encoding."""
+    if ts == ImplicitVRLittleEndian:
+        return True, True
+    if ts == ExplicitVRBigEndian:
+        return False, False
+    return False, True
+
+
+def _check_framing(plain: bytes, ts: UID) -> set[int]:
+    """Walk the top-level elements; every declared length must be present.  Returns the tags seen.
+
+    pydicom is lenient with truncated input (it returns short values), so check it here: a dataset
+    cut off mid-transfer must never be acknowledged.
+    """
+    implicit, little = _encoding(ts)
+    tags: set[int] = set()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            for elem in data_element_generator(BytesIO(plain), implicit, little):
+                tags.add(int(elem.tag))
+                # Sequences come back parsed (no .length); byte values must have their declared length.
+                length = getattr(elem, "length", _UNDEFINED)
+                value = elem.value
+                if length != _UNDEFINED and isinstance(value, (bytes, bytearray)) and len(value) != length:
+                    raise RejectedDataset(
+                        STATUS_CANNOT_UNDERSTAND,
+                        f"dataset truncated in element {elem.tag} ({len(value)} of {length} bytes)",
+                    )
+        except RejectedDataset:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, f"malformed dataset: {type(exc).__name__}: {exc}") from exc
+    for w in caught:
+        if "End of file" in str(w.message) or "delimiter" in str(w.message):
+            raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, f"dataset truncated: {w.message}")
+    if not tags:
+        raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, "empty dataset")
+    return tags
+
+
+def _parse_without_pixels(plain: bytes, ts: UID) -> Dataset:
+    implicit, little = _encoding(ts)
+    return read_dataset(BytesIO(plain), implicit, little, stop_when=_stop_at_pixels)
+
+
+def _stop_at_pixels(tag: object, vr: object, length: object) -> bool:
+    return int(tag) >= _PIXEL_DATA  # type: ignore[call-overload]
+
+
+def _text(ds: Dataset, keyword: str, max_len: int) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    text = str(value).strip()
+    return text[:max_len] or None
+
+
+def _extract(ds: Dataset, ts: UID, sop_class_uid: str, sop_instance_uid: str) -> InstanceMeta:
+    uids = {}
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = ds.get(keyword)
+        value = str(value).rstrip("\0 ") if value is not None else None
+        if not is_valid_uid(value):
+            raise RejectedDataset(STATUS_BAD_UID, f"{keyword} is missing or not a valid UID")
+        uids[keyword] = value
+    if uids["SOPClassUID"] != sop_class_uid:
+        raise RejectedDataset(STATUS_DOES_NOT_MATCH, "dataset SOP Class UID differs from the C-STORE request")
+    if uids["SOPInstanceUID"] != sop_instance_uid:
+        raise RejectedDataset(STATUS_DOES_NOT_MATCH, "dataset SOP Instance UID differs from the C-STORE request")
+
+    priority = _text(ds, "RequestedProcedurePriority", 16)
+    if priority is None:
+        for item in ds.get("RequestAttributesSequence", None) or []:
+            priority = _text(item, "RequestedProcedurePriority", 16)
+            if priority:
+                break
+
+    return InstanceMeta(
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        transfer_syntax_uid=str(ts),
+        modality=_text(ds, "Modality", 16),
+        body_part=_text(ds, "BodyPartExamined", 64),
+        patient_id=_text(ds, "PatientID", 64),
+        accession_number=_text(ds, "AccessionNumber", 16),
+        study_date=_text(ds, "StudyDate", 8),
+        requested_priority=priority.upper() if priority else None,
+    )

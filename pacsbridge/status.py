@@ -1,0 +1,47 @@
+"""``pacsbridge status --json``: one JSON object assembled from small sections.
+
+Each section is a function ``(settings, sessions) -> dict`` merged into the result; to add keys,
+write a function and append it to :data:`SECTIONS`.  Existing keys are a stable contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacsbridge import __version__
+from pacsbridge.config import Settings
+from pacsbridge.store import migrations
+from pacsbridge.store.records import instance_state_counts
+
+Section = Callable[[Settings, sessionmaker[Session]], dict[str, Any]]
+
+
+def general(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any]:
+    engine: Engine = sessions.kw["bind"]
+    return {
+        "version": __version__,
+        "ae_title": settings.ae_title,
+        "dicom_port": settings.dicom_port,
+        "data_dir": str(settings.data_dir.resolve()),
+        "database": engine.url.render_as_string(hide_password=True),
+        "schema": {"current": migrations.current_revision(engine), "head": migrations.head_revision()},
+    }
+
+
+def instances(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any]:
+    with sessions() as session:
+        return {"instances": instance_state_counts(session)}
+
+
+SECTIONS: list[Section] = [general, instances]
+
+
+def collect_status(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for section in SECTIONS:
+        result.update(section(settings, sessions))
+    return result

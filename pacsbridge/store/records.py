@@ -1,0 +1,115 @@
+"""Database writes and reads shared by the stages: received instances, events, state counts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacsbridge.store.models import Event, Instance, InstanceState, Series, Study
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the receiver knows about a stored file (metadata from the dataset, no pixels)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    file_path: str  # relative to the spool
+    file_size: int
+    calling_ae: str | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    patient_id: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None
+    requested_priority: str | None = None
+
+
+def record_received(
+    sessions: sessionmaker[Session], rec: ReceivedInstance, place_file: Callable[[], None], attempts: int = 5
+) -> tuple[int, bool]:
+    """Insert study/series/instance rows for ``rec`` in one transaction; returns (instance id, created).
+
+    ``place_file`` moves the fsync'd file to its final path; it runs inside the transaction after
+    the rows are flushed and before the commit, so a committed row always has its file, and a
+    duplicate (the same SOP Instance UID already recorded, possibly by a concurrent association)
+    never replaces the recorded file.  Constraint races are retried.
+    """
+    for attempt in range(1, attempts + 1):
+        with sessions() as session:
+            existing = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == rec.sop_instance_uid))
+            if existing is not None:
+                return existing, False
+            try:
+                study = session.scalar(select(Study).where(Study.study_instance_uid == rec.study_instance_uid))
+                if study is None:
+                    study = Study(
+                        study_instance_uid=rec.study_instance_uid, patient_id=rec.patient_id,
+                        accession_number=rec.accession_number, study_date=rec.study_date,
+                        requested_priority=rec.requested_priority,
+                    )
+                    session.add(study)
+                    session.flush()
+                elif rec.requested_priority and not study.requested_priority:
+                    study.requested_priority = rec.requested_priority
+                series = session.scalar(select(Series).where(Series.series_instance_uid == rec.series_instance_uid))
+                if series is None:
+                    series = Series(
+                        study_id=study.id, series_instance_uid=rec.series_instance_uid,
+                        modality=rec.modality, body_part=rec.body_part,
+                    )
+                    session.add(series)
+                    session.flush()
+                instance = Instance(
+                    series_id=series.id, sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
+                    transfer_syntax_uid=rec.transfer_syntax_uid, file_path=rec.file_path,
+                    file_size=rec.file_size, calling_ae=rec.calling_ae, state=InstanceState.RECEIVED.value,
+                )
+                session.add(instance)
+                session.flush()
+                place_file()
+                session.commit()
+                return instance.id, True
+            except IntegrityError:
+                # Another association inserted the same study/series/instance first: look again.
+                session.rollback()
+                log.debug("constraint race on attempt %d; retrying", attempt)
+    raise RuntimeError(f"could not record instance after {attempts} attempts (constraint races)")
+
+
+def record_event(
+    sessions: sessionmaker[Session], kind: str, detail: str | None = None, *, level: str = "info",
+    peer: str | None = None, sop_instance_uid: str | None = None, instance_id: int | None = None,
+) -> bool:
+    """Add an audit event in its own short transaction; never raises (returns False on failure)."""
+    try:
+        with sessions.begin() as session:
+            session.add(Event(
+                kind=kind[:32], level=level[:8], detail=detail, peer=peer[:64] if peer else None,
+                sop_instance_uid=sop_instance_uid[:64] if sop_instance_uid else None, instance_id=instance_id,
+            ))
+        return True
+    except Exception as exc:  # noqa: BLE001 - the database may be the thing that is broken
+        log.warning("could not record event %s: %s", kind, type(exc).__name__)
+        return False
+
+
+def instance_state_counts(session: Session) -> dict[str, int]:
+    """{"received": total stored, "pending": received or processing, "predicted": N, "not_analysed": N}."""
+    by_state = dict(session.execute(select(Instance.state, func.count()).group_by(Instance.state)).all())
+    return {
+        "received": sum(by_state.values()),
+        "pending": by_state.get(InstanceState.RECEIVED.value, 0) + by_state.get(InstanceState.PROCESSING.value, 0),
+        "predicted": by_state.get(InstanceState.PREDICTED.value, 0),
+        "not_analysed": by_state.get(InstanceState.NOT_ANALYSED.value, 0),
+    }

@@ -1,0 +1,95 @@
+"""Spool files: received DICOM files, written durably under names built from hashes.
+
+A file is written to ``<spool>/tmp/`` and fsync'd, then atomically renamed to
+``<spool>/ab/cd/<sha256>.dcm`` and the folder fsync'd.  Paths never contain a raw UID or tag value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+
+def spool_relpath(sop_instance_uid: str) -> str:
+    """Relative spool path for an instance: ``ab/cd/<sha256 of the UID>.dcm``."""
+    digest = hashlib.sha256(sop_instance_uid.encode("ascii", "replace")).hexdigest()
+    return f"{digest[:2]}/{digest[2:4]}/{digest}.dcm"
+
+
+class Spool:
+    """Durable file storage under ``root``; ``fsync=False`` trades durability for speed (tests only)."""
+
+    def __init__(self, root: Path, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.fsync = fsync
+
+    def path(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    def prepare(self) -> None:
+        """Create the folders and remove partial files left by a crash (never acknowledged)."""
+        self._makedirs(self.tmp_dir)
+        for leftover in self.tmp_dir.glob("*.part"):
+            leftover.unlink(missing_ok=True)
+
+    def write_temp(self, *chunks: bytes | memoryview) -> tuple[Path, int]:
+        """Write ``chunks`` to a new temporary file, fsync it; returns (path, size)."""
+        self._makedirs(self.tmp_dir)  # cheap; also recreates the folder after an outage
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        size = 0
+        try:
+            with open(tmp, "wb", buffering=0) as f:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:  # raw writes may be partial
+                        n = f.write(view)
+                        size += n
+                        view = view[n:]
+                if self.fsync:
+                    os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp, size
+
+    def commit(self, tmp: Path, relpath: str) -> Path:
+        """Atomically move ``tmp`` to ``relpath`` (replacing a never-recorded leftover) and fsync the folder."""
+        final = self.root / relpath
+        self._makedirs(final.parent)
+        os.replace(tmp, final)
+        if self.fsync:
+            _fsync_dir(final.parent)
+        return final
+
+    def discard(self, tmp: Path) -> None:
+        tmp.unlink(missing_ok=True)
+
+    def _makedirs(self, folder: Path) -> None:
+        """mkdir -p, fsync'ing each parent of a newly created folder so the folder survives power loss."""
+        if folder.is_dir():
+            return
+        missing = []
+        p = folder
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                pass  # another thread made it
+            if self.fsync:
+                _fsync_dir(d.parent)
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is not a directory")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
