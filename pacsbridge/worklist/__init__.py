@@ -1,0 +1,1 @@
+"""Worklist: the priority policy, worklist items built from positive predictions, scheduler jobs."""

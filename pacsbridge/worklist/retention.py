@@ -1,0 +1,78 @@
+"""Retention: delete spooled DICOM files once they are old and already scored.
+
+Rows stay (the audit trail and predictions outlive the pixels).  A deleted file is marked by an
+empty ``Instance.file_path`` plus an ``Event`` of kind ``spool_file_deleted`` naming the old path.
+Files of instances that are not yet scored (``received``/``processing``) are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..store.models import Event, Instance, InstanceState, utcnow
+
+log = logging.getLogger(__name__)
+
+SCORED_STATES = (InstanceState.PREDICTED.value, InstanceState.NOT_ANALYSED.value)
+
+
+def purge_spool(
+    sessions: sessionmaker[Session], spool_dir: Path, retention_days: float,
+    now: datetime | None = None, batch: int = 500,
+) -> int:
+    """Delete spool files older than ``retention_days`` for scored instances; returns how many.
+
+    ``retention_days == 0`` keeps everything.  Works in batches of ``batch`` rows per transaction.
+    """
+    if retention_days <= 0:
+        return 0
+    cutoff = (now or utcnow()) - timedelta(days=retention_days)
+    root = Path(spool_dir).resolve()
+    deleted = 0
+    failed: set[int] = set()
+    while True:
+        with sessions.begin() as session:
+            q = select(Instance).where(
+                Instance.state.in_(SCORED_STATES), Instance.received_at < cutoff, Instance.file_path != ""
+            )
+            if failed:
+                q = q.where(Instance.id.not_in(failed))
+            rows = session.scalars(q.order_by(Instance.received_at, Instance.id).limit(batch)).all()
+            for inst in rows:
+                ok, detail = _delete_file(root, inst.file_path)
+                session.add(Event(
+                    kind="spool_file_deleted" if ok else "spool_delete_failed", level="info" if ok else "error",
+                    instance_id=inst.id, sop_instance_uid=inst.sop_instance_uid,
+                    detail=f"retention {retention_days:g} days: {detail}",
+                ))
+                if ok:
+                    inst.file_path = ""
+                    deleted += 1
+                else:
+                    failed.add(inst.id)  # retried on the next run, not in this loop
+        if len(rows) < batch:
+            break
+    if deleted:
+        log.info("retention: deleted %d spool files older than %g days", deleted, retention_days)
+    return deleted
+
+
+def _delete_file(root: Path, rel: str) -> tuple[bool, str]:
+    """Unlink ``root/rel``, refusing paths that escape the spool.  Returns (gone now, what happened)."""
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root) or path == root:
+        log.error("retention: refusing to delete %r: outside the spool", rel)
+        return False, f"not deleted, path {rel!r} is outside the spool"
+    try:
+        path.unlink()
+        return True, f"deleted {rel}"
+    except FileNotFoundError:
+        return True, f"{rel} was already gone"
+    except OSError as exc:
+        log.error("retention: cannot delete %s: %s", rel, exc)
+        return False, f"could not delete {rel}: {exc.strerror or exc}"

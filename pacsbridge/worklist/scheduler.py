@@ -1,0 +1,51 @@
+"""The scheduler (APScheduler 3 BackgroundScheduler): worklist refresh and spool retention jobs."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.orm import Session, sessionmaker
+
+from .items import WorklistUpdater
+from .retention import purge_spool
+
+log = logging.getLogger(__name__)
+
+#: Retention does not need to run often; hourly keeps the spool within an hour of the limit.
+RETENTION_INTERVAL_S = 3600.0
+
+
+def _safe(name: str, fn):  # noqa: ANN001, ANN202 - small wrapper
+    """A failing job is logged and retried at its next run, never kills the scheduler."""
+
+    def run() -> None:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001
+            log.exception("scheduler job %s failed; will retry at its next run", name)
+
+    return run
+
+
+def make_scheduler(
+    updater: WorklistUpdater, sessions: sessionmaker[Session], spool_dir: Path, *,
+    interval_s: float, retention_days: float, retention_interval_s: float = RETENTION_INTERVAL_S,
+) -> BackgroundScheduler:
+    """A (not yet started) scheduler with the worklist and retention jobs; ``start()``/``shutdown()`` it."""
+    scheduler = BackgroundScheduler(
+        timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+    )
+    scheduler.add_job(
+        _safe("worklist", updater.refresh), "interval", seconds=interval_s, id="worklist", name="worklist refresh",
+        next_run_time=datetime.now(timezone.utc),  # catch up at start, then every interval
+    )
+    if retention_days > 0:
+        scheduler.add_job(
+            _safe("retention", lambda: purge_spool(sessions, spool_dir, retention_days)),
+            "interval", seconds=retention_interval_s, id="retention", name="spool retention",
+            next_run_time=datetime.now(timezone.utc),
+        )
+    return scheduler
