@@ -1,0 +1,66 @@
+"""Prometheus metrics of the pipeline, in their own registry (no module globals).
+
+Counts of stored/predicted/not-analysed instances are read from the database at scrape time, so
+they are right across restarts and with several worker processes; the decode/inference timing
+histograms are observed by this process's worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..store.records import instance_state_counts
+from ..worklist.items import count_items
+
+log = logging.getLogger(__name__)
+
+_MS_BUCKETS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
+
+
+class _DatabaseCollector(Collector):
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+
+    def collect(self) -> Iterator:
+        try:
+            with self._sessions() as session:
+                counts = instance_state_counts(session)
+                items = count_items(session)
+        except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the DB is down
+            log.warning("metrics: cannot read counts: %s", type(exc).__name__)
+            return
+        for name, key, doc in (
+            ("pacsbridge_instances_stored", "received", "Instances stored and recorded."),
+            ("pacsbridge_instances_predicted", "predicted", "Instances with a prediction."),
+            ("pacsbridge_instances_not_analysed", "not_analysed", "Instances refused by the quality gate or decoder."),
+        ):
+            yield CounterMetricFamily(name, doc, value=counts[key])
+        yield GaugeMetricFamily("pacsbridge_instances_pending", "Instances waiting for the worker.", value=counts["pending"])
+        yield GaugeMetricFamily("pacsbridge_worklist_items", "Open worklist items.", value=items)
+
+
+class PipelineMetrics:
+    """The registry served on ``/metrics`` and the histograms the worker observes."""
+
+    def __init__(self, sessions: sessionmaker[Session] | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.decode_ms = Histogram(
+            "pacsbridge_decode_ms", "Time to decode one instance to a model image (ms).",
+            buckets=_MS_BUCKETS, registry=self.registry,
+        )
+        self.inference_ms = Histogram(
+            "pacsbridge_inference_ms", "Model time per instance, amortized over its batch (ms).",
+            buckets=_MS_BUCKETS, registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "pacsbridge_inference_batch_size", "Instances per inference batch.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry,
+        )
+        if sessions is not None:
+            self.registry.register(_DatabaseCollector(sessions))

@@ -1,0 +1,462 @@
+"""The inference worker: claim stored instances, decode, score in batches, record the results.
+
+Hand-off through the database (see the design): rows in state ``received`` are claimed
+(-> ``processing``, ``claimed_by``/``claimed_at``) in one short transaction, scored, and moved to
+``predicted`` (with a Prediction row) or ``not_analysed`` (with ``state_reason`` and an Event) in
+one more.  On PostgreSQL the claim uses ``FOR UPDATE SKIP LOCKED`` so several worker processes
+never take the same row; SQLite serializes writers, so the plain guarded UPDATE is enough there.
+
+Crash safety: a claim left by a dead worker (this host, pid gone) or older than ``stale_after_s``
+goes back to ``received``.  Recording only succeeds while our claim still holds
+(``state='processing' AND claimed_by=<us>``) and ``predictions.instance_id`` is unique, so an
+instance is never scored twice.
+
+``inference_ms`` on a Prediction is the model time of its batch divided by the batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..model.artifact import LoadedModel
+from ..model.preprocess import preprocess
+from ..store.models import Event, Instance, InstanceState, Prediction, Series, utcnow
+from ..worklist.items import as_utc
+from .metrics import PipelineMetrics
+
+log = logging.getLogger(__name__)
+
+RECEIVED = InstanceState.RECEIVED.value
+PROCESSING = InstanceState.PROCESSING.value
+PREDICTED = InstanceState.PREDICTED.value
+NOT_ANALYSED = InstanceState.NOT_ANALYSED.value
+
+#: A decode function: spool file -> object with ``.image`` (2-D float in [0, 1]); raises the
+#: imaging layer's refusal exception (any exception whose class is in ``refusals``) to say no.
+DecodeFn = Callable[[Path], Any]
+
+
+def default_decoder() -> tuple[DecodeFn, tuple[type[BaseException], ...]]:
+    """The imaging layer's entry point and the exception it raises for images it will not score."""
+    from ..imaging import NotAnalysable, load_for_model
+
+    return load_for_model, (NotAnalysable,)
+
+
+def default_worker_id() -> str:
+    """``host:pid``: lets a restarted worker on the same host recognise its predecessor's claims."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    sop_instance_uid: str
+    file_path: str
+    study_id: int
+
+
+@dataclass
+class BatchOutcome:
+    """What one batch did; returned by :meth:`InferenceWorker.run_once` (tests and benchmarks read it)."""
+
+    predicted: int = 0
+    not_analysed: int = 0
+    lost_claims: int = 0
+    positive_studies: set[int] = field(default_factory=set)
+
+    @property
+    def processed(self) -> int:
+        return self.predicted + self.not_analysed + self.lost_claims
+
+
+@dataclass
+class _Scored:
+    inst: Claimed
+    probability: float
+    decode_ms: float
+    inference_ms: float
+
+
+@dataclass
+class _Refused:
+    inst: Claimed
+    reason: str
+    level: str  # "info" for the quality gate, "error" for failures
+
+
+class InferenceWorker:
+    """Scores stored instances.  ``start()``/``stop()`` run it as a thread; ``run_once()``/``drain()`` for tests."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        model: LoadedModel,
+        spool_dir: Path,
+        *,
+        batch_size: int = 8,
+        max_wait_ms: int = 20,
+        decode: DecodeFn | None = None,
+        refusals: tuple[type[BaseException], ...] | None = None,
+        on_recorded: Callable[[set[int]], None] | None = None,
+        metrics: PipelineMetrics | None = None,
+        worker_id: str | None = None,
+        stale_after_s: float = 600.0,
+        idle_poll_s: float = 0.25,
+    ) -> None:
+        if decode is None:
+            decode, default_refusals = default_decoder()
+            refusals = refusals if refusals is not None else default_refusals
+        self._sessions = sessions
+        self._model = model
+        self._spool = Path(spool_dir).resolve()
+        self._batch_size = max(1, int(batch_size))
+        self._max_wait_s = max(0, int(max_wait_ms)) / 1000.0
+        self._decode = decode
+        self._refusals = refusals or ()
+        self._on_recorded = on_recorded
+        self._metrics = metrics
+        self.worker_id = (worker_id or default_worker_id())[:64]
+        self._stale_after = timedelta(seconds=stale_after_s)
+        self._idle_poll_s = idle_poll_s
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_recovery = 0.0
+        self.last_error: str | None = None
+
+    # ----------------------------------------------------------------- claims
+
+    def recover_stale_claims(self, now: datetime | None = None) -> int:
+        """Put instances claimed by a dead or stuck worker back to ``received``; returns how many."""
+        now = as_utc(now or utcnow())
+        host = self.worker_id.rsplit(":", 1)[0]
+        released = 0
+        with self._sessions.begin() as session:
+            rows = session.execute(
+                select(Instance.id, Instance.sop_instance_uid, Instance.claimed_by, Instance.claimed_at)
+                .where(Instance.state == PROCESSING)
+            ).all()
+            for iid, sop, owner, claimed_at in rows:
+                why = self._stale_reason(owner, claimed_at, host, now)
+                if why is None:
+                    continue
+                res = session.execute(
+                    update(Instance)
+                    .where(Instance.id == iid, Instance.state == PROCESSING, Instance.claimed_by == owner)
+                    .values(state=RECEIVED, claimed_by=None, claimed_at=None, updated_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+                if res.rowcount == 1:
+                    released += 1
+                    session.add(Event(
+                        kind="claim_released", level="warning", instance_id=iid, sop_instance_uid=sop,
+                        detail=f"claim by {owner} released: {why}",
+                    ))
+        if released:
+            log.warning("worker %s: released %d stale claims", self.worker_id, released)
+        return released
+
+    def _stale_reason(self, owner: str | None, claimed_at: datetime | None, host: str, now: datetime) -> str | None:
+        if not owner:
+            return "claim without owner"
+        if owner == self.worker_id and self._thread is None:
+            return "left by an earlier run of this process"
+        o_host, _, o_pid = owner.rpartition(":")
+        if o_host == host and o_pid.isdigit() and int(o_pid) != os.getpid() and not _pid_alive(int(o_pid)):
+            return f"worker process {o_pid} on this host is gone"
+        if claimed_at is None or now - as_utc(claimed_at) > self._stale_after:
+            return f"claim older than {self._stale_after.total_seconds():.0f} s"
+        return None
+
+    def claim(self, limit: int) -> list[Claimed]:
+        """Claim up to ``limit`` instances in arrival order, in one short transaction."""
+        if limit <= 0:
+            return []
+        now = utcnow()
+        oldest = (
+            select(Instance.id)
+            .where(Instance.state == RECEIVED)
+            .order_by(Instance.received_at, Instance.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)  # PostgreSQL; SQLite has one writer at a time anyway
+        )
+        with self._sessions.begin() as session:
+            ids = session.scalars(
+                update(Instance)
+                .where(Instance.id.in_(oldest.scalar_subquery()), Instance.state == RECEIVED)
+                .values(state=PROCESSING, claimed_by=self.worker_id, claimed_at=now, updated_at=now)
+                .returning(Instance.id)
+                .execution_options(synchronize_session=False)
+            ).all()
+            if not ids:
+                return []
+            rows = session.execute(
+                select(Instance.id, Instance.sop_instance_uid, Instance.file_path, Series.study_id)
+                .join(Series, Series.id == Instance.series_id)
+                .where(Instance.id.in_(ids))
+                .order_by(Instance.received_at, Instance.id)
+            ).all()
+        return [Claimed(*r) for r in rows]
+
+    # ----------------------------------------------------------------- one batch
+
+    def run_once(self, wait: bool = True) -> BatchOutcome:
+        """Claim one batch (waiting up to ``max_wait_ms`` to fill it), score it, record it."""
+        batch = self.claim(self._batch_size)
+        if not batch:
+            return BatchOutcome()
+        if wait and self._max_wait_s > 0:
+            deadline = time.monotonic() + self._max_wait_s
+            while len(batch) < self._batch_size and time.monotonic() < deadline and not self._stop.is_set():
+                more = self.claim(self._batch_size - len(batch))
+                if more:
+                    batch.extend(more)
+                else:
+                    self._wake.wait(min(0.005, max(0.0, deadline - time.monotonic())))
+                    self._wake.clear()
+        scored, refused = self._score(batch)
+        outcome = self._record(scored, refused)
+        if outcome.positive_studies and self._on_recorded is not None:
+            try:
+                self._on_recorded(outcome.positive_studies)
+            except Exception:  # noqa: BLE001 - the scheduler job will catch up
+                log.exception("worklist update after a batch failed; the scheduler will retry")
+        return outcome
+
+    def drain(self, max_batches: int | None = None) -> BatchOutcome:
+        """Run batches until nothing is left in ``received`` (tests, the bench); returns the totals."""
+        total = BatchOutcome()
+        n = 0
+        while max_batches is None or n < max_batches:
+            out = self.run_once(wait=False)
+            if out.processed == 0:
+                break
+            total.predicted += out.predicted
+            total.not_analysed += out.not_analysed
+            total.lost_claims += out.lost_claims
+            total.positive_studies |= out.positive_studies
+            n += 1
+        return total
+
+    def _spool_path(self, rel: str) -> Path:
+        path = (self._spool / rel).resolve()
+        if not rel or not path.is_relative_to(self._spool) or path == self._spool:
+            raise FileNotFoundError(f"spool path {rel!r} is empty or outside the spool")
+        if not path.is_file():
+            raise FileNotFoundError(f"{rel} is not in the spool")
+        return path
+
+    def _score(self, batch: list[Claimed]) -> tuple[list[_Scored], list[_Refused]]:
+        ready: list[tuple[Claimed, torch.Tensor, float]] = []
+        refused: list[_Refused] = []
+        for inst in batch:
+            t0 = time.perf_counter()
+            try:
+                path = self._spool_path(inst.file_path)  # before decoding: a lost file is our error, not the image's
+                result = self._decode(path)
+                x = preprocess(np.asarray(result.image), self._model.input_size)
+            except self._refusals as exc:
+                refused.append(_Refused(inst, _reason(exc), "info"))
+                continue
+            except FileNotFoundError as exc:
+                log.error("instance %d: spool file missing: %s", inst.id, exc)
+                refused.append(_Refused(inst, "the stored file is missing from the spool", "error"))
+                continue
+            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the worker
+                log.exception("instance %d: unexpected error while decoding", inst.id)
+                refused.append(_Refused(inst, f"could not decode the image ({type(exc).__name__}: {exc})", "error"))
+                continue
+            decode_ms = (time.perf_counter() - t0) * 1000  # read + decode + preprocess: all before the model
+            ready.append((inst, x, decode_ms))
+            if self._metrics is not None:
+                self._metrics.decode_ms.observe(decode_ms)
+        if not ready:
+            return [], refused
+        probs, each_ms = self._infer([x for _, x, _ in ready])
+        scored: list[_Scored] = []
+        for (inst, _, decode_ms), p in zip(ready, probs):
+            if isinstance(p, str):
+                refused.append(_Refused(inst, p, "error"))
+            else:
+                scored.append(_Scored(inst, p, decode_ms, each_ms))
+        if self._metrics is not None:
+            self._metrics.batch_size.observe(len(ready))
+            for _ in scored:
+                self._metrics.inference_ms.observe(each_ms)
+        return scored, refused
+
+    def _infer(self, inputs: list[torch.Tensor]) -> tuple[list[float | str], float]:
+        """Probabilities for a batch; a failing batch is retried one by one to isolate the bad input.
+
+        An entry is a string (the reason) where the model failed or gave a non-finite score.
+        """
+        t0 = time.perf_counter()
+        try:
+            raw: list[Any] = self._model.probabilities_from_inputs(torch.stack(inputs))
+        except Exception:  # noqa: BLE001
+            log.exception("batch of %d failed in the model; retrying one by one", len(inputs))
+            raw = []
+            for x in inputs:
+                try:
+                    raw.extend(self._model.probabilities_from_inputs(x.unsqueeze(0)))
+                except Exception as exc:  # noqa: BLE001
+                    raw.append(f"the model failed on this image ({type(exc).__name__}: {exc})")
+        each_ms = (time.perf_counter() - t0) * 1000 / len(inputs)
+        out: list[float | str] = []
+        for p in raw:
+            if isinstance(p, str) or math.isfinite(p):
+                out.append(p)
+            else:
+                out.append("the model produced a non-finite score")
+        return out, each_ms
+
+    def _record(self, scored: list[_Scored], refused: list[_Refused]) -> BatchOutcome:
+        try:
+            return self._record_in(scored, refused)
+        except IntegrityError:
+            # Should not happen (our claim guards it); isolate the offending row instead of looping.
+            log.exception("recording a batch hit a constraint; recording one by one")
+            total = BatchOutcome()
+            for s in scored:
+                try:
+                    out = self._record_in([s], [])
+                except IntegrityError:
+                    out = self._record_in([], [], already_predicted=[s.inst])
+                total.predicted += out.predicted
+                total.lost_claims += out.lost_claims
+                total.positive_studies |= out.positive_studies
+            out = self._record_in([], refused)
+            total.not_analysed += out.not_analysed
+            total.lost_claims += out.lost_claims
+            return total
+
+    def _record_in(
+        self, scored: list[_Scored], refused: list[_Refused], already_predicted: Iterable[Claimed] = (),
+    ) -> BatchOutcome:
+        out = BatchOutcome()
+        now = utcnow()
+        m = self._model
+        with self._sessions.begin() as session:
+            for s in scored:
+                if not self._move(session, s.inst, PREDICTED, None, now):
+                    out.lost_claims += 1
+                    continue
+                positive = m.is_positive(s.probability)
+                session.add(Prediction(
+                    instance_id=s.inst.id, probability=float(s.probability), positive=positive,
+                    threshold=m.threshold, model_id=m.model_id, weights_sha256=m.weights_sha256,
+                    decode_ms=round(s.decode_ms, 3), inference_ms=round(s.inference_ms, 3), created_at=now,
+                ))
+                out.predicted += 1
+                if positive:
+                    out.positive_studies.add(s.inst.study_id)
+            for r in refused:
+                if not self._move(session, r.inst, NOT_ANALYSED, r.reason, now):
+                    out.lost_claims += 1
+                    continue
+                session.add(Event(
+                    kind="not_analysed", level=r.level, instance_id=r.inst.id,
+                    sop_instance_uid=r.inst.sop_instance_uid, detail=r.reason,
+                ))
+                out.not_analysed += 1
+            for inst in already_predicted:
+                self._move(session, inst, PREDICTED, None, now)
+        if out.lost_claims:
+            log.warning("worker %s: %d claims were taken back before recording", self.worker_id, out.lost_claims)
+        return out
+
+    def _move(self, session: Session, inst: Claimed, state: str, reason: str | None, now: datetime) -> bool:
+        """Move one of our claimed instances to ``state``; False if the claim is no longer ours."""
+        res = session.execute(
+            update(Instance)
+            .where(Instance.id == inst.id, Instance.state == PROCESSING, Instance.claimed_by == self.worker_id)
+            .values(state=state, state_reason=reason, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return res.rowcount == 1
+
+    # ----------------------------------------------------------------- thread
+
+    def wake(self) -> None:
+        """Tell an idle worker that something arrived (the receiver calls this after a store)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("worker already started")
+        self.recover_stale_claims()
+        self._last_recovery = time.monotonic()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
+        self._thread.start()
+        log.info(
+            "inference worker %s started (model %s on %s, batch %d)",
+            self.worker_id, self._model.model_id, self._model.device, self._batch_size,
+        )
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Finish the batch in hand and stop; unfinished claims are released at the next start."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("inference worker did not stop within %s s", timeout)
+            else:
+                self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() - self._last_recovery > 60:
+                    self._last_recovery = time.monotonic()
+                    self.recover_stale_claims()
+                out = self.run_once()
+                self.last_error = None
+                backoff = 0.5
+                if out.processed == 0:
+                    self._wake.wait(self._idle_poll_s)
+                    self._wake.clear()
+            except Exception as exc:  # noqa: BLE001 - e.g. the database is unreachable: wait, retry
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("inference worker error; retrying in %.1f s", backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+        log.info("inference worker %s stopped", self.worker_id)
+
+
+def _reason(exc: BaseException) -> str:
+    """Readable reason from a refusal exception (``NotAnalysable.reason`` when it has one)."""
+    reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+    return str(reason)

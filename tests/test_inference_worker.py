@@ -1,0 +1,182 @@
+"""The inference worker on SQLite: scoring, refusals, error isolation, claims and restart recovery."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from pacsbridge.imaging import load_for_model
+from pacsbridge.inference.worker import InferenceWorker
+from pacsbridge.model.artifact import load_model
+from pacsbridge.store.models import Event, Instance, Prediction, utcnow
+from pipeline_support import add_instance, export_model, sample_file, sqlite_sessions
+
+CHEST = ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_UNCI.dcm", "RG1_J2KI.dcm"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return load_model(export_model(tmp_path_factory.mktemp("model"), threshold=0.5), "auto")
+
+
+@pytest.fixture
+def db(tmp_path: Path):
+    return sqlite_sessions(tmp_path)
+
+
+def _states(db) -> dict[str, tuple[str, str | None]]:
+    with db() as s:
+        return {i.sop_instance_uid: (i.state, i.state_reason) for i in s.scalars(select(Instance))}
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid  # reaped: no such process now (pid reuse within the test is vanishingly unlikely)
+
+
+def test_scores_chest_images_and_refuses_others(db, tmp_path: Path, model) -> None:
+    spool = tmp_path / "spool"
+    for i, name in enumerate(CHEST + ["RG3_UNCR.dcm", "CT_small.dcm"]):
+        add_instance(db, spool, sample_file(name), sop_uid=f"1.{i}", study_uid=f"2.{i}")
+    worker = InferenceWorker(db, model, spool, batch_size=3, max_wait_ms=0)
+    out = worker.drain()
+    assert (out.predicted, out.not_analysed, out.lost_claims) == (4, 2, 0)
+    states = _states(db)
+    assert [states[f"1.{i}"][0] for i in range(4)] == ["predicted"] * 4
+    assert states["1.4"][0] == "not_analysed" and "chest" in states["1.4"][1]
+    assert states["1.5"][0] == "not_analysed" and "CT" in states["1.5"][1]
+    with db() as s:
+        preds = s.scalars(select(Prediction)).all()
+        assert len(preds) == 4
+        for p in preds:
+            assert 0.0 <= p.probability <= 1.0 and p.positive == (p.probability >= 0.5)
+            assert p.model_id == model.model_id and p.weights_sha256 == model.weights_sha256
+            assert p.threshold == 0.5 and p.decode_ms > 0 and p.inference_ms > 0
+        events = s.scalars(select(Event).where(Event.kind == "not_analysed")).all()
+        assert sorted(e.sop_instance_uid for e in events) == ["1.4", "1.5"]
+        # The same image through the imaging path directly gives the same probability.
+        direct = model.predict_images([load_for_model(sample_file("RG1_UNCR.dcm")).image])[0]
+        uncr = s.scalar(select(Prediction).join(Instance).where(Instance.sop_instance_uid == "1.0"))
+        assert uncr.probability == pytest.approx(direct, abs=1e-4)
+    assert worker.drain().processed == 0  # nothing is scored twice
+
+
+def test_arrival_order_and_batch_size(db, tmp_path: Path, model) -> None:
+    spool = tmp_path / "spool"
+    t0 = utcnow()
+    # Inserted out of order; received_at decides.
+    for i, minute in enumerate([5, 1, 3, 2, 4]):
+        add_instance(db, spool, None, sop_uid=f"3.{i}", received_at=t0 + timedelta(minutes=minute))
+    worker = InferenceWorker(db, model, spool, batch_size=2, max_wait_ms=0)
+    first = worker.claim(2)
+    second = worker.claim(10)
+    assert [c.sop_instance_uid for c in first] == ["3.1", "3.3"]
+    assert [c.sop_instance_uid for c in second] == ["3.2", "3.4", "3.0"]
+    assert worker.claim(5) == []
+    with db() as s:
+        rows = s.scalars(select(Instance)).all()
+        assert {r.state for r in rows} == {"processing"} and {r.claimed_by for r in rows} == {worker.worker_id}
+        assert all(r.claimed_at is not None for r in rows)
+
+
+def test_error_on_one_instance_does_not_stop_the_batch(db, tmp_path: Path, model) -> None:
+    spool = tmp_path / "spool"
+    add_instance(db, spool, sample_file("RG1_UNCR.dcm"), sop_uid="4.1")
+    bad = add_instance(db, spool, sample_file("RG1_UNCR.dcm"), sop_uid="4.2")
+    add_instance(db, spool, None, sop_uid="4.3")  # recorded but its file is gone
+    with db() as s:
+        bad_path = (spool / s.get(Instance, bad).file_path).resolve()
+
+    def decode(path: Path):
+        # A decoder bug on one file (the imaging layer itself never raises anything but NotAnalysable).
+        if path == bad_path:
+            raise RuntimeError("decoder bug")
+        return load_for_model(path)
+
+    worker = InferenceWorker(db, model, spool, decode=decode, refusals=())
+    out = worker.drain()
+    assert (out.predicted, out.not_analysed) == (1, 2)
+    states = _states(db)
+    assert states["4.1"][0] == "predicted"
+    assert states["4.2"] == ("not_analysed", "could not decode the image (RuntimeError: decoder bug)")
+    assert states["4.3"] == ("not_analysed", "the stored file is missing from the spool")
+    with db() as s:
+        levels = {e.sop_instance_uid: e.level for e in s.scalars(select(Event))}
+    assert levels == {"4.2": "error", "4.3": "error"}
+
+
+def test_lost_claim_is_not_recorded(db, tmp_path: Path, model) -> None:
+    spool = tmp_path / "spool"
+    add_instance(db, spool, sample_file("RG1_UNCR.dcm"), sop_uid="5.1")
+    worker = InferenceWorker(db, model, spool)
+    claimed = worker.claim(1)
+    with db.begin() as s:  # another worker's recovery took it back meanwhile
+        s.scalars(select(Instance)).one().claimed_by = "otherhost:1"
+    scored, refused = worker._score(claimed)
+    out = worker._record(scored, refused)
+    assert (out.predicted, out.lost_claims) == (0, 1)
+    with db() as s:
+        assert s.scalar(select(func.count(Prediction.id))) == 0
+
+
+def test_restart_recovers_stuck_claims_and_scores_each_once(db, tmp_path: Path, model) -> None:
+    spool = tmp_path / "spool"
+    host = socket.gethostname()
+    now = utcnow()
+    src = sample_file("RG1_UNCR.dcm")
+    add_instance(db, spool, src, sop_uid="6.1", state="processing", claimed_by=f"{host}:{_dead_pid()}", claimed_at=now)
+    add_instance(db, spool, src, sop_uid="6.2", state="processing", claimed_by="elsewhere:42",
+                 claimed_at=now - timedelta(hours=1))
+    add_instance(db, spool, src, sop_uid="6.3", state="processing", claimed_by=f"{host}:{os.getppid()}",
+                 claimed_at=now)  # a live worker on this host, fresh claim: not ours to take
+    add_instance(db, spool, src, sop_uid="6.4")
+    worker = InferenceWorker(db, model, spool, idle_poll_s=0.05)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if sum(st == "predicted" for st, _ in _states(db).values()) >= 3:
+                break
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    states = _states(db)
+    assert {k: v[0] for k, v in states.items()} == {
+        "6.1": "predicted", "6.2": "predicted", "6.3": "processing", "6.4": "predicted"}
+    with db() as s:
+        counts = dict(s.execute(select(Instance.sop_instance_uid, func.count(Prediction.id))
+                                .join(Prediction).group_by(Instance.sop_instance_uid)).all())
+        released = s.scalars(select(Event.sop_instance_uid).where(Event.kind == "claim_released")).all()
+    assert counts == {"6.1": 1, "6.2": 1, "6.4": 1}
+    assert sorted(released) == ["6.1", "6.2"]
+
+
+def test_worker_thread_reports_positive_studies(db, tmp_path: Path, model) -> None:
+    spool = tmp_path / "spool"
+    for i, name in enumerate(CHEST):
+        add_instance(db, spool, sample_file(name), sop_uid=f"7.{i}", study_uid=f"8.{i}")
+    seen: list[set[int]] = []
+    worker = InferenceWorker(db, model, spool, batch_size=8, max_wait_ms=0, on_recorded=seen.append)
+    # Pick a threshold from this model's own scores so that some studies are positive and some not.
+    probs = sorted(model.predict_images([load_for_model(sample_file(n)).image for n in CHEST]))
+    model_thr = model.threshold
+    model.threshold = (probs[1] + probs[2]) / 2
+    try:
+        out = worker.drain()
+    finally:
+        model.threshold = model_thr
+    with db() as s:
+        positives = s.scalars(select(Instance.sop_instance_uid).join(Prediction).where(Prediction.positive)).all()
+    assert out.predicted == 4
+    if probs[1] == probs[2]:
+        pytest.skip("random model gave tied scores; cannot split positives from negatives")
+    assert len(positives) == 2 and len(out.positive_studies) == 2 and seen == [out.positive_studies]
