@@ -51,7 +51,7 @@ class ImageResult:
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:
-    text = f"{type(exc).__name__}: {exc}"
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, for logs and the DB
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -86,24 +86,29 @@ def read_dataset(source: str | os.PathLike | BinaryIO) -> Dataset:
     """Read a DICOM file; :class:`NotAnalysable` when it is not one or cannot be parsed."""
     try:
         try:
-            return pydicom.dcmread(source)
+            ds = pydicom.dcmread(source)
         except InvalidDicomError:
             # Some tools write a bare dataset without preamble/meta: accept it only if it
             # parses into something with an image in it.
             if hasattr(source, "seek"):
                 source.seek(0)
             ds = pydicom.dcmread(source, force=True)
+            if "PixelData" not in ds or "Rows" not in ds:
+                raise NotAnalysable("not a DICOM file (no preamble/meta and no image in it)") from None
+            if ds.file_meta.get("TransferSyntaxUID") is None:
+                implicit, little = getattr(ds, "original_encoding", (True, True))
+                ds.file_meta.TransferSyntaxUID = (
+                    ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little
+                    else ExplicitVRBigEndian)
+    except NotAnalysable:
+        raise
     except FileNotFoundError:
         raise NotAnalysable("file not found") from None
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise many types
         raise NotAnalysable(f"DICOM file could not be parsed: {_short(exc)}") from exc
-    if "PixelData" not in ds or "Rows" not in ds:
-        raise NotAnalysable("not a DICOM image file (no preamble/meta and no image in it)")
-    if ds.file_meta.get("TransferSyntaxUID") is None:
-        implicit, little = getattr(ds, "original_encoding", (True, True))
-        ds.file_meta.TransferSyntaxUID = (
-            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little
-            else ExplicitVRBigEndian)
+    if len(ds) == 0:
+        # pydicom hands back an empty dataset for a file cut inside encapsulated pixel data.
+        raise NotAnalysable("DICOM file could not be parsed: empty or truncated dataset")
     return ds
 
 

@@ -77,6 +77,8 @@ def check_header(ds: Dataset) -> str | None:
     photometric = _text(ds, "PhotometricInterpretation").upper()
     samples = ds.get("SamplesPerPixel", 1)
     grayscale = photometric in GRAYSCALE and samples in (None, 1)
+    if "PixelData" not in ds:
+        return "no Pixel Data in the file (not an image, or the file is truncated)"
     if not modality:
         return "no Modality in the file"
     if modality in GRAYSCALE_ONLY_MODALITIES:
@@ -89,8 +91,6 @@ def check_header(ds: Dataset) -> str | None:
     if reason:
         return reason
 
-    if "PixelData" not in ds:
-        return "no Pixel Data in the file"
     if not grayscale:
         return f"colour image ({photometric or 'no photometric interpretation'}, {samples} samples/pixel)"
     bits = ds.get("BitsAllocated")
