@@ -7,10 +7,14 @@ variables; an invalid value stops the command with a message naming the key (exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TextIO
 
 from pacsbridge import __version__
 from pacsbridge.config import ConfigError, Settings, load_settings
@@ -24,6 +28,8 @@ def setup_logging(level: str) -> None:
     )
     # pynetdicom is chatty at INFO (every PDU/DIMSE message); keep it for DEBUG runs.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    # APScheduler logs every job run at INFO (every few seconds): keep that for DEBUG runs too.
+    logging.getLogger("apscheduler").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -112,6 +118,117 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_status)
 
 
+# -- predict -----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _results_stream() -> Iterator[TextIO]:
+    """A stream for machine-readable results.  While it is open, anything else written to file
+    descriptor 1 (a chatty C library, a stray print) goes to stderr, so stdout stays pure JSON."""
+    try:
+        real = sys.stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):  # replaced stdout (tests): nothing to protect
+        real = False
+    if not real:
+        yield sys.stdout
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    out = os.fdopen(os.dup(saved), "w", encoding="utf-8", buffering=1)
+    try:
+        yield out
+    finally:
+        with contextlib.suppress(OSError):
+            out.close()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pacsbridge.inference.files import iter_input_files, score_files
+    from pacsbridge.model.artifact import ModelError, load_model
+
+    missing = [p for p in args.paths if not os.path.lexists(p)]
+    if missing:
+        print(f"pacsbridge predict: error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    settings = _settings(args)
+    try:
+        model = load_model(Path(args.model) if args.model else settings.model_path, settings.device)
+    except ModelError as exc:
+        print(f"pacsbridge predict: cannot load the model: {exc}", file=sys.stderr)
+        return 1
+    results = score_files(iter_input_files(Path(p) for p in args.paths), model,
+                          batch_size=args.batch_size or max(settings.inference_batch_size, 16))
+    try:
+        with _results_stream() as out:
+            for r in results:
+                if args.json:
+                    out.write(json.dumps(r) + "\n")
+                elif r.get("skipped"):
+                    out.write(f"{r['path']}\tskipped: {r['reason']}\n")
+                else:
+                    verdict = "POSITIVE" if r["positive"] else "negative"
+                    out.write(f"{r['path']}\t{r['probability']:.4f}\t{verdict}\n")
+    except BrokenPipeError:  # e.g. piped into `head`
+        with contextlib.suppress(OSError):
+            sys.stderr.close()
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="score DICOM files or folders with the model (no daemon, no database)",
+        description="Score each DICOM file (folders are searched recursively) with the configured model. "
+        "Every file gives one line: its probability and verdict, or 'skipped' with the reason (not a chest "
+        "radiograph, not DICOM, unreadable, ...). --json prints one JSON object per file: {path, "
+        "sop_instance_uid, probability, positive, threshold, model} or {path, skipped: true, reason}. "
+        "Exit status 2 only for usage errors (e.g. a PATH that does not exist).",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM file or folder")
+    p.add_argument("--json", action="store_true", help="one JSON object per file per line")
+    p.add_argument("--model", metavar="FILE", help="model artifact (.pt with its .json card); default: model_path")
+    p.add_argument("--batch-size", type=int, default=0, metavar="N", help="images per model call (default 16)")
+    p.set_defaults(func=_cmd_predict)
+
+
+# -- worklist ----------------------------------------------------------------------------------
+def _cmd_worklist(args: argparse.Namespace) -> int:
+    from pacsbridge.store.db import make_engine, make_sessionmaker
+    from pacsbridge.worklist.items import list_worklist
+
+    settings = _settings(args)
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            rows = list_worklist(session, include_completed=args.all)
+    except Exception as exc:  # noqa: BLE001 - e.g. the database is down or not migrated yet
+        print(f"pacsbridge: cannot read the worklist: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    if args.json:
+        print(json.dumps(rows))
+    elif not rows:
+        print("worklist is empty")
+    else:
+        print(f"{'priority':>9}  {'prob':>6}  {'status':<11}  {'received_at':<25}  study_instance_uid")
+        for r in rows:
+            print(f"{r['priority']:9.3f}  {r['probability']:6.3f}  {r['status']:<11}  {r['received_at']:<25}  "
+                  f"{r['study_instance_uid']}")
+    return 0
+
+
+def _add_worklist(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "worklist", help="the radiologists' worklist in priority order",
+        description="Print open worklist items (one per study with a positive prediction), highest priority "
+        "first. --json prints one JSON list of {study_instance_uid, priority, probability, status, received_at}.",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON list")
+    p.add_argument("--all", action="store_true", help="include completed items")
+    p.set_defaults(func=_cmd_worklist)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pacsbridge",
@@ -123,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file (default: $PACSBRIDGE_CONFIG)")
     parser.add_argument("--version", action="version", version=f"pacsbridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_serve, _add_db, _add_status):
+    for add in (_add_serve, _add_db, _add_status, _add_predict, _add_worklist):
         add(sub)
     return parser
 

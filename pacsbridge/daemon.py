@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from pacsbridge.config import Settings
+from pacsbridge.config import ConfigError, Settings
 from pacsbridge.dicom.storage_scp import storage_scp_from_settings
 from pacsbridge.store import migrations
 from pacsbridge.store.db import make_engine, make_sessionmaker
@@ -77,6 +77,39 @@ class Daemon:
         """The components in start order (stopped in reverse).  Receiving comes first: a PACS may send
         as soon as the port is open, and the worker/scheduler/API only read what was stored."""
         components: list[Component] = [storage_scp_from_settings(self.settings, self.sessions, self.spool)]
+        components += self.pipeline_components()
+        return components
+
+    def pipeline_components(self) -> list[Component]:
+        """Inference worker (if enabled), worklist scheduler and HTTP API (if http_port != 0)."""
+        from pacsbridge.api.app import create_app
+        from pacsbridge.api.server import HttpServer
+        from pacsbridge.inference.metrics import PipelineMetrics
+        from pacsbridge.worklist.items import WorklistUpdater
+        from pacsbridge.worklist.scheduler import WorklistScheduler
+
+        s = self.settings
+        metrics = PipelineMetrics(self.sessions)
+        updater = WorklistUpdater(self.sessions, s.priority_max_wait_minutes)
+        components: list[Component] = []
+        if s.worker_enabled:
+            from pacsbridge.inference.worker import InferenceWorker
+            from pacsbridge.model.artifact import ModelError, load_model
+
+            try:
+                model = load_model(s.model_path, s.device)
+            except ModelError as exc:
+                raise ConfigError(f"model_path: {exc} (or set worker_enabled = false to only receive)") from None
+            components.append(InferenceWorker(
+                self.sessions, model, Path(s.spool_dir), batch_size=s.inference_batch_size,
+                max_wait_ms=s.inference_max_wait_ms, on_recorded=updater.refresh, metrics=metrics,
+            ))
+        components.append(WorklistScheduler(
+            updater, self.sessions, Path(s.spool_dir), interval_s=s.scheduler_interval_s,
+            retention_days=s.retention_days,
+        ))
+        if s.http_port:
+            components.append(HttpServer(create_app(self.sessions, metrics), s.bind_address, s.http_port))
         return components
 
     def request_stop(self, signum: int | None = None, _frame: object = None) -> None:

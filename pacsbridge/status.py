@@ -37,7 +37,15 @@ def instances(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, 
         return {"instances": instance_state_counts(session)}
 
 
-SECTIONS: list[Section] = [general, instances]
+def worklist_and_timings(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any]:
+    from pacsbridge.inference.stats import timing_percentiles
+    from pacsbridge.worklist.items import count_items
+
+    with sessions() as session:
+        return {"worklist": {"items": count_items(session)}, "timings": timing_percentiles(session)}
+
+
+SECTIONS: list[Section] = [general, instances, worklist_and_timings]
 
 
 def collect_status(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any]:

@@ -113,6 +113,8 @@ class _Refused:
 class InferenceWorker:
     """Scores stored instances.  ``start()``/``stop()`` run it as a thread; ``run_once()``/``drain()`` for tests."""
 
+    name = "inference worker"
+
     def __init__(
         self,
         sessions: sessionmaker[Session],
@@ -431,8 +433,8 @@ class InferenceWorker:
             else:
                 self._thread = None
 
-    @property
-    def running(self) -> bool:
+    def healthy(self) -> bool:
+        """The thread is alive (it keeps retrying through database outages; see ``last_error``)."""
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:

@@ -49,3 +49,28 @@ def make_scheduler(
             next_run_time=datetime.now(timezone.utc),
         )
     return scheduler
+
+
+class WorklistScheduler:
+    """The scheduler as a component of ``pacsbridge serve`` (``name``, ``start``, ``stop``, ``healthy``)."""
+
+    name = "worklist scheduler"
+
+    def __init__(
+        self, updater: WorklistUpdater, sessions: sessionmaker[Session], spool_dir: Path, *,
+        interval_s: float, retention_days: float,
+    ) -> None:
+        self._scheduler = make_scheduler(
+            updater, sessions, spool_dir, interval_s=interval_s, retention_days=retention_days,
+        )
+
+    def start(self) -> None:
+        self._scheduler.start()
+        log.info("worklist scheduler started (%d jobs)", len(self._scheduler.get_jobs()))
+
+    def healthy(self) -> bool:
+        return bool(self._scheduler.running)
+
+    def stop(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)

@@ -1,0 +1,1 @@
+"""Read-only HTTP API (FastAPI): the worklist, health and Prometheus metrics."""

@@ -1,0 +1,51 @@
+"""Run the API with uvicorn in a background thread, as a component of ``pacsbridge serve``."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import uvicorn
+from fastapi import FastAPI
+
+log = logging.getLogger(__name__)
+
+
+class HttpServer:
+    """uvicorn in a thread; ``start()`` returns once the socket listens (or raises if it cannot)."""
+
+    name = "http api"
+
+    def __init__(self, app: FastAPI, host: str, port: int, start_timeout_s: float = 15.0) -> None:
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+            server_header=False,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+        self._timeout = start_timeout_s
+        self.host, self.port = host, port
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._server.run, name="http-api", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + self._timeout
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"HTTP server could not listen on {self.host}:{self.port} (see the log)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"HTTP server did not start within {self._timeout} s")
+            time.sleep(0.02)
+        if self.port == 0:  # ephemeral port (tests): report the real one
+            self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        log.info("HTTP API listening on %s:%d", self.host, self.port)
+
+    def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
