@@ -31,10 +31,29 @@ def sample_file(name: str) -> Path:
 
 
 def export_model(out_dir: Path, threshold: float = 0.5, seed: int = 0, temperature: float = 1.0,
-                 name: str = "test-model") -> Path:
-    """Export a small-resnet-v1 with seeded random weights + its card; returns the .pt path."""
+                 name: str = "test-model", spread_on: "list | None" = None) -> Path:
+    """Export a small-resnet-v1 with seeded random weights + its card; returns the .pt path.
+
+    A randomly initialised network gives nearly the same score to every image.  With ``spread_on``
+    (display-ready images), the last layer is rescaled so that these images' logits have mean 0 and
+    standard deviation 2: scores then spread over (0, 1) and a threshold can split them.
+    """
     torch.manual_seed(seed)
     module = build_model("small-resnet-v1")
+    if spread_on:
+        from pacsbridge.model.preprocess import preprocess
+
+        module.eval()
+        with torch.no_grad():
+            x = torch.stack([preprocess(im) for im in spread_on]).double()
+            m64 = module.double()
+            feats = m64.head[:2](m64.features(m64.stem(x)))
+            lin = m64.head[-1]
+            z = feats @ lin.weight[0]
+            k = 2.0 / float(z.std().clamp_min(1e-12))
+            lin.weight.mul_(k)
+            lin.bias.fill_(-k * float(z.mean()))
+            module = m64.float()
     out_dir.mkdir(parents=True, exist_ok=True)
     pt = out_dir / f"{name}.pt"
     torch.save({"architecture": "small-resnet-v1", "input_size": 192, "state_dict": module.state_dict()}, pt)
@@ -96,3 +115,55 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def synthetic_chest(seed: int, *, rows: int = 512, cols: int = 512, study_uid: str | None = None,
+                    priority: str | None = None) -> "Dataset":
+    """A frontal DX chest-like image (two dark lung fields in a brighter body, 12-bit, MONOCHROME2)."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:rows, 0:cols] / np.array([rows, cols]).reshape(2, 1, 1)
+    body = 2400 - 1400 * ((xx - 0.5) ** 2 * 3 + (yy - 0.55) ** 2 * 1.5)
+    for cx in (0.32, 0.68):
+        lung = ((xx - cx) / 0.15) ** 2 + ((yy - 0.5) / 0.3) ** 2 < 1
+        body = np.where(lung, body - 900 + rng.normal(0, 60 + 40 * seed % 3, body.shape), body)
+    body += rng.normal(0, 25, body.shape)
+    pixels = np.clip(body, 0, 4095).astype(np.uint16)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # DX for presentation
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.PatientID, ds.PatientName = f"SYN{seed:04d}", "Synthetic^Patient"
+    if priority:
+        ds.RequestedProcedurePriority = priority
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def reuid(source: Path, dest: Path, *, study_uid: str | None = None, priority: str | None = None) -> Path:
+    """Copy a DICOM file with fresh SOP/series (and given study) UIDs: a new instance of the same image."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    if priority:
+        ds.RequestedProcedurePriority = priority
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dest, enforce_file_format=True)
+    return dest
