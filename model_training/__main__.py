@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--split-seed", type=int, default=None, help="seed of the patient split (default: --seed)")
     t.add_argument("--val-fraction", type=float, default=0.15)
     t.add_argument("--limit", type=int, default=None, help="use only this many training images (smoke tests)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -30,11 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--subset", choices=["all", "val", "train"], default="all",
                    help="'val' re-creates the card's patient split and scores its validation part")
     e.add_argument("--plots", type=Path, default=Path("."), help="folder for roc.png and calibration.png")
+    e.add_argument("--stress", action="store_true", help="also score shifted copies (contrast, blur, ...)")
 
     x = sub.add_parser("export", help="write the daemon's artifact and model card from a training run")
     x.add_argument("--run", type=Path, required=True, help="training output folder")
     x.add_argument("--out", type=Path, default=Path("pacsbridge/models"))
     x.add_argument("--version", required=True)
+
+    en = sub.add_parser("ensemble", help="average several runs (same split) and re-calibrate on validation")
+    en.add_argument("--run", type=Path, action="append", required=True, help="training output folder (repeat)")
+    en.add_argument("--data-dir", type=Path, required=True)
+    en.add_argument("--out", type=Path, required=True)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -46,12 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         from .train import train
 
         train(args.data_dir, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-              seed=args.seed, val_fraction=args.val_fraction, limit=args.limit,
+              seed=args.seed, split_seed=args.split_seed, val_fraction=args.val_fraction, limit=args.limit,
               command="python -m model_training " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
     elif args.command == "evaluate":
         from .evaluate import evaluate
 
-        evaluate(args.model, args.data_dir, subset=args.subset, plots=args.plots)
+        evaluate(args.model, args.data_dir, subset=args.subset, plots=args.plots, stress=args.stress)
+    elif args.command == "ensemble":
+        from .ensemble import make_ensemble
+
+        make_ensemble(args.run, args.data_dir, args.out)
     elif args.command == "export":
         from .export import export
 

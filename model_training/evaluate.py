@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pacsbridge.model.artifact import load_model
 
@@ -14,7 +15,8 @@ from .data import labels_of, list_samples, load_images, split_by_patient
 from .train import predict_logits
 
 
-def evaluate(model_path: Path, data_dir: Path, *, subset: str = "all", plots: Path | None = None) -> dict:
+def evaluate(model_path: Path, data_dir: Path, *, subset: str = "all", plots: Path | None = None,
+             stress: bool = False) -> dict:
     """Print and return AUC, sensitivity, specificity, accuracy, FNR and the confusion matrix.
 
     ``subset='val'`` re-creates the training run's patient split from the card's seed and
@@ -26,7 +28,8 @@ def evaluate(model_path: Path, data_dir: Path, *, subset: str = "all", plots: Pa
         train_s, val_s = split_by_patient(samples, float(model.card["val_fraction"]), int(model.card["seed"]))
         samples = val_s if subset == "val" else train_s
     y = labels_of(samples).numpy()
-    logits = predict_logits(model.module, load_images(samples), model.device)
+    images = load_images(samples)
+    logits = predict_logits(model.module, images, model.device)
     prob = metrics.sigmoid(logits / model.temperature)
     result = {
         "model": model.model_id, "images": len(samples), "subset": subset,
@@ -48,6 +51,17 @@ def evaluate(model_path: Path, data_dir: Path, *, subset: str = "all", plots: Pa
     if plots is not None:
         write_plots(y, prob, model.threshold, Path(plots))
         print(f"  plots: {Path(plots) / 'roc.png'}, {Path(plots) / 'calibration.png'}")
+    if stress:
+        from .stress import stress_table
+
+        def predict(images: torch.Tensor) -> np.ndarray:
+            return np.array(model.predict_images(list(images.numpy())))
+
+        result["stress"] = stress_table(predict, images, y, model.threshold)
+        print("  stress validation (shifted copies of the same images, card threshold):")
+        print(f"    {'perturbation':18s} {'AUC':>7s} {'sens':>7s} {'spec':>7s}")
+        for r in result["stress"]:
+            print(f"    {r['perturbation']:18s} {r['auc']:7.4f} {r['sensitivity']:7.4f} {r['specificity']:7.4f}")
     print(json.dumps(result))
     return result
 

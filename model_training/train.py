@@ -49,6 +49,7 @@ def train(
     weight_decay: float = 5e-4,
     val_fraction: float = 0.15,
     seed: int = 1234,
+    split_seed: int | None = None,
     limit: int | None = None,
     architecture: str = "small-resnet-v1",
     min_sensitivity: float = 0.95,
@@ -60,13 +61,14 @@ def train(
     device = pick_device()
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    split_seed = seed if split_seed is None else split_seed  # same split for ensemble members
     samples = list_samples(data_dir)
-    train_s, val_s = split_by_patient(samples, val_fraction, seed)
+    train_s, val_s = split_by_patient(samples, val_fraction, split_seed)
     if limit:  # tiny runs for tests: keep both classes on both sides
         rng = np.random.default_rng(seed)
         train_s = [train_s[i] for i in sorted(rng.choice(len(train_s), min(limit, len(train_s)), replace=False))]
         val_s = [val_s[i] for i in sorted(rng.choice(len(val_s), min(max(limit // 3, 4), len(val_s)), replace=False))]
-    log.info("split by patient: %d train / %d validation images (seed %d)", len(train_s), len(val_s), seed)
+    log.info("split by patient: %d train / %d validation images (split seed %d)", len(train_s), len(val_s), split_seed)
     x_train, y_train = load_images(train_s), labels_of(train_s)
     x_val, y_val = load_images(val_s), labels_of(val_s).numpy()
 
@@ -126,7 +128,7 @@ def train(
     val_logits = predict_logits(model.to(device), x_val, device)
     report = calibrate_and_report(y_val, val_logits, min_sensitivity)
     report.update(
-        architecture=architecture, input_size=INPUT_SIZE, seed=seed, val_fraction=val_fraction, epochs=epochs,
+        architecture=architecture, input_size=INPUT_SIZE, seed=split_seed, init_seed=seed, val_fraction=val_fraction, epochs=epochs,
         best_epoch=best["epoch"], history=history, command=command,
         split={"train_images": len(train_s), "val_images": len(val_s),
                "train_patients": len({s.patient for s in train_s}), "val_patients": len({s.patient for s in val_s}),

@@ -185,3 +185,23 @@ def test_train_on_real_subset_runs(tmp_path: Path) -> None:
                        "--limit", "48"]) == 0
     report = json.loads((tmp_path / "training.json").read_text())
     assert report["split"]["train_images"] == 48
+
+
+def test_ensemble_of_two_runs_exports_and_loads(tmp_path: Path) -> None:
+    data = _fake_folder(tmp_path / "data", n_per_class=12)
+    runs = []
+    for seed in (1, 2):
+        run = tmp_path / f"run{seed}"
+        assert train_main(["train", "--data-dir", str(data), "--out", str(run), "--epochs", "1",
+                           "--seed", str(seed), "--split-seed", "5", "--val-fraction", "0.3"]) == 0
+        runs += ["--run", str(run)]
+    assert train_main(["ensemble", *runs, "--data-dir", str(data), "--out", str(tmp_path / "ens")]) == 0
+    assert train_main(["export", "--run", str(tmp_path / "ens"), "--out", str(tmp_path / "m"), "--version", "e"]) == 0
+    model = load_model(tmp_path / "m" / "pneumonia-e.pt", device="cpu")
+    assert model.architecture == "ensemble:small-resnet-v1+small-resnet-v1"
+    # The ensemble's logit is the mean of its members' logits.
+    x = preprocess_batch(torch.rand(2, 224, 224))
+    with torch.inference_mode():
+        members = torch.stack([m(x) for m in model.module.members]).mean(0)
+    assert torch.allclose(model.logits(x), members, atol=1e-6)
+    assert not torch.allclose(model.module.members[0](x), model.module.members[1](x))

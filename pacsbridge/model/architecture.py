@@ -50,6 +50,17 @@ class SmallResNet(nn.Module):
         return self.head(self.features(self.stem(x))).squeeze(1)
 
 
+class Ensemble(nn.Module):
+    """Averages the logits of several members (named ``ensemble:a+b+...``); steadier under site shift."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
 ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "small-resnet-v1": SmallResNet,
 }
@@ -57,6 +68,8 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
 
 def build_model(name: str) -> nn.Module:
     """Build an untrained model by architecture name; raises ``KeyError`` for an unknown name."""
+    if name.startswith("ensemble:"):
+        return Ensemble([build_model(n) for n in name[len("ensemble:"):].split("+")])
     try:
         return ARCHITECTURES[name]()
     except KeyError:
