@@ -53,6 +53,7 @@ def train(
     limit: int | None = None,
     architecture: str = "small-resnet-v1",
     min_sensitivity: float = 0.95,
+    mixup: float = 0.0,
     command: str | None = None,
 ) -> dict:
     """Train and write ``out_dir/model.pt`` (weights) and ``out_dir/training.json`` (report)."""
@@ -99,6 +100,11 @@ def train(
             idx = perm[step * batch_size : (step + 1) * batch_size]
             xb = preprocess_batch(augment(x_train[idx].float() / 255.0, gen)).to(device)
             yb = y_train[idx].to(device)
+            if mixup > 0:  # soft labels between pairs: smoother, better-calibrated decision boundary
+                lam = float(torch.distributions.Beta(mixup, mixup).sample())
+                j = torch.randperm(len(idx), generator=gen)
+                xb = lam * xb + (1 - lam) * xb[j]
+                yb = lam * yb + (1 - lam) * yb[j]
             with torch.autocast(device.type, enabled=use_amp):
                 logits = model(xb)
             loss = F.binary_cross_entropy_with_logits(logits.float(), yb, pos_weight=pos_weight)
@@ -129,7 +135,7 @@ def train(
     report = calibrate_and_report(y_val, val_logits, min_sensitivity)
     report.update(
         architecture=architecture, input_size=INPUT_SIZE, seed=split_seed, init_seed=seed, val_fraction=val_fraction, epochs=epochs,
-        best_epoch=best["epoch"], history=history, command=command,
+        best_epoch=best["epoch"], history=history, command=command, mixup=mixup,
         split={"train_images": len(train_s), "val_images": len(val_s),
                "train_patients": len({s.patient for s in train_s}), "val_patients": len({s.patient for s in val_s}),
                "train_positive": int(n_pos), "train_negative": int(n_neg),
