@@ -44,7 +44,7 @@ class ImageResult:
     decode_ms: float = 0.0
     #: Each image pixel stands for ``reduction x reduction`` stored pixels (1 = full resolution).
     reduction: int = 1
-    #: Which decoding path made it: "glymur-j2k", "pydicom+box" or "pydicom".
+    #: Which decoding path made it: "glymur-j2k", "pillow-jpeg-draft", "pydicom+box" or "pydicom".
     decoder: str = "pydicom"
     #: (Rows, Columns) of the stored image.
     source_shape: tuple[int, int] = (0, 0)

@@ -40,7 +40,8 @@ def _count(value) -> int:
         return 1
 
 
-def _voi_from_file(values: np.ndarray, ds: Dataset, notes: list[str]) -> tuple[np.ndarray, float, float] | None:
+def _voi_from_file(values: np.ndarray, ds: Dataset,
+                   notes: list[str]) -> tuple[np.ndarray, float, float] | None:
     """Apply the file's VOI; return (output, low, high) of its output range, or None."""
     try:
         if has_voi_lut(ds):

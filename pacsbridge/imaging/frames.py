@@ -5,6 +5,7 @@ decoder for a reduced image whose short side is still at least ``min_side``:
 
 * JPEG 2000 (and HTJ2K): OpenJPEG, through glymur, decodes a lower wavelet resolution level
   directly (1/2, 1/4, 1/8 ... of each side) -- the full image is never reconstructed.
+* 8-bit baseline JPEG: Pillow's draft mode scales the inverse DCT by 1/2, 1/4 or 1/8.
 * anything else pydicom can decode (uncompressed, RLE, JPEG lossless, JPEG-LS ...): decode the
   frame with pydicom's plugins, then box-average the *integer* stored values by an integer factor.
   The Modality LUT and VOI that follow are pointwise, so they commute with the subsampling (up to
@@ -20,6 +21,7 @@ downstream (padding, Modality LUT, VOI) works the same on reduced and full image
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import warnings
@@ -30,7 +32,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.pixels import pixel_array
-from pydicom.uid import JPEG2000TransferSyntaxes, UID
+from pydicom.uid import JPEG2000TransferSyntaxes, JPEGBaseline8Bit, UID
 
 #: Default: keep at least this many pixels on the short side (the model trains at 224).
 DEFAULT_MIN_SIDE = 224
@@ -43,7 +45,7 @@ class StoredFrame:
     pixels: np.ndarray
     #: Each output pixel stands for ``reduction x reduction`` stored pixels (1 = full resolution).
     reduction: int
-    #: Which path produced it, e.g. ``"glymur-j2k"``, ``"pydicom+box"``, ``"pydicom"``.
+    #: Which path produced it: "glymur-j2k", "pillow-jpeg-draft", "pydicom+box" or "pydicom".
     decoder: str
 
 
@@ -182,6 +184,41 @@ def decode_j2k_reduced(ds: Dataset, min_side: int) -> StoredFrame:
     return StoredFrame(arr, step, "glymur-j2k")
 
 
+def _pillow_available() -> bool:
+    try:
+        from PIL import Image  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def _is_8bit_grayscale_jpeg(ds: Dataset) -> bool:
+    return (transfer_syntax(ds) == JPEGBaseline8Bit and ds.get("BitsAllocated") == 8
+            and ds.get("SamplesPerPixel", 1) == 1 and ds.get("PixelRepresentation", 0) == 0)
+
+
+def decode_jpeg_draft(ds: Dataset, min_side: int) -> StoredFrame:
+    """8-bit baseline JPEG: Pillow's draft mode scales the IDCT by 1/2, 1/4 or 1/8."""
+    from PIL import Image
+
+    data = get_frame(ds.PixelData, 0, number_of_frames=number_of_frames(ds))
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    step = 1
+    while step < 8 and 2 * step <= box_factor(rows, cols, min_side):
+        step *= 2
+    with Image.open(io.BytesIO(data)) as im:
+        if step > 1:
+            im.draft("L", (cols // step, rows // step))  # Pillow picks scale = size // request
+        arr = np.asarray(im)
+    if arr.ndim != 2:
+        raise ValueError(f"JPEG frame decoded to shape {arr.shape}, expected one component")
+    step = -(-cols // arr.shape[1])  # what draft actually chose
+    expected = (-(-rows // step), -(-cols // step))
+    if arr.shape != expected or arr.dtype != np.uint8:
+        raise ValueError(f"JPEG draft gave {arr.shape} {arr.dtype}, expected {expected} uint8")
+    return StoredFrame(arr, step, "pillow-jpeg-draft")
+
+
 def _decomposition_levels(jp2) -> int:
     for segment in jp2.codestream.segment:
         if segment.marker_id == "COD":
@@ -207,6 +244,7 @@ class ReducedDecoder:
 REDUCED_DECODERS: tuple[ReducedDecoder, ...] = (
     ReducedDecoder("glymur-j2k", _glymur_available,
                    lambda ds: transfer_syntax(ds) in JPEG2000TransferSyntaxes, decode_j2k_reduced),
+    ReducedDecoder("pillow-jpeg-draft", _pillow_available, _is_8bit_grayscale_jpeg, decode_jpeg_draft),
     ReducedDecoder("pydicom+box", lambda: True, lambda ds: True, decode_then_box),
 )
 
