@@ -309,3 +309,31 @@ def test_spool_not_writable_then_recovers(tmp_path):
         assert send_datasets(r.port, [failed]) == [0]
         assert_stored_same(r, failed)
         assert len(_events(r, "store_failed")) == 2
+
+
+def test_database_unreachable_then_recovers(tmp_path):
+    """PostgreSQL cut off mid-service -> 0xA7xx (never success); the same instance succeeds once it is back."""
+    from dicom_support import TcpProxy, postgres_schema_url, postgres_unavailable_reason
+
+    reason = postgres_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    proxy = TcpProxy(target_port=5432)
+    proxy.start()
+    try:
+        with postgres_schema_url() as direct_url:
+            url = direct_url.replace("@127.0.0.1:5432/", f"@127.0.0.1:{proxy.port}/")
+            with running_receiver(tmp_path, database_url=url) as r:
+                assert send_datasets(r.port, [make_image()]) == [0]
+                proxy.stop()
+                lost = make_image()
+                statuses = send_datasets(r.port, [lost, make_image()])
+                assert all(s >> 8 == 0xA7 for s in statuses), [hex(s) for s in statuses]
+                assert list(r.spool.tmp_dir.iterdir()) == []
+                proxy.start()
+                assert send_datasets(r.port, [lost]) == [0]
+                assert_stored_same(r, lost)
+                with r.sessions() as s:
+                    assert s.scalar(select(func.count()).select_from(Instance)) == 2
+    finally:
+        proxy.stop()

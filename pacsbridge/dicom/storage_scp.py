@@ -246,13 +246,26 @@ class StorageSCP:
         active = server.active_associations
         if active:
             log.info("waiting for %d association(s) to finish", len(active))
+        while active and time.monotonic() < deadline:
+            for assoc in active:
+                if not assoc.is_established:
+                    _end_idle(assoc)
+            time.sleep(0.05)
+            active = [a for a in active if a.is_alive() and a.is_established]
         for assoc in active:
-            assoc.join(max(0.0, deadline - time.monotonic()))
-            if assoc.is_alive():
-                log.warning("association with %s still running at shutdown; aborting it",
-                            f"{assoc.requestor.ae_title}@{assoc.requestor.address}")
-                assoc.abort()
+            log.warning("association with %s still running after %.0f s; aborting it",
+                        f"{assoc.requestor.ae_title}@{assoc.requestor.address}", self.stop_timeout)
+            assoc.abort()
         log.info("DICOM Storage SCP stopped")
+
+
+def _end_idle(assoc) -> None:  # noqa: ANN001 - pynetdicom Association
+    """End an association thread that has nothing in flight (released, or a connection that never sent an
+    A-ASSOCIATE-RQ, e.g. a port probe) instead of waiting out pynetdicom's ACSE/ARTIM timers."""
+    sock = getattr(assoc.dul, "socket", None)
+    if sock is not None and sock.socket is not None:
+        sock.close()  # Evt17: the DUL state machine goes idle
+    assoc.dul.to_user_queue.put(None)  # wakes an acceptor still waiting for its A-ASSOCIATE-RQ
 
 
 def storage_scp_from_settings(settings, sessions: sessionmaker[Session], spool: Spool | None = None) -> StorageSCP:  # noqa: ANN001
