@@ -56,9 +56,12 @@ GATE_CASES = [
     ({"Modality": "CT"}, "modality CT is not a radiograph"),
     ({"Modality": "MG"}, "modality MG is not a radiograph"),
     ({"Modality": DELETE}, "no Modality"),
-    ({"Modality": "OT", "PhotometricInterpretation": "RGB", "SamplesPerPixel": 3}, "colour image"),
+    # Three-sample RGB/YBR passes the header gate: decoding decides whether it is grey (see
+    # test_imaging_colour.py); palette colour and 3-sample MONOCHROME are refused outright.
+    ({"Modality": "OT", "PhotometricInterpretation": "RGB", "SamplesPerPixel": 3}, None),
     ({"PhotometricInterpretation": "PALETTE COLOR"}, "colour image"),
-    ({"PhotometricInterpretation": "YBR_FULL", "SamplesPerPixel": 3}, "colour image"),
+    ({"PhotometricInterpretation": "YBR_FULL", "SamplesPerPixel": 3}, None),
+    ({"PhotometricInterpretation": "MONOCHROME2", "SamplesPerPixel": 3}, "colour image"),
     ({"BodyPartExamined": "HAND"}, "body part HAND is not chest"),
     ({"BodyPartExamined": "KNEE"}, "body part KNEE is not chest"),
     ({"BodyPartExamined": "LUNG"}, None),
@@ -150,7 +153,9 @@ BAD_INPUTS = {
     "garbage J2K": (lambda raw, j2k: _garbage_encapsulated(JPEG2000Lossless), "could not be decoded"),
     "garbage RLE": (lambda raw, j2k: _garbage_encapsulated(RLELossless), "could not be decoded"),
     "Rows larger than the data": (lambda raw, j2k: _rewrap(raw, Rows=4000), "could not be decoded"),
-    "colour SC": (lambda raw, j2k: data_file("SC_rgb.dcm"), "colour image"),
+    # SC_rgb is 100x100: the size check refuses it before its (real) colour is decoded;
+    # test_imaging_colour.py covers real colour at a usable size.
+    "colour SC": (lambda raw, j2k: data_file("SC_rgb.dcm"), "image too small"),
     "palette colour": (lambda raw, j2k: data_file("OT-PAL-8-face.dcm"), "colour image"),
     "CT slice": (lambda raw, j2k: data_file("CT_small.dcm"), "modality CT"),
     "blank image": (lambda raw, j2k: _blank(), "blank image"),

@@ -21,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .display import to_display
-from .frames import DEFAULT_MIN_SIDE, number_of_frames, read_stored_frame
+from .frames import DEFAULT_MIN_SIDE, ColourImage, number_of_frames, read_stored_frame
 from .quality import check_header, check_image
 
 
@@ -68,7 +68,12 @@ def decode_display(ds: Dataset, *, full_resolution: bool = False,
         notes.append(f"first frame of {frames}")
     try:
         stored = read_stored_frame(ds, full_resolution=full_resolution, min_side=min_side, notes=notes)
+        if int(ds.get("SamplesPerPixel") or 1) == 3:
+            notes.append(f"grey picture stored as {ds.get('PhotometricInterpretation')}: channels equal, read as grey")
         image = to_display(ds, stored.pixels, notes)
+    except ColourImage as exc:
+        raise NotAnalysable(f"colour image ({ds.get('PhotometricInterpretation')}): {exc}; "
+                            "the model reads greyscale radiographs") from None
     except MemoryError:
         raise NotAnalysable("pixel data could not be decoded: image too large for memory") from None
     except Exception as exc:  # noqa: BLE001 - codecs raise anything on garbage; report, never crash

@@ -79,6 +79,18 @@ def percentile_window(values: np.ndarray, pad: np.ndarray | None) -> tuple[float
     return float(lo), float(hi)
 
 
+def stored_8bit_window(ds: Dataset) -> tuple[float, float] | None:
+    """An unsigned <= 8-bit image with no VOI and no Modality LUT is shown as stored (0..255),
+    as viewers do and as the model's 8-bit training images were read; wider data has no such
+    natural range, hence the percentile window."""
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+    identity = (float(ds.get("RescaleSlope", 1) or 1) == 1 and float(ds.get("RescaleIntercept", 0) or 0) == 0
+                and "ModalityLUTSequence" not in ds)
+    if bits <= 8 and int(ds.get("PixelRepresentation", 0) or 0) == 0 and identity:
+        return 0.0, float(2**bits - 1)
+    return None
+
+
 def to_display(ds: Dataset, stored: np.ndarray, notes: list[str]) -> np.ndarray:
     """Display-ready float32 image in [0, 1] from frame 0's stored values (any resolution)."""
     pad = padding_mask(ds, stored)
@@ -86,7 +98,12 @@ def to_display(ds: Dataset, stored: np.ndarray, notes: list[str]) -> np.ndarray:
     voi = _voi_from_file(values, ds, notes)
     if voi is None:
         out = values.astype(np.float64, copy=False)
-        lo, hi = percentile_window(out, pad)
+        window = stored_8bit_window(ds)
+        if window is not None:
+            notes[-1] = notes[-1].replace("percentile window", "8-bit values shown as stored")
+            lo, hi = window
+        else:
+            lo, hi = percentile_window(out, pad)
     else:
         out, lo, hi = voi
         out = out.astype(np.float64, copy=False)

@@ -173,7 +173,7 @@ def decode_j2k_reduced(ds: Dataset, min_side: int) -> StoredFrame:
             arr = jp2[::step, ::step] if step > 1 else jp2[:]
     arr = np.asarray(arr)
     if arr.ndim != 2:
-        raise ValueError(f"JPEG 2000 frame has {arr.shape[2]} components, expected 1")
+        raise ValueError(f"JPEG 2000 frame has {arr.shape[2]} components, expected 1")  # pydicom path then decides
     expected = (-(-rows // step), -(-cols // step))
     if arr.shape != expected:
         raise ValueError(f"JPEG 2000 level is {arr.shape}, expected {expected} from Rows/Columns")
@@ -226,7 +226,29 @@ def _decomposition_levels(jp2) -> int:
     return 0
 
 
+class ColourImage(ValueError):
+    """The decoded frame holds real colour, not a grey picture stored in three channels."""
+
+
+#: Largest mean / 99th-percentile channel spread (in stored units, 8-bit scale) still read as grey:
+#: lossy JPEG and YBR->RGB rounding leave a few units between channels of a grey picture.
+GREY_MEAN_SPREAD = 1.5
+GREY_P99_SPREAD = 6.0
+
+
+def grey_from_colour(arr: np.ndarray) -> np.ndarray:
+    """One grey channel from an ``(H, W, 3)`` frame whose channels agree; else :class:`ColourImage`."""
+    spread = arr.max(axis=2).astype(np.int64) - arr.min(axis=2)
+    scale = max(1.0, float(np.iinfo(arr.dtype).max) / 255.0) if np.issubdtype(arr.dtype, np.integer) else 1 / 255
+    mean, p99 = float(spread.mean()) / scale, float(np.percentile(spread, 99)) / scale
+    if mean > GREY_MEAN_SPREAD or p99 > GREY_P99_SPREAD:
+        raise ColourImage(f"channels differ (mean spread {mean:.1f}, 99th percentile {p99:.1f} of 255)")
+    return np.rint(arr.mean(axis=2)).astype(arr.dtype)
+
+
 def _two_d(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        return grey_from_colour(arr)  # pydicom hands colour back as RGB (YBR converted)
     if arr.ndim != 2:
         raise ValueError(f"expected one grayscale frame, decoder returned shape {arr.shape}")
     return arr

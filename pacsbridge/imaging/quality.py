@@ -13,9 +13,9 @@ What is refused, and why:
   series description/protocol keywords such as LAT).
 * Without Body Part Examined: descriptions naming another anatomy (e.g. KNEE, HAND), or an
   Image Laterality/Laterality of R or L, which belongs to paired body parts, not the chest.
-* Not MONOCHROME1/2 or more than one sample per pixel (colour), 1-bit data, fewer than 128
-  rows/columns, no pixel data.
-* After decoding: a blank image (no contrast at all).
+* Not MONOCHROME1/2 (or RGB/YBR whose channels turn out equal after decoding: a grey picture
+  stored as colour), 1-bit data, fewer than 128 rows/columns, no pixel data.
+* After decoding: real colour (channels differ), a blank image (no contrast at all).
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ RADIOGRAPH_MODALITIES = {"CR", "DX"}
 #: Secondary capture / other: allowed only for a grayscale image (a digitised film, say).
 GRAYSCALE_ONLY_MODALITIES = {"SC", "OT"}
 GRAYSCALE = {"MONOCHROME1", "MONOCHROME2"}
+#: Three-sample images that may be grey pictures stored as colour (a JPEG converted to DICOM, a
+#: digitised film); decoding decides: equal channels are read as grey, real colour is refused.
+MAYBE_GREY_COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"}
 
 #: Words that make a body part or description chest-like (English and a few common locales).
 CHEST_WORDS = {"CHEST", "THORAX", "THORACIC", "LUNG", "LUNGS", "CXR", "TORAX", "THORAX", "TORACE",
@@ -76,7 +79,8 @@ def check_header(ds: Dataset) -> str | None:
     modality = _text(ds, "Modality").upper()
     photometric = _text(ds, "PhotometricInterpretation").upper()
     samples = ds.get("SamplesPerPixel", 1)
-    grayscale = photometric in GRAYSCALE and samples in (None, 1)
+    grayscale = (photometric in GRAYSCALE and samples in (None, 1)) or (
+        photometric in MAYBE_GREY_COLOUR and samples == 3)  # checked again after decoding
     if "PixelData" not in ds:
         return "no Pixel Data in the file (not an image, or the file is truncated)"
     if not modality:
