@@ -55,7 +55,8 @@ GATE_CASES = [
     ({"Modality": "SC"}, None),
     ({"Modality": "CT"}, "modality CT is not a radiograph"),
     ({"Modality": "MG"}, "modality MG is not a radiograph"),
-    ({"Modality": DELETE}, "no Modality"),
+    ({"Modality": DELETE}, None),  # a CR image without Modality (converters omit it): read as SC
+    ({"Modality": DELETE, "SOPClassUID": "1.2.840.10008.5.1.4.1.1.4"}, "no Modality"),  # MR class
     # Three-sample RGB/YBR passes the header gate: decoding decides whether it is grey (see
     # test_imaging_colour.py); palette colour and 3-sample MONOCHROME are refused outright.
     ({"Modality": "OT", "PhotometricInterpretation": "RGB", "SamplesPerPixel": 3}, None),

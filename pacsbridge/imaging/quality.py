@@ -30,6 +30,14 @@ RADIOGRAPH_MODALITIES = {"CR", "DX"}
 #: Secondary capture / other: allowed only for a grayscale image (a digitised film, say).
 GRAYSCALE_ONLY_MODALITIES = {"SC", "OT"}
 GRAYSCALE = {"MONOCHROME1", "MONOCHROME2"}
+SC_OR_RADIOGRAPH_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.7",       # Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.2",     # Multi-frame Grayscale Byte SC
+    "1.2.840.10008.5.1.4.1.1.7.3",     # Multi-frame Grayscale Word SC
+    "1.2.840.10008.5.1.4.1.1.1",       # CR
+    "1.2.840.10008.5.1.4.1.1.1.1",     # DX for presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",   # DX for processing
+}
 #: Three-sample images that may be grey pictures stored as colour (a JPEG converted to DICOM, a
 #: digitised film); decoding decides: equal channels are read as grey, real colour is refused.
 MAYBE_GREY_COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"}
@@ -84,7 +92,11 @@ def check_header(ds: Dataset) -> str | None:
     if "PixelData" not in ds:
         return "no Pixel Data in the file (not an image, or the file is truncated)"
     if not modality:
-        return "no Modality in the file"
+        # Converters (e.g. DCMTK img2dcm wrapping a JPEG) often leave Modality out of a Secondary
+        # Capture; treat such a file as SC (grey only) rather than drop a radiograph unread.
+        if str(ds.get("SOPClassUID", "")) not in SC_OR_RADIOGRAPH_SOP_CLASSES:
+            return "no Modality in the file (and not a CR, DX or Secondary Capture image)"
+        modality = "SC"
     if modality in GRAYSCALE_ONLY_MODALITIES:
         if not grayscale:
             return f"colour image ({modality}, {photometric or 'no photometric interpretation'})"
