@@ -7,6 +7,7 @@ test does not depend on the migrations.  Skips loudly when the server is unreach
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -56,12 +57,15 @@ def test_concurrent_claims_are_disjoint_and_complete(pg, tmp_path: Path, model) 
     got: dict[str, list[int]] = {w.worker_id: [] for w in workers}
     barrier = threading.Barrier(len(workers))
     errors: list[BaseException] = []
+    sizes: list[int] = []
 
     def loop(w: InferenceWorker) -> None:
         try:
             barrier.wait()
             while batch := w.claim(3):
+                sizes.append(len(batch))
                 got[w.worker_id].extend(c.id for c in batch)
+                time.sleep(0.005)  # a real worker scores between claims; lets the others interleave
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -71,6 +75,7 @@ def test_concurrent_claims_are_disjoint_and_complete(pg, tmp_path: Path, model) 
     for t in threads:
         t.join(60)
     assert not errors
+    assert max(sizes) <= 3  # a claim never takes more than asked for
     all_ids = [i for ids in got.values() for i in ids]
     assert len(all_ids) == len(set(all_ids)) == n  # nobody claimed a row twice, none left behind
     assert sum(1 for ids in got.values() if ids) >= 2  # the claims really interleaved
@@ -103,3 +108,22 @@ def test_two_workers_draining_concurrently_score_each_instance_once(pg, tmp_path
         states = s.scalars(select(Instance.state)).all()
     assert len(per_instance) == 8 and all(c == 1 for _, c in per_instance)
     assert set(states) == {"predicted"}
+
+
+def test_claim_skips_rows_locked_by_another_transaction(pg, tmp_path: Path, model) -> None:
+    for i in range(6):
+        add_instance(pg, tmp_path, None, sop_uid=f"5.{i}")
+    worker = InferenceWorker(pg, model, tmp_path, worker_id="test:skip")
+    with pg() as other:  # another worker mid-claim: holds row locks on the three oldest rows
+        locked = other.scalars(
+            select(Instance.id).order_by(Instance.received_at, Instance.id).limit(3).with_for_update()
+        ).all()
+        result: list = []
+        t = threading.Thread(target=lambda: result.extend(worker.claim(3)))
+        t.start()
+        t.join(15)
+        blocked = t.is_alive()
+        other.rollback()
+        t.join(15)
+    assert not blocked, "claim waited for the other transaction's row locks instead of skipping them"
+    assert len(result) == 3 and not {c.id for c in result} & set(locked)

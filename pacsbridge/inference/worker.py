@@ -209,9 +209,15 @@ class InferenceWorker:
             .with_for_update(skip_locked=True)  # PostgreSQL; SQLite has one writer at a time anyway
         )
         with self._sessions.begin() as session:
+            # Two statements on purpose: PostgreSQL may run an ``IN (SELECT ... LIMIT n FOR UPDATE)``
+            # subquery more than once inside an UPDATE and so claim more than ``n`` rows.
+            candidates = session.scalars(oldest).all()
+            if not candidates:
+                return []
+            # The state guard matters on SQLite, where the SELECT took no lock.
             ids = session.scalars(
                 update(Instance)
-                .where(Instance.id.in_(oldest.scalar_subquery()), Instance.state == RECEIVED)
+                .where(Instance.id.in_(candidates), Instance.state == RECEIVED)
                 .values(state=PROCESSING, claimed_by=self.worker_id, claimed_at=now, updated_at=now)
                 .returning(Instance.id)
                 .execution_options(synchronize_session=False)
