@@ -110,19 +110,25 @@ def _check_framing(plain: bytes, ts: UID) -> set[int]:
     """
     implicit, little = _encoding(ts)
     tags: set[int] = set()
+    total = len(plain)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            for elem in data_element_generator(BytesIO(plain), implicit, little):
+            # defer_size: large values are skipped (seeked over), not copied; check their extent instead.
+            for elem in data_element_generator(BytesIO(plain), implicit, little, defer_size=4096):
                 tags.add(int(elem.tag))
-                # Sequences come back parsed (no .length); byte values must have their declared length.
+                # Sequences come back parsed (no .length); other values must fit in what was received.
                 length = getattr(elem, "length", _UNDEFINED)
+                if length == _UNDEFINED:
+                    continue
                 value = elem.value
-                if length != _UNDEFINED and isinstance(value, (bytes, bytearray)) and len(value) != length:
-                    raise RejectedDataset(
-                        STATUS_CANNOT_UNDERSTAND,
-                        f"dataset truncated in element {elem.tag} ({len(value)} of {length} bytes)",
-                    )
+                have = len(value) if isinstance(value, (bytes, bytearray)) else max(0, total - elem.value_tell)
+                if value is None or isinstance(value, (bytes, bytearray)):
+                    if have < length:
+                        raise RejectedDataset(
+                            STATUS_CANNOT_UNDERSTAND,
+                            f"dataset truncated in element {elem.tag} ({have} of {length} bytes)",
+                        )
         except RejectedDataset:
             raise
         except Exception as exc:  # noqa: BLE001

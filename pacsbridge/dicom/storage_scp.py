@@ -8,6 +8,7 @@ Handlers are plain functions; their dependencies arrive as bound pynetdicom hand
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from io import BytesIO
@@ -30,6 +31,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacsbridge import __version__
+from pacsbridge.dicom.fast_transport import FastRequestHandler
 from pacsbridge.dicom.metadata import (
     STATUS_OUT_OF_RESOURCES, STATUS_OUT_OF_RESOURCES_DB, RejectedDataset, read_metadata,
 )
@@ -220,9 +222,13 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, handle_accepted),
             (evt.EVT_REJECTED, handle_rejected, [self.sessions, self.allowed]),
         ]
-        self._server = self._make_ae().start_server(
-            (self.bind_address, self.requested_port), block=False, evt_handlers=handlers
-        )
+        # start_server(block=False), but with our faster socket via pynetdicom's server hooks.
+        ae = self._make_ae()
+        server = ae.make_server((self.bind_address, self.requested_port), evt_handlers=handlers,
+                                server_class=ThreadedAssociationServer, request_handler=FastRequestHandler)
+        threading.Thread(target=server.serve_forever, name=f"{self.name}-listener", daemon=True).start()
+        ae._servers.append(server)  # as start_server does, so ae.shutdown() would see it
+        self._server = server
         log.info("DICOM Storage SCP %s listening on %s:%d (max PDU %d bytes)", self.ae_title, self.bind_address,
                  self.port, self.max_pdu)
 

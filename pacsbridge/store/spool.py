@@ -1,7 +1,9 @@
 """Spool files: received DICOM files, written durably under names built from hashes.
 
-A file is written to ``<spool>/tmp/`` and fsync'd, then atomically renamed to
-``<spool>/ab/cd/<sha256>.dcm`` and the folder fsync'd.  Paths never contain a raw UID or tag value.
+A file is written to ``<spool>/tmp/``, atomically renamed to ``<spool>/ab/cd/<sha256>.dcm``, then
+the file and its folder are fsync'd; the caller commits the database row only after that.  (fsync
+after the rename lets one journal commit cover both data and rename on ext4/xfs.)  Paths never
+contain a raw UID or tag value.
 """
 
 from __future__ import annotations
@@ -30,13 +32,25 @@ class Spool:
         return self.root / relpath
 
     def prepare(self) -> None:
-        """Create the folders and remove partial files left by a crash (never acknowledged)."""
+        """Create the folders and remove partial files left by a crash (never acknowledged).
+
+        The 256 first-level folders are made up front (one fsync) so that receiving an instance
+        creates at most one new folder (and pays one extra folder fsync).
+        """
         self._makedirs(self.tmp_dir)
+        created = False
+        for i in range(256):
+            first = self.root / f"{i:02x}"
+            if not first.is_dir():
+                first.mkdir(exist_ok=True)
+                created = True
+        if created and self.fsync:
+            _fsync_dir(self.root)
         for leftover in self.tmp_dir.glob("*.part"):
             leftover.unlink(missing_ok=True)
 
     def write_temp(self, *chunks: bytes | memoryview) -> tuple[Path, int]:
-        """Write ``chunks`` to a new temporary file, fsync it; returns (path, size)."""
+        """Write ``chunks`` to a new temporary file (not yet durable: see :meth:`commit`); returns (path, size)."""
         self._makedirs(self.tmp_dir)  # cheap; also recreates the folder after an outage
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         size = 0
@@ -48,19 +62,23 @@ class Spool:
                         n = f.write(view)
                         size += n
                         view = view[n:]
-                if self.fsync:
-                    os.fsync(f.fileno())
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return tmp, size
 
     def commit(self, tmp: Path, relpath: str) -> Path:
-        """Atomically move ``tmp`` to ``relpath`` (replacing a never-recorded leftover) and fsync the folder."""
+        """Atomically move ``tmp`` to ``relpath`` (replacing a never-recorded leftover), then fsync the file
+        and its folder: when this returns, the file survives power loss."""
         final = self.root / relpath
         self._makedirs(final.parent)
         os.replace(tmp, final)
         if self.fsync:
+            fd = os.open(final, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             _fsync_dir(final.parent)
         return final
 
