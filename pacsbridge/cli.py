@@ -242,7 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_serve, _add_db, _add_status, _add_predict, _add_worklist):
         add(sub)
+    _accept_config_anywhere(parser)
     return parser
+
+
+def _accept_config_anywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept --config after the command too (`pacsbridge serve --config FILE`, `db upgrade --config F`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                                     help="TOML configuration file (default: $PACSBRIDGE_CONFIG)")
+                _accept_config_anywhere(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
