@@ -105,6 +105,24 @@ def test_dcmtk_storescu_real_radiograph(receiver, name, propose):
 
 
 @needs_dcmtk
+def test_dcmtk_storescu_synthetic_cr_dx_sc(receiver, tmp_path):
+    """DCMTK sends CR, both DX flavours and SC in one association; all stored and recorded."""
+    paths, sent = [], []
+    for i, sop_class in enumerate([ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
+                                   DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage]):
+        ds = make_image(sop_class)
+        path = tmp_path / f"img{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(str(path))
+        sent.append(ds)
+    res = run_dcmtk("storescu", "-aec", "PACSBRIDGE", "127.0.0.1", str(receiver.port), *paths)
+    assert res.returncode == 0, res.stderr
+    for ds in sent:
+        row = assert_stored_same(receiver, ds)
+        assert row.sop_class_uid == ds.SOPClassUID
+
+
+@needs_dcmtk
 def test_dcmtk_deflated_transfer(receiver):
     """storescu deflates on the fly; the stored (deflated) file holds the original dataset."""
     src = data_file("RG1_UNCR.dcm")
