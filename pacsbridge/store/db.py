@@ -27,7 +27,10 @@ def make_engine(url: str, **kwargs) -> Engine:
             cur.close()
 
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("pool_pre_ping", True)  # reconnect transparently after a database restart
+    if url.startswith("postgresql"):
+        # Fail fast when the server is unreachable: a C-STORE waiting on the database holds its sender.
+        kwargs.setdefault("connect_args", {"connect_timeout": 10})
     return create_engine(url, **kwargs)
 
 
