@@ -180,3 +180,36 @@ def test_worker_thread_reports_positive_studies(db, tmp_path: Path, model) -> No
     if probs[1] == probs[2]:
         pytest.skip("random model gave tied scores; cannot split positives from negatives")
     assert len(positives) == 2 and len(out.positive_studies) == 2 and seen == [out.positive_studies]
+
+
+def test_batch_that_fails_to_record_is_given_back_and_scored_once(db, tmp_path: Path, model) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    spool = tmp_path / "spool"
+    for i in range(2):
+        add_instance(db, spool, sample_file("RG1_UNCR.dcm"), sop_uid=f"9.{i}")
+    worker = InferenceWorker(db, model, spool, idle_poll_s=0.05)
+    real_record = worker._record_in
+    calls = {"n": 0}
+
+    def flaky_record(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the database goes away just when the first batch is recorded
+            raise OperationalError("INSERT ...", {}, Exception("database is locked"))
+        return real_record(*args, **kwargs)
+
+    worker._record_in = flaky_record
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if all(st == "predicted" for st, _ in _states(db).values()):
+                break
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    assert {st for st, _ in _states(db).values()} == {"predicted"}
+    with db() as s:
+        assert s.scalar(select(func.count(Prediction.id))) == 2
+        assert s.scalar(select(func.count()).where(Event.kind == "claim_released")) == 2
+    assert worker.last_error is None

@@ -155,7 +155,11 @@ class InferenceWorker:
     # ----------------------------------------------------------------- claims
 
     def recover_stale_claims(self, now: datetime | None = None) -> int:
-        """Put instances claimed by a dead or stuck worker back to ``received``; returns how many."""
+        """Put instances claimed by a dead or stuck worker back to ``received``; returns how many.
+
+        Runs only between batches (at start and from the worker's own loop), so a claim under this
+        worker's own id is a leftover too (a batch that failed to record, e.g. the database went away).
+        """
         now = as_utc(now or utcnow())
         host = self.worker_id.rsplit(":", 1)[0]
         released = 0
@@ -187,8 +191,8 @@ class InferenceWorker:
     def _stale_reason(self, owner: str | None, claimed_at: datetime | None, host: str, now: datetime) -> str | None:
         if not owner:
             return "claim without owner"
-        if owner == self.worker_id and self._thread is None:
-            return "left by an earlier run of this process"
+        if owner == self.worker_id:
+            return "left over from a batch of this worker that was not recorded"
         o_host, _, o_pid = owner.rpartition(":")
         if o_host == host and o_pid.isdigit() and int(o_pid) != os.getpid() and not _pid_alive(int(o_pid)):
             return f"worker process {o_pid} on this host is gone"
@@ -459,6 +463,7 @@ class InferenceWorker:
             except Exception as exc:  # noqa: BLE001 - e.g. the database is unreachable: wait, retry
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("inference worker error; retrying in %.1f s", backoff)
+                self._last_recovery = 0.0  # give back the failed batch's claims on the next round
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
         log.info("inference worker %s stopped", self.worker_id)
