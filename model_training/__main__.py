@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--run", type=Path, required=True, help="training output folder")
     x.add_argument("--out", type=Path, default=Path("pacsbridge/models"))
     x.add_argument("--version", required=True)
+    x.add_argument("--half", action="store_true", help="store weights as float16 (half the file size)")
 
     en = sub.add_parser("ensemble", help="average several runs (same split) and re-calibrate on validation")
     en.add_argument("--run", type=Path, action="append", required=True, help="training output folder (repeat)")
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "export":
         from .export import export
 
-        export(args.run, args.out, args.version)
+        export(args.run, args.out, args.version, half=args.half)
     return 0
 
 

@@ -28,13 +28,19 @@ LIMITS = [
 ]
 
 
-def export(run_dir: Path, out_dir: Path, version: str) -> Path:
-    """Copy the weights from a training run and write the card; returns the artifact path."""
+def export(run_dir: Path, out_dir: Path, version: str, half: bool = False) -> Path:
+    """Copy the weights from a training run and write the card; returns the artifact path.
+
+    ``half`` stores floating-point weights as float16 (half the size, e.g. to keep an ensemble
+    under 20 MB); they are loaded back into float32 modules, so inference stays float32 on CPU.
+    """
     report = json.loads((run_dir / "training.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"pneumonia-{version}"
     dest = out_dir / f"{name}.pt"
     blob = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    if half:
+        blob["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
     torch.save(blob, dest)
     digest = sha256_file(dest)
     card = {
@@ -43,6 +49,7 @@ def export(run_dir: Path, out_dir: Path, version: str) -> Path:
         "architecture": report["architecture"],
         "weights_file": dest.name,
         "weights_sha256": digest,
+        "weights_dtype": "float16" if half else "float32",
         "input": {
             "channels": 1, "size": report["input_size"],
             "expects": "display-ready 2-D float image in [0,1], bright = dense; squashed to a square",

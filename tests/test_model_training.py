@@ -196,7 +196,8 @@ def test_ensemble_of_two_runs_exports_and_loads(tmp_path: Path) -> None:
                            "--seed", str(seed), "--split-seed", "5", "--val-fraction", "0.3"]) == 0
         runs += ["--run", str(run)]
     assert train_main(["ensemble", *runs, "--data-dir", str(data), "--out", str(tmp_path / "ens")]) == 0
-    assert train_main(["export", "--run", str(tmp_path / "ens"), "--out", str(tmp_path / "m"), "--version", "e"]) == 0
+    assert train_main(["export", "--run", str(tmp_path / "ens"), "--out", str(tmp_path / "m"), "--version", "e",
+                       "--half"]) == 0
     model = load_model(tmp_path / "m" / "pneumonia-e.pt", device="cpu")
     assert model.architecture == "ensemble:small-resnet-v1+small-resnet-v1"
     # The ensemble's logit is the mean of its members' logits.
@@ -204,4 +205,9 @@ def test_ensemble_of_two_runs_exports_and_loads(tmp_path: Path) -> None:
     with torch.inference_mode():
         members = torch.stack([m(x) for m in model.module.members]).mean(0)
     assert torch.allclose(model.logits(x), members, atol=1e-6)
+    # float16 storage: loaded back as float32 modules, close to the float32 run weights.
+    assert next(model.module.parameters()).dtype == torch.float32
+    full = torch.load(tmp_path / "ens" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.allclose(v.float(), full[k].float(), rtol=1e-2, atol=1e-3)
+               for k, v in model.module.state_dict().items())
     assert not torch.allclose(model.module.members[0](x), model.module.members[1](x))
