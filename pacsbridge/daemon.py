@@ -19,6 +19,7 @@ from pacsbridge.config import ConfigError, Settings
 from pacsbridge.dicom.storage_scp import storage_scp_from_settings
 from pacsbridge.store import migrations
 from pacsbridge.store.db import make_engine, make_sessionmaker
+from pacsbridge.store.notifier import StoreNotifier
 from pacsbridge.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -70,13 +71,17 @@ class Daemon:
         self.engine = make_engine(settings.database_url)
         self.sessions = make_sessionmaker(self.engine)
         self.spool = Spool(Path(settings.spool_dir), fsync=settings.fsync)
+        # The receiver notifies it after each new instance; the worker waits on it (instead of polling).
+        self.notifier = StoreNotifier()
         self.components: list[Component] = []
         self._stop = threading.Event()
 
     def build_components(self) -> list[Component]:
         """The components in start order (stopped in reverse).  Receiving comes first: a PACS may send
         as soon as the port is open, and the worker/scheduler/API only read what was stored."""
-        components: list[Component] = [storage_scp_from_settings(self.settings, self.sessions, self.spool)]
+        components: list[Component] = [
+            storage_scp_from_settings(self.settings, self.sessions, self.spool, notifier=self.notifier)
+        ]
         components += self.pipeline_components()
         return components
 
@@ -103,6 +108,7 @@ class Daemon:
             components.append(InferenceWorker(
                 self.sessions, model, Path(s.spool_dir), batch_size=s.inference_batch_size,
                 max_wait_ms=s.inference_max_wait_ms, on_recorded=updater.refresh, metrics=metrics,
+                notifier=self.notifier,
             ))
         components.append(WorklistScheduler(
             updater, self.sessions, Path(s.spool_dir), interval_s=s.scheduler_interval_s,

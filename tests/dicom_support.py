@@ -143,7 +143,7 @@ class Receiver:
 @contextlib.contextmanager
 def running_receiver(
     tmp_path: Path, *, database_url: str | None = None, allowed: tuple[str, ...] = (),
-    max_pdu: int = 4_194_304, fsync: bool = True, spool_root: Path | None = None,
+    max_pdu: int = 4_194_304, fsync: bool = True, spool_root: Path | None = None, notifier=None,  # noqa: ANN001
 ) -> Iterator[Receiver]:
     """A migrated database, a spool and a StorageSCP on a free loopback port; stopped afterwards."""
     url = database_url or f"sqlite:///{tmp_path / 'pacsbridge.db'}"
@@ -155,6 +155,7 @@ def running_receiver(
     scp = StorageSCP(
         ae_title="PACSBRIDGE", bind_address="127.0.0.1", port=0, spool=spool, sessions=sessions,
         allowed_calling_aes=allowed, max_pdu=max_pdu, dimse_timeout=30, network_timeout=30, stop_timeout=10,
+        notifier=notifier,
     )
     scp.start()
     try:

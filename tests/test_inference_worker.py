@@ -213,3 +213,77 @@ def test_batch_that_fails_to_record_is_given_back_and_scored_once(db, tmp_path: 
         assert s.scalar(select(func.count(Prediction.id))) == 2
         assert s.scalar(select(func.count()).where(Event.kind == "claim_released")) == 2
     assert worker.last_error is None
+
+
+# -- waking: the receiver tells an idle worker that an instance arrived --------------------------------
+def test_store_notifier_wakes_waiters_without_losing_notifications() -> None:
+    import threading
+
+    from pacsbridge.store.notifier import StoreNotifier
+
+    n = StoreNotifier()
+    seen = n.count
+    t0 = time.monotonic()
+    assert n.wait(seen, 0.05) == seen and time.monotonic() - t0 >= 0.04  # nothing new: times out
+    n.notify()  # arrives before the wait starts: not lost
+    assert n.wait(seen, 30) == seen + 1
+    woken: list[int] = []
+    waiters = [threading.Thread(target=lambda: woken.append(n.wait(seen + 1, 30))) for _ in range(3)]
+    for w in waiters:
+        w.start()
+    time.sleep(0.05)
+    n.notify()
+    for w in waiters:
+        w.join(30)
+    assert woken == [seen + 2] * 3  # every waiter, not just one
+
+
+def test_stored_instance_wakes_the_idle_worker(tmp_path: Path, model) -> None:
+    """With a one-hour poll interval only the receiver's notification can get instances scored quickly."""
+    from dicom_support import running_receiver, send_datasets
+    from pacsbridge.store.notifier import StoreNotifier
+
+    notifier = StoreNotifier()
+    with running_receiver(tmp_path, fsync=False, notifier=notifier) as r:
+        worker = InferenceWorker(r.sessions, model, r.spool.root, max_wait_ms=0, idle_poll_s=3600,
+                                 notifier=notifier)
+        worker.start()
+        try:
+            for i in range(3):
+                assert send_datasets(r.port, [sample_file("RG1_UNCR.dcm")] if i == 0 else
+                                     [_reuided(tmp_path, i)]) == [0]
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and _count_predicted(r.sessions) < i + 1:
+                    time.sleep(0.02)
+                assert _count_predicted(r.sessions) == i + 1, f"instance {i} not scored: the worker slept on"
+        finally:
+            worker.stop()
+    assert notifier.count >= 3
+    assert worker.wakeups >= 1  # at least the later instances arrived while the worker was idle
+
+
+def _reuided(tmp_path: Path, i: int) -> Path:
+    from pipeline_support import reuid
+
+    return reuid(sample_file("RG1_UNCR.dcm"), tmp_path / f"copy{i}.dcm")
+
+
+def _count_predicted(sessions) -> int:
+    with sessions() as s:
+        return int(s.scalar(select(func.count()).where(Instance.state == "predicted")))
+
+
+def test_daemon_gives_receiver_and_worker_one_notifier(tmp_path: Path, model) -> None:
+    from pacsbridge.config import load_settings
+    from pacsbridge.daemon import Daemon
+    from pipeline_support import export_model
+
+    settings = load_settings(None, data_dir=tmp_path, http_port=0, dicom_port=1,
+                             model_path=export_model(tmp_path / "m"), worker_enabled=True)
+    daemon = Daemon(settings)
+    try:
+        components = {c.name: c for c in daemon.build_components()}
+    finally:
+        daemon.engine.dispose()
+    assert components["storage-scp"].notifier is daemon.notifier
+    assert components["inference worker"]._notifier is daemon.notifier

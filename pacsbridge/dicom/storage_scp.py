@@ -35,6 +35,7 @@ from pacsbridge.dicom.fast_transport import FastRequestHandler
 from pacsbridge.dicom.metadata import (
     STATUS_OUT_OF_RESOURCES, STATUS_OUT_OF_RESOURCES_DB, RejectedDataset, read_metadata,
 )
+from pacsbridge.store.notifier import StoreNotifier
 from pacsbridge.store.records import ReceivedInstance, record_event, record_received
 from pacsbridge.store.spool import Spool, spool_relpath
 
@@ -75,6 +76,7 @@ class StoreContext:
     spool: Spool
     sessions: sessionmaker[Session]
     our_ae_title: str
+    notifier: StoreNotifier | None = None  # told after each new instance is committed (wakes the worker)
 
 
 def peer_of(event: DicomEvent) -> str:
@@ -147,6 +149,8 @@ def handle_store(event: DicomEvent, ctx: StoreContext) -> int:
         ctx.spool.discard(tmp)  # no-op once committed
 
     elapsed_ms = (time.perf_counter() - started) * 1000
+    if created and ctx.notifier is not None:
+        ctx.notifier.notify()
     if created:
         log.info("stored %s instance %s (%.1f MB, %s) from %s in %.0f ms", meta.modality or "?", relpath[6:18],
                  size / 1e6, UID(transfer_syntax).name, peer, elapsed_ms)
@@ -184,7 +188,7 @@ class StorageSCP:
         self, *, ae_title: str, bind_address: str, port: int, spool: Spool, sessions: sessionmaker[Session],
         allowed_calling_aes: list[str] | tuple[str, ...] = (), max_pdu: int = 4_194_304,
         max_associations: int = 16, dimse_timeout: float = 60.0, network_timeout: float = 60.0,
-        stop_timeout: float = 60.0,
+        stop_timeout: float = 60.0, notifier: StoreNotifier | None = None,
     ) -> None:
         self.ae_title = ae_title
         self.bind_address = bind_address
@@ -197,6 +201,7 @@ class StorageSCP:
         self.dimse_timeout = dimse_timeout
         self.network_timeout = network_timeout
         self.stop_timeout = stop_timeout
+        self.notifier = notifier
         self._server: ThreadedAssociationServer | None = None
 
     def _make_ae(self) -> AE:
@@ -215,7 +220,8 @@ class StorageSCP:
         return ae
 
     def start(self) -> None:
-        ctx = StoreContext(spool=self.spool, sessions=self.sessions, our_ae_title=self.ae_title)
+        ctx = StoreContext(spool=self.spool, sessions=self.sessions, our_ae_title=self.ae_title,
+                           notifier=self.notifier)
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [ctx]),
@@ -274,11 +280,13 @@ def _end_idle(assoc) -> None:  # noqa: ANN001 - pynetdicom Association
     assoc.dul.to_user_queue.put(None)  # wakes an acceptor still waiting for its A-ASSOCIATE-RQ
 
 
-def storage_scp_from_settings(settings, sessions: sessionmaker[Session], spool: Spool | None = None) -> StorageSCP:  # noqa: ANN001
+def storage_scp_from_settings(  # noqa: ANN001 - settings: pacsbridge.config.Settings
+    settings, sessions: sessionmaker[Session], spool: Spool | None = None, notifier: StoreNotifier | None = None,
+) -> StorageSCP:
     return StorageSCP(
         ae_title=settings.ae_title, bind_address=settings.bind_address, port=settings.dicom_port,
         spool=spool or Spool(Path(settings.spool_dir), fsync=settings.fsync), sessions=sessions,
         allowed_calling_aes=settings.allowed_calling_aes, max_pdu=settings.max_pdu,
         max_associations=settings.max_associations, dimse_timeout=settings.dimse_timeout,
-        network_timeout=settings.network_timeout,
+        network_timeout=settings.network_timeout, notifier=notifier,
     )

@@ -12,6 +12,10 @@ goes back to ``received``.  Recording only succeeds while our claim still holds
 instance is never scored twice.
 
 ``inference_ms`` on a Prediction is the model time of its batch divided by the batch size.
+
+Waking: an idle worker waits on a :class:`~pacsbridge.store.notifier.StoreNotifier` that the
+receiver of the same process notifies after each stored instance, with ``idle_poll_s`` as the
+timeout, so instances stored by other processes are still found by polling.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..model.artifact import LoadedModel
 from ..model.preprocess import preprocess
 from ..store.models import Event, Instance, InstanceState, Prediction, Series, utcnow
+from ..store.notifier import StoreNotifier
 from ..worklist.items import as_utc
 from .metrics import PipelineMetrics
 
@@ -130,6 +135,7 @@ class InferenceWorker:
         worker_id: str | None = None,
         stale_after_s: float = 600.0,
         idle_poll_s: float = 0.25,
+        notifier: StoreNotifier | None = None,
     ) -> None:
         if decode is None:
             decode, default_refusals = default_decoder()
@@ -147,10 +153,12 @@ class InferenceWorker:
         self._stale_after = timedelta(seconds=stale_after_s)
         self._idle_poll_s = idle_poll_s
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._notifier = notifier or StoreNotifier()
         self._thread: threading.Thread | None = None
         self._last_recovery = 0.0
         self.last_error: str | None = None
+        #: Idle waits ended by a notification rather than by the poll timeout (tests, debugging).
+        self.wakeups = 0
 
     # ----------------------------------------------------------------- claims
 
@@ -240,18 +248,22 @@ class InferenceWorker:
 
     def run_once(self, wait: bool = True) -> BatchOutcome:
         """Claim one batch (waiting up to ``max_wait_ms`` to fill it), score it, record it."""
+        seen = self._notifier.count
         batch = self.claim(self._batch_size)
         if not batch:
             return BatchOutcome()
         if wait and self._max_wait_s > 0:
+            # Top the batch up as more instances arrive (a notification), until it is full or time is up.
             deadline = time.monotonic() + self._max_wait_s
-            while len(batch) < self._batch_size and time.monotonic() < deadline and not self._stop.is_set():
-                more = self.claim(self._batch_size - len(batch))
-                if more:
-                    batch.extend(more)
-                else:
-                    self._wake.wait(min(0.005, max(0.0, deadline - time.monotonic())))
-                    self._wake.clear()
+            while len(batch) < self._batch_size and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                now_seen = self._notifier.wait(seen, left)
+                if now_seen == seen:
+                    break  # timed out
+                seen = now_seen
+                batch.extend(self.claim(self._batch_size - len(batch)))
         scored, refused = self._score(batch)
         outcome = self._record(scored, refused)
         if outcome.positive_studies and self._on_recorded is not None:
@@ -416,8 +428,8 @@ class InferenceWorker:
     # ----------------------------------------------------------------- thread
 
     def wake(self) -> None:
-        """Tell an idle worker that something arrived (the receiver calls this after a store)."""
-        self._wake.set()
+        """Tell an idle worker that something arrived (the receiver does it through the shared notifier)."""
+        self._notifier.notify()
 
     def start(self) -> None:
         if self._thread is not None:
@@ -435,7 +447,7 @@ class InferenceWorker:
     def stop(self, timeout: float | None = 30.0) -> None:
         """Finish the batch in hand and stop; unfinished claims are released at the next start."""
         self._stop.set()
-        self._wake.set()
+        self._notifier.notify()  # end an idle wait now
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -454,12 +466,13 @@ class InferenceWorker:
                 if time.monotonic() - self._last_recovery > 60:
                     self._last_recovery = time.monotonic()
                     self.recover_stale_claims()
+                seen = self._notifier.count  # before claiming: a store after this point ends the wait below
                 out = self.run_once()
                 self.last_error = None
                 backoff = 0.5
-                if out.processed == 0:
-                    self._wake.wait(self._idle_poll_s)
-                    self._wake.clear()
+                if out.processed == 0 and not self._stop.is_set():
+                    if self._notifier.wait(seen, self._idle_poll_s) != seen and not self._stop.is_set():
+                        self.wakeups += 1
             except Exception as exc:  # noqa: BLE001 - e.g. the database is unreachable: wait, retry
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("inference worker error; retrying in %.1f s", backoff)
