@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacsbridge import __version__
 from pacsbridge.config import Settings
 from pacsbridge.store import migrations
-from pacsbridge.store.records import instance_state_counts
+from pacsbridge.store.records import instance_state_counts, spool_file_counts
 
 Section = Callable[[Settings, sessionmaker[Session]], dict[str, Any]]
 
@@ -34,7 +34,7 @@ def general(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, An
 
 def instances(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any]:
     with sessions() as session:
-        return {"instances": instance_state_counts(session)}
+        return {"instances": instance_state_counts(session), "spool": spool_file_counts(session)}
 
 
 def worklist_and_timings(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def test_serve_store_status_and_graceful_sigterm(tmp_path, notify_socket):
 
 def test_status_counts_states(tmp_path):
     """received = total stored; pending = received or processing."""
-    from sqlalchemy import update
+    from sqlalchemy import func, update
 
     from pacsbridge.store import migrations
     from pacsbridge.store.db import make_engine, make_sessionmaker
@@ -102,9 +102,13 @@ def test_status_counts_states(tmp_path):
     with sessions.begin() as s:
         for uid, state in zip([i.SOPInstanceUID for i in images[:3]], ["processing", "predicted", "not_analysed"]):
             s.execute(update(Instance).where(Instance.sop_instance_uid == uid).values(state=state))
+        s.execute(update(Instance).where(Instance.sop_instance_uid == images[1].SOPInstanceUID)
+                  .values(spool_deleted_at=func.now()))  # as retention does
     assert migrations.current_revision(engine) is not None
     engine.dispose()
     env = daemon_env(tmp_path, free_port())
     res = subprocess.run(pacsbridge_cmd("status", "--json"), env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["instances"] == {"received": 5, "pending": 3, "predicted": 1, "not_analysed": 1}
+    status = json.loads(res.stdout)
+    assert status["instances"] == {"received": 5, "pending": 3, "predicted": 1, "not_analysed": 1}
+    assert status["spool"] == {"files": 4, "deleted": 1}

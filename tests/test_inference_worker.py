@@ -287,3 +287,24 @@ def test_daemon_gives_receiver_and_worker_one_notifier(tmp_path: Path, model) ->
         daemon.engine.dispose()
     assert components["storage-scp"].notifier is daemon.notifier
     assert components["inference worker"]._notifier is daemon.notifier
+
+
+def test_requeued_instance_whose_file_retention_deleted_is_refused_with_the_reason(db, tmp_path: Path, model) -> None:
+    """A row put back to ``received`` after retention deleted its file is not_analysed, saying why."""
+    from sqlalchemy import update
+
+    from pacsbridge.worklist.retention import purge_spool
+
+    spool = tmp_path / "spool"
+    iid = add_instance(db, spool, sample_file("RG1_UNCR.dcm"), sop_uid="10.1", state="predicted",
+                       received_at=utcnow() - timedelta(days=40))
+    assert purge_spool(db, spool, 30) == 1
+    with db.begin() as s:  # an admin re-queues it by hand
+        s.execute(update(Instance).where(Instance.id == iid).values(state="received"))
+    out = InferenceWorker(db, model, spool, max_wait_ms=0).drain()
+    assert (out.predicted, out.not_analysed) == (0, 1)
+    state, reason = _states(db)["10.1"]
+    assert state == "not_analysed" and "deleted by retention" in reason
+    with db() as s:
+        event = s.scalars(select(Event).where(Event.kind == "not_analysed")).one()
+        assert (event.instance_id, event.level) == (iid, "warning")

@@ -74,3 +74,37 @@ def test_cli_db_upgrade_from_any_directory(tmp_path):
     engine = make_engine(f"sqlite:///{db}")
     assert migrations.current_revision(engine) == migrations.head_revision()
     engine.dispose()
+
+
+def test_0002_moves_the_deleted_file_marker_both_ways(database_url):
+    """0001 marked a file deleted by retention with file_path ''; 0002 restores the (hash-derived) path
+    and sets spool_deleted_at, and downgrading brings the old marker back."""
+    from sqlalchemy import text
+
+    from pacsbridge.store.spool import spool_relpath
+
+    engine = make_engine(database_url)
+    try:
+        migrations.upgrade(engine, "0001")
+        now = "2026-01-02 03:04:05+00:00"
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO studies (id, study_instance_uid, created_at) VALUES (1, '1.2', :t)"), {"t": now})
+            conn.execute(text("INSERT INTO series (id, study_id, series_instance_uid, created_at) "
+                              "VALUES (1, 1, '1.2.3', :t)"), {"t": now})
+            for iid, sop, path in [(1, "1.2.3.1", ""), (2, "1.2.3.2", spool_relpath("1.2.3.2"))]:
+                conn.execute(text(
+                    "INSERT INTO instances (id, series_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, "
+                    "file_path, file_size, state, received_at, updated_at) "
+                    "VALUES (:id, 1, :sop, '1.2.840.10008.5.1.4.1.1.1', '1.2.840.10008.1.2.1', :path, 10, "
+                    "'predicted', :t, :t)"), {"id": iid, "sop": sop, "path": path, "t": now})
+        migrations.upgrade(engine)
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT id, file_path, spool_deleted_at FROM instances ORDER BY id")).all()
+        assert [(r[0], r[1]) for r in rows] == [(1, spool_relpath("1.2.3.1")), (2, spool_relpath("1.2.3.2"))]
+        assert rows[0][2] is not None and rows[1][2] is None
+        migrations.downgrade(engine, "0001")
+        with engine.connect() as conn:
+            paths = conn.execute(text("SELECT file_path FROM instances ORDER BY id")).scalars().all()
+        assert paths == ["", spool_relpath("1.2.3.2")]
+    finally:
+        engine.dispose()

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select
 
 from pacsbridge.store.models import Event, Instance, InstanceState, Prediction, WorklistItem
-from pacsbridge.worklist.items import WorklistUpdater, list_worklist
+from pacsbridge.worklist.items import WorklistUpdater, as_utc, list_worklist
 from pacsbridge.worklist.priority import priority_score
 from pacsbridge.worklist.retention import purge_spool
 from pacsbridge.worklist.scheduler import make_scheduler
@@ -166,7 +166,13 @@ def test_retention_deletes_only_old_scored_files(db, tmp_path: Path) -> None:
     for kept in (old_waiting, old_busy, new_pred):
         assert paths[kept].exists()
     with db() as s:
-        assert s.get(Instance, old_pred).file_path == "" and s.get(Instance, old_pred).state == "predicted"
+        for gone in (old_pred, old_refused):
+            inst = s.get(Instance, gone)
+            assert inst.spool_deleted_at is not None and as_utc(inst.spool_deleted_at) == now
+            assert spool / inst.file_path == paths[gone]  # the path stays on record
+        assert s.get(Instance, old_pred).state == "predicted"
+        for kept in (old_waiting, old_busy, new_pred):
+            assert s.get(Instance, kept).spool_deleted_at is None
         events = s.scalars(select(Event).where(Event.kind == "spool_file_deleted")).all()
         assert sorted(e.instance_id for e in events) == sorted([old_pred, old_refused])
     assert purge_spool(db, spool, 30, now=now) == 0  # nothing left to do

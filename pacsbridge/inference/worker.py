@@ -84,6 +84,7 @@ class Claimed:
     sop_instance_uid: str
     file_path: str
     study_id: int
+    spool_deleted_at: datetime | None = None  # retention deleted the file (e.g. a row re-queued by hand)
 
 
 @dataclass
@@ -112,7 +113,7 @@ class _Scored:
 class _Refused:
     inst: Claimed
     reason: str
-    level: str  # "info" for the quality gate, "error" for failures
+    level: str  # "info" for the quality gate, "warning" for a file deleted by retention, "error" for failures
 
 
 class InferenceWorker:
@@ -237,7 +238,8 @@ class InferenceWorker:
             if not ids:
                 return []
             rows = session.execute(
-                select(Instance.id, Instance.sop_instance_uid, Instance.file_path, Series.study_id)
+                select(Instance.id, Instance.sop_instance_uid, Instance.file_path, Series.study_id,
+                       Instance.spool_deleted_at)
                 .join(Series, Series.id == Instance.series_id)
                 .where(Instance.id.in_(ids))
                 .order_by(Instance.received_at, Instance.id)
@@ -301,6 +303,10 @@ class InferenceWorker:
         refused: list[_Refused] = []
         for inst in batch:
             t0 = time.perf_counter()
+            if inst.spool_deleted_at is not None:
+                when = as_utc(inst.spool_deleted_at).isoformat(timespec="seconds")
+                refused.append(_Refused(inst, f"the stored file was deleted by retention at {when}", "warning"))
+                continue
             try:
                 path = self._spool_path(inst.file_path)  # before decoding: a lost file is our error, not the image's
                 result = self._decode(path)

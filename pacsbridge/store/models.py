@@ -81,6 +81,8 @@ class Instance(Base):
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     file_path: Mapped[str] = mapped_column(String(255))  # relative to the spool dir; built from hashes
     file_size: Mapped[int] = mapped_column(Integer)
+    # Set when retention deleted the spool file (file_path is kept for the audit trail); None = file kept.
+    spool_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16), default=InstanceState.RECEIVED.value, index=True)
     state_reason: Mapped[str | None] = mapped_column(Text)

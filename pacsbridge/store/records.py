@@ -113,3 +113,12 @@ def instance_state_counts(session: Session) -> dict[str, int]:
         "predicted": by_state.get(InstanceState.PREDICTED.value, 0),
         "not_analysed": by_state.get(InstanceState.NOT_ANALYSED.value, 0),
     }
+
+
+def spool_file_counts(session: Session) -> dict[str, int]:
+    """{"files": instances whose spool file is kept, "deleted": instances whose file retention deleted}."""
+    deleted = Instance.spool_deleted_at.is_not(None)
+    kept, gone = session.execute(
+        select(func.count().filter(~deleted), func.count().filter(deleted)).select_from(Instance)
+    ).one()
+    return {"files": int(kept or 0), "deleted": int(gone or 0)}

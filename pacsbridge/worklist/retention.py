@@ -1,7 +1,8 @@
 """Retention: delete spooled DICOM files once they are old and already scored.
 
-Rows stay (the audit trail and predictions outlive the pixels).  A deleted file is marked by an
-empty ``Instance.file_path`` plus an ``Event`` of kind ``spool_file_deleted`` naming the old path.
+Rows stay (the audit trail and predictions outlive the pixels).  A deleted file is marked by
+``Instance.spool_deleted_at`` (``file_path`` is kept, so the record still says where it was) plus an
+``Event`` of kind ``spool_file_deleted``.
 Files of instances that are not yet scored (``received``/``processing``) are never touched.
 """
 
@@ -31,14 +32,16 @@ def purge_spool(
     """
     if retention_days <= 0:
         return 0
-    cutoff = (now or utcnow()) - timedelta(days=retention_days)
+    now = now or utcnow()
+    cutoff = now - timedelta(days=retention_days)
     root = Path(spool_dir).resolve()
     deleted = 0
     failed: set[int] = set()
     while True:
         with sessions.begin() as session:
             q = select(Instance).where(
-                Instance.state.in_(SCORED_STATES), Instance.received_at < cutoff, Instance.file_path != ""
+                Instance.state.in_(SCORED_STATES), Instance.received_at < cutoff,
+                Instance.spool_deleted_at.is_(None),
             )
             if failed:
                 q = q.where(Instance.id.not_in(failed))
@@ -51,7 +54,7 @@ def purge_spool(
                     detail=f"retention {retention_days:g} days: {detail}",
                 ))
                 if ok:
-                    inst.file_path = ""
+                    inst.spool_deleted_at = now
                     deleted += 1
                 else:
                     failed.add(inst.id)  # retried on the next run, not in this loop
