@@ -47,6 +47,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return Daemon(settings).run()
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from pacsbridge.daemon import StartupError, WorkerDaemon
+
+    settings = _settings(args)
+    log.info("pacsbridge %s worker starting (data dir %s)", __version__, settings.data_dir.resolve())
+    try:
+        return WorkerDaemon(settings).run()
+    except StartupError as exc:
+        print(f"pacsbridge worker: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "worker", help="run only the inference worker (extra worker processes; no DICOM, no HTTP)",
+        description="Score instances that `pacsbridge serve` stored, until SIGTERM or SIGINT (then finish the "
+        "batch in hand and exit 0).  Uses the same configuration as serve: the same database and the same "
+        "data_dir (spool), and the model settings.  It does not migrate: the database must already be at the "
+        "latest schema.  Several workers never score one instance twice; on PostgreSQL run as many as the "
+        "hardware allows, on SQLite they must share serve's host and one write lock (one is usually enough). "
+        "worker_enabled only concerns serve.",
+    )
+    p.set_defaults(func=_cmd_worker)
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="run the daemon (DICOM receiver and the configured stages) until SIGTERM/SIGINT",
@@ -240,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file (default: $PACSBRIDGE_CONFIG)")
     parser.add_argument("--version", action="version", version=f"pacsbridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_serve, _add_db, _add_status, _add_predict, _add_worklist):
+    for add in (_add_serve, _add_worker, _add_db, _add_status, _add_predict, _add_worklist):
         add(sub)
     _accept_config_anywhere(parser)
     return parser

@@ -1,7 +1,8 @@
 """The long-running daemon: migrate, start components in order, serve, stop them in reverse order.
 
 A component is anything with ``name``, ``start()`` and ``stop()`` (and optionally ``healthy()``);
-add new ones in :meth:`Daemon.build_components`.  systemd integration (READY=1, WATCHDOG=1,
+add new ones in :meth:`Daemon.build_components`.  :class:`WorkerDaemon` (``pacsbridge worker``) runs
+the inference worker alone, for extra worker processes beside ``serve``.  systemd integration (READY=1, WATCHDOG=1,
 STOPPING=1) talks to $NOTIFY_SOCKET directly, so no systemd Python package is needed.
 """
 
@@ -63,6 +64,10 @@ def watchdog_interval() -> float | None:
         return None
 
 
+class StartupError(Exception):
+    """The daemon cannot start in this environment (not a configuration mistake); the message says why."""
+
+
 class Daemon:
     """Owns the database engine, the spool and the components of ``pacsbridge serve``."""
 
@@ -98,18 +103,8 @@ class Daemon:
         updater = WorklistUpdater(self.sessions, s.priority_max_wait_minutes)
         components: list[Component] = []
         if s.worker_enabled:
-            from pacsbridge.inference.worker import InferenceWorker
-            from pacsbridge.model.artifact import ModelError, load_model
-
-            try:
-                model = load_model(s.model_path, s.device)
-            except ModelError as exc:
-                raise ConfigError(f"model_path: {exc} (or set worker_enabled = false to only receive)") from None
-            components.append(InferenceWorker(
-                self.sessions, model, Path(s.spool_dir), batch_size=s.inference_batch_size,
-                max_wait_ms=s.inference_max_wait_ms, on_recorded=updater.refresh, metrics=metrics,
-                notifier=self.notifier,
-            ))
+            components.append(self.inference_worker(
+                updater, metrics, hint=" (or set worker_enabled = false to only receive)"))
         components.append(WorklistScheduler(
             updater, self.sessions, Path(s.spool_dir), interval_s=s.scheduler_interval_s,
             retention_days=s.retention_days,
@@ -117,6 +112,22 @@ class Daemon:
         if s.http_port:
             components.append(HttpServer(create_app(self.sessions, metrics), s.bind_address, s.http_port))
         return components
+
+    def inference_worker(self, updater, metrics=None, hint: str = "") -> Component:  # noqa: ANN001
+        """The inference worker; ``updater`` puts positives on the worklist right after each batch."""
+        from pacsbridge.inference.worker import InferenceWorker
+        from pacsbridge.model.artifact import ModelError, load_model
+
+        s = self.settings
+        try:
+            model = load_model(s.model_path, s.device)
+        except ModelError as exc:
+            raise ConfigError(f"model_path: {exc}{hint}") from None
+        return InferenceWorker(
+            self.sessions, model, Path(s.spool_dir), batch_size=s.inference_batch_size,
+            max_wait_ms=s.inference_max_wait_ms, on_recorded=updater.refresh, metrics=metrics,
+            notifier=self.notifier,
+        )
 
     def request_stop(self, signum: int | None = None, _frame: object = None) -> None:
         if signum is not None:
@@ -176,3 +187,32 @@ class Daemon:
                 component.stop()
             except Exception:  # noqa: BLE001 - keep stopping the others
                 log.exception("error while stopping %s", component.name)
+
+
+class WorkerDaemon(Daemon):
+    """``pacsbridge worker``: the inference worker alone (no DICOM, no HTTP, no scheduler).
+
+    For extra worker processes beside ``serve``, sharing its database and spool.  It neither
+    migrates nor creates anything: ``serve`` (or ``pacsbridge db upgrade``) owns the schema, so a
+    database that is not at the latest revision stops it with a :class:`StartupError`.  It waits on
+    the database (polling every 0.25 s): there is no receiver in this process to wake it.
+    """
+
+    def prepare(self) -> None:
+        current, head = migrations.current_revision(self.engine), migrations.head_revision()
+        if current != head:
+            raise StartupError(
+                f"database {self.engine.url.render_as_string(hide_password=True)} is at schema revision "
+                f"{current or 'none (empty)'}, not {head}: start `pacsbridge serve` or run "
+                "`pacsbridge db upgrade` first")
+        if not Path(self.settings.spool_dir).is_dir():
+            raise StartupError(f"spool folder {Path(self.settings.spool_dir).resolve()} does not exist: "
+                               "data_dir must be the one `pacsbridge serve` uses (shared)")
+        if self.engine.dialect.name == "sqlite":
+            log.warning("SQLite: this worker must run on the same host as `pacsbridge serve`, and all processes "
+                        "share one write lock; use PostgreSQL for several workers")
+
+    def build_components(self) -> list[Component]:
+        from pacsbridge.worklist.items import WorklistUpdater
+
+        return [self.inference_worker(WorklistUpdater(self.sessions, self.settings.priority_max_wait_minutes))]

@@ -15,9 +15,9 @@ from dicom_support import daemon_env, free_port, make_image, pacsbridge_cmd, scu
 def test_help_explains_each_command():
     res = subprocess.run(pacsbridge_cmd("--help"), capture_output=True, text=True, timeout=60)
     assert res.returncode == 0
-    for word in ("serve", "db", "status", "--config"):
+    for word in ("serve", "worker", "db", "status", "--config"):
         assert word in res.stdout
-    for cmd in (["serve"], ["db"], ["status"], ["db", "upgrade"]):
+    for cmd in (["serve"], ["worker"], ["db"], ["status"], ["db", "upgrade"]):
         sub = subprocess.run(pacsbridge_cmd(*cmd, "--help"), capture_output=True, text=True, timeout=60)
         assert sub.returncode == 0 and "usage: pacsbridge" in sub.stdout
 
