@@ -80,12 +80,16 @@ class Daemon:
         self.notifier = StoreNotifier()
         self.components: list[Component] = []
         self._stop = threading.Event()
+        self._tmp_removed = 0  # leftovers Spool.prepare removed; reported by the orphan sweep
 
     def build_components(self) -> list[Component]:
         """The components in start order (stopped in reverse).  Receiving comes first: a PACS may send
         as soon as the port is open, and the worker/scheduler/API only read what was stored."""
+        from pacsbridge.store.orphans import OrphanSweep
+
         components: list[Component] = [
-            storage_scp_from_settings(self.settings, self.sessions, self.spool, notifier=self.notifier)
+            storage_scp_from_settings(self.settings, self.sessions, self.spool, notifier=self.notifier),
+            OrphanSweep(self.sessions, self.spool, tmp_removed=self._tmp_removed),  # background, once
         ]
         components += self.pipeline_components()
         return components
@@ -137,7 +141,7 @@ class Daemon:
     def prepare(self) -> None:
         """Everything before listening: schema to head, spool folders, configuration warnings."""
         migrations.upgrade(self.engine)
-        self.spool.prepare()
+        self._tmp_removed = self.spool.prepare()
         if not self.settings.allowed_calling_aes:
             log.warning("allowed_calling_aes is empty: accepting associations from ANY calling AE title")
 
@@ -168,10 +172,15 @@ class Daemon:
             if interval and self._healthy():
                 sd_notify("WATCHDOG=1")
         sd_notify("STOPPING=1")
-        self._stop_all(self.components)
-        self.engine.dispose()
+        self.stop()
         log.info("pacsbridge stopped")
         return 0
+
+    def stop(self) -> None:
+        """Stop the started components in reverse order and release the database."""
+        self._stop_all(self.components)
+        self.components = []
+        self.engine.dispose()
 
     def _healthy(self) -> bool:
         for component in self.components:

@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+#: ``ab/cd/<64 hex digits>.dcm``: the only names the spool creates outside ``tmp/``.
+SPOOL_NAME_RE = re.compile(r"^([0-9a-f]{2})/([0-9a-f]{2})/(\1\2[0-9a-f]{60})\.dcm$")
+_HEX2_RE = re.compile(r"^[0-9a-f]{2}$")
+_FILE_RE = re.compile(r"^[0-9a-f]{64}\.dcm$")
 
 
 def spool_relpath(sop_instance_uid: str) -> str:
@@ -31,8 +38,9 @@ class Spool:
     def path(self, relpath: str) -> Path:
         return self.root / relpath
 
-    def prepare(self) -> None:
-        """Create the folders and remove partial files left by a crash (never acknowledged).
+    def prepare(self) -> int:
+        """Create the folders and remove partial files left by a crash (never acknowledged); returns
+        how many were removed.  Call it before listening: everything in ``tmp/`` is then a leftover.
 
         The 256 first-level folders are made up front (one fsync) so that receiving an instance
         creates at most one new folder (and pays one extra folder fsync).
@@ -46,8 +54,31 @@ class Spool:
                 created = True
         if created and self.fsync:
             _fsync_dir(self.root)
-        for leftover in self.tmp_dir.glob("*.part"):
-            leftover.unlink(missing_ok=True)
+        removed = 0
+        for leftover in self.tmp_dir.iterdir():
+            if leftover.is_file() or leftover.is_symlink():
+                leftover.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def iter_stored(self) -> Iterator[tuple[str, os.DirEntry]]:
+        """(relpath, directory entry) of every file named like a stored instance (``ab/cd/<hash>.dcm``),
+        folder by folder in sorted order; anything else under the spool is left alone."""
+        for first in sorted(e.name for e in os.scandir(self.root) if e.is_dir() and _HEX2_RE.match(e.name)):
+            try:
+                seconds = sorted(e.name for e in os.scandir(self.root / first)
+                                 if e.is_dir() and _HEX2_RE.match(e.name))
+            except FileNotFoundError:
+                continue
+            for second in seconds:
+                try:
+                    entries = sorted(os.scandir(self.root / first / second), key=lambda e: e.name)
+                except FileNotFoundError:
+                    continue
+                for entry in entries:
+                    rel = f"{first}/{second}/{entry.name}"
+                    if _FILE_RE.match(entry.name) and SPOOL_NAME_RE.match(rel) and entry.is_file():
+                        yield rel, entry
 
     def write_temp(self, *chunks: bytes | memoryview) -> tuple[Path, int]:
         """Write ``chunks`` to a new temporary file (not yet durable: see :meth:`commit`); returns (path, size)."""
