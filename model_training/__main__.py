@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--data-dir", type=Path, required=True)
     e.add_argument("--subset", choices=["all", "val", "train"], default="all",
                    help="'val' re-creates the card's patient split and scores its validation part")
-    e.add_argument("--plots", type=Path, default=Path("."), help="folder for roc.png and calibration.png")
+    e.add_argument("--plots", type=Path, default=None, help="folder for roc.png and calibration.png (none if omitted)")
     e.add_argument("--stress", action="store_true", help="also score shifted copies (contrast, blur, ...)")
 
     x = sub.add_parser("export", help="write the daemon's artifact and model card from a training run")
