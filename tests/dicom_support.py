@@ -87,6 +87,21 @@ def postgres_schema_url(base_url: str = PG_BASE_URL) -> Iterator[str]:
         admin.dispose()
 
 
+def database_url_for(backend: str, sqlite_path: Path) -> Iterator[str]:
+    """Generator behind the ``database_url`` fixtures: a SQLite file URL, or a fresh PostgreSQL
+    schema (skipped loudly when the server is absent)."""
+    import pytest
+
+    if backend == "sqlite":
+        yield f"sqlite:///{sqlite_path}"
+        return
+    reason = postgres_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with postgres_schema_url() as url:
+        yield url
+
+
 # -- synthetic images ----------------------------------------------------------------------------
 def make_image(
     sop_class: str = ComputedRadiographyImageStorage, *, rows: int = 64, cols: int = 48,

@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from dicom_support import postgres_schema_url, postgres_unavailable_reason
+from dicom_support import database_url_for
 from pacsbridge.store import migrations
 from pacsbridge.store.db import make_engine
 from pacsbridge.store.models import Base
@@ -20,14 +20,7 @@ TABLES = {"studies", "series", "instances", "predictions", "worklist_items", "ev
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'migrate.db'}"
-        return
-    reason = postgres_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with postgres_schema_url() as url:
-        yield url
+    yield from database_url_for(request.param, tmp_path / 'migrate.db')
 
 
 def _drift(engine) -> list:

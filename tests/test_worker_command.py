@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from dicom_support import (
-    daemon_env, free_port, pacsbridge_cmd, postgres_schema_url, postgres_unavailable_reason, send_datasets,
+    daemon_env, free_port, pacsbridge_cmd, database_url_for, send_datasets,
     wait_for_port,
 )
 from pacsbridge.store.db import make_engine, make_sessionmaker
@@ -27,14 +27,7 @@ from pipeline_support import export_model, reuid, sample_file
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request, tmp_path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'data' / 'pacsbridge.db'}"
-        return
-    reason = postgres_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with postgres_schema_url() as url:
-        yield url
+    yield from database_url_for(request.param, tmp_path / 'data' / 'pacsbridge.db')
 
 
 @contextlib.contextmanager
