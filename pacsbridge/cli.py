@@ -30,6 +30,21 @@ def setup_logging(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     # APScheduler logs every job run at INFO (every few seconds): keep that for DEBUG runs too.
     logging.getLogger("apscheduler").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    # pydicom warns (and logs) about every odd value in bad input; a hostile peer could fill the journal.
+    # Those go to DEBUG: the receiver logs one WARNING line per rejected instance instead.
+    logging.getLogger("pydicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
+    logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    if not any(isinstance(f, _WarningsToDebug) for f in warnings_logger.filters):
+        warnings_logger.addFilter(_WarningsToDebug())
+
+
+class _WarningsToDebug(logging.Filter):
+    """Python warnings (pydicom's included) are logged at DEBUG, and only when DEBUG is on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -40,11 +55,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 # -- serve -------------------------------------------------------------------------------------
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from pacsbridge.daemon import Daemon
+    from pacsbridge.daemon import Daemon, StartupError
 
     settings = _settings(args)
     log.info("pacsbridge %s starting (data dir %s)", __version__, settings.data_dir.resolve())
-    return Daemon(settings).run()
+    try:
+        return Daemon(settings).run()
+    except StartupError as exc:
+        print(f"pacsbridge serve: cannot start: {exc}", file=sys.stderr)
+        return 1
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -87,15 +106,24 @@ def _cmd_db(args: argparse.Namespace) -> int:
     from pacsbridge.store import migrations
     from pacsbridge.store.db import make_engine
 
+    from pacsbridge.daemon import _first_line
+
     settings = _settings(args)
-    engine = make_engine(settings.database_url)
+    try:
+        engine = make_engine(settings.database_url)
+    except OSError as exc:
+        print(f"pacsbridge db: data_dir {settings.data_dir.resolve()}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    shown = engine.url.render_as_string(hide_password=True)
     try:
         if args.db_command == "upgrade":
             migrations.upgrade(engine, args.revision)
         elif args.db_command == "downgrade":
             migrations.downgrade(engine, args.revision)
-        print(f"database {engine.url.render_as_string(hide_password=True)} at revision "
-              f"{migrations.current_revision(engine)} (head {migrations.head_revision()})")
+        print(f"database {shown} at revision {migrations.current_revision(engine)} (head {migrations.head_revision()})")
+    except Exception as exc:  # noqa: BLE001 - unreachable server, unknown revision...: one line, no traceback
+        print(f"pacsbridge db {args.db_command}: database {shown}: {_first_line(exc)}", file=sys.stderr)
+        return 1
     finally:
         engine.dispose()
     return 0
@@ -113,13 +141,53 @@ def _add_db(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_db)
 
 
+# -- read-only commands: the database must exist and be migrated --------------------------------
+def open_existing_database(settings: Settings, command: str):  # noqa: ANN201 - sqlalchemy Engine | None
+    """The engine of an existing, migrated database, or None after printing one line saying what is wrong.
+
+    Read-only commands never create anything: run from another directory without the daemon's
+    configuration they would otherwise make an empty ./var and report nothing (or "no such table").
+    """
+    from sqlalchemy.engine import make_url
+
+    from pacsbridge.daemon import _first_line
+    from pacsbridge.store import migrations
+    from pacsbridge.store.db import make_engine
+
+    url = make_url(settings.database_url)
+    shown = url.render_as_string(hide_password=True)
+    where = (f"data_dir {settings.data_dir}, current directory {Path.cwd()}" if not settings.data_dir.is_absolute()
+             else f"data_dir {settings.data_dir}")
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(url.database).is_file():
+        print(f"pacsbridge {command}: no pacsbridge database at {url.database} ({where}); give the daemon's "
+              "configuration: --config FILE, or PACSBRIDGE_DATA_DIR / PACSBRIDGE_DATABASE_URL", file=sys.stderr)
+        return None
+    engine = make_engine(settings.database_url)
+    try:
+        current, head = migrations.current_revision(engine), migrations.head_revision()
+    except Exception as exc:  # noqa: BLE001 - unreachable server, unreadable file
+        engine.dispose()
+        print(f"pacsbridge {command}: cannot read the database {shown}: {_first_line(exc)}", file=sys.stderr)
+        return None
+    if current != head:
+        engine.dispose()
+        print(f"pacsbridge {command}: the database {shown} is at schema revision {current or 'none (empty)'}, "
+              f"not {head}: run `pacsbridge db upgrade` (or start `pacsbridge serve`) with the same configuration",
+              file=sys.stderr)
+        return None
+    return engine
+
+
 # -- status ------------------------------------------------------------------------------------
 def _cmd_status(args: argparse.Namespace) -> int:
     from pacsbridge.status import collect_status
     from pacsbridge.store.db import make_engine, make_sessionmaker
 
     settings = _settings(args)
-    engine = make_engine(settings.database_url)
+    engine = open_existing_database(settings, "status")
+    if engine is None:
+        return 1
     try:
         status = collect_status(settings, make_sessionmaker(engine))
     except Exception as exc:  # noqa: BLE001 - e.g. the database is down or not migrated yet
@@ -222,7 +290,9 @@ def _cmd_worklist(args: argparse.Namespace) -> int:
     from pacsbridge.worklist.items import list_worklist
 
     settings = _settings(args)
-    engine = make_engine(settings.database_url)
+    engine = open_existing_database(settings, "worklist")
+    if engine is None:
+        return 1
     try:
         with make_sessionmaker(engine)() as session:
             rows = list_worklist(session, include_completed=args.all)

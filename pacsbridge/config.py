@@ -7,6 +7,7 @@ SQLite in ``./var`` and the shipped model.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -29,20 +30,41 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="PACSBRIDGE_", extra="forbid", validate_default=True)
 
-    data_dir: Path = Field(Path("./var"), description="Spool, SQLite database and logs live here.")
+    data_dir: Path = Field(Path("./var"), description="Spool and the default SQLite database live here (logs go to stderr).")
     database_url: str = Field("", description="SQLAlchemy URL; empty = sqlite:///<data_dir>/pacsbridge.db")
     ae_title: str = Field("PACSBRIDGE", description="Our DICOM Application Entity title.")
-    bind_address: str = Field("0.0.0.0", description="Address the DICOM and HTTP servers listen on.")
+    bind_address: str = Field("", description="Deprecated: sets dicom_host and http_host unless they are set.")
     dicom_port: int = Field(11112, ge=1, le=65535)
     http_port: int = Field(8080, ge=0, le=65535, description="0 disables the HTTP server.")
+    http_host: str = Field("127.0.0.1", description="Address the HTTP API binds to.")
+    http_tls_cert: str = Field("", description="PEM certificate: serve HTTPS instead of HTTP.")
+    http_tls_key: str = Field("", description="PEM private key of http_tls_cert.")
+    http_max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest HTTP request body accepted.")
     allowed_calling_aes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Calling AE titles allowed to associate; empty = accept all (warned)."
     )
-    max_pdu: int = Field(4_194_304, ge=0, description="Maximum PDU we receive (bytes); 0 = unlimited.")
+    max_pdu: int = Field(4_194_304, ge=16_384, le=134_217_728, description="Maximum PDU we receive (bytes).")
     max_associations: int = Field(16, ge=1, le=512)
     dimse_timeout: float = Field(60.0, gt=0)
     network_timeout: float = Field(60.0, gt=0)
     fsync: bool = Field(True, description="fsync each stored file and its folder before acknowledging.")
+    # Hardening (SECURITY.md): where and whom we listen to, and how much a peer may make us hold.
+    dicom_host: str = Field("0.0.0.0", description="Address the DICOM listener(s) bind to.")
+    check_called_ae: bool = Field(True, description="Reject associations whose called AE title is not ours.")
+    max_associations_per_peer: int = Field(8, ge=1, le=512, description="Associations at once from one address.")
+    acse_timeout: float = Field(30.0, gt=0, description="ARTIM: seconds to wait for A-ASSOCIATE/A-RELEASE PDUs.")
+    max_dataset_bytes: int = Field(268_435_456, ge=65_536, description="Largest data set of one C-STORE.")
+    max_inflated_bytes: int = Field(268_435_456, ge=65_536, description="Largest inflated deflate data set.")
+    max_decoded_bytes: int = Field(268_435_456, ge=65_536, description="Rows x Columns x frames x samples x bits/8 limit.")
+    dicom_tls_port: int = Field(0, ge=0, le=65535, description="DICOM TLS listener port; 0 = no TLS listener.")
+    dicom_tls_only: bool = Field(False, description="Listen only with TLS (no plain dicom_port).")
+    dicom_tls_cert: str = Field("", description="PEM certificate (chain) of our DICOM TLS listener.")
+    dicom_tls_key: str = Field("", description="PEM private key of dicom_tls_cert.")
+    dicom_tls_ca: str = Field("", description="PEM CA bundle: verifies client certs, and servers we call.")
+    dicom_tls_verify_client: bool = Field(False, description="Mutual TLS: require a client cert from dicom_tls_ca.")
+    dicom_tls_client_cert: str = Field("", description="PEM certificate we present when we call out over TLS.")
+    dicom_tls_client_key: str = Field("", description="PEM private key of dicom_tls_client_cert.")
+    tls_min_version: str = Field("1.2", description="Lowest TLS version accepted or offered: 1.2 or 1.3.")
 
     model_path: Path = Field(DEFAULT_MODEL, description="Model artifact (.pt) with its .json card beside it.")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda'.")
@@ -59,8 +81,30 @@ class Settings(BaseSettings):
     @field_validator("allowed_calling_aes", mode="before")
     @classmethod
     def _split_aes(cls, v: Any) -> Any:
+        # Only environment variables reach here as strings (a TOML string is refused in load_settings):
+        # PACSBRIDGE_ALLOWED_CALLING_AES="PACS1,CR_ROOM2" or a JSON list '["PACS1", "CR_ROOM2"]'.
         if isinstance(v, str):
+            if v.strip().startswith("["):
+                try:
+                    return json.loads(v)
+                except ValueError as exc:
+                    raise ValueError(f"not a JSON list: {exc}") from None
             return [a.strip() for a in v.split(",") if a.strip()]
+        return v
+
+    @field_validator("tls_min_version")
+    @classmethod
+    def _check_tls_version(cls, v: str) -> str:
+        if v not in {"1.2", "1.3"}:
+            raise ValueError("must be '1.2' or '1.3'")
+        return v
+
+    @field_validator("dicom_tls_cert", "dicom_tls_key", "dicom_tls_ca", "dicom_tls_client_cert",
+                     "dicom_tls_client_key", "http_tls_cert", "http_tls_key")
+    @classmethod
+    def _check_pem_file(cls, v: str) -> str:
+        if v and not Path(v).is_file():
+            raise ValueError(f"file {v} does not exist")
         return v
 
     @field_validator("ae_title")
@@ -107,6 +151,32 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
+    def _check_tls(self) -> "Settings":
+        if self.dicom_tls_only and not self.dicom_tls_port:
+            raise ValueError("dicom_tls_only needs dicom_tls_port")
+        if self.dicom_tls_port and not (self.dicom_tls_cert and self.dicom_tls_key):
+            raise ValueError("dicom_tls_port needs dicom_tls_cert and dicom_tls_key")
+        if self.dicom_tls_port and self.dicom_tls_port == self.dicom_port and not self.dicom_tls_only:
+            raise ValueError("dicom_tls_port must differ from dicom_port")
+        if self.dicom_tls_verify_client and not self.dicom_tls_ca:
+            raise ValueError("dicom_tls_verify_client needs dicom_tls_ca (the CA bundle client certificates are checked against)")
+        if bool(self.dicom_tls_client_cert) != bool(self.dicom_tls_client_key):
+            raise ValueError("dicom_tls_client_cert and dicom_tls_client_key go together")
+        if bool(self.http_tls_cert) != bool(self.http_tls_key):
+            raise ValueError("http_tls_cert and http_tls_key go together")
+        return self
+
+    @model_validator(mode="after")
+    def _deprecated_bind_address(self) -> "Settings":
+        # bind_address used to set both listeners; it still does, unless the new keys are set.
+        if self.bind_address:
+            if "dicom_host" not in self.model_fields_set:
+                self.dicom_host = self.bind_address
+            if "http_host" not in self.model_fields_set:
+                self.http_host = self.bind_address
+        return self
+
+    @model_validator(mode="after")
     def _fill_defaults(self) -> "Settings":
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'pacsbridge.db').resolve()}"
@@ -132,6 +202,31 @@ class Settings(BaseSettings):
 
 _CONFIG_FILE: dict[str, Path | None] = {}
 
+#: Settings naming files or folders: a relative value in a config file is relative to that file's folder
+#: (so every command given the same --config finds the same data, from any working directory).
+PATH_KEYS = ("data_dir", "model_path", "dicom_tls_cert", "dicom_tls_key", "dicom_tls_ca", "dicom_tls_client_cert",
+             "dicom_tls_client_key", "http_tls_cert", "http_tls_key")
+
+
+def _check_toml_lists(data: dict[str, Any], path: Path) -> None:
+    """A list setting written as a TOML string ("PACS1") is an error, not a silent one-item list."""
+    for key, info in Settings.model_fields.items():
+        if key in data and getattr(info.annotation, "__origin__", None) is list and not isinstance(data[key], list):
+            raise ConfigError(
+                f"invalid configuration: {key} (PACSBRIDGE_{key.upper()}): in {path} it must be a TOML list, "
+                f'e.g. {key} = ["PACS1", "CR_ROOM2"] (a comma-separated string is only for the environment '
+                "variable)")
+
+
+def _relative_to_config(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in PATH_KEYS:
+        value = data.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() \
+                and f"PACSBRIDGE_{key.upper()}" not in os.environ:
+            out[key] = str((path.resolve().parent / value))
+    return out
+
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Read, merge and validate the settings; raises :class:`ConfigError` naming the bad key."""
@@ -143,9 +238,11 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         try:
             import tomllib
 
-            tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text())
         except Exception as exc:  # noqa: BLE001 - report any parse failure with the file name
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        _check_toml_lists(data, path)
+        overrides = {**_relative_to_config(data, path), **overrides}
     _CONFIG_FILE["path"] = path
     try:
         return Settings(**overrides)

@@ -73,7 +73,10 @@ class Daemon:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.engine = make_engine(settings.database_url)
+        try:
+            self.engine = make_engine(settings.database_url)
+        except OSError as exc:  # SQLite: the data dir cannot be created
+            raise StartupError(f"data_dir {Path(settings.data_dir).resolve()}: {exc.strerror or exc}") from None
         self.sessions = make_sessionmaker(self.engine)
         self.spool = Spool(Path(settings.spool_dir), fsync=settings.fsync)
         # The receiver notifies it after each new instance; the worker waits on it (instead of polling).
@@ -87,8 +90,14 @@ class Daemon:
         as soon as the port is open, and the worker/scheduler/API only read what was stored."""
         from pacsbridge.store.orphans import OrphanSweep
 
+        from pacsbridge.dicom.tls import TLSConfigError
+
+        try:
+            scp = storage_scp_from_settings(self.settings, self.sessions, self.spool, notifier=self.notifier)
+        except TLSConfigError as exc:
+            raise ConfigError(str(exc)) from None
         components: list[Component] = [
-            storage_scp_from_settings(self.settings, self.sessions, self.spool, notifier=self.notifier),
+            scp,
             OrphanSweep(self.sessions, self.spool, tmp_removed=self._tmp_removed),  # background, once
         ]
         components += self.pipeline_components()
@@ -114,7 +123,11 @@ class Daemon:
             retention_days=s.retention_days,
         ))
         if s.http_port:
-            components.append(HttpServer(create_app(self.sessions, metrics), s.bind_address, s.http_port))
+            from pacsbridge.api.security import install_security
+
+            app = install_security(create_app(self.sessions, metrics), s)
+            components.append(HttpServer(app, s.http_host, s.http_port, tls_cert=s.http_tls_cert,
+                                         tls_key=s.http_tls_key, tls_min_version=s.tls_min_version))
         return components
 
     def inference_worker(self, updater, metrics=None, hint: str = "") -> Component:  # noqa: ANN001
@@ -127,8 +140,13 @@ class Daemon:
             model = load_model(s.model_path, s.device)
         except ModelError as exc:
             raise ConfigError(f"model_path: {exc}{hint}") from None
+        from functools import partial
+
+        from pacsbridge.imaging import NotAnalysable, load_for_model
+
         return InferenceWorker(
             self.sessions, model, Path(s.spool_dir), batch_size=s.inference_batch_size,
+            decode=partial(load_for_model, max_decoded_bytes=s.max_decoded_bytes), refusals=(NotAnalysable,),
             max_wait_ms=s.inference_max_wait_ms, on_recorded=updater.refresh, metrics=metrics,
             notifier=self.notifier,
         )
@@ -140,10 +158,23 @@ class Daemon:
 
     def prepare(self) -> None:
         """Everything before listening: schema to head, spool folders, configuration warnings."""
-        migrations.upgrade(self.engine)
-        self._tmp_removed = self.spool.prepare()
+        try:
+            migrations.upgrade(self.engine)
+        except Exception as exc:  # noqa: BLE001 - unreachable server, bad credentials, read-only file...
+            raise StartupError(f"cannot use the database {self._db_name()}: {_first_line(exc)}") from None
+        try:
+            self._tmp_removed = self.spool.prepare()
+        except OSError as exc:
+            raise StartupError(f"cannot use the spool {Path(self.settings.spool_dir).resolve()} (data_dir): "
+                               f"{exc.strerror or exc}") from None
         if not self.settings.allowed_calling_aes:
             log.warning("allowed_calling_aes is empty: accepting associations from ANY calling AE title")
+        if self.settings.bind_address:
+            log.warning("bind_address is deprecated: set dicom_host (now %s) and http_host (now %s) instead",
+                        self.settings.dicom_host, self.settings.http_host)
+
+    def _db_name(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
 
     def start(self) -> None:
         self.prepare()
@@ -151,7 +182,10 @@ class Daemon:
         started: list[Component] = []
         try:
             for component in self.components:
-                component.start()
+                try:
+                    component.start()
+                except (OSError, RuntimeError) as exc:  # e.g. a busy port: one clear line, no traceback
+                    raise StartupError(f"{component.name}: {exc}") from None
                 started.append(component)
         except BaseException:
             self._stop_all(started)
@@ -198,6 +232,12 @@ class Daemon:
                 log.exception("error while stopping %s", component.name)
 
 
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line`` of an exception (SQLAlchemy appends SQL and a URL to its messages)."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(getattr(exc, 'orig', None) or exc).__name__}: {text[0] if text else ''}"[:300]
+
+
 class WorkerDaemon(Daemon):
     """``pacsbridge worker``: the inference worker alone (no DICOM, no HTTP, no scheduler).
 
@@ -208,7 +248,10 @@ class WorkerDaemon(Daemon):
     """
 
     def prepare(self) -> None:
-        current, head = migrations.current_revision(self.engine), migrations.head_revision()
+        try:
+            current, head = migrations.current_revision(self.engine), migrations.head_revision()
+        except Exception as exc:  # noqa: BLE001 - unreachable server, unreadable file...
+            raise StartupError(f"cannot use the database {self._db_name()}: {_first_line(exc)}") from None
         if current != head:
             raise StartupError(
                 f"database {self.engine.url.render_as_string(hide_password=True)} is at schema revision "

@@ -1,39 +1,333 @@
-"""A faster receive path for pynetdicom, plugged in through its public server hooks.
+"""pynetdicom's receive path, made fast and bounded, plugged in through its public server hooks.
 
-pynetdicom's ``AssociationSocket.recv`` reads in 4 KiB pieces, one Python call each: ~1,800 calls
-per 7 MB radiograph, the largest single cost of receiving.  This socket reads straight into one
-pre-sized buffer with ``recv_into`` (as much as the kernel has, up to what is missing).
+Speed: pynetdicom's ``AssociationSocket.recv`` reads in 4 KiB pieces, one Python call each (~1,800
+calls per 7 MB radiograph, the largest single cost of receiving).  :class:`FastAssociationSocket`
+reads straight into one pre-sized buffer with ``recv_into``.
+
+Bounds (any device that reaches the port may be hostile): memory grows with bytes received, never
+with a length a peer announces.
+
+* :class:`BoundedDUL` reads each PDU's 6-byte header first and refuses (A-ABORT, logged with the
+  peer address) a PDU longer than we allow *before* allocating anything of that size: P-DATA-TF up
+  to the maximum PDU length we advertised, every other PDU (A-ASSOCIATE-RQ ...) up to 64 KiB.
+* Each socket read has a timeout (``read_timeout``): a peer that stops in the middle of a PDU is
+  dropped.  (Waiting for the A-ASSOCIATE-RQ is bounded by pynetdicom's ARTIM/ACSE timeout, an idle
+  association by its network timeout.)
+* :class:`BoundedDIMSE` caps a DIMSE command set (64 KiB) and a C-STORE data set
+  (``max_dataset_bytes``): past the cap the fragments are read and dropped, and the handler gets
+  a :class:`CappedBuffer` marked ``overflowed`` so it answers a 0xA7xx status.
+* :class:`BoundedACSE` rejects an association beyond ``max_associations_per_peer`` (transient,
+  local limit exceeded), and :class:`BoundedServerMixin` closes TCP connections beyond twice the
+  limits before a thread is spent on them.
+* TLS: the handshake runs in the connection's own thread with a timeout (pynetdicom does it in the
+  listener thread, where one silent TLS client would stall every other connection).
+
+The classes replace pynetdicom's in place (``__class__`` swaps of objects pynetdicom made) because
+pynetdicom has no factory hooks for them; they only override methods and add no state of their own
+beyond what is set here.
 """
 
 from __future__ import annotations
 
-from pynetdicom.transport import AssociationSocket, RequestHandler
+import logging
+import socket
+import ssl
+import struct
+import time
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any, Callable
+
+from pynetdicom import evt
+from pynetdicom.acse import ACSE
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+log = logging.getLogger(__name__)
+
+#: Largest PDU other than P-DATA-TF we read (an A-ASSOCIATE-RQ proposing 128 contexts is ~20 KiB).
+MAX_ASSOCIATION_PDU = 64 * 1024
+#: Largest DIMSE command set (a few hundred bytes in practice).
+MAX_COMMAND_BYTES = 64 * 1024
+
+_P_DATA_TF = 0x04
+_KNOWN_PDU_TYPES = frozenset(range(1, 8))
+# A-ABORT reasons, source 2 (service provider), PS3.8 9.3.8
+_ABORT_UNRECOGNIZED_PDU = 0x01
+_ABORT_INVALID_PARAMETER = 0x06
+
+
+@dataclass
+class TransportLimits:
+    """The bounds of the receive path (see the module docstring); set by the Storage SCP."""
+
+    max_pdu: int = 4_194_304                 # P-DATA-TF: what we advertise as our maximum PDU length
+    max_association_pdu: int = MAX_ASSOCIATION_PDU
+    max_command_bytes: int = MAX_COMMAND_BYTES
+    max_dataset_bytes: int = 256 * 1024 * 1024
+    read_timeout: float = 60.0               # seconds a peer may stay silent in the middle of a PDU
+    tls_handshake_timeout: float = 10.0
+    max_associations: int = 16               # total (pynetdicom enforces it at A-ASSOCIATE)
+    max_associations_per_peer: int = 8       # per peer IP address
+    #: ``on_refused(kind, reason, peer)``: records refusals that never reach an association handler.
+    on_refused: Callable[[str, str, str], None] | None = field(default=None, repr=False)
+
+    def pdu_limit(self, pdu_type: int) -> int:
+        return self.max_pdu if pdu_type == _P_DATA_TF else self.max_association_pdu
 
 
 class FastAssociationSocket(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
+        buf = bytearray(nr_bytes)
+        got = self.recv_into(buf, 0)
+        return buf if got == nr_bytes else buf[:got]
+
+    def recv_into(self, buf: bytearray, start: int) -> int:
+        """Fill ``buf[start:]``; returns the bytes now in ``buf`` (short when the peer closed)."""
         sock = self.socket
         assert sock is not None
-        buf = bytearray(nr_bytes)
         view = memoryview(buf)
-        got = 0
-        while got < nr_bytes:
-            n = sock.recv_into(view[got:], nr_bytes - got)
-            if n == 0:  # connection closed: return what we have (pynetdicom then reports Evt17)
-                del view
-                return buf[:got]
-            got += n
-        del view  # release the export so the bytearray may be resized by pynetdicom
-        return buf
+        got, total = start, len(buf)
+        try:
+            while got < total:
+                n = sock.recv_into(view[got:], total - got)
+                if n == 0:  # connection closed: return what we have
+                    break
+                got += n
+        finally:
+            del view  # release the export so the bytearray may be resized by pynetdicom
+        return got
+
+
+class CappedBuffer(BytesIO):
+    """A C-STORE data set buffer that stops keeping bytes past ``cap``; ``overflowed`` then says so
+    and ``received`` counts every byte that arrived (kept or not)."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self.cap = cap
+        self.received = 0
+        self.overflowed = False
+
+    def write(self, data: Any) -> int:  # noqa: ANN401 - bytes-like
+        n = len(data)
+        self.received += n
+        if self.overflowed:
+            return n
+        if self.tell() + n > self.cap:
+            self.overflowed = True
+            self.seek(0)
+            self.truncate()  # free what was kept: this data set will be refused anyway
+            return n
+        return super().write(data)
+
+
+def _peer(dul: DULServiceProvider) -> str:
+    try:
+        rq = dul.assoc.requestor
+        return f"{rq.address}:{rq.port}"
+    except Exception:  # noqa: BLE001 - only for a log line
+        return "?"
+
+
+def _limits(assoc: Any) -> TransportLimits:  # noqa: ANN401 - pynetdicom Association
+    return getattr(getattr(assoc, "_server", None), "pb_limits", None) or TransportLimits()
+
+
+class BoundedDUL(DULServiceProvider):
+    """pynetdicom's DUL with a bounded, single-buffer PDU read (replaces ``_read_pdu_data``)."""
+
+    def _read_pdu_data(self) -> None:
+        sock = self.socket
+        assert isinstance(sock, FastAssociationSocket)
+        limits = _limits(self.assoc)
+        header = bytearray(6)
+        try:
+            got = sock.recv_into(header, 0)
+        except (OSError, TimeoutError) as exc:
+            self._drop(f"connection lost while reading a PDU header: {type(exc).__name__}")
+            return
+        if got < 6:
+            self._drop(None)  # closed (between PDUs that is a normal end)
+            return
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        if pdu_type not in _KNOWN_PDU_TYPES:
+            self._refuse(_ABORT_UNRECOGNIZED_PDU, f"unknown PDU type 0x{pdu_type:02X}")
+            return
+        limit = limits.pdu_limit(pdu_type)
+        if length > limit:
+            self._refuse(_ABORT_INVALID_PARAMETER,
+                         f"PDU type 0x{pdu_type:02X} announces {length} bytes, more than our limit of {limit}")
+            return
+        pdu = bytearray(6 + length)  # bounded by `limit`
+        pdu[:6] = header
+        try:
+            got = sock.recv_into(pdu, 6)
+        except (OSError, TimeoutError) as exc:
+            self._drop(f"connection lost in the middle of a {length}-byte PDU: {type(exc).__name__}")
+            return
+        if got < 6 + length:
+            self._drop(f"connection closed after {got} of {6 + length} bytes of a PDU")
+            return
+        try:
+            decoded, event = self._decode_pdu(pdu)
+        except Exception as exc:  # noqa: BLE001 - malformed PDU content
+            self._refuse(_ABORT_INVALID_PARAMETER, f"undecodable PDU type 0x{pdu_type:02X}: {type(exc).__name__}")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(decoded)
+
+    def _drop(self, why: str | None) -> None:
+        """The transport is gone or useless: close it (Evt17) and wake an acceptor still waiting."""
+        if why:
+            log.warning("DICOM connection from %s dropped: %s", _peer(self), why)
+        self._close_transport()
+
+    def _refuse(self, reason: int, why: str) -> None:
+        """A-ABORT (source: service provider) then close, without reading what the peer announced."""
+        peer = _peer(self)
+        log.warning("DICOM connection from %s aborted: %s", peer, why)
+        limits = _limits(self.assoc)
+        if limits.on_refused is not None:
+            limits.on_refused("association_aborted", why, peer)
+        sock = self.socket
+        if sock is not None and sock.socket is not None:
+            abort = A_ABORT_RQ()
+            abort.source = 0x02
+            abort.reason_diagnostic = reason
+            try:
+                sock.socket.sendall(abort.encode())
+            except OSError:
+                pass
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        sock = self.socket
+        if sock is not None and sock.socket is not None:
+            sock.close()  # queues Evt17: the state machine ends the association
+        else:
+            self.event_queue.put("Evt17")
+        if not self.assoc.is_established:
+            self.to_user_queue.put(None)  # an acceptor waiting for its A-ASSOCIATE-RQ gives up now
+
+
+class BoundedDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider with a capped command set and data set per message."""
+
+    def receive_primitive(self, primitive: Any) -> None:  # noqa: ANN401 - P_DATA
+        limits = _limits(self.assoc)
+        if self.message is None:
+            self.message = DIMSEMessage()
+            self.message.data_set = CappedBuffer(limits.max_dataset_bytes)
+        for _, data in primitive.presentation_data_value_list:
+            if data and data[0] & 1 and self.message.encoded_command_set.tell() + len(data) > limits.max_command_bytes:
+                peer = _peer(self.dul)
+                log.warning("DICOM association with %s aborted: DIMSE command set longer than %d bytes",
+                            peer, limits.max_command_bytes)
+                if limits.on_refused is not None:
+                    limits.on_refused("association_aborted", "DIMSE command set too long", peer)
+                self.message = None
+                self.dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT and end the association
+                return
+        super().receive_primitive(primitive)
+
+
+class BoundedACSE(ACSE):
+    """Rejects an A-ASSOCIATE-RQ beyond ``max_associations_per_peer`` (transient, local limit exceeded)."""
+
+    def _negotiate_as_acceptor(self) -> None:
+        limits = _limits(self.assoc)
+        address = self.assoc.requestor.address
+        same_peer = [a for a in self.assoc.ae.active_associations
+                     if a is not self.assoc and a.is_acceptor and a.requestor.address == address]
+        if len(same_peer) >= limits.max_associations_per_peer:
+            self.requestor.ae_title = self.requestor.primitive.calling_ae_title
+            self.assoc.pb_reject_reason = (
+                f"too many associations from {address} (max_associations_per_peer = "
+                f"{limits.max_associations_per_peer})")
+            self.send_reject(0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local-limit
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        super()._negotiate_as_acceptor()
 
 
 class FastRequestHandler(RequestHandler):
-    """pynetdicom's request handler, with :class:`FastAssociationSocket` for each association."""
+    """pynetdicom's request handler with the fast and bounded classes above for each association."""
+
+    def handle(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket) and not self._tls_handshake():
+            return
+        super().handle()
+
+    def _tls_handshake(self) -> bool:
+        limits: TransportLimits = getattr(self.server, "pb_limits", None) or TransportLimits()
+        sock: ssl.SSLSocket = self.request  # type: ignore[assignment]
+        peer = f"{self.client_address[0]}:{self.client_address[1]}"
+        try:
+            sock.settimeout(limits.tls_handshake_timeout)
+            sock.do_handshake()
+            return True
+        except (ssl.SSLError, OSError) as exc:
+            why = f"TLS handshake failed: {getattr(exc, 'reason', None) or type(exc).__name__}"
+            log.warning("DICOM connection from %s refused: %s", peer, why)
+            if limits.on_refused is not None:
+                limits.on_refused("association_rejected", why, peer)
+            self.server.shutdown_request(sock)  # pynetdicom closes it only on an exception
+            return False
 
     def _create_association(self):  # noqa: ANN202 - returns pynetdicom's Association
         assoc = super()._create_association()
+        limits: TransportLimits = getattr(self.server, "pb_limits", None) or TransportLimits()
         # The socket is already wired into the association (and has queued its connection event), so
-        # upgrade it in place: the subclass only replaces a method and adds no state.
+        # upgrade the objects in place: the subclasses only replace methods.
         if type(assoc.dul.socket) is AssociationSocket:
             assoc.dul.socket.__class__ = FastAssociationSocket
+        if type(assoc.dul) is DULServiceProvider:
+            assoc.dul.__class__ = BoundedDUL
+        if type(assoc.dimse) is DIMSEServiceProvider:
+            assoc.dimse.__class__ = BoundedDIMSE
+        if type(assoc.acse) is ACSE:
+            assoc.acse.__class__ = BoundedACSE
+        self.request.settimeout(limits.read_timeout)  # pynetdicom leaves accepted sockets blocking forever
         return assoc
+
+
+class BoundedServerMixin:
+    """Listener side: TLS without a handshake in the accept loop, and a connection flood guard."""
+
+    pb_limits: TransportLimits
+    _pb_last_warning = 0.0
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = self.socket.accept()  # type: ignore[attr-defined]
+        context = getattr(self, "ssl_context", None)
+        if context is not None:
+            # Handshake later, in the connection's thread, with a timeout (FastRequestHandler.handle).
+            sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:  # noqa: ANN401
+        """Close a connection beyond twice the association limits before a thread is spent on it (within
+        them, pynetdicom and :class:`BoundedACSE` answer the A-ASSOCIATE-RQ with a proper rejection)."""
+        limits = self.pb_limits
+        # Both listeners (plain and TLS) share one AE, so count its acceptors, not this server's.
+        active = [a for a in self.ae.active_associations if a.is_acceptor]  # type: ignore[attr-defined]
+        same = sum(1 for a in active if a.requestor.address == client_address[0])
+        if len(active) < 2 * limits.max_associations and same < 2 * limits.max_associations_per_peer:
+            return True
+        now = time.monotonic()
+        if now - self._pb_last_warning > 1.0:  # a flood must not flood the log too
+            self._pb_last_warning = now
+            log.warning("DICOM connection from %s:%s closed: %d connections open (%d from this address)",
+                        client_address[0], client_address[1], len(active), same)
+        return False
+
+
+class BoundedAssociationServer(BoundedServerMixin, ThreadedAssociationServer):
+    """The threaded pynetdicom server with the bounds above; ``pb_limits`` is set right after creation."""
+
+    pb_limits = TransportLimits()

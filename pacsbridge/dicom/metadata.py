@@ -20,6 +20,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 # C-STORE failure statuses (PS3.4 Annex B.2.3).
 STATUS_OUT_OF_RESOURCES = 0xA700      # disk trouble
 STATUS_OUT_OF_RESOURCES_DB = 0xA701   # database trouble (still "Refused: Out of Resources")
+STATUS_DATASET_TOO_LARGE = 0xA702     # data set (or its inflated form) above our limit: out of resources
 STATUS_DOES_NOT_MATCH = 0xA900        # dataset does not match SOP class
 STATUS_CANNOT_UNDERSTAND = 0xC000     # unparseable / truncated
 STATUS_BAD_UID = 0xC001               # a UID we must store is missing or invalid
@@ -27,6 +28,8 @@ STATUS_BAD_UID = 0xC001               # a UID we must store is missing or invali
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _PIXEL_DATA = 0x7FE00010
 _UNDEFINED = 0xFFFFFFFF
+#: Default cap on an inflated Deflated Explicit VR Little Endian data set (config max_inflated_bytes).
+DEFAULT_MAX_INFLATED_BYTES = 256 * 1024 * 1024
 
 
 class RejectedDataset(Exception):
@@ -57,17 +60,19 @@ def is_valid_uid(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
 
 
-def read_metadata(body: bytes, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str) -> InstanceMeta:
+def read_metadata(body: bytes, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str, *,
+                  max_inflated: int = DEFAULT_MAX_INFLATED_BYTES) -> InstanceMeta:
     """Validate the encoded dataset ``body`` (no file meta) and return what the database needs.
 
-    ``sop_class_uid``/``sop_instance_uid`` are the values from the C-STORE request.
+    ``sop_class_uid``/``sop_instance_uid`` are the values from the C-STORE request.  A deflated data
+    set is inflated up to ``max_inflated`` bytes (a zip bomb is refused with 0xA702).
     """
     ts = UID(transfer_syntax)
     for name, uid in (("Affected SOP Class UID", sop_class_uid), ("Affected SOP Instance UID", sop_instance_uid)):
         if not is_valid_uid(uid):
             raise RejectedDataset(STATUS_BAD_UID, f"request {name} is not a valid UID")
 
-    plain = _inflate(body) if ts == DeflatedExplicitVRLittleEndian else body
+    plain = _inflate(body, max_inflated) if ts == DeflatedExplicitVRLittleEndian else body
     tags = _check_framing(plain, ts)
     try:
         ds = _parse_without_pixels(plain, ts)
@@ -82,12 +87,18 @@ def read_metadata(body: bytes, transfer_syntax: str, sop_class_uid: str, sop_ins
     return meta
 
 
-def _inflate(body: bytes) -> bytes:
+def _inflate(body: bytes, limit: int = DEFAULT_MAX_INFLATED_BYTES) -> bytes:
+    """Inflate a deflated data set, never producing more than ``limit`` bytes (decompression bombs)."""
     d = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        out = d.decompress(body) + d.flush()
+        out = d.decompress(body, limit + 1)  # max_length: zlib stops there, whatever the input claims
+        if len(out) <= limit and not d.eof:
+            out += d.flush()
     except zlib.error as exc:
         raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, f"deflated dataset does not inflate: {exc}") from exc
+    if len(out) > limit:
+        raise RejectedDataset(STATUS_DATASET_TOO_LARGE,
+                              f"deflated data set inflates to more than max_inflated_bytes ({limit})")
     if not d.eof:
         raise RejectedDataset(STATUS_CANNOT_UNDERSTAND, "deflated dataset is truncated")
     return out

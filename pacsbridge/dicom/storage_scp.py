@@ -8,6 +8,7 @@ Handlers are plain functions; their dependencies arrive as bound pynetdicom hand
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -27,13 +28,13 @@ from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage, Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacsbridge import __version__
-from pacsbridge.dicom.fast_transport import FastRequestHandler
+from pacsbridge.dicom.fast_transport import BoundedAssociationServer, FastRequestHandler, TransportLimits
 from pacsbridge.dicom.metadata import (
-    STATUS_OUT_OF_RESOURCES, STATUS_OUT_OF_RESOURCES_DB, RejectedDataset, read_metadata,
+    DEFAULT_MAX_INFLATED_BYTES, STATUS_DATASET_TOO_LARGE, STATUS_OUT_OF_RESOURCES, STATUS_OUT_OF_RESOURCES_DB,
+    RejectedDataset, read_metadata,
 )
 from pacsbridge.store.notifier import StoreNotifier
 from pacsbridge.store.records import ReceivedInstance, record_event, record_received
@@ -77,6 +78,7 @@ class StoreContext:
     sessions: sessionmaker[Session]
     our_ae_title: str
     notifier: StoreNotifier | None = None  # told after each new instance is committed (wakes the worker)
+    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES
 
 
 def peer_of(event: DicomEvent) -> str:
@@ -114,10 +116,12 @@ def handle_store(event: DicomEvent, ctx: StoreContext) -> int:
     sop_class = str(req.AffectedSOPClassUID or "")
     sop_instance = str(req.AffectedSOPInstanceUID or "")
     transfer_syntax = str(event.context.transfer_syntax)
-    body = req.DataSet.getvalue() if req.DataSet is not None else b""
-
     try:
-        meta = read_metadata(body, transfer_syntax, sop_class, sop_instance)
+        if getattr(req.DataSet, "overflowed", False):  # fast_transport.CappedBuffer dropped it past the cap
+            raise RejectedDataset(STATUS_DATASET_TOO_LARGE, f"data set of {req.DataSet.received} bytes exceeds "
+                                  f"max_dataset_bytes ({req.DataSet.cap})")
+        body = req.DataSet.getvalue() if req.DataSet is not None else b""
+        meta = read_metadata(body, transfer_syntax, sop_class, sop_instance, max_inflated=ctx.max_inflated_bytes)
     except RejectedDataset as exc:
         log.warning("rejected C-STORE from %s: status 0x%04X, %s", peer, exc.status, exc.reason)
         record_event(ctx.sessions, "store_rejected", f"status 0x{exc.status:04X}: {exc.reason}", level="warning",
@@ -170,11 +174,31 @@ def handle_accepted(event: DicomEvent) -> None:
     log.info("association from %s accepted", peer_of(event))
 
 
-def handle_rejected(event: DicomEvent, sessions: sessionmaker[Session], allowed: tuple[str, ...]) -> None:
+def rejection_reason(assoc, allowed: tuple[str, ...], check_called_ae: bool) -> str:  # noqa: ANN001
+    """Why pynetdicom (or fast_transport.BoundedACSE) rejected ``assoc``, in the order pynetdicom decides
+    (a later check overrides an earlier one): limits, then called AE title, then calling AE title."""
+    own = getattr(assoc, "pb_reject_reason", None)
+    if own:
+        return own
+    acceptors = [a for a in assoc.ae.active_associations if a.is_acceptor]
+    if len(acceptors) > assoc.ae.maximum_associations:
+        return f"too many associations (max_associations = {assoc.ae.maximum_associations})"
+    primitive = assoc.requestor.primitive
+    called = (getattr(primitive, "called_ae_title", None) or "").strip()
+    ours = (assoc.acceptor.ae_title or "").strip()
+    if check_called_ae and called != ours:
+        return f"called AE title {called!r} is not ours ({ours!r})"
+    calling = (assoc.requestor.ae_title or "").strip()
+    if allowed and calling not in allowed:
+        return "calling AE title not in allowed_calling_aes"
+    return "rejected"
+
+
+def handle_rejected(event: DicomEvent, sessions: sessionmaker[Session], allowed: tuple[str, ...],
+                    check_called_ae: bool = True) -> None:
     """Log and record every rejected association with the peer's address."""
     peer = peer_of(event)
-    calling_ae = (event.assoc.requestor.ae_title or "").strip()
-    reason = "calling AE title not in allowed_calling_aes" if allowed and calling_ae not in allowed else "rejected"
+    reason = rejection_reason(event.assoc, allowed, check_called_ae)
     log.warning("association from %s rejected: %s", peer, reason)
     record_event(sessions, "association_rejected", reason, level="warning", peer=peer)
 
@@ -189,6 +213,9 @@ class StorageSCP:
         allowed_calling_aes: list[str] | tuple[str, ...] = (), max_pdu: int = 4_194_304,
         max_associations: int = 16, dimse_timeout: float = 60.0, network_timeout: float = 60.0,
         stop_timeout: float = 60.0, notifier: StoreNotifier | None = None,
+        check_called_ae: bool = True, max_associations_per_peer: int = 8, acse_timeout: float = 30.0,
+        max_dataset_bytes: int = 268_435_456, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+        tls_context: ssl.SSLContext | None = None, tls_port: int | None = None, tls_only: bool = False,
     ) -> None:
         self.ae_title = ae_title
         self.bind_address = bind_address
@@ -202,7 +229,22 @@ class StorageSCP:
         self.network_timeout = network_timeout
         self.stop_timeout = stop_timeout
         self.notifier = notifier
-        self._server: ThreadedAssociationServer | None = None
+        self.check_called_ae = check_called_ae
+        self.acse_timeout = acse_timeout
+        self.max_inflated_bytes = max_inflated_bytes
+        self.tls_context = tls_context
+        self.requested_tls_port = tls_port if tls_context is not None else None
+        self.tls_only = tls_only and tls_context is not None
+        self.limits = TransportLimits(
+            max_pdu=max_pdu, max_dataset_bytes=max_dataset_bytes, read_timeout=network_timeout,
+            max_associations=max_associations, max_associations_per_peer=max_associations_per_peer,
+            on_refused=self._record_refusal,
+        )
+        self._server: BoundedAssociationServer | None = None
+        self._tls_server: BoundedAssociationServer | None = None
+
+    def _record_refusal(self, kind: str, reason: str, peer: str) -> None:
+        record_event(self.sessions, kind, reason[:2000], level="warning", peer=peer)
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.ae_title)
@@ -212,8 +254,9 @@ class StorageSCP:
         ae.maximum_associations = self.max_associations
         ae.dimse_timeout = self.dimse_timeout
         ae.network_timeout = self.network_timeout
-        ae.acse_timeout = 30
+        ae.acse_timeout = self.acse_timeout
         ae.require_calling_aet = list(self.allowed)
+        ae.require_called_aet = self.check_called_ae
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
@@ -221,41 +264,75 @@ class StorageSCP:
 
     def start(self) -> None:
         ctx = StoreContext(spool=self.spool, sessions=self.sessions, our_ae_title=self.ae_title,
-                           notifier=self.notifier)
+                           notifier=self.notifier, max_inflated_bytes=self.max_inflated_bytes)
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [ctx]),
             (evt.EVT_ACCEPTED, handle_accepted),
-            (evt.EVT_REJECTED, handle_rejected, [self.sessions, self.allowed]),
+            (evt.EVT_REJECTED, handle_rejected, [self.sessions, self.allowed, self.check_called_ae]),
         ]
-        # start_server(block=False), but with our faster socket via pynetdicom's server hooks.
+        # One AE for both listeners: max_associations counts the plain and the TLS ones together.
         ae = self._make_ae()
-        server = ae.make_server((self.bind_address, self.requested_port), evt_handlers=handlers,
-                                server_class=ThreadedAssociationServer, request_handler=FastRequestHandler)
-        threading.Thread(target=server.serve_forever, name=f"{self.name}-listener", daemon=True).start()
+        try:
+            if not self.tls_only:
+                self._server = self._listen(ae, handlers, self.requested_port, None)
+            if self.tls_context is not None:
+                self._tls_server = self._listen(ae, handlers, self.requested_tls_port or 0, self.tls_context)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("DICOM Storage SCP %s listening on %s (max PDU %d bytes, max data set %d bytes)", self.ae_title,
+                 ", ".join(f"{self.bind_address}:{p}{' (TLS)' if tls else ''}" for p, tls in
+                           ((self.port, False), (self.tls_port, True)) if p is not None),
+                 self.max_pdu, self.limits.max_dataset_bytes)
+
+    def _listen(self, ae: AE, handlers: list, port: int, context: ssl.SSLContext | None) -> BoundedAssociationServer:
+        # start_server(block=False), but with our fast and bounded classes via pynetdicom's server hooks.
+        try:
+            server = ae.make_server((self.bind_address, port), evt_handlers=handlers, ae_title=self.ae_title,
+                                    ssl_context=context, server_class=BoundedAssociationServer,
+                                    request_handler=FastRequestHandler)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen for DICOM{' TLS' if context else ''} on "
+                          f"{self.bind_address}:{port}: {exc.strerror or exc}") from None
+        server.pb_limits = self.limits
+        name = f"{self.name}-{'tls-' if context else ''}listener"
+        threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
         ae._servers.append(server)  # as start_server does, so ae.shutdown() would see it
-        self._server = server
-        log.info("DICOM Storage SCP %s listening on %s:%d (max PDU %d bytes)", self.ae_title, self.bind_address,
-                 self.port, self.max_pdu)
+        return server
 
     @property
-    def port(self) -> int:
-        """The bound port (useful when started on port 0)."""
+    def port(self) -> int | None:
+        """The bound plain port (useful when started on port 0); None when listening with TLS only."""
+        if self.tls_only:
+            return None
         if self._server is None:
             return self.requested_port
         return int(self._server.server_address[1])
 
+    @property
+    def tls_port(self) -> int | None:
+        """The bound TLS port; None without TLS."""
+        if self.tls_context is None:
+            return None
+        if self._tls_server is None:
+            return self.requested_tls_port
+        return int(self._tls_server.server_address[1])
+
     def healthy(self) -> bool:
-        return self._server is not None and self._server.socket.fileno() != -1
+        servers = [s for s in (self._server, self._tls_server) if s is not None]
+        return bool(servers) and all(s.socket is not None and s.socket.fileno() != -1 for s in servers)
 
     def stop(self) -> None:
         """Stop accepting associations, then let the in-flight ones finish (up to ``stop_timeout``)."""
-        server, self._server = self._server, None
-        if server is None:
+        servers = [s for s in (self._server, self._tls_server) if s is not None]
+        self._server = self._tls_server = None
+        if not servers:
             return
-        server.shutdown()  # closes the listening socket; running associations keep going
+        for server in servers:
+            server.shutdown()  # closes the listening socket; running associations keep going
         deadline = time.monotonic() + self.stop_timeout
-        active = server.active_associations
+        active = list(servers[0].ae.active_associations)
         if active:
             log.info("waiting for %d association(s) to finish", len(active))
         while active and time.monotonic() < deadline:
@@ -283,10 +360,17 @@ def _end_idle(assoc) -> None:  # noqa: ANN001 - pynetdicom Association
 def storage_scp_from_settings(  # noqa: ANN001 - settings: pacsbridge.config.Settings
     settings, sessions: sessionmaker[Session], spool: Spool | None = None, notifier: StoreNotifier | None = None,
 ) -> StorageSCP:
+    from pacsbridge.dicom.tls import server_context
+
+    tls = server_context(settings) if settings.dicom_tls_port else None
     return StorageSCP(
-        ae_title=settings.ae_title, bind_address=settings.bind_address, port=settings.dicom_port,
+        ae_title=settings.ae_title, bind_address=settings.dicom_host, port=settings.dicom_port,
         spool=spool or Spool(Path(settings.spool_dir), fsync=settings.fsync), sessions=sessions,
         allowed_calling_aes=settings.allowed_calling_aes, max_pdu=settings.max_pdu,
         max_associations=settings.max_associations, dimse_timeout=settings.dimse_timeout,
         network_timeout=settings.network_timeout, notifier=notifier,
+        check_called_ae=settings.check_called_ae, max_associations_per_peer=settings.max_associations_per_peer,
+        acse_timeout=settings.acse_timeout, max_dataset_bytes=settings.max_dataset_bytes,
+        max_inflated_bytes=settings.max_inflated_bytes,
+        tls_context=tls, tls_port=settings.dicom_tls_port, tls_only=settings.dicom_tls_only,
     )

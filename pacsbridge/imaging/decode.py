@@ -22,6 +22,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from .display import to_display
 from .frames import DEFAULT_MIN_SIDE, ColourImage, number_of_frames, read_stored_frame
+from .limits import DEFAULT_MAX_DECODED_BYTES, check_decoded_size
 from .quality import check_header, check_image
 
 
@@ -119,7 +120,8 @@ def read_dataset(source: str | os.PathLike | BinaryIO) -> Dataset:
 
 def load_for_model(source: str | os.PathLike | BinaryIO | Dataset, *,
                    full_resolution: bool = False,
-                   min_side: int = DEFAULT_MIN_SIDE) -> ImageResult:
+                   min_side: int = DEFAULT_MIN_SIDE,
+                   max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> ImageResult:
     """Quality-gated, display-ready image of a DICOM file (path or file object) or dataset.
 
     ``full_resolution=False`` (default) decodes only as much as a model input of ``min_side``
@@ -131,6 +133,9 @@ def load_for_model(source: str | os.PathLike | BinaryIO | Dataset, *,
         reason = check_header(ds)
     except Exception as exc:  # noqa: BLE001 - malformed header values
         reason = f"unreadable image header: {_short(exc)}"
+    if reason:
+        raise NotAnalysable(reason)
+    reason = check_decoded_size(ds, max_decoded_bytes)  # decompression bombs: before any pixel is decoded
     if reason:
         raise NotAnalysable(reason)
     result = decode_display(ds, full_resolution=full_resolution, min_side=min_side)
