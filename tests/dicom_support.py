@@ -159,6 +159,7 @@ class Receiver:
 def running_receiver(
     tmp_path: Path, *, database_url: str | None = None, allowed: tuple[str, ...] = (),
     max_pdu: int = 4_194_304, fsync: bool = True, spool_root: Path | None = None, notifier=None,  # noqa: ANN001
+    **scp_kwargs,  # noqa: ANN003 - more StorageSCP arguments (limits, TLS)
 ) -> Iterator[Receiver]:
     """A migrated database, a spool and a StorageSCP on a free loopback port; stopped afterwards."""
     url = database_url or f"sqlite:///{tmp_path / 'pacsbridge.db'}"
@@ -169,7 +170,8 @@ def running_receiver(
     spool.prepare()
     scp = StorageSCP(
         ae_title="PACSBRIDGE", bind_address="127.0.0.1", port=0, spool=spool, sessions=sessions,
-        allowed_calling_aes=allowed, max_pdu=max_pdu, dimse_timeout=30, network_timeout=30, stop_timeout=10,
+        allowed_calling_aes=allowed, max_pdu=max_pdu, **{"dimse_timeout": 30, "network_timeout": 30,
+                                                          "stop_timeout": 10, **scp_kwargs},
         notifier=notifier,
     )
     scp.start()

@@ -33,6 +33,7 @@ import logging
 import socket
 import ssl
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -43,6 +44,7 @@ from pynetdicom.acse import ACSE
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -57,6 +59,7 @@ _P_DATA_TF = 0x04
 _KNOWN_PDU_TYPES = frozenset(range(1, 8))
 # A-ABORT reasons, source 2 (service provider), PS3.8 9.3.8
 _ABORT_UNRECOGNIZED_PDU = 0x01
+_ABORT_UNEXPECTED_PDU = 0x02
 _ABORT_INVALID_PARAMETER = 0x06
 
 
@@ -151,7 +154,10 @@ class BoundedDUL(DULServiceProvider):
             self._drop(f"connection lost while reading a PDU header: {type(exc).__name__}")
             return
         if got < 6:
-            self._drop(None)  # closed (between PDUs that is a normal end)
+            if got or self.assoc.is_established:
+                self._drop(f"connection closed {'inside a PDU header' if got else 'without releasing the association'}")
+            else:
+                self._drop(None)  # closed between PDUs before or after an association: a normal end
             return
         pdu_type, _, length = struct.unpack(">BBL", header)
         if pdu_type not in _KNOWN_PDU_TYPES:
@@ -179,6 +185,16 @@ class BoundedDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(decoded)
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        except InvalidEventError as exc:
+            # pynetdicom raises this out of its thread for some event orders a hostile (or broken) peer can
+            # cause, e.g. a P-DATA-TF sent before our A-ASSOCIATE-AC: abort instead of dying noisily.
+            self._refuse(_ABORT_UNEXPECTED_PDU, f"protocol violation: {exc}")
+            self.assoc.is_aborted, self.assoc.is_established = True, False
+            self.kill_dul()
 
     def _drop(self, why: str | None) -> None:
         """The transport is gone or useless: close it (Evt17) and wake an acceptor still waiting."""
@@ -259,9 +275,14 @@ class FastRequestHandler(RequestHandler):
     """pynetdicom's request handler with the fast and bounded classes above for each association."""
 
     def handle(self) -> None:
-        if isinstance(self.request, ssl.SSLSocket) and not self._tls_handshake():
-            return
-        super().handle()
+        try:
+            if isinstance(self.request, ssl.SSLSocket) and not self._tls_handshake():
+                return
+            super().handle()  # starts the association thread, which from now on counts as a connection
+        finally:
+            handed_over = getattr(self.server, "pb_handed_over", None)
+            if handed_over is not None:
+                handed_over(self.client_address)
 
     def _tls_handshake(self) -> bool:
         limits: TransportLimits = getattr(self.server, "pb_limits", None) or TransportLimits()
@@ -288,6 +309,7 @@ class FastRequestHandler(RequestHandler):
             assoc.dul.socket.__class__ = FastAssociationSocket
         if type(assoc.dul) is DULServiceProvider:
             assoc.dul.__class__ = BoundedDUL
+            assoc.dul._target = assoc.dul.run_reactor  # the thread captured the original bound method
         if type(assoc.dimse) is DIMSEServiceProvider:
             assoc.dimse.__class__ = BoundedDIMSE
         if type(assoc.acse) is ACSE:
@@ -301,6 +323,9 @@ class BoundedServerMixin:
 
     pb_limits: TransportLimits
     _pb_last_warning = 0.0
+    #: Connections accepted whose association thread has not started yet (so not in active_associations).
+    _pb_pending: list[str] | None = None
+    _pb_lock = threading.Lock()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = self.socket.accept()  # type: ignore[attr-defined]
@@ -314,17 +339,27 @@ class BoundedServerMixin:
         """Close a connection beyond twice the association limits before a thread is spent on it (within
         them, pynetdicom and :class:`BoundedACSE` answer the A-ASSOCIATE-RQ with a proper rejection)."""
         limits = self.pb_limits
-        # Both listeners (plain and TLS) share one AE, so count its acceptors, not this server's.
-        active = [a for a in self.ae.active_associations if a.is_acceptor]  # type: ignore[attr-defined]
-        same = sum(1 for a in active if a.requestor.address == client_address[0])
-        if len(active) < 2 * limits.max_associations and same < 2 * limits.max_associations_per_peer:
-            return True
+        with self._pb_lock:
+            if self._pb_pending is None:
+                self._pb_pending = []
+            # Both listeners (plain and TLS) share one AE, so count its acceptors, not this server's.
+            active = [a.requestor.address for a in self.ae.active_associations  # type: ignore[attr-defined]
+                      if a.is_acceptor] + self._pb_pending
+            same = active.count(client_address[0])
+            if len(active) < 2 * limits.max_associations and same < 2 * limits.max_associations_per_peer:
+                self._pb_pending.append(client_address[0])
+                return True
         now = time.monotonic()
         if now - self._pb_last_warning > 1.0:  # a flood must not flood the log too
             self._pb_last_warning = now
             log.warning("DICOM connection from %s:%s closed: %d connections open (%d from this address)",
                         client_address[0], client_address[1], len(active), same)
         return False
+
+    def pb_handed_over(self, client_address: Any) -> None:  # noqa: ANN401
+        with self._pb_lock:
+            if self._pb_pending and client_address[0] in self._pb_pending:
+                self._pb_pending.remove(client_address[0])
 
 
 class BoundedAssociationServer(BoundedServerMixin, ThreadedAssociationServer):
