@@ -106,6 +106,8 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=1, help="runs per receiver; the best is reported")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--only", default="", metavar="TEXT",
+                    help="run only the receivers whose name contains TEXT (e.g. pacsbridge); no ratios then")
     args = ap.parse_args()
     if shutil.which("storescu") is None or shutil.which("storescp") is None:
         print("DCMTK (storescu/storescp) is required: apt-get install dcmtk", file=sys.stderr)
@@ -135,6 +137,8 @@ def main() -> int:
                 ["storescp", "-pdu", "131072", "-od", str(out), str(port)], None),
         }
         results: dict[str, float] = {}
+        if args.only:
+            receivers = {k: v for k, v in receivers.items() if args.only in k}
         for name, make in receivers.items():
             best = None
             for _ in range(args.repeat):
@@ -147,6 +151,8 @@ def main() -> int:
             results[name] = total_mb / best
             print(f"  {name:38s} {best:7.2f} s  {results[name]:8.1f} MB/s", flush=True)
 
+        if args.only:
+            return 0
         ours = results["pacsbridge (fsync + DB row)"]
         bare_default = max(results["pynetdicom storescp"], results["DCMTK storescp"])
         bare_tuned = max(v for k, v in results.items() if not k.startswith("pacsbridge"))
