@@ -122,7 +122,7 @@ def main() -> int:
         def pacsbridge(port: int, out: Path) -> tuple[list[str], dict]:
             env = {k: v for k, v in os.environ.items() if not k.startswith("PACSBRIDGE_")}
             env.update(PACSBRIDGE_DATA_DIR=str(out), PACSBRIDGE_DICOM_PORT=str(port), PACSBRIDGE_HTTP_PORT="0",
-                       PACSBRIDGE_BIND_ADDRESS="127.0.0.1", PACSBRIDGE_WORKER_ENABLED="false",
+                       PACSBRIDGE_DICOM_HOST="127.0.0.1", PACSBRIDGE_WORKER_ENABLED="false",
                        PACSBRIDGE_LOG_LEVEL="WARNING", PACSBRIDGE_FSYNC="true")
             return [sys.executable, "-m", "pacsbridge", "serve"], env
 

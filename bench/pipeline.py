@@ -108,7 +108,7 @@ class Serve:
         self.port, self.http = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PACSBRIDGE_")}
         env.update(PACSBRIDGE_DATA_DIR=str(data), PACSBRIDGE_DICOM_PORT=str(self.port),
-                   PACSBRIDGE_HTTP_PORT=str(self.http), PACSBRIDGE_BIND_ADDRESS="127.0.0.1",
+                   PACSBRIDGE_HTTP_PORT=str(self.http), PACSBRIDGE_DICOM_HOST="127.0.0.1",
                    PACSBRIDGE_MODEL_PATH=str(model), PACSBRIDGE_LOG_LEVEL="WARNING")
         self.log = open(data / "serve.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "pacsbridge", "serve"], env=env, cwd=REPO,

@@ -233,7 +233,7 @@ def daemon_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PACSBRIDGE_")}
     env.update(
         PACSBRIDGE_DATA_DIR=str(data_dir), PACSBRIDGE_DICOM_PORT=str(port), PACSBRIDGE_HTTP_PORT="0",
-        PACSBRIDGE_BIND_ADDRESS="127.0.0.1", PACSBRIDGE_WORKER_ENABLED="false",
+        PACSBRIDGE_DICOM_HOST="127.0.0.1", PACSBRIDGE_WORKER_ENABLED="false",
     )
     env.update(extra)
     return env
