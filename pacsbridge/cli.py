@@ -37,6 +37,22 @@ def setup_logging(level: str) -> None:
     warnings_logger = logging.getLogger("py.warnings")
     if not any(isinstance(f, _WarningsToDebug) for f in warnings_logger.filters):
         warnings_logger.addFilter(_WarningsToDebug())
+    # pynetdicom logs a traceback at ERROR for each malformed PDU or DIMSE message a peer sends (then aborts
+    # the association): that is the peer's error, one WARNING line without the traceback (unless DEBUG).
+    if level != "DEBUG":
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_PynetdicomOneLine())
+
+
+class _PynetdicomOneLine(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("pynetdicom") and record.levelno >= logging.ERROR:
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                record.msg, record.args = f"{record.getMessage()} ({type(exc).__name__})", None
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 class _WarningsToDebug(logging.Filter):

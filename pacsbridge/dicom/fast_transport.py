@@ -248,7 +248,17 @@ class BoundedDIMSE(DIMSEServiceProvider):
                 self.message = None
                 self.dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT and end the association
                 return
-        super().receive_primitive(primitive)
+        try:
+            super().receive_primitive(primitive)
+        except Exception as exc:  # noqa: BLE001 - e.g. a command set without Command Field (found by fuzzing)
+            # pynetdicom would log a traceback and abort; do the same with one line naming the peer.
+            peer = _peer(self.dul)
+            why = f"undecodable DIMSE message: {type(exc).__name__}: {str(exc)[:200]}"
+            log.warning("DICOM association with %s aborted: %s", peer, why)
+            if limits.on_refused is not None:
+                limits.on_refused("association_aborted", why, peer)
+            self.message = None
+            self.dul.event_queue.put("Evt19")
 
 
 class BoundedACSE(ACSE):
