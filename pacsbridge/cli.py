@@ -125,6 +125,11 @@ def _cmd_db(args: argparse.Namespace) -> int:
     from pacsbridge.daemon import _first_line
 
     settings = _settings(args)
+    if args.db_command == "current":  # read-only: never create a database to report on it
+        engine = open_existing_database(settings, "db current", require_head=False)
+        if engine is None:
+            return 1
+        engine.dispose()
     try:
         engine = make_engine(settings.database_url)
     except OSError as exc:
@@ -158,7 +163,7 @@ def _add_db(sub: argparse._SubParsersAction) -> None:
 
 
 # -- read-only commands: the database must exist and be migrated --------------------------------
-def open_existing_database(settings: Settings, command: str):  # noqa: ANN201 - sqlalchemy Engine | None
+def open_existing_database(settings: Settings, command: str, require_head: bool = True):  # noqa: ANN201 - Engine | None
     """The engine of an existing, migrated database, or None after printing one line saying what is wrong.
 
     Read-only commands never create anything: run from another directory without the daemon's
@@ -186,7 +191,7 @@ def open_existing_database(settings: Settings, command: str):  # noqa: ANN201 - 
         engine.dispose()
         print(f"pacsbridge {command}: cannot read the database {shown}: {_first_line(exc)}", file=sys.stderr)
         return None
-    if current != head:
+    if require_head and current != head:
         engine.dispose()
         print(f"pacsbridge {command}: the database {shown} is at schema revision {current or 'none (empty)'}, "
               f"not {head}: run `pacsbridge db upgrade` (or start `pacsbridge serve`) with the same configuration",

@@ -82,8 +82,8 @@ def test_status_elsewhere_creates_nothing_and_says_where_it_looked(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in daemon_env(tmp_path, 1).items() if k != "PACSBRIDGE_DATA_DIR"}
-    for command in ("status", "worklist"):
-        line = one_clear_line(run(command, env=env, cwd=elsewhere), "no pacsbridge database", str(elsewhere))
+    for command in (["status"], ["worklist"], ["db", "current"]):
+        line = one_clear_line(run(*command, env=env, cwd=elsewhere), "no pacsbridge database", str(elsewhere))
         assert "--config" in line
     assert list(elsewhere.iterdir()) == []  # no ./var
 
