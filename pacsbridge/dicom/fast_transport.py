@@ -70,7 +70,7 @@ class TransportLimits:
     max_pdu: int = 4_194_304                 # P-DATA-TF: what we advertise as our maximum PDU length
     max_association_pdu: int = MAX_ASSOCIATION_PDU
     max_command_bytes: int = MAX_COMMAND_BYTES
-    max_dataset_bytes: int = 256 * 1024 * 1024
+    max_dataset_bytes: int = 128 * 1024 * 1024
     read_timeout: float = 60.0               # seconds a peer may stay silent in the middle of a PDU
     tls_handshake_timeout: float = 10.0
     max_associations: int = 16               # total (pynetdicom enforces it at A-ASSOCIATE)

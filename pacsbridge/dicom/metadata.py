@@ -29,7 +29,7 @@ _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _PIXEL_DATA = 0x7FE00010
 _UNDEFINED = 0xFFFFFFFF
 #: Default cap on an inflated Deflated Explicit VR Little Endian data set (config max_inflated_bytes).
-DEFAULT_MAX_INFLATED_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_INFLATED_BYTES = 128 * 1024 * 1024
 
 
 class RejectedDataset(Exception):

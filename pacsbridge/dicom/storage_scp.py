@@ -214,7 +214,7 @@ class StorageSCP:
         max_associations: int = 16, dimse_timeout: float = 60.0, network_timeout: float = 60.0,
         stop_timeout: float = 60.0, notifier: StoreNotifier | None = None,
         check_called_ae: bool = True, max_associations_per_peer: int = 8, acse_timeout: float = 30.0,
-        max_dataset_bytes: int = 268_435_456, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+        max_dataset_bytes: int = 134_217_728, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
         tls_context: ssl.SSLContext | None = None, tls_port: int | None = None, tls_only: bool = False,
     ) -> None:
         self.ae_title = ae_title

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
-#: Default limit: 256 MiB (a 4,300 x 3,500 16-bit chest radiograph needs 30 MB).
-DEFAULT_MAX_DECODED_BYTES = 256 * 1024 * 1024
+#: Default limit: 128 MiB (a 4,300 x 3,500 16-bit chest radiograph needs 30 MB).
+DEFAULT_MAX_DECODED_BYTES = 128 * 1024 * 1024
 
 
 def decoded_size(ds: Dataset) -> int:
