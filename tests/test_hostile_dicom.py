@@ -25,9 +25,16 @@ FOUR_GIB = 0xFFFFFFF0
 RSS_BOUND = 256 * 1024 * 1024
 
 
-def events(receiver, kind: str) -> list[Event]:
-    with receiver.sessions() as s:
-        return list(s.scalars(select(Event).where(Event.kind == kind)))
+def events(receiver, kind: str, wait_for: int = 0) -> list[Event]:
+    """Events of ``kind``; with ``wait_for``, wait (up to 5 s) until that many are there: a rejection
+    reaches the peer just before its handler has committed the event."""
+    deadline = time.monotonic() + 5
+    while True:
+        with receiver.sessions() as s:
+            found = list(s.scalars(select(Event).where(Event.kind == kind)))
+        if len(found) >= wait_for or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def spool_files(receiver) -> list:
@@ -81,7 +88,7 @@ def test_association_pdu_over_64_kib_is_aborted_before_reading_it(tmp_path):
         pdus, closed, port = exchange(r.port, b"\x01\x00" + struct.pack(">L", 65 * 1024) + b"\x00" * 100)
         assert [t for t, _ in pdus] == [7] and closed
         assert pdus[0][1][2:4] == b"\x02\x06"  # source: service provider, reason: invalid parameter value
-        ev = events(r, "association_aborted")
+        ev = events(r, "association_aborted", wait_for=1)
         assert len(ev) == 1 and f":{port}" in ev[0].peer and "65536" in ev[0].detail
         assert echo_ok(r.port)
 
@@ -118,7 +125,7 @@ def test_data_set_over_max_dataset_bytes_gets_a702_and_nothing_is_written(tmp_pa
         with r.sessions() as s:
             assert s.scalars(select(Instance.sop_instance_uid)).all() == [small.SOPInstanceUID]
         assert len(spool_files(r)) == 1  # only the small one; nothing half-written in tmp/
-        ev = events(r, "store_rejected")
+        ev = events(r, "store_rejected", wait_for=1)
         assert len(ev) == 1 and "0xA702" in ev[0].detail and "max_dataset_bytes" in ev[0].detail
 
 
@@ -129,7 +136,7 @@ def test_deflate_bomb_is_refused_with_a702(tmp_path):
         fine = make_image(transfer_syntax=DeflatedExplicitVRLittleEndian)
         ae = scu_ae([DeflatedExplicitVRLittleEndian])
         assert send_datasets(r.port, [bomb, fine], ae=ae) == [0xA702, 0]
-        ev = events(r, "store_rejected")
+        ev = events(r, "store_rejected", wait_for=1)
         assert len(ev) == 1 and "max_inflated_bytes" in ev[0].detail
 
 
@@ -151,7 +158,7 @@ def test_command_set_over_64_kib_aborts(tmp_path):
         pdata = b"\x04\x00" + struct.pack(">L", len(frag)) + frag
         pdus, closed, _ = exchange(r.port, [assoc_rq(), *[pdata] * 20])
         assert [t for t, _ in pdus][-1] == 7 and closed
-        assert any("command set" in e.detail for e in events(r, "association_aborted"))
+        assert any("command set" in e.detail for e in events(r, "association_aborted", wait_for=1))
 
 
 # -- association limits and AE titles ---------------------------------------------------------
@@ -174,7 +181,7 @@ def test_associations_per_peer_are_limited_with_the_standard_rejection(tmp_path)
         assert a4.is_established
         a2.release()
         a4.release()
-        reasons = [e.detail for e in events(r, "association_rejected")]
+        reasons = [e.detail for e in events(r, "association_rejected", wait_for=1)]
         assert reasons == ["too many associations from 127.0.0.1 (max_associations_per_peer = 2)"]
 
 
@@ -187,7 +194,7 @@ def test_total_associations_are_limited(tmp_path):
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
         a1.release()
         a2.release()
-        assert [e.detail for e in events(r, "association_rejected")] == ["too many associations (max_associations = 2)"]
+        assert [e.detail for e in events(r, "association_rejected", wait_for=1)] == ["too many associations (max_associations = 2)"]
 
 
 def test_connection_flood_beyond_twice_the_limits_is_closed_at_once(tmp_path):
@@ -213,7 +220,7 @@ def test_called_ae_title_is_checked_and_recorded(tmp_path):
         assert assoc.is_rejected
         rj = assoc.acceptor.primitive
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)  # permanent, called AE unknown
-        ev = events(r, "association_rejected")
+        ev = events(r, "association_rejected", wait_for=1)
         assert len(ev) == 1 and "SOMEONE_ELSE" in ev[0].detail and "127.0.0.1" in ev[0].peer
     with running_receiver(tmp_path / "off", check_called_ae=False) as r:
         assoc = _associate(r.port, called="SOMEONE_ELSE")
