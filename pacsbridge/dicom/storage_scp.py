@@ -35,6 +35,7 @@ from pacsbridge.dicom.fast_transport import FastRequestHandler
 from pacsbridge.dicom.metadata import (
     STATUS_OUT_OF_RESOURCES, STATUS_OUT_OF_RESOURCES_DB, RejectedDataset, read_metadata,
 )
+from pacsbridge.dicom.ups_scp import UpsContext, add_ups_contexts, ups_handlers
 from pacsbridge.store.notifier import StoreNotifier
 from pacsbridge.store.records import ReceivedInstance, record_event, record_received
 from pacsbridge.store.spool import Spool, spool_relpath
@@ -188,7 +189,7 @@ class StorageSCP:
         self, *, ae_title: str, bind_address: str, port: int, spool: Spool, sessions: sessionmaker[Session],
         allowed_calling_aes: list[str] | tuple[str, ...] = (), max_pdu: int = 4_194_304,
         max_associations: int = 16, dimse_timeout: float = 60.0, network_timeout: float = 60.0,
-        stop_timeout: float = 60.0, notifier: StoreNotifier | None = None,
+        stop_timeout: float = 60.0, notifier: StoreNotifier | None = None, ups: UpsContext | None = None,
     ) -> None:
         self.ae_title = ae_title
         self.bind_address = bind_address
@@ -202,6 +203,7 @@ class StorageSCP:
         self.network_timeout = network_timeout
         self.stop_timeout = stop_timeout
         self.notifier = notifier
+        self.ups = ups  # DICOM UPS pull of the worklist on the same AE (None: not offered)
         self._server: ThreadedAssociationServer | None = None
 
     def _make_ae(self) -> AE:
@@ -217,6 +219,8 @@ class StorageSCP:
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
+        if self.ups is not None:
+            add_ups_contexts(ae)
         return ae
 
     def start(self) -> None:
@@ -228,6 +232,8 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, handle_accepted),
             (evt.EVT_REJECTED, handle_rejected, [self.sessions, self.allowed]),
         ]
+        if self.ups is not None:
+            handlers += ups_handlers(self.ups)
         # start_server(block=False), but with our faster socket via pynetdicom's server hooks.
         ae = self._make_ae()
         server = ae.make_server((self.bind_address, self.requested_port), evt_handlers=handlers,
