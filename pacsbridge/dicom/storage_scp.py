@@ -139,6 +139,7 @@ def handle_store(event: DicomEvent, ctx: StoreContext) -> int:
         modality=meta.modality, body_part=meta.body_part, patient_id=meta.patient_id,
         accession_number=meta.accession_number, study_date=meta.study_date,
         requested_priority=meta.requested_priority,
+        study_fields=meta.study_fields(),
     )
     try:
         instance_id, created = record_received(ctx.sessions, rec, lambda: ctx.spool.commit(tmp, relpath))
