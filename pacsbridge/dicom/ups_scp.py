@@ -270,7 +270,7 @@ def _candidates(session: Session, identifier: Dataset, batch: int = 200) -> Iter
 
 def _exact_values(identifier: Dataset, keyword: str) -> list[str]:
     """The key's values when it is single-value or list matching without wildcards; [] otherwise."""
-    elem = identifier.get(keyword)
+    elem = identifier[keyword] if keyword in identifier else None
     if elem is None or elem.value in (None, ""):
         return []
     raw = elem.value
