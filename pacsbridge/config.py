@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     dimse_timeout: float = Field(60.0, gt=0)
     network_timeout: float = Field(60.0, gt=0)
     fsync: bool = Field(True, description="fsync each stored file and its folder before acknowledging.")
+    ups_enabled: bool = Field(True, description="Offer the worklist as DICOM UPS (pull) on the same AE and port.")
 
     model_path: Path = Field(DEFAULT_MODEL, description="Model artifact (.pt) with its .json card beside it.")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda'.")

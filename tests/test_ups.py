@@ -480,3 +480,96 @@ def test_pynetdicom_findscu_command_line_queries_ups(bridge: Bridge, tmp_path: P
     assert len(files) == 1, proc.stderr
     ds = dcmread(files[0])
     assert (ds.PatientID, ds.ScheduledProcedureStepPriority) == ("Q1", "HIGH")
+
+
+def test_pacsbridge_serve_offers_ups_on_its_dicom_port(tmp_path: Path) -> None:
+    """The daemon as deployed: a stored study whose positive prediction the scheduler turns into an item is
+    found and claimed over UPS on the same port that received it."""
+    from dicom_support import daemon_env, free_port, pacsbridge_cmd, wait_for_port
+
+    port = free_port()
+    data = tmp_path / "data"
+    proc = subprocess.Popen(pacsbridge_cmd("serve"), env=daemon_env(data, port, PACSBRIDGE_SCHEDULER_INTERVAL_S="0.5"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_port(port, 60, proc)
+        image = make_image(rows=16, cols=16)
+        assert send_datasets(port, [image]) == [0]
+        engine = make_engine(f"sqlite:///{data / 'pacsbridge.db'}")
+        sessions = make_sessionmaker(engine)
+        with sessions.begin() as s:  # what the inference worker (disabled here) would record
+            inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == image.SOPInstanceUID)).one()
+            inst.state = InstanceState.PREDICTED.value
+            s.add(Prediction(instance_id=inst.id, probability=0.9, positive=True, threshold=0.5, model_id="t",
+                             weights_sha256="0" * 64))
+        with performer(port) as reader:
+            deadline = datetime.now(timezone.utc) + timedelta(seconds=30)
+            found: list[Dataset] = []
+            while not found and datetime.now(timezone.utc) < deadline:
+                found, final = reader.find(query(ProcedureStepState="SCHEDULED", StudyInstanceUID=""))
+                assert final == 0x0000
+            assert [d.StudyInstanceUID for d in found] == [image.StudyInstanceUID]
+            assert reader.change_state(found[0].SOPInstanceUID, "IN PROGRESS", generate_uid()) == 0x0000
+        with sessions() as s:
+            assert s.scalars(select(WorklistItem.claimed_by)).one() == "ae:READER1"
+        engine.dispose()
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-3000:]
+
+
+def test_ups_not_offered_when_disabled(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'off.db'}")
+    migrations.upgrade(engine)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.prepare()
+    scp = StorageSCP(ae_title="PACSBRIDGE", bind_address="127.0.0.1", port=0, spool=spool,
+                     sessions=make_sessionmaker(engine), ups=None)
+    scp.start()
+    try:
+        ae = AE(ae_title="READER1")
+        ae.add_requested_context(UnifiedProcedureStepPull)
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title="PACSBRIDGE")
+        assert not assoc.is_established or not assoc.accepted_contexts
+        if assoc.is_established:
+            assoc.release()
+    finally:
+        scp.stop()
+        engine.dispose()
+
+
+# -- pure parts: priority bands, wildcard matching, finding codes ---------------------------------------
+def test_ups_priority_bands_follow_the_priority_score() -> None:
+    from pacsbridge.worklist.priority import priority_score
+
+    assert ups_priority(priority_score(0.7, 0, "ROUTINE", 240)) == "LOW"  # fresh routine positive
+    assert ups_priority(priority_score(0.7, 120, "ROUTINE", 240)) == "MEDIUM"  # waited half the maximum
+    assert ups_priority(priority_score(0.8, 0, "HIGH", 240)) == "MEDIUM"
+    assert ups_priority(priority_score(0.6, 0, "STAT", 240)) == "HIGH"
+    assert ups_priority(priority_score(0.3, 240, None, 240)) == "HIGH"  # every overdue item
+
+
+def test_wildcard_matching_is_dicom_and_linear() -> None:
+    import time
+
+    from pacsbridge.dicom.matching import wildcard_match
+
+    assert wildcard_match("DOE^*", "DOE^JOHN") and wildcard_match("?OE*", "DOE") and wildcard_match("*", "")
+    assert not wildcard_match("DOE^?", "DOE^JO") and not wildcard_match("[DR]OE", "DOE")  # no character classes
+    started = time.perf_counter()
+    assert not wildcard_match("*a" * 40 + "*b", "a" * 64)  # would backtrack for ages as a regex
+    assert time.perf_counter() - started < 1.0
+
+
+def test_finding_codes_accepted_from_the_performer() -> None:
+    from pacsbridge.dicom.ups_dataset import InvalidPerformedData, parse_performed_data
+
+    data, ignored = parse_performed_data(finding_mods(generate_uid(), "233604007", scheme="SCT"))
+    assert data.finding == "pneumonia" and ignored == []
+    mods = finding_mods(generate_uid(), "no_pneumonia", comment="clear")
+    mods.PatientName = "Changed^Name"  # not something a performer may change here: ignored, reported
+    data, ignored = parse_performed_data(mods)
+    assert (data.finding, data.comment, ignored) == ("no_pneumonia", "clear", ["PatientName"])
+    with pytest.raises(InvalidPerformedData):
+        parse_performed_data(finding_mods(generate_uid(), "12345", scheme="SCT"))

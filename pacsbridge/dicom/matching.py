@@ -10,9 +10,6 @@ the value compares on that precision), any-of for several values of other VRs, a
 
 from __future__ import annotations
 
-import re
-from functools import lru_cache
-
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -34,11 +31,28 @@ def _values(elem: DataElement) -> list[str]:
     return [v for v in text.split("\\")] if "\\" in text else [text]
 
 
-@lru_cache(maxsize=256)
-def _wildcard(pattern: str, ignore_case: bool) -> re.Pattern[str]:
-    # Only * and ? are special in DICOM (no character classes as in fnmatch).
-    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.compile(regex, (re.IGNORECASE | re.DOTALL) if ignore_case else re.DOTALL)
+def wildcard_match(pattern: str, value: str) -> bool:
+    """DICOM wildcard matching: ``*`` any run of characters, ``?`` one character, nothing else special.
+
+    Iterative, remembering only the last ``*`` (O(len(pattern) * len(value)) at worst): a query from a
+    hostile peer with many ``*`` cannot make it backtrack exponentially as a regular expression could.
+    """
+    p = v = 0
+    star, mark = -1, 0
+    while v < len(value):
+        if p < len(pattern) and (pattern[p] == "?" or pattern[p] == value[v]):
+            p += 1
+            v += 1
+        elif p < len(pattern) and pattern[p] == "*":
+            star, mark = p, v
+            p += 1
+        elif star >= 0:
+            p = star + 1
+            mark += 1
+            v = mark
+        else:
+            return False
+    return all(c == "*" for c in pattern[p:])
 
 
 def _match_one(key: str, value: str, vr: str) -> bool:
@@ -48,7 +62,7 @@ def _match_one(key: str, value: str, vr: str) -> bool:
         # A bound with less precision than the value compares on the bound's precision.
         return not (lo and v[: len(lo)] < lo) and not (hi and v[: len(hi)] > hi)
     if vr in _WILDCARD_VRS and ("*" in key or "?" in key):
-        return bool(_wildcard(key, vr == "PN").fullmatch(v))
+        return wildcard_match(key.lower(), v.lower()) if vr == "PN" else wildcard_match(key, v)
     if vr == "PN":
         return key.strip().lower() == v.lower()
     return key.strip() == v

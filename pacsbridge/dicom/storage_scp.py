@@ -295,5 +295,12 @@ def storage_scp_from_settings(  # noqa: ANN001 - settings: pacsbridge.config.Set
         spool=spool or Spool(Path(settings.spool_dir), fsync=settings.fsync), sessions=sessions,
         allowed_calling_aes=settings.allowed_calling_aes, max_pdu=settings.max_pdu,
         max_associations=settings.max_associations, dimse_timeout=settings.dimse_timeout,
-        network_timeout=settings.network_timeout, notifier=notifier,
+        network_timeout=settings.network_timeout, notifier=notifier, ups=ups_context_from_settings(settings, sessions),
     )
+
+
+def ups_context_from_settings(settings, sessions: sessionmaker[Session]) -> UpsContext | None:  # noqa: ANN001
+    """The UPS pull context (same claim timeout as the HTTP API), or None when ``ups_enabled`` is off."""
+    if not getattr(settings, "ups_enabled", True):
+        return None
+    return UpsContext(sessions=sessions, claim_timeout_s=getattr(settings, "claim_timeout_minutes", 30.0) * 60.0)
