@@ -20,7 +20,7 @@ from pydicom import Dataset, dcmread
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import UnifiedProcedureStepPull, UnifiedProcedureStepPush
+from pynetdicom.sop_class import UnifiedProcedureStepPull, UnifiedProcedureStepPush, UnifiedProcedureStepQuery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -132,17 +132,18 @@ CASES = [  # order by priority score: STAT p.70 (1.70), HIGH p.80 (1.30), ROUTIN
 class Performer:
     """One association to the bridge as a reading-room workstation with AE title ``ae_title``."""
 
-    def __init__(self, port: int, ae_title: str = "READER1") -> None:
+    def __init__(self, port: int, ae_title: str = "READER1", model: str = UnifiedProcedureStepPull) -> None:
         ae = AE(ae_title=ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-        ae.add_requested_context(UnifiedProcedureStepPull)
+        ae.add_requested_context(model)
+        self.model = model
         self.assoc = ae.associate("127.0.0.1", port, ae_title="PACSBRIDGE")
         assert self.assoc.is_established, "UPS association refused"
 
     def find(self, identifier: Dataset) -> tuple[list[Dataset], int]:
         """Matches and the final status."""
         found, final = [], None
-        for status, ds in self.assoc.send_c_find(identifier, UnifiedProcedureStepPull):
+        for status, ds in self.assoc.send_c_find(identifier, self.model):
             assert status is not None and "Status" in status, "no C-FIND response"
             if status.Status in (0xFF00, 0xFF01):
                 found.append(ds)
@@ -171,8 +172,8 @@ class Performer:
 
 
 @contextlib.contextmanager
-def performer(port: int, ae_title: str = "READER1") -> Iterator[Performer]:
-    p = Performer(port, ae_title)
+def performer(port: int, ae_title: str = "READER1", model: str = UnifiedProcedureStepPull) -> Iterator[Performer]:
+    p = Performer(port, ae_title, model)
     try:
         yield p
     finally:
@@ -251,6 +252,9 @@ def test_find_returns_scheduled_items_in_priority_order_with_their_attributes(br
     for ds in found:
         assert ds.ScheduledProcedureStepPriority == ups_priority(items[str(ds.PatientID)].priority)
     assert cases["P1"].probability == pytest.approx(items["P1"].probability)
+    with performer(bridge.port, "WATCHER", UnifiedProcedureStepQuery) as watcher:  # UPS Query: C-FIND only
+        found_q, final_q = watcher.find(ident)
+    assert final_q == 0x0000 and [d.SOPInstanceUID for d in found_q] == [d.SOPInstanceUID for d in found]
 
 
 def test_find_matching_keys(bridge: Bridge) -> None:
@@ -326,6 +330,7 @@ def test_claim_set_complete_through_ups(bridge: Bridge) -> None:
         assert row["status"] == "in_progress" and row["claimed_by"] == "ae:READER1"  # what HTTP shows
 
         assert rival.set(uid, finding_mods(other_txn, "no_pneumonia")) == 0xC301  # wrong Transaction UID
+        assert rival.set(uid, finding_mods(txn, "no_pneumonia")) == 0x0124  # the lock's UID, from another AE
         assert reader.set(uid, finding_mods(None, "pneumonia")) == 0xC301  # none given
         assert reader.change_state(uid, "COMPLETED", txn) == 0xC304  # no finding yet: final state not met
         assert reader.set(uid, finding_mods(txn, "bogus")) == 0x0106  # not a finding we know
@@ -340,6 +345,7 @@ def test_claim_set_complete_through_ups(bridge: Bridge) -> None:
         assert reader.set(uid, finding_mods(txn, None, comment="RLL consolidation, small effusion")) == 0x0000
 
         assert rival.change_state(uid, "COMPLETED", other_txn) == 0xC301
+        assert rival.change_state(uid, "COMPLETED", txn) == 0x0124  # the lock's UID, from another AE
         assert reader.change_state(uid, "SCHEDULED", txn) == 0xC303
         assert reader.change_state(uid, "COMPLETED", txn) == 0x0000
         assert reader.change_state(uid, "COMPLETED", txn) == 0xB306  # already so: a warning

@@ -349,6 +349,8 @@ def handle_set(event: DicomEvent, ctx: UpsContext) -> tuple[int, Dataset | None]
             return _refused(event, "N-SET", item, NOT_IN_PROGRESS)
         if transaction_uid is None or transaction_uid != item.transaction_uid:
             return _refused(event, "N-SET", item, WRONG_TRANSACTION_UID)
+        if item.claimed_by != actor.name:  # the lock's UID from another AE title: as lifecycle.complete refuses
+            return _refused(event, "N-SET", item, NOT_AUTHORISED, f"claim held by {item.claimed_by}")
         merged = _drafts(session, [item]).get(item.id, PerformedData()).merged(data)
         session.add(Event(
             at=now, kind=PERFORMED_EVENT, level="info", actor=actor.name[:64], worklist_item_id=item.id,
@@ -356,10 +358,9 @@ def handle_set(event: DicomEvent, ctx: UpsContext) -> tuple[int, Dataset | None]
             detail=json.dumps({"txn": _txn_tag(transaction_uid), "finding": merged.finding,
                                "comment": merged.comment, "cancel_reason": merged.cancel_reason}),
         ))
-        if item.claimed_by == actor.name:
-            # Activity from the holder keeps its claim alive (the same as claiming it again over HTTP).
-            lifecycle.claim(session, item.id, actor, now=now, claim_timeout_s=ctx.claim_timeout_s,
-                            transaction_uid=transaction_uid)
+        # Activity from the holder keeps its claim alive (the same as claiming it again over HTTP).
+        lifecycle.claim(session, item.id, actor, now=now, claim_timeout_s=ctx.claim_timeout_s,
+                        transaction_uid=transaction_uid)
         session.commit()
         item_id = item.id
     log.info("UPS N-SET on worklist item %d by %s: finding %s%s", item_id, actor.name, merged.finding or "-",
