@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     scheduler_interval_s: float = Field(2.0, gt=0, description="How often positives become worklist items.")
     priority_max_wait_minutes: float = Field(240.0, gt=0, description="After this wait an item rises to the top.")
     retention_days: float = Field(30.0, ge=0, description="Delete spooled files older than this; 0 = keep forever.")
+    claim_timeout_minutes: float = Field(
+        30.0, gt=0, le=24 * 60, description="A reader's claim on a worklist item lapses after this (HTTP and UPS).")
 
     log_level: str = Field("INFO")
 

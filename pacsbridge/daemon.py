@@ -114,7 +114,12 @@ class Daemon:
             retention_days=s.retention_days,
         ))
         if s.http_port:
-            components.append(HttpServer(create_app(self.sessions, metrics), s.bind_address, s.http_port))
+            app = create_app(
+                self.sessions, metrics, claim_timeout_s=s.claim_timeout_minutes * 60.0, spool_dir=Path(s.spool_dir),
+                model=getattr(self, "loaded_model", None),  # heatmaps, when the model provides them
+                ready=lambda: bool(self.components) and self._healthy(),
+            )
+            components.append(HttpServer(app, s.bind_address, s.http_port))
         return components
 
     def inference_worker(self, updater, metrics=None, hint: str = "") -> Component:  # noqa: ANN001
@@ -127,6 +132,7 @@ class Daemon:
             model = load_model(s.model_path, s.device)
         except ModelError as exc:
             raise ConfigError(f"model_path: {exc}{hint}") from None
+        self.loaded_model = model
         return InferenceWorker(
             self.sessions, model, Path(s.spool_dir), batch_size=s.inference_batch_size,
             max_wait_ms=s.inference_max_wait_ms, on_recorded=updater.refresh, metrics=metrics,

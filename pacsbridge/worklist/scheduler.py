@@ -31,11 +31,14 @@ def _safe(name: str, fn):  # noqa: ANN001, ANN202 - small wrapper
     return run
 
 
-def worklist_job(updater: WorklistUpdater, sessions: sessionmaker[Session]) -> None:
-    """One tick: return expired claims to the queue, then put new positives on it and age it."""
+def worklist_job(updater: WorklistUpdater, sessions: sessionmaker[Session], now: datetime | None = None) -> int:
+    """One tick: return expired claims to the queue, then put new positives on it and age it.
+    Returns how many claims expired."""
+    now = now or datetime.now(timezone.utc)
     with sessions.begin() as session:
-        expire_claims(session, datetime.now(timezone.utc))
-    updater.refresh()
+        expired = expire_claims(session, now)
+    updater.refresh(now=now)
+    return expired
 
 
 def make_scheduler(
