@@ -579,3 +579,46 @@ def test_finding_codes_accepted_from_the_performer() -> None:
     assert (data.finding, data.comment, ignored) == ("no_pneumonia", "clear", ["PatientName"])
     with pytest.raises(InvalidPerformedData):
         parse_performed_data(finding_mods(generate_uid(), "12345", scheme="SCT"))
+
+
+def test_http_api_and_ups_share_claims_and_findings(bridge: Bridge) -> None:
+    """Through the real HTTP API (FastAPI app, Bearer token) on one side and UPS on the other."""
+    from fastapi.testclient import TestClient
+
+    from pacsbridge.api.app import create_app
+    from pacsbridge.auth.users import create_user
+
+    items = add_studies(bridge, [StudyCase("Api^Claim", "A1", "ROUTINE", 0.9),
+                                 StudyCase("Ups^Claim", "A2", "ROUTINE", 0.8)])
+    with bridge.sessions.begin() as s:
+        token = create_user(s, "anna", "radiologist")[1]
+    client = TestClient(create_app(bridge.sessions, claim_timeout_s=1800))
+    anna = {"Authorization": f"Bearer {token}"}
+    a1, a2 = items["A1"], items["A2"]
+    txn = generate_uid()
+    with performer(bridge.port) as reader:
+        assert client.post(f"/api/worklist/{a1.id}/claim", headers=anna).status_code == 200
+        found, _ = reader.find(query(ProcedureStepState="IN PROGRESS", PatientID=""))
+        assert [str(d.PatientID) for d in found] == ["A1"]
+        assert reader.change_state(a1.ups_uid, "IN PROGRESS", txn) == 0xC302
+
+        assert reader.change_state(a2.ups_uid, "IN PROGRESS", txn) == 0x0000
+        rows = {r["id"]: r for r in client.get("/api/worklist", headers=anna).json()}
+        assert (rows[a2.id]["status"], rows[a2.id]["claimed_by"]) == ("in_progress", "ae:READER1")
+        conflict = client.post(f"/api/worklist/{a2.id}/claim", headers=anna)
+        assert conflict.status_code == 409 and conflict.json()["holder"] == "ae:READER1"
+        assert client.post(f"/api/worklist/{a2.id}/complete", headers=anna,
+                           json={"finding": "other"}).status_code == 409  # not the claimant
+
+        # each completes its own; each side sees the other's finding
+        assert client.post(f"/api/worklist/{a1.id}/complete", headers=anna,
+                           json={"finding": "no_pneumonia", "comment": "atelectasis"}).status_code == 200
+        assert reader.set(a2.ups_uid, finding_mods(txn, "pneumonia")) == 0x0000
+        assert reader.change_state(a2.ups_uid, "COMPLETED", txn) == 0x0000
+        found, _ = reader.find(query(ProcedureStepState="COMPLETED", PatientID="",
+                                     UnifiedProcedureStepPerformedProcedureSequence=Sequence()))
+        got = {str(d.PatientID): d.UnifiedProcedureStepPerformedProcedureSequence[0] for d in found}
+        assert got["A1"].PerformedProcessingParametersSequence[0].ConceptCodeSequence[0].CodeValue == "no_pneumonia"
+        assert got["A1"].CommentsOnThePerformedProcedureStep == "atelectasis"
+    done = {r["id"]: r for r in client.get("/api/worklist?status=completed", headers=anna).json()}
+    assert done[a2.id]["finding"] == "pneumonia" and done[a1.id]["finding"] == "no_pneumonia"

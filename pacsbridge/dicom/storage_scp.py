@@ -303,4 +303,4 @@ def ups_context_from_settings(settings, sessions: sessionmaker[Session]) -> UpsC
     """The UPS pull context (same claim timeout as the HTTP API), or None when ``ups_enabled`` is off."""
     if not getattr(settings, "ups_enabled", True):
         return None
-    return UpsContext(sessions=sessions, claim_timeout_s=getattr(settings, "claim_timeout_minutes", 30.0) * 60.0)
+    return UpsContext(sessions=sessions, claim_timeout_s=settings.claim_timeout_minutes * 60.0)
