@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -622,3 +623,54 @@ def test_http_api_and_ups_share_claims_and_findings(bridge: Bridge) -> None:
         assert got["A1"].CommentsOnThePerformedProcedureStep == "atelectasis"
     done = {r["id"]: r for r in client.get("/api/worklist?status=completed", headers=anna).json()}
     assert done[a2.id]["finding"] == "pneumonia" and done[a1.id]["finding"] == "no_pneumonia"
+
+
+def test_dimse_messages_for_other_sop_classes_do_not_reach_the_worklist(bridge: Bridge) -> None:
+    """pynetdicom picks the service from the message's SOP Class UID, not the presentation context: a hostile
+    peer can send a UPS C-FIND on a storage context, or a non-UPS N-ACTION on the UPS context.  Both are
+    refused (0x0122) and change nothing."""
+    from io import BytesIO
+
+    from pynetdicom.dimse_primitives import C_FIND, N_ACTION
+    from pynetdicom.dsutils import encode
+    from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+    items = add_studies(bridge, [StudyCase("Hostile^Peer", "X1", "ROUTINE", 0.9)])
+    ae = AE(ae_title="HOSTILE")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(ComputedRadiographyImageStorage)
+    ae.add_requested_context(UnifiedProcedureStepPull)
+    assoc = ae.associate("127.0.0.1", bridge.port, ae_title="PACSBRIDGE")
+    assert assoc.is_established
+    cx = {str(c.abstract_syntax): c.context_id for c in assoc.accepted_contexts}
+
+    def exchange(request, context_id: int):  # noqa: ANN001, ANN202 - as Association.send_c_echo does it
+        assoc._reactor_checkpoint.clear()  # pause the reactor so that the response comes to us
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        try:
+            assoc.dimse.send_msg(request, context_id)
+            return assoc.dimse.get_msg(block=True)[1]
+        finally:
+            assoc._reactor_checkpoint.set()
+
+    def encoded(ds: Dataset) -> BytesIO:
+        return BytesIO(encode(ds, True, True))  # implicit VR little endian, the contexts' first transfer syntax
+
+    try:
+        find = C_FIND()
+        find.MessageID, find.AffectedSOPClassUID, find.Priority = 7, UnifiedProcedureStepPull, 2
+        find.Identifier = encoded(query(ProcedureStepState="SCHEDULED", PatientID=""))
+        rsp = exchange(find, cx[ComputedRadiographyImageStorage])
+        assert rsp.Status == 0x0122 and not (rsp.Identifier and rsp.Identifier.getvalue())  # no match sent
+
+        action = N_ACTION()
+        action.MessageID, action.ActionTypeID = 8, 1
+        action.RequestedSOPClassUID = "1.2.840.10008.5.1.1.14"  # Print Job: not UPS
+        action.RequestedSOPInstanceUID = items["X1"].ups_uid
+        action.ActionInformation = encoded(query(ProcedureStepState="IN PROGRESS", TransactionUID=generate_uid()))
+        rsp = exchange(action, cx[UnifiedProcedureStepPull])
+        assert rsp.Status == 0x0122
+    finally:
+        assoc.release()
+    assert item_state(bridge, items["X1"].id).status == "scheduled"
