@@ -10,6 +10,7 @@ the value compares on that precision), any-of for several values of other VRs, a
 
 from __future__ import annotations
 
+from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -135,11 +136,11 @@ def _returned(key: DataElement, record: Dataset) -> DataElement:
             return DataElement(key.tag, "SQ", Sequence())
         sub = key.value[0] if key.value else None
         if sub is None or len(sub) == 0:
-            return DataElement(key.tag, "SQ", Sequence([_copy(i) for i in rec_elem.value]))
+            return rec_elem  # the whole sequence (shared: response datasets are only encoded)
         return DataElement(key.tag, "SQ", Sequence([_reduced(sub, i) for i in rec_elem.value]))
     if rec_elem is None:
         return DataElement(key.tag, key.VR, None)
-    return DataElement(rec_elem.tag, rec_elem.VR, rec_elem.value)
+    return rec_elem  # elements are not changed afterwards: share, do not copy
 
 
 def _reduced(keys: Dataset, item: Dataset) -> Dataset:
@@ -147,11 +148,4 @@ def _reduced(keys: Dataset, item: Dataset) -> Dataset:
     for elem in keys:
         if int(elem.tag) not in NEVER_RETURNED and elem.tag.group != 0x0000:
             out.add(_returned(elem, item))
-    return out
-
-
-def _copy(item: Dataset) -> Dataset:
-    out = Dataset()
-    for elem in item:
-        out.add(elem)
     return out

@@ -47,7 +47,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacsbridge.dicom.matching import matches, response_identifier
 from pacsbridge.dicom.ups_dataset import (
-    InvalidPerformedData, PerformedData, ReferencedSeries, UpsRecord, build_ups_dataset, parse_performed_data,
+    UPS_TAGS, InvalidPerformedData, PerformedData, ReferencedSeries, UpsRecord, build_ups_dataset,
+    parse_performed_data,
 )
 from pacsbridge.store.models import Event, Instance, Series, Study, WorklistItem, WorklistStatus, utcnow
 from pacsbridge.worklist import lifecycle
@@ -221,12 +222,14 @@ def handle_find(event: DicomEvent, ctx: UpsContext) -> Iterator[tuple[int, Datas
         yield IDENTIFIER_DOES_NOT_MATCH, None
         return
 
+    # Build only what the query names (plus the SOP Instance UID every response carries).
+    wanted = {int(e.tag) for e in identifier} | {0x00080018, 0x00080005}
     responses: list[Dataset] = []
     truncated = False
     with ctx.sessions() as session:
         for batch in _candidates(session, identifier):
             for record in load_records(session, batch):
-                full = build_ups_dataset(record)
+                full = build_ups_dataset(record, only=wanted)
                 if matches(identifier, full):
                     if len(responses) >= ctx.max_find_matches:
                         truncated = True
@@ -300,21 +303,12 @@ def handle_get(event: DicomEvent, ctx: UpsContext) -> tuple[int, Dataset | None]
             log.info("UPS N-GET from %s: no such UPS", _peer(event))
             return NO_SUCH_UPS, None
         record = load_records(session, [item])[0]
-    full = build_ups_dataset(record)
-    wanted = event.attribute_identifiers
+    wanted = {int(t) for t in event.attribute_identifiers}
     if not wanted:
-        return SUCCESS, full
-    out = Dataset()
-    out.SpecificCharacterSet = full.SpecificCharacterSet
-    missing = False
-    for tag in wanted:
-        if tag == 0x00081195:  # Transaction UID: never returned (PS3.4 CC.2.2.3)
-            missing = True
-        elif tag in full:
-            out.add(full[tag])
-        else:
-            missing = True
-    return (OPTIONAL_NOT_SUPPORTED if missing else SUCCESS), out
+        return SUCCESS, build_ups_dataset(record)
+    # Tags we do not hold (the Transaction UID among them: never returned, PS3.4 CC.2.2.3) get a warning.
+    missing = wanted - UPS_TAGS
+    return (OPTIONAL_NOT_SUPPORTED if missing else SUCCESS), build_ups_dataset(record, only=wanted | {0x00080005})
 
 
 # -- N-SET ---------------------------------------------------------------------------------------------
