@@ -674,3 +674,29 @@ def test_dimse_messages_for_other_sop_classes_do_not_reach_the_worklist(bridge: 
     finally:
         assoc.release()
     assert item_state(bridge, items["X1"].id).status == "scheduled"
+
+
+def test_database_unreachable_gives_failure_statuses_not_silence(tmp_path: Path) -> None:
+    """UPS requests while the database is down: C-FIND 0xC000 (unable to process), N-GET/N-ACTION 0x0110
+    (processing failure); the association and the receiver stay up."""
+    from dicom_support import free_port
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'rx.db'}")
+    migrations.upgrade(engine)
+    down = make_engine(f"postgresql+psycopg2://nobody@127.0.0.1:{free_port()}/none")  # nothing listens there
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.prepare()
+    scp = StorageSCP(ae_title="PACSBRIDGE", bind_address="127.0.0.1", port=0, spool=spool,
+                     sessions=make_sessionmaker(engine), ups=UpsContext(sessions=make_sessionmaker(down)))
+    scp.start()
+    try:
+        with performer(scp.port) as reader:
+            found, final = reader.find(query(ProcedureStepState="SCHEDULED"))
+            assert (found, final) == ([], 0xC000)
+            assert reader.get(generate_uid())[0] == 0x0110
+            assert reader.change_state(generate_uid(), "IN PROGRESS", generate_uid()) == 0x0110
+            assert reader.find(query(ProcedureStepState="SCHEDULED"))[1] == 0xC000  # the association still works
+    finally:
+        scp.stop()
+        engine.dispose()
+        down.dispose()

@@ -76,6 +76,7 @@ NOT_AUTHORISED = 0x0124
 INVALID_ARGUMENT_VALUE = 0x0115
 OUT_OF_RESOURCES = 0xA700
 IDENTIFIER_DOES_NOT_MATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
 ALREADY_CANCELED = 0xB304
 ALREADY_COMPLETED = 0xB306
 MAY_NO_LONGER_BE_UPDATED = 0xC300
@@ -226,18 +227,24 @@ def handle_find(event: DicomEvent, ctx: UpsContext) -> Iterator[tuple[int, Datas
     wanted = {int(e.tag) for e in identifier} | {0x00080018, 0x00080005}
     responses: list[Dataset] = []
     truncated = False
-    with ctx.sessions() as session:
-        for batch in _candidates(session, identifier):
-            for record in load_records(session, batch):
-                full = build_ups_dataset(record, only=wanted)
-                if matches(identifier, full):
-                    if len(responses) >= ctx.max_find_matches:
-                        truncated = True
-                        break
-                    responses.append(response_identifier(identifier, full, always=("SOPInstanceUID",)))
-            if truncated:
-                break
-    log.info("UPS C-FIND from %s: %d match(es)%s", _peer(event), len(responses), " (cut)" if truncated else "")
+    try:
+        with ctx.sessions() as session:
+            for batch in _candidates(session, identifier):
+                for record in load_records(session, batch):
+                    full = build_ups_dataset(record, only=wanted)
+                    if matches(identifier, full):
+                        if len(responses) >= ctx.max_find_matches:
+                            truncated = True
+                            break
+                        responses.append(response_identifier(identifier, full, always=("SOPInstanceUID",)))
+                if truncated:
+                    break
+    except Exception as exc:  # noqa: BLE001 - e.g. the database is unreachable: say so, do not crash
+        log.error("UPS C-FIND from %s failed: %s: %s", _peer(event), type(exc).__name__, exc)
+        yield UNABLE_TO_PROCESS, None
+        return
+    # DEBUG: workstations poll the worklist every few seconds.
+    log.debug("UPS C-FIND from %s: %d match(es)%s", _peer(event), len(responses), " (cut)" if truncated else "")
     for ds in responses:
         if event.is_cancelled:
             yield CANCEL, None
