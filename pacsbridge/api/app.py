@@ -153,8 +153,11 @@ def create_app(
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
-                            headers={"Cache-Control": "no-store"})
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers={
+            "Cache-Control": "no-store", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+            # Only our own script/style; images from blob: URLs made by the page after an authenticated fetch.
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; "
+                                       "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 

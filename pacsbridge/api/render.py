@@ -59,6 +59,15 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+def _fitted_font(draw: ImageDraw.ImageDraw, text: str, size: int, width: int) -> ImageFont.ImageFont:
+    """The largest font up to ``size`` whose rendering of ``text`` fits in ``width`` pixels."""
+    font = _font(size)
+    while size > 8 and draw.textlength(text, font=font) > width:
+        size -= 1
+        font = _font(size)
+    return font
+
+
 def to_png(image: np.ndarray, size: int, *, heat: np.ndarray | None = None, overlay: Any | None = None) -> bytes:
     """PNG of ``image`` (2-D float [0, 1]) fitted into ``size`` x ``size``, labelled.
 
@@ -75,12 +84,11 @@ def to_png(image: np.ndarray, size: int, *, heat: np.ndarray | None = None, over
     w, h = pic.size
     band = max(14, h // 18)
     draw = ImageDraw.Draw(pic)
-    font = _font(max(10, band - 4))
     draw.rectangle([0, 0, w, band], fill=(0, 0, 0))
-    draw.text((w / 2, band / 2), LABEL, fill=(255, 214, 0), font=font, anchor="mm")
     draw.rectangle([0, h - band, w, h], fill=(0, 0, 0))
-    draw.text((w / 2, h - band / 2), "pacsbridge triage preview - " + LABEL.lower(), fill=(255, 214, 0),
-              font=font, anchor="mm")
+    for y, text in ((band / 2, LABEL), (h - band / 2, "AI triage preview - " + LABEL)):
+        font = _fitted_font(draw, text, max(10, band - 4), w - 8)
+        draw.text((w / 2, y), text, fill=(255, 214, 0), font=font, anchor="mm")
     out = io.BytesIO()
     pic.save(out, "PNG", optimize=False)
     return out.getvalue()

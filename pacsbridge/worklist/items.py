@@ -36,7 +36,7 @@ MIN_PRIORITY_STEP = 1e-3
 
 #: Each incremental run looks this many prediction ids below the highest it saw: a transaction
 #: that took a lower id but committed later (several workers on PostgreSQL) is not missed.
-LOOKBACK_IDS = 1000
+LOOKBACK_IDS = 64
 
 ALL_STATUSES = tuple(s.value for s in WorklistStatus)
 
@@ -190,33 +190,53 @@ def _modality_subquery():  # noqa: ANN202
             .correlate(Study).scalar_subquery())
 
 
-def item_row(item: WorklistItem, study: Study, modality: str | None, now: datetime) -> dict[str, Any]:
-    """The fields of one item, as the API and ``pacsbridge worklist --json`` show them."""
-    received = as_utc(study.created_at)
-    end = as_utc(item.completed_at) if item.completed_at else now
+W, S = WorklistItem, Study
+#: The columns behind :func:`item_row` (plain columns, not ORM objects: listing stays cheap).
+ROW_COLUMNS = (
+    W.id, W.status, W.priority, W.probability, W.first_positive_at, W.claimed_by, W.claim_expires_at, W.finding,
+    W.completed_by, W.completed_at, W.ups_uid, W.comment, W.cancel_reason, W.claimed_at,
+    S.study_instance_uid, S.accession_number, S.patient_name, S.patient_id, S.patient_age, S.patient_sex,
+    S.patient_birth_date, S.study_date, S.study_description, S.referring_physician, S.requested_priority,
+    S.created_at.label("study_received_at"), _modality_subquery().label("modality"),
+)
+
+
+def row_query():  # noqa: ANN201 - a Select
+    """SELECT of :data:`ROW_COLUMNS` (items joined with their study)."""
+    return select(*ROW_COLUMNS).join(Study, Study.id == WorklistItem.study_id)
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return as_utc(dt).isoformat() if dt is not None else None
+
+
+def item_row(r: Any, now: datetime) -> dict[str, Any]:
+    """The fields of one item (a row of :func:`row_query`), as the API and ``pacsbridge worklist --json`` show them."""
+    received = as_utc(r.study_received_at)
+    end = as_utc(r.completed_at) if r.completed_at else now
     return {
-        "id": item.id,
-        "status": item.status,
-        "priority": round(item.priority, 6),
-        "probability": round(item.probability, 6),
-        "study_instance_uid": study.study_instance_uid,
-        "accession_number": study.accession_number,
-        "patient_name": study.patient_name,
-        "patient_id": study.patient_id,
-        "patient_age": study.patient_age,
-        "study_date": study.study_date,
-        "study_description": study.study_description,
-        "modality": modality,
-        "requested_priority": study.requested_priority,
+        "id": r.id,
+        "status": r.status,
+        "priority": round(r.priority, 6),
+        "probability": round(r.probability, 6),
+        "study_instance_uid": r.study_instance_uid,
+        "accession_number": r.accession_number,
+        "patient_name": r.patient_name,
+        "patient_id": r.patient_id,
+        "patient_age": r.patient_age,
+        "study_date": r.study_date,
+        "study_description": r.study_description,
+        "modality": r.modality,
+        "requested_priority": r.requested_priority,
         "received_at": received.isoformat(),
-        "first_positive_at": as_utc(item.first_positive_at).isoformat(),
+        "first_positive_at": _iso(r.first_positive_at),
         "waiting_s": round(max((end - received).total_seconds(), 0.0), 1),
-        "claimed_by": item.claimed_by if item.status == WorklistStatus.IN_PROGRESS.value else None,
-        "claim_expires_at": as_utc(item.claim_expires_at).isoformat() if item.claim_expires_at else None,
-        "finding": item.finding,
-        "completed_by": item.completed_by,
-        "completed_at": as_utc(item.completed_at).isoformat() if item.completed_at else None,
-        "ups_uid": item.ups_uid,
+        "claimed_by": r.claimed_by if r.status == WorklistStatus.IN_PROGRESS.value else None,
+        "claim_expires_at": _iso(r.claim_expires_at) if r.status == WorklistStatus.IN_PROGRESS.value else None,
+        "finding": r.finding,
+        "completed_by": r.completed_by,
+        "completed_at": _iso(r.completed_at),
+        "ups_uid": r.ups_uid,
     }
 
 
@@ -230,15 +250,14 @@ def list_worklist(
     """
     now = as_utc(now or utcnow())
     q = (
-        select(WorklistItem, Study, _modality_subquery())
-        .join(Study, Study.id == WorklistItem.study_id)
+        row_query()
         .where(WorklistItem.status.in_(_statuses(status, include_completed)))
         .order_by(WorklistItem.priority.desc(), WorklistItem.first_positive_at, WorklistItem.id)
         .offset(offset)
     )
     if limit is not None:
         q = q.limit(limit)
-    return [item_row(item, study, modality, now) for item, study, modality in session.execute(q)]
+    return [item_row(r, now) for r in session.execute(q)]
 
 
 def count_items(session: Session, include_completed: bool = False) -> int:

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..store.models import Event, Instance, Prediction, Series, Study, WorklistItem, WorklistStatus, utcnow
-from .items import _modality_subquery, item_row
+from .items import item_row, row_query
 from .lifecycle import ItemNotFound, as_utc
 
 #: Most instances one listing returns.
@@ -60,24 +60,21 @@ def list_instances(session: Session, *, study_instance_uid: str | None = None, s
 
 def item_detail(session: Session, item_id: int, now: datetime | None = None) -> dict[str, Any]:
     """The item's worklist fields, its study's instances with predictions, and its history."""
-    row = session.execute(
-        select(WorklistItem, Study, _modality_subquery()).join(Study, Study.id == WorklistItem.study_id)
-        .where(WorklistItem.id == item_id)).one_or_none()
-    if row is None:
+    r = session.execute(row_query().where(WorklistItem.id == item_id)).one_or_none()
+    if r is None:
         raise ItemNotFound(f"item {item_id} does not exist", item_id)
-    item, study, modality = row
-    out = item_row(item, study, modality, as_utc(now or utcnow()))
+    out = item_row(r, as_utc(now or utcnow()))
     out.update({
-        "comment": item.comment, "cancel_reason": item.cancel_reason, "claimed_at": _iso(item.claimed_at),
-        "patient_sex": study.patient_sex, "patient_birth_date": study.patient_birth_date,
-        "referring_physician": study.referring_physician,
+        "comment": r.comment, "cancel_reason": r.cancel_reason, "claimed_at": _iso(r.claimed_at),
+        "patient_sex": r.patient_sex, "patient_birth_date": r.patient_birth_date,
+        "referring_physician": r.referring_physician,
     })
     out["instances"] = sorted(
-        list_instances(session, study_instance_uid=study.study_instance_uid, limit=MAX_INSTANCES),
+        list_instances(session, study_instance_uid=r.study_instance_uid, limit=MAX_INSTANCES),
         key=lambda r: (-(r["probability"] or -1.0), r["id"]))
     out["events"] = [
         {"at": _iso(e.at), "kind": e.kind, "actor": e.actor, "detail": e.detail}
-        for e in session.scalars(select(Event).where(Event.worklist_item_id == item.id).order_by(Event.id))
+        for e in session.scalars(select(Event).where(Event.worklist_item_id == r.id).order_by(Event.id))
     ]
     return out
 
