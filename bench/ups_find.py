@@ -4,8 +4,8 @@ Fills a fresh database with N studies (one image and one positive prediction eac
 WorklistUpdater opens their items), starts the receiver with UPS on a loopback port and times, over
 one association of a pynetdicom SCU: C-ECHO (the reference round trip), C-FIND of every SCHEDULED
 item (returns the first ``max_find_matches``, 1000, then 0xA700), C-FIND by Patient ID (one match),
-N-GET of one item, and a claim / N-SET / complete cycle (of items found by one earlier C-FIND).  Prints p50 / p95 in ms and the ratio of
-each p50 to the C-ECHO p50.
+N-GET of one item, and a claim / N-SET / complete cycle (of items found by one earlier C-FIND).
+Prints p50 / p95 in ms and the ratio of each p50 to the C-ECHO p50.
 
     .venv/bin/python bench/ups_find.py [--items 5000] [--repeats 20] [--backend sqlite|postgresql|both]
 

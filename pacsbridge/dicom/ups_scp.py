@@ -47,8 +47,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacsbridge.dicom.matching import matches, response_identifier
 from pacsbridge.dicom.ups_dataset import (
-    UPS_TAGS, InvalidPerformedData, PerformedData, ReferencedSeries, UpsRecord, build_ups_dataset,
-    parse_performed_data,
+    UPS_HIGH_AT, UPS_MEDIUM_AT, UPS_TAGS, InvalidPerformedData, PerformedData, ReferencedSeries, UpsRecord,
+    build_ups_dataset, parse_performed_data,
 )
 from pacsbridge.store.models import Event, Instance, Series, Study, WorklistItem, WorklistStatus, utcnow
 from pacsbridge.worklist import lifecycle
@@ -263,6 +263,16 @@ def _candidates(session: Session, identifier: Dataset, batch: int = 200) -> Iter
         if statuses is None:
             return  # no state matches an unknown value
         q = q.where(WorklistItem.status.in_(statuses))
+    priority = _single(identifier, "ScheduledProcedureStepPriority")
+    if priority is not None:
+        band = {"HIGH": (UPS_HIGH_AT, None), "MEDIUM": (UPS_MEDIUM_AT, UPS_HIGH_AT), "LOW": (None, UPS_MEDIUM_AT)}
+        if priority.upper() not in band:
+            return
+        low, high = band[priority.upper()]
+        if low is not None:
+            q = q.where(WorklistItem.priority >= low)
+        if high is not None:
+            q = q.where(WorklistItem.priority < high)
     for keyword, column in (("SOPInstanceUID", WorklistItem.ups_uid), ("StudyInstanceUID", Study.study_instance_uid),
                             ("PatientID", Study.patient_id)):
         values = _exact_values(identifier, keyword)
@@ -270,12 +280,15 @@ def _candidates(session: Session, identifier: Dataset, batch: int = 200) -> Iter
             q = q.where(column.in_(values))
     q = q.order_by(WorklistItem.priority.desc(), WorklistItem.first_positive_at, WorklistItem.id)
     offset = 0
+    seen: set[int] = set()  # priorities change while we page: never return an item twice
     while True:
-        items = list(session.scalars(q.limit(batch).offset(offset)))
-        if not items:
+        page = list(session.scalars(q.limit(batch).offset(offset)))
+        if not page:
             return
+        offset += len(page)
+        items = [i for i in page if i.id not in seen]
+        seen.update(i.id for i in items)
         yield items
-        offset += len(items)
 
 
 def _exact_values(identifier: Dataset, keyword: str) -> list[str]:
