@@ -89,6 +89,7 @@ NOT_IN_PROGRESS = 0xC310
 PENDING = 0xFF00
 CANCEL = 0xFE00
 
+INPUT_INFORMATION = 0x00404021  # Input Information Sequence
 CHANGE_UPS_STATE = 1  # N-ACTION Action Type ID (PS3.4 Table CC.2.1-1)
 PERFORMED_EVENT = "ups_performed_data"
 
@@ -148,14 +149,16 @@ def _txn_tag(transaction_uid: str | None) -> str:
 
 
 # -- reading worklist items as UPS records ------------------------------------------------------------
-def load_records(session: Session, items: list[WorklistItem]) -> list[UpsRecord]:
-    """UPS records for ``items`` (their studies, referenced instances and performed data), same order."""
+def load_records(session: Session, items: list[WorklistItem], *, instances: bool = True) -> list[UpsRecord]:
+    """UPS records for ``items`` (their studies, referenced instances and performed data), same order.
+
+    ``instances=False`` leaves the referenced instances out (a C-FIND that does not ask for them)."""
     if not items:
         return []
     study_ids = sorted({i.study_id for i in items})
     studies = {s.id: s for s in session.scalars(select(Study).where(Study.id.in_(study_ids)))}
     series: dict[int, dict[str, list[tuple[str, str]]]] = {}
-    rows = session.execute(
+    rows = [] if not instances else session.execute(
         select(Series.study_id, Series.series_instance_uid, Instance.sop_class_uid, Instance.sop_instance_uid)
         .join(Instance, Instance.series_id == Series.id)
         .where(Series.study_id.in_(study_ids))
@@ -230,7 +233,7 @@ def handle_find(event: DicomEvent, ctx: UpsContext) -> Iterator[tuple[int, Datas
     try:
         with ctx.sessions() as session:
             for batch in _candidates(session, identifier):
-                for record in load_records(session, batch):
+                for record in load_records(session, batch, instances=INPUT_INFORMATION in wanted):
                     full = build_ups_dataset(record, only=wanted)
                     if matches(identifier, full):
                         if len(responses) >= ctx.max_find_matches:
