@@ -284,3 +284,38 @@ def test_healthz_reports_a_broken_database(tmp_path: Path) -> None:
     r = client.get("/healthz")
     assert r.status_code == 503 and r.json()["status"] == "error"
     assert client.get("/readyz").status_code == 503
+
+
+def test_heatmap_overlay_uses_the_models_heatmap_module(env, monkeypatch, tmp_path: Path) -> None:
+    """With a model and pacsbridge.model.heatmap (the model issue's module) the overlay is drawn by its
+    overlay_rgb from its grad_cam; here a recording stand-in for the module checks the wiring."""
+    import sys
+    import types
+
+    sessions, client, h, _, _ = env
+    calls = []
+    fake = types.ModuleType("pacsbridge.model.heatmap")
+
+    def grad_cam(model, image2d):
+        calls.append(("grad_cam", model, image2d.shape))
+        return np.ones_like(image2d)
+
+    def overlay_rgb(image2d, heat, label):
+        calls.append(("overlay", heat.shape))
+        out = np.zeros(image2d.shape + (3,), np.uint8)
+        out[..., 0] = 200  # red everywhere
+        return out
+
+    fake.grad_cam, fake.overlay_rgb = grad_cam, overlay_rgb
+    monkeypatch.setitem(sys.modules, "pacsbridge.model.heatmap", fake)
+    sentinel = object()
+    client2 = TestClient(create_app(sessions, spool_dir=tmp_path / "spool", model=sentinel))
+    iid = client2.get("/api/instances?study_instance_uid=2.1", headers=h["anna"]).json()[0]["id"]
+    item = client2.get("/api/worklist", headers=h["anna"]).json()[1]["id"]
+    assert client2.get(f"/api/worklist/{item}", headers=h["anna"]).json()["heatmap_available"] is True
+    r = client2.get(f"/api/instances/{iid}/image.png?overlay=heatmap&size=128", headers=h["anna"])
+    assert r.status_code == 200
+    pic = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
+    mid = pic[pic.shape[0] // 2]
+    assert (mid[:, 0] > 150).all() and (mid[:, 1] < 50).all()
+    assert calls[0][0] == "grad_cam" and calls[0][1] is sentinel and calls[1][0] == "overlay"

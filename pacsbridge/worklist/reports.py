@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..store.models import Event, Instance, Prediction, Series, Study, WorklistItem, WorklistStatus, utcnow
-from .items import item_row, row_query
+from .items import fetch_rows, item_row, row_query
 from .lifecycle import ItemNotFound, as_utc
 
 #: Most instances one listing returns.
@@ -60,21 +60,22 @@ def list_instances(session: Session, *, study_instance_uid: str | None = None, s
 
 def item_detail(session: Session, item_id: int, now: datetime | None = None) -> dict[str, Any]:
     """The item's worklist fields, its study's instances with predictions, and its history."""
-    r = session.execute(row_query().where(WorklistItem.id == item_id)).one_or_none()
-    if r is None:
+    rows = fetch_rows(session, row_query().where(WorklistItem.id == item_id))
+    if not rows:
         raise ItemNotFound(f"item {item_id} does not exist", item_id)
+    r = rows[0]
     out = item_row(r, as_utc(now or utcnow()))
     out.update({
-        "comment": r.comment, "cancel_reason": r.cancel_reason, "claimed_at": _iso(r.claimed_at),
-        "patient_sex": r.patient_sex, "patient_birth_date": r.patient_birth_date,
-        "referring_physician": r.referring_physician,
+        "comment": r["comment"], "cancel_reason": r["cancel_reason"], "claimed_at": _iso(r["claimed_at"]),
+        "patient_sex": r["patient_sex"], "patient_birth_date": r["patient_birth_date"],
+        "referring_physician": r["referring_physician"],
     })
     out["instances"] = sorted(
-        list_instances(session, study_instance_uid=r.study_instance_uid, limit=MAX_INSTANCES),
+        list_instances(session, study_instance_uid=r["study_instance_uid"], limit=MAX_INSTANCES),
         key=lambda r: (-(r["probability"] or -1.0), r["id"]))
     out["events"] = [
         {"at": _iso(e.at), "kind": e.kind, "actor": e.actor, "detail": e.detail}
-        for e in session.scalars(select(Event).where(Event.worklist_item_id == r.id).order_by(Event.id))
+        for e in session.scalars(select(Event).where(Event.worklist_item_id == r["id"]).order_by(Event.id))
     ]
     return out
 
