@@ -471,7 +471,8 @@ def _state_change_status(current: str, requested: str, transaction_matches: bool
 
 
 def _refused(event: DicomEvent, what: str, item: WorklistItem, status: int, why: str = "") -> tuple[int, None]:
-    level = logging.INFO if status in (ALREADY_CANCELED, ALREADY_COMPLETED) else logging.WARNING
+    # Races between workstations and retries are everyday events; a lock's UID from a foreign AE is not.
+    level = logging.WARNING if status in (NOT_AUTHORISED, PROCESSING_FAILURE) else logging.INFO
     log.log(level, "UPS %s on worklist item %d (%s) from %s: status 0x%04X%s", what, item.id, item.status,
             _peer(event), status, f" ({why})" if why else "")
     return status, None
