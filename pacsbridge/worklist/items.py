@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Sequence
 
 from pydicom.uid import generate_uid
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -143,13 +143,30 @@ class WorklistUpdater:
         return created, updated
 
     def _age_scheduled(self, session: Session, now: datetime, skip: set[int]) -> int:
-        """Age the priority of every scheduled item (cost: the open queue, not the history)."""
+        """Age the priority of every scheduled item (cost: the open queue, not the history).
+
+        Plain columns in, one executemany out: this runs every few seconds over the whole queue."""
         rows = session.execute(
-            select(WorklistItem, Study.requested_priority).join(Study, Study.id == WorklistItem.study_id)
+            select(WorklistItem.id, WorklistItem.study_id, WorklistItem.priority, WorklistItem.probability,
+                   WorklistItem.first_positive_at, Study.requested_priority)
+            .join(Study, Study.id == WorklistItem.study_id)
             .where(WorklistItem.status == WorklistStatus.SCHEDULED.value)
         ).all()
-        return sum(1 for item, requested in rows
-                   if item.study_id not in skip and self._update(session, item, item.probability, requested, now))
+        changes = []
+        for iid, sid, priority, p, since, requested in rows:
+            if sid in skip:
+                continue
+            computed = self._score(p, as_utc(since), requested, now)
+            if computed - priority >= MIN_PRIORITY_STEP:  # never lower
+                changes.append({"b_id": iid, "b_priority": computed})
+        if changes:
+            # Only while still scheduled: a claim made meanwhile stops the ageing.
+            session.connection().execute(
+                update(WorklistItem.__table__)
+                .where(WorklistItem.__table__.c.id == bindparam("b_id"),
+                       WorklistItem.__table__.c.status == WorklistStatus.SCHEDULED.value)
+                .values(priority=bindparam("b_priority"), updated_at=now), changes)
+        return len(changes)
 
     def _update(self, session: Session, item: WorklistItem, p: float, requested: str | None, now: datetime) -> bool:
         """Raise the item's probability/priority if warranted; a plain UPDATE of those columns only, so
