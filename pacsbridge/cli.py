@@ -306,9 +306,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 # -- worklist ----------------------------------------------------------------------------------
-def _cmd_worklist(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _db_session(args: argparse.Namespace, what: str) -> Iterator:
+    """A session on the configured database; a database that is down or not migrated exits 1 with a message."""
     from pacsbridge.store.db import make_engine, make_sessionmaker
-    from pacsbridge.worklist.items import list_worklist
 
     settings = _settings(args)
     engine = open_existing_database(settings, "worklist")
@@ -316,33 +317,156 @@ def _cmd_worklist(args: argparse.Namespace) -> int:
         return 1
     try:
         with make_sessionmaker(engine)() as session:
-            rows = list_worklist(session, include_completed=args.all)
+            yield session
+    except _CommandError:
+        raise
     except Exception as exc:  # noqa: BLE001 - e.g. the database is down or not migrated yet
-        print(f"pacsbridge: cannot read the worklist: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        raise _CommandError(f"cannot read {what}: {type(exc).__name__}: {exc}") from None
     finally:
         engine.dispose()
+
+
+class _CommandError(Exception):
+    """Printed as ``pacsbridge: <message>`` with exit status 1."""
+
+
+def _cmd_worklist(args: argparse.Namespace) -> int:
+    from pacsbridge.worklist.items import list_worklist
+
+    with _db_session(args, "the worklist") as session:
+        rows = list_worklist(session, status="all" if args.all else None)
     if args.json:
         print(json.dumps(rows))
     elif not rows:
         print("worklist is empty")
     else:
-        print(f"{'priority':>9}  {'prob':>6}  {'status':<11}  {'received_at':<25}  study_instance_uid")
+        print(f"{'id':>5}  {'priority':>8}  {'prob':>5}  {'status':<11}  {'waiting':>8}  {'claimed_by':<12}  "
+              f"{'accession':<12}  {'finding':<12}  study_instance_uid")
         for r in rows:
-            print(f"{r['priority']:9.3f}  {r['probability']:6.3f}  {r['status']:<11}  {r['received_at']:<25}  "
-                  f"{r['study_instance_uid']}")
+            print(f"{r['id']:>5}  {r['priority']:8.3f}  {r['probability']:5.3f}  {r['status']:<11}  "
+                  f"{_age(r['waiting_s']):>8}  {r['claimed_by'] or '-':<12}  {r['accession_number'] or '-':<12}  "
+                  f"{r['finding'] or '-':<12}  {r['study_instance_uid']}")
     return 0
+
+
+def _age(seconds: float) -> str:
+    m = int(seconds // 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m"
 
 
 def _add_worklist(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "worklist", help="the radiologists' worklist in priority order",
-        description="Print open worklist items (one per study with a positive prediction), highest priority "
-        "first. --json prints one JSON list of {study_instance_uid, priority, probability, status, received_at}.",
+        description="Print open (scheduled and in_progress) worklist items, highest priority first; --all adds "
+        "completed and canceled ones. --json prints one JSON list with the fields of GET /api/worklist "
+        "(id, status, priority, probability, study_instance_uid, accession_number, patient_name, patient_id, "
+        "patient_age, study_date, study_description, modality, received_at, waiting_s, claimed_by, "
+        "claim_expires_at, finding, ...).",
     )
     p.add_argument("--json", action="store_true", help="print one JSON list")
-    p.add_argument("--all", action="store_true", help="include completed items")
+    p.add_argument("--all", action="store_true", help="every state (also completed and canceled)")
     p.set_defaults(func=_cmd_worklist)
+
+
+# -- instances ---------------------------------------------------------------------------------
+def _cmd_instances(args: argparse.Namespace) -> int:
+    from pacsbridge.worklist.reports import list_instances
+
+    with _db_session(args, "instances") as session:
+        rows = list_instances(session, study_instance_uid=args.study, state=args.state, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print("no instances")
+    for r in rows:
+        outcome = (f"{r['probability']:.4f} {'POSITIVE' if r['positive'] else 'negative'} (threshold "
+                   f"{r['threshold']:.4f}, {r['model_id']})" if r["probability"] is not None else (r["reason"] or ""))
+        print(f"{r['id']:>6}  {r['received_at'][:19]}  {r['state']:<12}  {outcome}  study {r['study_instance_uid']}")
+    return 0
+
+
+def _add_instances(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "instances", help="received instances with their state, probability or refusal reason",
+        description="Print received instances, newest first: state (received, processing, predicted, "
+        "not_analysed), probability and positive flag, or the reason an image was not analysed. Use it to "
+        "answer 'why was this study not flagged?'. --json prints the fields of GET /api/instances.",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON list")
+    p.add_argument("--study", metavar="UID", help="only this Study Instance UID")
+    p.add_argument("--state", help="only this state (e.g. not_analysed)")
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100, max 1000)")
+    p.set_defaults(func=_cmd_instances)
+
+
+# -- users -------------------------------------------------------------------------------------
+def _cmd_users(args: argparse.Namespace) -> int:
+    from pacsbridge.auth.users import AuthError, create_user, issue_token, list_users, revoke_user
+    from pacsbridge.store import migrations
+
+    with _db_session(args, "users") as session:
+        engine = session.get_bind()
+        if migrations.current_revision(engine) != migrations.head_revision():
+            raise _CommandError("the database schema is not at the latest revision: run `pacsbridge db upgrade` "
+                                "(or start `pacsbridge serve` once) first")
+        try:
+            if args.users_command == "add":
+                user, token = create_user(session, args.name, args.role)
+                session.commit()
+                if args.json:
+                    print(json.dumps({"name": user.name, "role": user.role, "token": token}))
+                else:
+                    print(f"user {user.name} ({user.role}) created. API token (shown once, keep it secret):\n{token}")
+            elif args.users_command == "token":
+                token = issue_token(session, args.name)
+                session.commit()
+                if args.json:
+                    print(json.dumps({"name": args.name, "token": token}))
+                else:
+                    print(f"new API token for {args.name} (shown once; older tokens keep working):\n{token}")
+            elif args.users_command == "revoke":
+                n = revoke_user(session, args.name)
+                session.commit()
+                print(json.dumps({"name": args.name, "revoked_tokens": n}) if args.json
+                      else f"user {args.name} revoked; {n} token(s) stop working now")
+            else:
+                rows = list_users(session)
+                if args.json:
+                    print(json.dumps(rows))
+                elif not rows:
+                    print("no users (create one: pacsbridge users add NAME --role admin)")
+                else:
+                    for r in rows:
+                        state = "active" if r["active"] else f"revoked {r['revoked_at'][:19]}"
+                        print(f"{r['name']:<20} {r['role']:<12} {state:<28} tokens {r['tokens']}  last used "
+                              f"{(r['last_used_at'] or 'never')[:19]}")
+        except AuthError as exc:
+            raise _CommandError(str(exc)) from None
+    return 0
+
+
+def _add_users(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "users", help="API accounts: add, list, revoke, token",
+        description="Accounts for the HTTP API and web page. Roles: radiologist (works the worklist), admin "
+        "(everything, incl. cancel, /docs), monitor (/metrics and /api/stats). A token is printed once; only "
+        "its SHA-256 is stored. Revoking a user stops all its tokens at once.",
+    )
+    us = p.add_subparsers(dest="users_command", required=True, metavar="{add,list,revoke,token}")
+    add = us.add_parser("add", help="create a user and print its first token")
+    add.add_argument("name")
+    add.add_argument("--role", required=True, choices=("radiologist", "admin", "monitor"))
+    add.add_argument("--json", action="store_true", help='print {"name", "role", "token"}')
+    lst = us.add_parser("list", help="users, roles, state, token counts")
+    lst.add_argument("--json", action="store_true")
+    rev = us.add_parser("revoke", help="revoke a user and all its tokens")
+    rev.add_argument("name")
+    rev.add_argument("--json", action="store_true")
+    tok = us.add_parser("token", help="print a new token for a user")
+    tok.add_argument("name")
+    tok.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_users)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file (default: $PACSBRIDGE_CONFIG)")
     parser.add_argument("--version", action="version", version=f"pacsbridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_serve, _add_worker, _add_db, _add_status, _add_predict, _add_worklist):
+    for add in (_add_serve, _add_worker, _add_db, _add_status, _add_predict, _add_worklist, _add_instances,
+                _add_users):
         add(sub)
     _accept_config_anywhere(parser)
     return parser
@@ -380,6 +505,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pacsbridge: configuration error: {exc}", file=sys.stderr)
         return 2
+    except _CommandError as exc:
+        print(f"pacsbridge: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     dicom_tls_client_cert: str = Field("", description="PEM certificate we present when we call out over TLS.")
     dicom_tls_client_key: str = Field("", description="PEM private key of dicom_tls_client_cert.")
     tls_min_version: str = Field("1.2", description="Lowest TLS version accepted or offered: 1.2 or 1.3.")
+    ups_enabled: bool = Field(True, description="Offer the worklist as DICOM UPS (pull) on the same AE and port.")
 
     model_path: Path = Field(DEFAULT_MODEL, description="Model artifact (.pt) with its .json card beside it.")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda'.")
@@ -75,6 +76,8 @@ class Settings(BaseSettings):
     scheduler_interval_s: float = Field(2.0, gt=0, description="How often positives become worklist items.")
     priority_max_wait_minutes: float = Field(240.0, gt=0, description="After this wait an item rises to the top.")
     retention_days: float = Field(30.0, ge=0, description="Delete spooled files older than this; 0 = keep forever.")
+    claim_timeout_minutes: float = Field(
+        30.0, gt=0, le=24 * 60, description="A reader's claim on a worklist item lapses after this (HTTP and UPS).")
 
     log_level: str = Field("INFO")
 

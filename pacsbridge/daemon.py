@@ -125,7 +125,11 @@ class Daemon:
         if s.http_port:
             from pacsbridge.api.security import install_security
 
-            app = install_security(create_app(self.sessions, metrics), s)
+            app = install_security(create_app(
+                self.sessions, metrics, claim_timeout_s=s.claim_timeout_minutes * 60.0, spool_dir=Path(s.spool_dir),
+                model=getattr(self, "loaded_model", None),  # heatmaps, when the model provides them
+                ready=lambda: bool(self.components) and self._healthy(),
+            ), s)
             components.append(HttpServer(app, s.http_host, s.http_port, tls_cert=s.http_tls_cert,
                                          tls_key=s.http_tls_key, tls_min_version=s.tls_min_version))
         return components
@@ -144,6 +148,7 @@ class Daemon:
 
         from pacsbridge.imaging import NotAnalysable, load_for_model
 
+        self.loaded_model = model
         return InferenceWorker(
             self.sessions, model, Path(s.spool_dir), batch_size=s.inference_batch_size,
             decode=partial(load_for_model, max_decoded_bytes=s.max_decoded_bytes), refusals=(NotAnalysable,),

@@ -94,7 +94,10 @@ def test_worklist_and_status_json(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [x["study_instance_uid"] for x in rows] == ["2.1", "2.0"]
-    assert set(rows[0]) == {"study_instance_uid", "priority", "probability", "status", "received_at"}
+    assert {"id", "status", "priority", "probability", "study_instance_uid", "accession_number", "patient_name",
+            "patient_id", "patient_age", "study_date", "study_description", "modality", "received_at", "waiting_s",
+            "claimed_by", "claim_expires_at", "finding"} <= set(rows[0])
+    assert rows[0]["status"] == "scheduled" and rows[0]["modality"] == "CR"
     r = _run("worklist", env=env)
     assert r.returncode == 0 and "2.1" in r.stdout
     r = _run("status", "--json", env=env)

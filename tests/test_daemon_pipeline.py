@@ -3,6 +3,7 @@ and crash recovery (kill -9 with instances pending; after restart each is scored
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -34,6 +35,7 @@ class Daemon:
             PACSBRIDGE_MODEL_PATH=str(model), PACSBRIDGE_SCHEDULER_INTERVAL_S="0.5", PACSBRIDGE_FSYNC="false",
             **extra,
         )
+        self.env = env
         self.log = open(data_dir / f"daemon-{time.monotonic_ns()}.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "pacsbridge", "serve"], env=env, cwd=REPO,
                                      stdout=self.log, stderr=subprocess.STDOUT)
@@ -50,6 +52,13 @@ class Daemon:
             time.sleep(0.2)
         self.stop()
         raise TimeoutError("daemon did not become ready")
+
+    def token(self, name: str = "reader", role: str = "admin") -> dict[str, str]:
+        """Authorization header for a new user made with ``pacsbridge users add`` (serve has migrated)."""
+        r = subprocess.run([sys.executable, "-m", "pacsbridge", "users", "add", name, "--role", role, "--json"],
+                           env=self.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return {"Authorization": f"Bearer {json.loads(r.stdout)['token']}"}
 
     def logs(self) -> str:
         self.log.flush()
@@ -117,8 +126,9 @@ def _chest_images(inputs) -> list:
     return [load_for_model(p).image for p in inputs["uncompressed"] + inputs["j2k"] if p.name != "hand.dcm"]
 
 
-def _check_worklist(url: str, sessions) -> list[dict]:
-    rows = httpx.get(f"{url}/api/worklist", timeout=10).json()
+def _check_worklist(url: str, sessions, headers: dict[str, str]) -> list[dict]:
+    assert httpx.get(f"{url}/api/worklist", timeout=10).status_code == 401  # no token, no worklist
+    rows = httpx.get(f"{url}/api/worklist", headers=headers, timeout=10).json()
     with sessions() as s:
         best = dict(s.execute(
             select(Study.study_instance_uid, func.max(Prediction.probability))
@@ -154,7 +164,8 @@ def test_storescu_to_worklist(tmp_path: Path, inputs) -> None:
         sessions = _sessions(data)
         _wait_scored(sessions, 8)
         time.sleep(1.0)  # one scheduler tick after the last batch
-        rows = _check_worklist(daemon.url, sessions)
+        auth = daemon.token()
+        rows = _check_worklist(daemon.url, sessions, auth)
         with sessions() as s:
             states = dict(s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all())
             n_positive = s.scalar(select(func.count()).where(Prediction.positive.is_(True)))
@@ -165,7 +176,7 @@ def test_storescu_to_worklist(tmp_path: Path, inputs) -> None:
         assert n_positive == n_pos >= 1 and len(rows) >= 1
         if "1.2.826.0.1.9.2" in {r["study_instance_uid"] for r in rows}:
             assert rows[0]["study_instance_uid"] == "1.2.826.0.1.9.2"  # the STAT study is read first
-        metrics = httpx.get(f"{daemon.url}/metrics", timeout=10).text
+        metrics = httpx.get(f"{daemon.url}/metrics", headers=auth, timeout=10).text
         assert "pacsbridge_instances_predicted_total 7.0" in metrics
     finally:
         assert daemon.stop() == 0, daemon.logs()[-3000:]
@@ -182,7 +193,7 @@ def test_storescu_to_worklist_with_shipped_model(tmp_path: Path, inputs) -> None
         sessions = _sessions(data)
         _wait_scored(sessions, 8)
         time.sleep(1.0)
-        _check_worklist(daemon.url, sessions)
+        _check_worklist(daemon.url, sessions, daemon.token())
         with sessions() as s:
             assert s.scalar(select(func.count(Prediction.id))) == 7
     finally:

@@ -70,6 +70,30 @@ def test_scores_chest_images_and_refuses_others(db, tmp_path: Path, model) -> No
     assert worker.drain().processed == 0  # nothing is scored twice
 
 
+def test_one_info_line_per_prediction_and_refusal_without_patient_data(db, tmp_path: Path, model, caplog) -> None:
+    import logging
+
+    from pacsbridge.store.spool import spool_relpath
+
+    spool = tmp_path / "spool"
+    add_instance(db, spool, sample_file("RG1_UNCR.dcm"), sop_uid="1.1", study_uid="2.1")
+    add_instance(db, spool, sample_file("RG3_UNCR.dcm"), sop_uid="1.2", study_uid="2.2")
+    with caplog.at_level(logging.INFO, logger="pacsbridge.inference.worker"):
+        InferenceWorker(db, model, spool, batch_size=4, max_wait_ms=0).drain()
+    lines = [r.getMessage() for r in caplog.records if r.name == "pacsbridge.inference.worker"]
+    h1, h2 = (Path(spool_relpath(u)).stem[:16] for u in ("1.1", "1.2"))
+    scored = [m for m in lines if m.startswith(f"predicted {h1}: probability ")]
+    refused = [m for m in lines if m.startswith(f"not_analysed {h2}: ") and "chest" in m]
+    assert len(scored) == 1 and len(refused) == 1, lines
+    for m in lines:  # no UIDs or patient data from the DICOM files
+        assert "1.3.6.1.4.1" not in m and "1.1" not in m.split(":")[0]
+        for ds_name in ("RG1_UNCR.dcm", "RG3_UNCR.dcm"):
+            import pydicom
+
+            pid = str(pydicom.dcmread(sample_file(ds_name), stop_before_pixels=True).get("PatientName", "")) or "@@"
+            assert pid not in m
+
+
 def test_arrival_order_and_batch_size(db, tmp_path: Path, model) -> None:
     spool = tmp_path / "spool"
     t0 = utcnow()

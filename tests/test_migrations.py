@@ -101,3 +101,44 @@ def test_0002_moves_the_deleted_file_marker_both_ways(database_url):
         assert paths == ["", spool_relpath("1.2.3.2")]
     finally:
         engine.dispose()
+
+
+def test_0003_renames_pending_fixes_first_positive_and_gives_ups_uids(database_url):
+    """Items of 0002 become scheduled with a UPS UID and an open-study marker, and first_positive_at
+    becomes the study's first positive prediction (it held the study's arrival)."""
+    from sqlalchemy import text
+
+    engine = make_engine(database_url)
+    try:
+        migrations.upgrade(engine, "0002")
+        arrived, first_pos, later = "2026-01-02 03:00:00+00:00", "2026-01-02 03:30:00+00:00", "2026-01-02 04:00:00+00:00"
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO studies (id, study_instance_uid, created_at) VALUES (1, '1.2', :t)"),
+                         {"t": arrived})
+            conn.execute(text("INSERT INTO series (id, study_id, series_instance_uid, created_at) "
+                              "VALUES (1, 1, '1.2.3', :t)"), {"t": arrived})
+            for iid, at in [(1, later), (2, first_pos)]:
+                conn.execute(text(
+                    "INSERT INTO instances (id, series_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, "
+                    "file_path, file_size, state, received_at, updated_at) VALUES (:id, 1, :sop, '1.2', '1.2', "
+                    "'x', 10, 'predicted', :t, :t)"), {"id": iid, "sop": f"1.2.3.{iid}", "t": arrived})
+                conn.execute(text(
+                    "INSERT INTO predictions (instance_id, probability, positive, threshold, model_id, "
+                    "weights_sha256, created_at) VALUES (:id, 0.9, :pos, 0.5, 'm', 'x', :t)"),
+                    {"id": iid, "pos": True, "t": at})
+            conn.execute(text("INSERT INTO worklist_items (id, study_id, priority, probability, status, "
+                              "first_positive_at, created_at, updated_at) VALUES (1, 1, 1.0, 0.9, 'pending', :t, "
+                              ":t, :t)"), {"t": arrived})
+        migrations.upgrade(engine)
+        with engine.connect() as conn:
+            status, open_sid, ups, first = conn.execute(text(
+                "SELECT status, open_study_id, ups_uid, first_positive_at FROM worklist_items")).one()
+        assert (status, open_sid) == ("scheduled", 1)
+        assert ups and ups.startswith("1.2.826.0.1.3680043")  # pydicom's generate_uid root
+        first = first if isinstance(first, str) else first.isoformat(sep=" ")
+        assert first.startswith("2026-01-02 03:30:00")
+        migrations.downgrade(engine, "0002")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT status FROM worklist_items")).scalar() == "pending"
+    finally:
+        engine.dispose()

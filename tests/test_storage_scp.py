@@ -147,6 +147,23 @@ def test_pynetdicom_synthetic_images(receiver, sop_class, ts):
         study = s.get(Study, s.get(Series, row.series_id).study_id)
         assert study.requested_priority == "STAT"
         assert study.accession_number == "ACC0001"
+        assert study.patient_name == "Test^Patient"  # display fields for the worklist, from the first instance
+        assert study.study_description is None  # absent in the dataset: stays empty
+
+
+def test_study_display_fields_are_recorded_and_gaps_filled(receiver):
+    first = make_image(ComputedRadiographyImageStorage)
+    first.PatientAge, first.PatientSex, first.PatientBirthDate = "061Y", "F", "19650304"
+    first.ReferringPhysicianName = "Ref^Doctor"
+    second = make_image(ComputedRadiographyImageStorage, study_uid=first.StudyInstanceUID)
+    second.StudyDescription = "CHEST PA"  # a later instance fills what the first lacked
+    second.PatientAge = "099Y"  # but does not overwrite it
+    assert send_datasets(receiver.port, [first, second]) == [0x0000, 0x0000]
+    with receiver.sessions() as s:
+        study = s.scalars(select(Study).where(Study.study_instance_uid == first.StudyInstanceUID)).one()
+        assert (study.patient_name, study.patient_age, study.patient_sex, study.patient_birth_date,
+                study.referring_physician, study.study_description) == (
+            "Test^Patient", "061Y", "F", "19650304", "Ref^Doctor", "CHEST PA")
 
 
 @pytest.mark.parametrize("name", [

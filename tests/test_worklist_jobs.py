@@ -20,11 +20,13 @@ T0 = datetime(2024, 5, 1, 8, 0, tzinfo=timezone.utc)
 MAX_WAIT = 240.0
 
 
-def _predict(sessions, iid: int, p: float, threshold: float = 0.5) -> None:
+def _predict(sessions, iid: int, p: float, threshold: float = 0.5, at: datetime | None = None) -> None:
+    """Record a prediction made at ``at`` (default: when the instance was received)."""
     with sessions.begin() as s:
-        s.get(Instance, iid).state = InstanceState.PREDICTED.value
+        inst = s.get(Instance, iid)
+        inst.state = InstanceState.PREDICTED.value
         s.add(Prediction(instance_id=iid, probability=p, positive=p >= threshold, threshold=threshold,
-                         model_id="m", weights_sha256="0" * 64))
+                         model_id="m", weights_sha256="0" * 64, created_at=at or as_utc(inst.received_at)))
 
 
 def _snapshot(sessions) -> list[tuple]:
@@ -55,7 +57,7 @@ def test_positives_become_one_item_per_study_with_max_probability(db, tmp_path: 
     assert [r["study_instance_uid"] for r in rows] == ["9.1", "9.2"]
     assert rows[0]["probability"] == pytest.approx(0.9)
     assert rows[0]["priority"] == pytest.approx(priority_score(0.9, 1.0, None, MAX_WAIT), abs=1e-6)
-    assert rows[0]["status"] == "pending"
+    assert rows[0]["status"] == "scheduled"
     assert datetime.fromisoformat(rows[0]["received_at"]) == T0
 
 

@@ -1,63 +1,138 @@
-"""The FastAPI application.  Dependencies (sessions, metrics, the auth check) are bound by
+"""The FastAPI application.  Dependencies (sessions, metrics, the model, the clock) are bound by
 :func:`create_app`; nothing is read from module globals.
 
-Routes:
-  GET /api/worklist  the worklist in priority order (same fields as ``pacsbridge worklist --json``)
-  GET /healthz       200 {"status": "ok"} when the database answers, else 503
-  GET /metrics       Prometheus text format
+Every route but ``/healthz``, ``/readyz`` and the static web page needs ``Authorization: Bearer
+<token>`` (401 when missing, unknown or revoked) and a role (403):
+
+  GET  /                                   web page (static; it signs in with a token)
+  GET  /healthz, /readyz                   open: liveness, and readiness (database answers)
+  GET  /metrics                            monitor, admin: Prometheus text format
+  GET  /openapi.json, /docs                admin
+  GET  /api/me                             anyone signed in: name and role
+  GET  /api/worklist                       radiologist, admin: items in priority order
+  GET  /api/worklist/{id}                  radiologist, admin: item, instances, predictions, history
+  POST /api/worklist/{id}/claim|release|complete    radiologist, admin
+  POST /api/worklist/{id}/cancel           admin
+  GET  /api/instances                      radiologist, admin: received instances and their outcome
+  GET  /api/instances/{id}/image.png       radiologist, admin: the image as the model saw it
+  GET  /api/stats                          monitor, radiologist, admin: per-model statistics
 """
 
 from __future__ import annotations
 
+import html
 import logging
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
 
-from fastapi import Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
-from sqlalchemy import text
+from pydantic import BaseModel, Field
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from .. import __version__
+from ..auth.users import Principal
 from ..inference.metrics import PipelineMetrics
-from ..worklist.items import list_worklist
+from ..store.models import Instance, utcnow
+from ..worklist import lifecycle as lc
+from ..worklist.items import ALL_STATUSES, list_worklist
+from ..worklist.reports import item_detail, list_instances, model_stats
+from . import render
+from .auth import ADMIN, ANYONE, MONITOR, READERS, Authenticator
 
 log = logging.getLogger(__name__)
 
+STATIC_DIR = Path(__file__).parent / "static"
+DEFAULT_CLAIM_TIMEOUT_S = 1800.0
+
 
 class WorklistEntry(BaseModel):
-    study_instance_uid: str
+    id: int
+    status: str
     priority: float
     probability: float
-    status: str
+    study_instance_uid: str
+    accession_number: str | None
+    patient_name: str | None
+    patient_id: str | None
+    patient_age: str | None
+    study_date: str | None
+    study_description: str | None
+    modality: str | None
+    requested_priority: str | None
     received_at: str
+    first_positive_at: str
+    waiting_s: float
+    claimed_by: str | None
+    claim_expires_at: str | None
+    finding: str | None
+    completed_by: str | None
+    completed_at: str | None
+    ups_uid: str
 
 
-def allow_all(request: Request) -> None:
-    """The authorization hook: every route depends on it.  Today it allows everything (the API is
-    read-only and meant for the hospital network); replace it via ``create_app(authorize=...)`` with a
-    check that raises ``HTTPException(401/403)``."""
-    return None
+class CompleteBody(BaseModel):
+    finding: Literal["pneumonia", "no_pneumonia", "other"]
+    comment: str | None = Field(None, max_length=4000)
+
+
+class CancelBody(BaseModel):
+    reason: str = Field(..., min_length=1, max_length=4000)
+
+
+def _status_of(exc: lc.LifecycleError) -> int:
+    if isinstance(exc, lc.ItemNotFound):
+        return 404
+    if isinstance(exc, lc.InvalidValue):
+        return 422
+    return 409  # illegal transition, someone else's claim, not the claimant, wrong transaction
 
 
 def create_app(
-    sessions: sessionmaker[Session], metrics: PipelineMetrics | None = None,
-    authorize: Callable[..., Any] = allow_all,
+    sessions: sessionmaker[Session], metrics: PipelineMetrics | None = None, *,
+    claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S, spool_dir: Path | None = None,
+    model: Any | None = None, clock: Callable[[], Any] = utcnow,
+    ready: Callable[[], bool] | None = None,
 ) -> FastAPI:
-    app = FastAPI(title="pacsbridge", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    """The API.  ``model`` (a LoadedModel) is used only for heatmaps; ``ready`` adds a readiness check."""
+    # FastAPI's own /docs and /openapi.json are open to anyone: disabled, re-added behind admin below.
+    app = FastAPI(title="pacsbridge", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
+                  description="AI triage of chest radiographs: worklist, instances, statistics. "
+                  "Every /api route needs Authorization: Bearer <token> (pacsbridge users add).")
     metrics = metrics or PipelineMetrics(sessions)
+    auth = Authenticator(sessions)
+    admin = auth.require(ADMIN)
+    reader = auth.require(*READERS)
+    anyone = auth.require(*ANYONE)
+    watcher = auth.require(MONITOR, ADMIN)
 
     def db_session() -> Iterator[Session]:
         with sessions() as session:
             yield session
 
-    @app.get("/api/worklist", response_model=list[WorklistEntry], dependencies=[Depends(authorize)])
-    def worklist(include_completed: bool = False, session: Session = Depends(db_session)) -> list[dict[str, Any]]:
-        return list_worklist(session, include_completed=include_completed)
+    @app.exception_handler(lc.LifecycleError)
+    def lifecycle_error(_request: Request, exc: lc.LifecycleError) -> JSONResponse:
+        body: dict[str, Any] = {"detail": str(exc), "current": exc.current}
+        holder = getattr(exc, "holder", None)
+        if holder is not None:
+            body["holder"] = holder
+        return JSONResponse(body, status_code=_status_of(exc))
 
-    @app.get("/healthz", dependencies=[Depends(authorize)])
+    def transition(fn: Callable[..., Any], item_id: int, who: Principal, **kwargs: Any) -> dict[str, Any]:
+        actor = lc.Actor(who.name, who.role)
+        now = clock()
+        with sessions.begin() as session:
+            fn(session, item_id, actor, now=now, **kwargs)
+        with sessions() as session:
+            return item_detail(session, item_id, now)
+
+    # -- open --------------------------------------------------------------------------------------
+    @app.get("/healthz", include_in_schema=True, tags=["health"])
     def healthz() -> Response:
+        """Liveness: the process answers and the database responds (no token needed)."""
         try:
             with sessions() as session:
                 session.execute(text("SELECT 1"))
@@ -66,8 +141,145 @@ def create_app(
             return JSONResponse({"status": "error", "database": type(exc).__name__}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics", dependencies=[Depends(authorize)])
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> Response:
+        """Readiness: the database responds and every component is healthy (no token needed)."""
+        res = healthz()
+        if res.status_code != 200:
+            return res
+        if ready is not None and not ready():
+            return JSONResponse({"status": "not ready"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers={
+            "Cache-Control": "no-store", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+            # Only our own script/style; images from blob: URLs made by the page after an authenticated fetch.
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; "
+                                       "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    # -- admin and monitoring ----------------------------------------------------------------------
+    @app.get("/metrics", tags=["monitoring"], dependencies=[Depends(watcher)])
     def prometheus() -> Response:
+        """Prometheus metrics (monitor, admin)."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(admin)])
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Depends(admin)])
+    def docs() -> HTMLResponse:
+        """A self-contained route list from the OpenAPI schema (no CDN: hospitals are often offline)."""
+        rows = []
+        for path, ops in app.openapi()["paths"].items():
+            for method, op in ops.items():
+                params = ", ".join(p["name"] for p in op.get("parameters", []))
+                rows.append(f"<tr><td><b>{method.upper()}</b></td><td><code>{html.escape(path)}</code></td>"
+                            f"<td>{html.escape(op.get('summary', ''))}</td><td>{html.escape(params)}</td>"
+                            f"<td>{html.escape((op.get('description') or '').splitlines()[0] if op.get('description') else '')}</td></tr>")
+        return HTMLResponse(
+            "<!doctype html><meta charset=utf-8><title>pacsbridge API</title>"
+            "<style>body{font:15px system-ui;margin:2em}td{padding:4px 10px;border-bottom:1px solid #ccc}</style>"
+            f"<h1>pacsbridge {html.escape(__version__)} API</h1><p>Full schema: <code>/openapi.json</code>. "
+            "Every /api route needs <code>Authorization: Bearer &lt;token&gt;</code>.</p>"
+            f"<table><tr><th>method</th><th>path</th><th>summary</th><th>parameters</th><th></th></tr>{''.join(rows)}</table>")
+
+    @app.get("/api/me", tags=["accounts"])
+    def me(who: Principal = Depends(anyone)) -> dict[str, str]:
+        """Who the token belongs to (name and role)."""
+        return {"name": who.name, "role": who.role}
+
+    # -- worklist ----------------------------------------------------------------------------------
+    @app.get("/api/worklist", response_model=list[WorklistEntry], tags=["worklist"], dependencies=[Depends(reader)])
+    def worklist(
+        status: str = Query("open", description="scheduled|in_progress|completed|canceled|all; "
+                            "default open = scheduled + in_progress"),
+        limit: int = Query(200, ge=1, le=5000), offset: int = Query(0, ge=0),
+        session: Session = Depends(db_session),
+    ) -> list[dict[str, Any]]:
+        """Items in reading order (highest priority first)."""
+        if status != "open" and status != "all" and status not in ALL_STATUSES:
+            raise HTTPException(422, f"status must be one of {', '.join(ALL_STATUSES)}, all or open")
+        return list_worklist(session, status=None if status == "open" else status, limit=limit, offset=offset,
+                             now=clock())
+
+    @app.get("/api/worklist/{item_id}", tags=["worklist"], dependencies=[Depends(reader)])
+    def worklist_item(item_id: int, session: Session = Depends(db_session)) -> dict[str, Any]:
+        """One item with its instances, each prediction (probability, threshold, model), image links and history."""
+        out = item_detail(session, item_id, clock())
+        out["heatmap_available"] = model is not None and render.heatmap_module() is not None
+        return out
+
+    @app.post("/api/worklist/{item_id}/claim", tags=["worklist"])
+    def claim(item_id: int, who: Principal = Depends(reader)) -> dict[str, Any]:
+        """Claim the item for reading (409 with the holder when someone else has it; again = renew)."""
+        return transition(lc.claim, item_id, who, claim_timeout_s=claim_timeout_s)
+
+    @app.post("/api/worklist/{item_id}/release", tags=["worklist"])
+    def release(item_id: int, who: Principal = Depends(reader)) -> dict[str, Any]:
+        """Give the item back to the queue (the claimant or an admin)."""
+        return transition(lc.release, item_id, who)
+
+    @app.post("/api/worklist/{item_id}/complete", tags=["worklist"])
+    def complete(item_id: int, body: CompleteBody, who: Principal = Depends(reader)) -> dict[str, Any]:
+        """Record the finding (the claimant or an admin; 409 otherwise)."""
+        return transition(lc.complete, item_id, who, finding=body.finding, comment=body.comment)
+
+    @app.post("/api/worklist/{item_id}/cancel", tags=["worklist"])
+    def cancel(item_id: int, body: CancelBody, who: Principal = Depends(admin)) -> dict[str, Any]:
+        """Withdraw the item with a reason (admin)."""
+        return transition(lc.cancel, item_id, who, reason=body.reason)
+
+    # -- instances ---------------------------------------------------------------------------------
+    @app.get("/api/instances", tags=["instances"], dependencies=[Depends(reader)])
+    def instances(
+        study_instance_uid: str | None = Query(None, max_length=64), state: str | None = Query(None, max_length=16),
+        limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+        session: Session = Depends(db_session),
+    ) -> list[dict[str, Any]]:
+        """Every received instance (newest first): state, probability, positive flag, reason when refused."""
+        return list_instances(session, study_instance_uid=study_instance_uid, state=state, limit=limit,
+                              offset=offset)
+
+    @app.get("/api/instances/{instance_id}/image.png", tags=["instances"], dependencies=[Depends(reader)],
+             response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    def image(instance_id: int, size: int = Query(512, ge=64, le=2048),
+              overlay: Literal["heatmap"] | None = Query(None)) -> Response:
+        """The image as the model saw it (same decoder and window), labelled NOT FOR DIAGNOSTIC USE;
+        ``overlay=heatmap`` adds the model's attention map when the model provides one."""
+        if spool_dir is None:
+            raise HTTPException(404, "this server has no spool folder configured")
+        with sessions() as session:
+            inst = session.scalar(select(Instance).where(Instance.id == instance_id))
+        if inst is None:
+            raise HTTPException(404, f"instance {instance_id} does not exist")
+        if inst.spool_deleted_at is not None:
+            raise HTTPException(410, f"instance {instance_id}: the file was deleted by retention")
+        heat_mod = None
+        if overlay == "heatmap":
+            heat_mod = render.heatmap_module()
+            if heat_mod is None:
+                raise HTTPException(404, "heatmap not available: this model provides no attention heatmap yet")
+            if model is None:
+                raise HTTPException(404, "heatmap not available: no model is loaded in this server process")
+        try:
+            path = render.spool_file(spool_dir, inst.file_path)
+            # The heatmap needs the model's own input; the plain picture may use more resolution.
+            pixels = render.decoded_image(path) if heat_mod is not None else render.decoded_image(path, size)
+            heat = heat_mod.grad_cam(model, pixels) if heat_mod is not None else None
+            png = render.to_png(pixels, size, heat=heat, overlay=getattr(heat_mod, "overlay_rgb", None))
+        except render.RenderError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+    # -- statistics --------------------------------------------------------------------------------
+    @app.get("/api/stats", tags=["stats"], dependencies=[Depends(anyone)])
+    def stats(session: Session = Depends(db_session)) -> dict[str, Any]:
+        """Per model id: scored, flagged, completed per finding, PPV of confirmed flags, receipt-to-completion p50/p95."""
+        return model_stats(session)
 
     return app

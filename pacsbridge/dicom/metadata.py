@@ -54,6 +54,21 @@ class InstanceMeta:
     accession_number: str | None
     study_date: str | None
     requested_priority: str | None
+    # Shown to readers on the worklist (PHI: never log at INFO).
+    patient_name: str | None = None
+    patient_age: str | None = None
+    patient_birth_date: str | None = None
+    patient_sex: str | None = None
+    study_description: str | None = None
+    referring_physician: str | None = None
+
+    def study_fields(self) -> dict[str, str]:
+        """The study's display fields that are present (for :class:`pacsbridge.store.models.Study`)."""
+        return {k: v for k in STUDY_DISPLAY_FIELDS if (v := getattr(self, k))}
+
+
+STUDY_DISPLAY_FIELDS = ("patient_name", "patient_age", "patient_birth_date", "patient_sex", "study_description",
+                        "referring_physician")
 
 
 def is_valid_uid(value: object) -> bool:
@@ -201,4 +216,10 @@ def _extract(ds: Dataset, ts: UID, sop_class_uid: str, sop_instance_uid: str) ->
         accession_number=_text(ds, "AccessionNumber", 16),
         study_date=_text(ds, "StudyDate", 8),
         requested_priority=priority.upper() if priority else None,
+        patient_name=_text(ds, "PatientName", 200),
+        patient_age=_text(ds, "PatientAge", 4),
+        patient_birth_date=_text(ds, "PatientBirthDate", 8),
+        patient_sex=_text(ds, "PatientSex", 16),
+        study_description=_text(ds, "StudyDescription", 64),
+        referring_physician=_text(ds, "ReferringPhysicianName", 200),
     )

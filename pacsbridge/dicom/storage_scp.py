@@ -36,6 +36,7 @@ from pacsbridge.dicom.metadata import (
     DEFAULT_MAX_INFLATED_BYTES, STATUS_DATASET_TOO_LARGE, STATUS_OUT_OF_RESOURCES, STATUS_OUT_OF_RESOURCES_DB,
     RejectedDataset, read_metadata,
 )
+from pacsbridge.dicom.ups_scp import UpsContext, add_ups_contexts, ups_handlers
 from pacsbridge.store.notifier import StoreNotifier
 from pacsbridge.store.records import ReceivedInstance, record_event, record_received
 from pacsbridge.store.spool import Spool, spool_relpath
@@ -142,6 +143,7 @@ def handle_store(event: DicomEvent, ctx: StoreContext) -> int:
         modality=meta.modality, body_part=meta.body_part, patient_id=meta.patient_id,
         accession_number=meta.accession_number, study_date=meta.study_date,
         requested_priority=meta.requested_priority,
+        study_fields=meta.study_fields(),
     )
     try:
         instance_id, created = record_received(ctx.sessions, rec, lambda: ctx.spool.commit(tmp, relpath))
@@ -216,6 +218,7 @@ class StorageSCP:
         check_called_ae: bool = True, max_associations_per_peer: int = 8, acse_timeout: float = 30.0,
         max_dataset_bytes: int = 134_217_728, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
         tls_context: ssl.SSLContext | None = None, tls_port: int | None = None, tls_only: bool = False,
+        ups: UpsContext | None = None,
     ) -> None:
         self.ae_title = ae_title
         self.bind_address = bind_address
@@ -242,6 +245,7 @@ class StorageSCP:
         )
         self._server: BoundedAssociationServer | None = None
         self._tls_server: BoundedAssociationServer | None = None
+        self.ups = ups  # DICOM UPS pull of the worklist on the same AE (None: not offered)
 
     def _record_refusal(self, kind: str, reason: str, peer: str) -> None:
         record_event(self.sessions, kind, reason[:2000], level="warning", peer=peer)
@@ -260,6 +264,8 @@ class StorageSCP:
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
+        if self.ups is not None:
+            add_ups_contexts(ae)
         return ae
 
     def start(self) -> None:
@@ -271,6 +277,8 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, handle_accepted),
             (evt.EVT_REJECTED, handle_rejected, [self.sessions, self.allowed, self.check_called_ae]),
         ]
+        if self.ups is not None:
+            handlers += ups_handlers(self.ups)
         # One AE for both listeners: max_associations counts the plain and the TLS ones together.
         ae = self._make_ae()
         try:
@@ -373,4 +381,12 @@ def storage_scp_from_settings(  # noqa: ANN001 - settings: pacsbridge.config.Set
         acse_timeout=settings.acse_timeout, max_dataset_bytes=settings.max_dataset_bytes,
         max_inflated_bytes=settings.max_inflated_bytes,
         tls_context=tls, tls_port=settings.dicom_tls_port, tls_only=settings.dicom_tls_only,
+        ups=ups_context_from_settings(settings, sessions),
     )
+
+
+def ups_context_from_settings(settings, sessions: sessionmaker[Session]) -> UpsContext | None:  # noqa: ANN001
+    """The UPS pull context (same claim timeout as the HTTP API), or None when ``ups_enabled`` is off."""
+    if not getattr(settings, "ups_enabled", True):
+        return None
+    return UpsContext(sessions=sessions, claim_timeout_s=settings.claim_timeout_minutes * 60.0)

@@ -404,6 +404,9 @@ class InferenceWorker:
                     decode_ms=round(s.decode_ms, 3), inference_ms=round(s.inference_ms, 3), created_at=now,
                 ))
                 out.predicted += 1
+                # One line per image: the spool name (a hash, no patient data), the result.
+                log.info("predicted %s: probability %.4f %s (model %s)", Path(s.inst.file_path).stem[:16],
+                         s.probability, "POSITIVE" if positive else "negative", m.model_id)
                 if positive:
                     out.positive_studies.add(s.inst.study_id)
             for r in refused:
@@ -415,6 +418,7 @@ class InferenceWorker:
                     sop_instance_uid=r.inst.sop_instance_uid, detail=r.reason,
                 ))
                 out.not_analysed += 1
+                log.info("not_analysed %s: %s", Path(r.inst.file_path).stem[:16], r.reason)
             for inst in already_predicted:
                 self._move(session, inst, PREDICTED, None, now)
         if out.lost_claims:

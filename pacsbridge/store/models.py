@@ -38,9 +38,28 @@ class InstanceState(str, enum.Enum):
 
 
 class WorklistStatus(str, enum.Enum):
-    PENDING = "pending"
-    IN_PROGRESS = "in_progress"
-    COMPLETED = "completed"
+    """Life cycle of a worklist item (pacsbridge.worklist.lifecycle is the one state machine)."""
+
+    SCHEDULED = "scheduled"        # waiting for a reader; its priority ages
+    IN_PROGRESS = "in_progress"    # claimed by one reader until claim_expires_at
+    COMPLETED = "completed"        # read, with a finding
+    CANCELED = "canceled"          # withdrawn by an admin (or the UPS performer), with a reason
+
+
+class Finding(str, enum.Enum):
+    """What the radiologist found when completing an item."""
+
+    PNEUMONIA = "pneumonia"
+    NO_PNEUMONIA = "no_pneumonia"
+    OTHER = "other"
+
+
+class Role(str, enum.Enum):
+    """Roles of API users: admin may do everything, radiologist works the worklist, monitor reads metrics/stats."""
+
+    ADMIN = "admin"
+    RADIOLOGIST = "radiologist"
+    MONITOR = "monitor"
 
 
 class Study(Base):
@@ -52,6 +71,13 @@ class Study(Base):
     accession_number: Mapped[str | None] = mapped_column(String(16))
     study_date: Mapped[str | None] = mapped_column(String(8))
     requested_priority: Mapped[str | None] = mapped_column(String(16))  # e.g. STAT, HIGH, ROUTINE
+    # Shown to the reader on the worklist (PHI: never log at INFO); from the first instance received.
+    patient_name: Mapped[str | None] = mapped_column(String(200))
+    patient_age: Mapped[str | None] = mapped_column(String(4))  # DICOM AS, e.g. 045Y
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    referring_physician: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     series: Mapped[list["Series"]] = relationship(back_populates="study")
@@ -113,16 +139,33 @@ class Prediction(Base):
 
 
 class WorklistItem(Base):
-    """One per study with a positive prediction; the radiologists' queue."""
+    """A study with a positive prediction, on the radiologists' queue (also a DICOM UPS instance).
+
+    A study has at most one open (scheduled or in_progress) item: ``open_study_id`` equals
+    ``study_id`` while the item is open and is NULL once it is completed or canceled, and it is
+    unique.  A study that gets new positive images after its item was closed opens a NEW item (the
+    closed one keeps its finding).
+    """
 
     __tablename__ = "worklist_items"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    open_study_id: Mapped[int | None] = mapped_column(Integer, unique=True)
+    ups_uid: Mapped[str] = mapped_column(String(64), unique=True)  # UPS SOP Instance UID
     priority: Mapped[float] = mapped_column(Float, index=True)
     probability: Mapped[float] = mapped_column(Float)  # highest calibrated probability in the study
-    status: Mapped[str] = mapped_column(String(16), default=WorklistStatus.PENDING.value, index=True)
-    first_positive_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # when the study first arrived
+    status: Mapped[str] = mapped_column(String(16), default=WorklistStatus.SCHEDULED.value, index=True)
+    first_positive_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # first positive prediction recorded
+    claimed_by: Mapped[str | None] = mapped_column(String(64))  # user name or "ae:<AE title>"
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    claim_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    transaction_uid: Mapped[str | None] = mapped_column(String(64))  # UPS Transaction UID of the claim
+    finding: Mapped[str | None] = mapped_column(String(16))  # Finding values
+    comment: Mapped[str | None] = mapped_column(Text)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # completed or canceled
+    completed_by: Mapped[str | None] = mapped_column(String(64))
+    cancel_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
@@ -142,3 +185,35 @@ class Event(Base):
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     peer: Mapped[str | None] = mapped_column(String(64))  # calling AE @ address
     detail: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str | None] = mapped_column(String(64))  # user name or "ae:<AE title>" that caused it
+    worklist_item_id: Mapped[int | None] = mapped_column(
+        ForeignKey("worklist_items.id", ondelete="SET NULL"), index=True)
+
+
+class User(Base):
+    """A person (or script) using the HTTP API; authenticates with API tokens."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # Role values
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    tokens: Mapped[list["ApiToken"]] = relationship(back_populates="user")
+
+
+class ApiToken(Base):
+    """An API token; only its SHA-256 is stored (the token itself is shown once)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    user: Mapped[User] = relationship(back_populates="tokens")

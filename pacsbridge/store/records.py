@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -33,6 +33,7 @@ class ReceivedInstance:
     accession_number: str | None = None
     study_date: str | None = None
     requested_priority: str | None = None
+    study_fields: dict[str, str] = field(default_factory=dict)  # patient_name, study_description, ...
 
 
 def record_received(
@@ -56,12 +57,16 @@ def record_received(
                     study = Study(
                         study_instance_uid=rec.study_instance_uid, patient_id=rec.patient_id,
                         accession_number=rec.accession_number, study_date=rec.study_date,
-                        requested_priority=rec.requested_priority,
+                        requested_priority=rec.requested_priority, **rec.study_fields,
                     )
                     session.add(study)
                     session.flush()
-                elif rec.requested_priority and not study.requested_priority:
-                    study.requested_priority = rec.requested_priority
+                else:
+                    if rec.requested_priority and not study.requested_priority:
+                        study.requested_priority = rec.requested_priority
+                    for key, value in rec.study_fields.items():  # fill gaps from later instances
+                        if not getattr(study, key):
+                            setattr(study, key, value)
                 series = session.scalar(select(Series).where(Series.series_instance_uid == rec.series_instance_uid))
                 if series is None:
                     series = Series(

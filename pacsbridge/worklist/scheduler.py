@@ -10,6 +10,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
 from .items import WorklistUpdater
+from .lifecycle import expire_claims
 from .retention import purge_spool
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,16 @@ def _safe(name: str, fn):  # noqa: ANN001, ANN202 - small wrapper
     return run
 
 
+def worklist_job(updater: WorklistUpdater, sessions: sessionmaker[Session], now: datetime | None = None) -> int:
+    """One tick: return expired claims to the queue, then put new positives on it and age it.
+    Returns how many claims expired."""
+    now = now or datetime.now(timezone.utc)
+    with sessions.begin() as session:
+        expired = expire_claims(session, now)
+    updater.refresh(now=now)
+    return expired
+
+
 def make_scheduler(
     updater: WorklistUpdater, sessions: sessionmaker[Session], spool_dir: Path, *,
     interval_s: float, retention_days: float, retention_interval_s: float = RETENTION_INTERVAL_S,
@@ -39,7 +50,7 @@ def make_scheduler(
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
     )
     scheduler.add_job(
-        _safe("worklist", updater.refresh), "interval", seconds=interval_s, id="worklist", name="worklist refresh",
+        _safe("worklist", lambda: worklist_job(updater, sessions)), "interval", seconds=interval_s, id="worklist", name="worklist refresh",
         next_run_time=datetime.now(timezone.utc),  # catch up at start, then every interval
     )
     if retention_days > 0:

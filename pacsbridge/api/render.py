@@ -1,0 +1,94 @@
+"""PNG rendering of an instance as the model saw it: the same decode path (pacsbridge.imaging),
+scaled for a screen, with "NOT FOR DIAGNOSTIC USE" burned into the pixels; optionally the model's
+heatmap over it (when pacsbridge.model.heatmap exists)."""
+
+from __future__ import annotations
+
+import importlib
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from ..imaging import NotAnalysable, decode_display, read_dataset
+
+LABEL = "NOT FOR DIAGNOSTIC USE"
+
+
+class RenderError(Exception):
+    """The image cannot be rendered; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def heatmap_module() -> Any | None:
+    """``pacsbridge.model.heatmap`` when this build has it (imported lazily), else None."""
+    try:
+        return importlib.import_module("pacsbridge.model.heatmap")
+    except ImportError:
+        return None
+
+
+def spool_file(spool_dir: Path, rel: str) -> Path:
+    """``spool_dir/rel``, refusing anything that escapes the spool."""
+    root = Path(spool_dir).resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise RenderError(404, "the stored file path is outside the spool")
+    return path
+
+
+def decoded_image(path: Path, min_side: int | None = None) -> np.ndarray:
+    """The display-ready 2-D image in [0, 1] the model is given (same decoder and window); with
+    ``min_side`` decoded at a resolution of at least that many pixels (the model's own is smaller)."""
+    try:
+        ds = read_dataset(path)
+        return (decode_display(ds, min_side=min_side) if min_side else decode_display(ds)).image
+    except NotAnalysable as exc:
+        raise RenderError(422, f"the image cannot be decoded: {exc.reason}") from None
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except Exception:  # noqa: BLE001 - Pillow without FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def _fitted_font(draw: ImageDraw.ImageDraw, text: str, size: int, width: int) -> ImageFont.ImageFont:
+    """The largest font up to ``size`` whose rendering of ``text`` fits in ``width`` pixels."""
+    font = _font(size)
+    while size > 8 and draw.textlength(text, font=font) > width:
+        size -= 1
+        font = _font(size)
+    return font
+
+
+def to_png(image: np.ndarray, size: int, *, heat: np.ndarray | None = None, overlay: Any | None = None) -> bytes:
+    """PNG of ``image`` (2-D float [0, 1]) fitted into ``size`` x ``size``, labelled.
+
+    With ``heat`` and the heatmap module's ``overlay_rgb``, the heatmap is blended in colour.
+    """
+    if heat is not None and overlay is not None:
+        rgb = np.asarray(overlay(image, heat, "model attention"), dtype=np.uint8)
+        pic = Image.fromarray(rgb, "RGB")
+    else:
+        pic = Image.fromarray(np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    scale = size / max(pic.size)
+    pic = pic.resize((max(1, round(pic.size[0] * scale)), max(1, round(pic.size[1] * scale))),
+                     Image.Resampling.LANCZOS)
+    w, h = pic.size
+    band = max(14, h // 18)
+    draw = ImageDraw.Draw(pic)
+    draw.rectangle([0, 0, w, band], fill=(0, 0, 0))
+    draw.rectangle([0, h - band, w, h], fill=(0, 0, 0))
+    for y, text in ((band / 2, LABEL), (h - band / 2, "AI triage preview - " + LABEL)):
+        font = _fitted_font(draw, text, max(10, band - 4), w - 8)
+        draw.text((w / 2, y), text, fill=(255, 214, 0), font=font, anchor="mm")
+    out = io.BytesIO()
+    pic.save(out, "PNG", optimize=False)
+    return out.getvalue()

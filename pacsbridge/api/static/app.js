@@ -1,0 +1,315 @@
+// pacsbridge web page: plain JavaScript, no build step.
+// The API token lives in this tab's sessionStorage only (never in a URL, never in a cookie).
+// Every value from the server is put in the page with textContent, never as HTML.
+"use strict";
+
+const REFRESH_MS = 5000;
+const TOKEN_KEY = "pacsbridge.token";
+const $ = (id) => document.getElementById(id);
+const state = { view: null, items: [], selected: 0, item: null, instance: null, timer: null, me: null,
+                imageUrl: null };
+
+// -- API ------------------------------------------------------------------------------------------
+class ApiError extends Error {
+  constructor(status, detail) { super(detail); this.status = status; }
+}
+
+async function api(path, { method = "GET", body = null, raw = false } = {}) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (!token) throw new ApiError(401, "not signed in");
+  const headers = { Authorization: "Bearer " + token };
+  if (body !== null) headers["Content-Type"] = "application/json";
+  const res = await fetch(path, { method, headers, body: body === null ? null : JSON.stringify(body),
+                                  cache: "no-store" });
+  if (!res.ok) {
+    let detail = res.statusText;
+    try { const j = await res.json(); detail = typeof j.detail === "string" ? j.detail : JSON.stringify(j.detail); }
+    catch (e) { /* not JSON */ }
+    throw new ApiError(res.status, detail);
+  }
+  return raw ? res : res.json();
+}
+
+function handleError(err) {
+  if (err instanceof ApiError && err.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    show("signin");
+    message("Your token was not accepted (wrong, expired or revoked). Please sign in again.", "error");
+    return;
+  }
+  if (err instanceof ApiError && err.status === 403) {
+    message("Not allowed for your role: " + err.message, "error");
+    return;
+  }
+  if (err instanceof ApiError) { message(err.message, "error"); return; }
+  message("Cannot reach pacsbridge (" + err.message + "). Retrying automatically.", "error");
+}
+
+function message(text, kind = "info") {
+  const m = $("message");
+  if (!text) { m.hidden = true; m.textContent = ""; return; }
+  m.textContent = text;
+  m.className = kind;
+  m.hidden = false;
+}
+
+// -- formatting -----------------------------------------------------------------------------------
+function age(seconds) {
+  const m = Math.floor(seconds / 60);
+  if (m < 1) return "<1 min";
+  if (m < 60) return m + " min";
+  const h = Math.floor(m / 60);
+  return h + " h " + String(m % 60).padStart(2, "0") + " min";
+}
+function band(p) { return p >= 0.8 ? "high" : p >= 0.5 ? "mid" : "low"; }
+function patientName(pn) { return pn ? pn.replace(/\^+/g, " ").trim() : "(no name)"; }
+function patientAge(a) {
+  if (!a) return "";
+  const m = /^0*(\d+)([DWMY])$/.exec(a);
+  return m ? m[1] + " " + { D: "d", W: "wk", M: "mo", Y: "y" }[m[2]] : a;
+}
+function statusText(it) {
+  if (it.status === "in_progress") return "being read by " + it.claimed_by;
+  if (it.status === "completed") return "read: " + (it.finding || "").replace("_", " ");
+  if (it.status === "canceled") return "canceled";
+  return "waiting";
+}
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") e.className = v; else if (k === "text") e.textContent = v; else e.setAttribute(k, v);
+  }
+  for (const c of children) e.append(c);
+  return e;
+}
+
+// -- views ----------------------------------------------------------------------------------------
+function show(view) {
+  state.view = view;
+  for (const v of ["signin", "worklist", "item", "stats"]) $(v + "-view").hidden = v !== view;
+  $("nav").hidden = view === "signin";
+  $("nav-worklist").classList.toggle("active", view === "worklist" || view === "item");
+  $("nav-stats").classList.toggle("active", view === "stats");
+  clearInterval(state.timer);
+  state.timer = null;
+  if (view === "signin") { $("token").value = ""; $("token").focus(); }
+  if (view === "worklist") {
+    loadWorklist();
+    state.timer = setInterval(loadWorklist, REFRESH_MS);
+  }
+  if (view === "stats") loadStats();
+}
+
+async function signIn(token) {
+  sessionStorage.setItem(TOKEN_KEY, token.trim());
+  try {
+    state.me = await api("/api/me");
+    $("who").textContent = state.me.name + " (" + state.me.role + ")";
+    message("");
+    if (state.me.role === "monitor") { show("stats"); $("nav-worklist").hidden = true; }
+    else { $("nav-worklist").hidden = false; show("worklist"); }
+  } catch (err) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    if (err instanceof ApiError && err.status === 401) {
+      show("signin");
+      message("That token was not accepted (wrong, expired or revoked). Check it with your admin.", "error");
+    } else handleError(err);
+  }
+}
+
+async function loadWorklist() {
+  try {
+    const status = $("show-closed").checked ? "all" : "open";
+    state.items = await api("/api/worklist?status=" + status + "&limit=500");
+    if (state.view !== "worklist") return;
+    renderWorklist();
+    $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    if ($("message").className === "error" && !$("message").hidden) message("");
+  } catch (err) { handleError(err); }
+}
+
+function renderWorklist() {
+  const body = $("worklist").querySelector("tbody");
+  const focusedId = document.activeElement && document.activeElement.dataset ? document.activeElement.dataset.id : null;
+  body.replaceChildren();
+  state.selected = Math.min(state.selected, Math.max(state.items.length - 1, 0));
+  state.items.forEach((it, i) => {
+    const p = it.probability;
+    const fill = el("i", { class: band(p) });
+    fill.style.width = Math.round(p * 100) + "%";  // CSSOM, not a style attribute (the page's CSP forbids those)
+    const score = el("div", { class: "score " + band(p) }, el("span", { class: "meter" }, fill),
+      el("span", { text: Math.round(p * 100) + "%" }));
+    const who = el("td", { class: "patient" }, patientName(it.patient_name));
+    if (it.requested_priority === "STAT") who.append(el("span", { class: "badge stat", text: "STAT" }));
+    else if (it.requested_priority === "HIGH") who.append(el("span", { class: "badge hi", text: "HIGH" }));
+    const wait = el("td", { class: "waiting" + (it.waiting_s > 4 * 3600 ? " long" : ""), text: age(it.waiting_s) });
+    const row = el("tr", { "data-id": String(it.id), tabindex: "0",
+                           title: "priority " + it.priority.toFixed(2) + ": AI score, order urgency and waiting time" },
+      el("td", { class: "rank", text: String(i + 1) }), el("td", {}, score), who,
+      el("td", { text: patientAge(it.patient_age) }), el("td", { text: it.accession_number || "" }),
+      el("td", { text: [it.modality, it.study_description].filter(Boolean).join(" · ") }), wait,
+      el("td", { class: "status " + it.status, text: statusText(it) }));
+    if (i === state.selected) row.classList.add("selected");
+    row.addEventListener("click", () => openItem(it.id));
+    row.addEventListener("keydown", (e) => { if (e.key === "Enter") openItem(it.id); });
+    body.append(row);
+    if (focusedId && focusedId === String(it.id)) row.focus();
+  });
+  $("count").textContent = "(" + state.items.length + ")";
+  $("empty").hidden = state.items.length > 0;
+  $("worklist").hidden = state.items.length === 0;
+}
+
+function moveSelection(delta) {
+  if (!state.items.length) return;
+  state.selected = Math.max(0, Math.min(state.items.length - 1, state.selected + delta));
+  renderWorklist();
+  const row = $("worklist").querySelectorAll("tbody tr")[state.selected];
+  if (row) { row.focus(); row.scrollIntoView({ block: "nearest" }); }
+}
+
+async function openItem(id) {
+  try {
+    state.item = await api("/api/worklist/" + id);
+    state.instance = state.item.instances.length ? state.item.instances[0].id : null;
+    $("heatmap").checked = false;
+    show("item");
+    renderItem();
+    loadImage();
+  } catch (err) { handleError(err); }
+}
+
+function renderItem() {
+  const it = state.item;
+  $("item-title").textContent = patientName(it.patient_name) + (it.accession_number ? " · " + it.accession_number : "");
+  const facts = $("facts");
+  facts.replaceChildren();
+  const add = (k, v) => { if (v !== null && v !== undefined && v !== "") facts.append(el("dt", { text: k }), el("dd", { text: String(v) })); };
+  add("AI score", Math.round(it.probability * 100) + "% (highest image)");
+  add("Patient ID", it.patient_id);
+  add("Age / sex", [patientAge(it.patient_age), it.patient_sex].filter(Boolean).join(" / "));
+  add("Study", [it.modality, it.study_description, it.study_date].filter(Boolean).join(" · "));
+  add("Requested", it.requested_priority);
+  add("Waiting", age(it.waiting_s));
+  add("Status", statusText(it));
+  if (it.claim_expires_at && it.status === "in_progress") add("Claim until", new Date(it.claim_expires_at).toLocaleTimeString());
+  if (it.comment) add("Comment", it.comment);
+  if (it.cancel_reason) add("Cancel reason", it.cancel_reason);
+  add("Study UID", it.study_instance_uid);
+
+  const mine = it.status === "in_progress" && state.me && it.claimed_by === state.me.name;
+  const admin = state.me && state.me.role === "admin";
+  $("claim-state").textContent = it.status === "scheduled" ? "Not claimed. Claim it to read it."
+    : it.status === "in_progress" ? (mine ? "You are reading this study." : "Being read by " + it.claimed_by + ".")
+    : "This item is " + it.status + ".";
+  $("claim").hidden = !(it.status === "scheduled" || mine);
+  $("claim").firstChild.textContent = mine ? "Renew claim " : "Claim ";
+  $("release").hidden = !(mine || (admin && it.status === "in_progress"));
+  $("complete-form").hidden = !(mine || (admin && it.status === "in_progress"));
+
+  const list = $("instances");
+  list.replaceChildren();
+  it.instances.forEach((inst, i) => {
+    const label = "Image " + (i + 1) + ": " + (inst.probability !== null ? Math.round(inst.probability * 100) + "%"
+      : inst.state.replace("_", " "));
+    const b = el("button", { type: "button", class: inst.id === state.instance ? "active" : "", text: label,
+      title: inst.reason || (inst.model_id ? "model " + inst.model_id + ", threshold " + inst.threshold : "") });
+    b.addEventListener("click", () => { state.instance = inst.id; renderItem(); loadImage(); });
+    list.append(b);
+  });
+  $("heatmap").disabled = !it.heatmap_available;
+  $("heatmap-note").textContent = it.heatmap_available ? "" : "(this model provides no heatmap)";
+  const events = $("events");
+  events.replaceChildren();
+  for (const e of it.events) events.append(el("li", { text: new Date(e.at).toLocaleString() + " · " + e.actor + " · " + e.detail }));
+}
+
+async function loadImage() {
+  const img = $("image");
+  if (state.imageUrl) { URL.revokeObjectURL(state.imageUrl); state.imageUrl = null; }
+  img.removeAttribute("src");
+  $("image-note").textContent = "";
+  if (state.instance === null) { $("image-note").textContent = "no image"; return; }
+  const overlay = $("heatmap").checked ? "&overlay=heatmap" : "";
+  try {
+    const res = await api("/api/instances/" + state.instance + "/image.png?size=1024" + overlay, { raw: true });
+    state.imageUrl = URL.createObjectURL(await res.blob());
+    img.src = state.imageUrl;
+  } catch (err) {
+    if (err instanceof ApiError && err.status !== 401) $("image-note").textContent = err.message;
+    else handleError(err);
+  }
+}
+
+async function act(action, body = null) {
+  try {
+    state.item = await api("/api/worklist/" + state.item.id + "/" + action, { method: "POST", body });
+    if (action === "complete") {
+      message("Completed: " + body.finding.replace("_", " ") + ". Back to the worklist.", "info");
+      show("worklist");
+      return;
+    }
+    message(action === "claim" ? "Claimed. You are reading this study." : "Released to the worklist.", "info");
+    renderItem();
+  } catch (err) {
+    handleError(err);
+    if (state.item) openItemQuiet(state.item.id);
+  }
+}
+
+async function openItemQuiet(id) {
+  try { state.item = await api("/api/worklist/" + id); renderItem(); } catch (e) { /* shown already */ }
+}
+
+async function loadStats() {
+  try {
+    const data = await api("/api/stats");
+    const body = $("stats").querySelector("tbody");
+    body.replaceChildren();
+    for (const m of data.models) {
+      const t = m.receipt_to_completion_s;
+      body.append(el("tr", {}, ...[m.model_id, m.scored, m.flagged, m.completed.pneumonia, m.completed.no_pneumonia,
+        m.completed.other, m.canceled, m.ppv === null ? "–" : Math.round(m.ppv * 100) + "%",
+        t.p50 === null ? "–" : age(t.p50), t.p95 === null ? "–" : age(t.p95)].map((v) => el("td", { text: String(v) }))));
+    }
+  } catch (err) { handleError(err); }
+}
+
+// -- wiring ---------------------------------------------------------------------------------------
+document.addEventListener("DOMContentLoaded", () => {
+  $("signin-form").addEventListener("submit", (e) => { e.preventDefault(); signIn($("token").value); });
+  $("signout").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); message(""); show("signin"); });
+  $("nav-worklist").addEventListener("click", () => { message(""); show("worklist"); });
+  $("nav-stats").addEventListener("click", () => { message(""); show("stats"); });
+  $("back").addEventListener("click", () => { message(""); show("worklist"); });
+  $("show-closed").addEventListener("change", loadWorklist);
+  $("claim").addEventListener("click", () => act("claim"));
+  $("release").addEventListener("click", () => act("release"));
+  $("heatmap").addEventListener("change", loadImage);
+  $("complete-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const f = document.querySelector("input[name=finding]:checked");
+    if (!f) { message("Choose a finding first (1, 2 or 3).", "error"); return; }
+    act("complete", { finding: f.value, comment: $("comment").value.trim() || null });
+  });
+  document.addEventListener("keydown", (e) => {
+    const typing = ["INPUT", "TEXTAREA"].includes(document.activeElement.tagName) && document.activeElement.type !== "radio"
+      && document.activeElement.type !== "checkbox";
+    if (e.key === "Escape" && state.view === "item") { show("worklist"); return; }
+    if (typing || e.ctrlKey || e.metaKey || e.altKey) return;
+    if (state.view === "worklist") {
+      if (e.key === "ArrowDown" || e.key === "j") { e.preventDefault(); moveSelection(1); }
+      else if (e.key === "ArrowUp" || e.key === "k") { e.preventDefault(); moveSelection(-1); }
+      else if (e.key === "Enter" && state.items[state.selected] && document.activeElement.tagName !== "TR") openItem(state.items[state.selected].id);
+      else if (e.key === "s") show("stats");
+    } else if (state.view === "item") {
+      if (e.key === "c" && !$("claim").hidden) act("claim");
+      else if (e.key === "h" && !$("heatmap").disabled) { $("heatmap").checked = !$("heatmap").checked; loadImage(); }
+      else if (["1", "2", "3"].includes(e.key) && !$("complete-form").hidden) {
+        const r = document.querySelectorAll("input[name=finding]")[Number(e.key) - 1];
+        r.checked = true; r.focus();
+      }
+    } else if (state.view === "stats" && e.key === "w" && state.me && state.me.role !== "monitor") show("worklist");
+  });
+  if (sessionStorage.getItem(TOKEN_KEY)) signIn(sessionStorage.getItem(TOKEN_KEY)); else show("signin");
+});

@@ -1,0 +1,133 @@
+"""Read-only views shared by the HTTP API and the CLI: one item with its evidence, received
+instances with their outcome (why a study was or was not flagged), and per-model statistics."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..store.models import Event, Instance, Prediction, Series, Study, WorklistItem, WorklistStatus, utcnow
+from .items import fetch_rows, item_row, row_query
+from .lifecycle import ItemNotFound, as_utc
+
+#: Most instances one listing returns.
+MAX_INSTANCES = 1000
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return as_utc(dt).isoformat() if dt is not None else None
+
+
+def instance_row(inst: Instance, series: Series, study: Study, pred: Prediction | None) -> dict[str, Any]:
+    return {
+        "id": inst.id,
+        "sop_instance_uid": inst.sop_instance_uid,
+        "study_instance_uid": study.study_instance_uid,
+        "series_instance_uid": series.series_instance_uid,
+        "modality": series.modality,
+        "calling_ae": inst.calling_ae,
+        "received_at": _iso(inst.received_at),
+        "state": inst.state,
+        "reason": inst.state_reason,
+        "probability": round(pred.probability, 6) if pred else None,
+        "positive": pred.positive if pred else None,
+        "threshold": pred.threshold if pred else None,
+        "model_id": pred.model_id if pred else None,
+        "predicted_at": _iso(pred.created_at) if pred else None,
+        "file_kept": inst.spool_deleted_at is None,
+        "image_url": f"/api/instances/{inst.id}/image.png",
+    }
+
+
+def list_instances(session: Session, *, study_instance_uid: str | None = None, state: str | None = None,
+                   limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    """Received instances, newest first, with their state and prediction (or refusal reason)."""
+    q = (select(Instance, Series, Study, Prediction)
+         .join(Series, Series.id == Instance.series_id).join(Study, Study.id == Series.study_id)
+         .outerjoin(Prediction, Prediction.instance_id == Instance.id)
+         .order_by(Instance.received_at.desc(), Instance.id.desc())
+         .limit(max(1, min(limit, MAX_INSTANCES))).offset(max(0, offset)))
+    if study_instance_uid:
+        q = q.where(Study.study_instance_uid == study_instance_uid)
+    if state:
+        q = q.where(Instance.state == state)
+    return [instance_row(*row) for row in session.execute(q)]
+
+
+def item_detail(session: Session, item_id: int, now: datetime | None = None) -> dict[str, Any]:
+    """The item's worklist fields, its study's instances with predictions, and its history."""
+    rows = fetch_rows(session, row_query().where(WorklistItem.id == item_id))
+    if not rows:
+        raise ItemNotFound(f"item {item_id} does not exist", item_id)
+    r = rows[0]
+    out = item_row(r, as_utc(now or utcnow()))
+    out.update({
+        "comment": r["comment"], "cancel_reason": r["cancel_reason"], "claimed_at": _iso(r["claimed_at"]),
+        "patient_sex": r["patient_sex"], "patient_birth_date": r["patient_birth_date"],
+        "referring_physician": r["referring_physician"],
+    })
+    out["instances"] = sorted(
+        list_instances(session, study_instance_uid=r["study_instance_uid"], limit=MAX_INSTANCES),
+        key=lambda r: (-(r["probability"] or -1.0), r["id"]))
+    out["events"] = [
+        {"at": _iso(e.at), "kind": e.kind, "actor": e.actor, "detail": e.detail}
+        for e in session.scalars(select(Event).where(Event.worklist_item_id == r["id"]).order_by(Event.id))
+    ]
+    return out
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(np.asarray(values), q)), 1) if values else None
+
+
+def model_stats(session: Session) -> dict[str, Any]:
+    """Per model id: scored, flagged, completed per finding, PPV of flags confirmed by readers, and
+    receipt-to-completion time (p50/p95, seconds).  An item counts for the model whose positive
+    prediction with the highest probability flagged the study."""
+    models: dict[str, dict[str, Any]] = {}
+
+    def entry(mid: str) -> dict[str, Any]:
+        return models.setdefault(mid, {"model_id": mid, "scored": 0, "flagged": 0,
+                                       "completed": {"pneumonia": 0, "no_pneumonia": 0, "other": 0},
+                                       "canceled": 0, "_times": []})
+
+    from sqlalchemy import func
+
+    for mid, n, flagged in session.execute(
+        select(Prediction.model_id, func.count(), func.count().filter(Prediction.positive.is_(True)))
+        .group_by(Prediction.model_id)):
+        e = entry(mid)
+        e["scored"], e["flagged"] = int(n), int(flagged or 0)
+
+    closed = session.execute(
+        select(WorklistItem, Study.created_at).join(Study, Study.id == WorklistItem.study_id)
+        .where(WorklistItem.status.in_((WorklistStatus.COMPLETED.value, WorklistStatus.CANCELED.value)))).all()
+    if closed:
+        flagger: dict[int, tuple[float, str]] = {}
+        for sid, p, mid in session.execute(
+            select(Series.study_id, Prediction.probability, Prediction.model_id)
+            .join(Instance, Instance.series_id == Series.id).join(Prediction, Prediction.instance_id == Instance.id)
+            .where(Prediction.positive.is_(True), Series.study_id.in_({i.study_id for i, _ in closed}))):
+            if sid not in flagger or p > flagger[sid][0]:
+                flagger[sid] = (p, mid)
+        for item, received in closed:
+            e = entry(flagger.get(item.study_id, (0.0, "unknown"))[1])
+            if item.status == WorklistStatus.CANCELED.value:
+                e["canceled"] += 1
+                continue
+            e["completed"][item.finding or "other"] = e["completed"].get(item.finding or "other", 0) + 1
+            if item.completed_at is not None:
+                e["_times"].append((as_utc(item.completed_at) - as_utc(received)).total_seconds())
+    out = []
+    for e in sorted(models.values(), key=lambda m: m["model_id"]):
+        times = e.pop("_times")
+        done = sum(e["completed"].values())
+        e["completed_total"] = done
+        e["ppv"] = round(e["completed"]["pneumonia"] / done, 4) if done else None
+        e["receipt_to_completion_s"] = {"p50": _pct(times, 50), "p95": _pct(times, 95), "n": len(times)}
+        out.append(e)
+    return {"models": out}
