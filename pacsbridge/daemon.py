@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -105,20 +106,41 @@ class Daemon:
         s = self.settings
         metrics = PipelineMetrics(self.sessions)
         updater = WorklistUpdater(self.sessions, s.priority_max_wait_minutes)
+        forwarder = self.forwarder(metrics.registry) if s.destinations else None
         components: list[Component] = []
         if s.worker_enabled:
             components.append(self.inference_worker(
-                updater, metrics, hint=" (or set worker_enabled = false to only receive)"))
+                updater, metrics, hint=" (or set worker_enabled = false to only receive)",
+                after_batch=forwarder.wake if forwarder is not None else None))
         components.append(WorklistScheduler(
             updater, self.sessions, Path(s.spool_dir), interval_s=s.scheduler_interval_s,
             retention_days=s.retention_days,
         ))
+        if forwarder is not None:
+            components.append(forwarder)
         if s.http_port:
             components.append(HttpServer(create_app(self.sessions, metrics), s.bind_address, s.http_port))
         return components
 
-    def inference_worker(self, updater, metrics=None, hint: str = "") -> Component:  # noqa: ANN001
-        """The inference worker; ``updater`` puts positives on the worklist right after each batch."""
+    def forwarder(self, registry=None) -> Component:  # noqa: ANN001
+        """The outbox sender (pacsbridge/forward/) for the configured destinations."""
+        from pacsbridge.forward.forwarder import ForwardMetrics, Forwarder
+        from pacsbridge.forward.outbox import RetryPolicy
+        from pacsbridge.forward.senders import ForwardContext
+        from pacsbridge.model.artifact import load_model
+
+        s = self.settings
+        ctx = ForwardContext(ae_title=s.ae_title, spool_dir=Path(s.spool_dir),
+                             load_model=lambda: load_model(s.model_path, s.device))
+        policy = RetryPolicy(initial_s=s.outbox_retry_initial_s, max_s=s.outbox_retry_max_s,
+                             max_age=timedelta(hours=s.outbox_max_age_hours))
+        return Forwarder(self.sessions, s.destinations, ctx, policy=policy, interval_s=s.outbox_interval_s,
+                         metrics=ForwardMetrics(registry, self.sessions))
+
+    def inference_worker(self, updater, metrics=None, hint: str = "", after_batch=None) -> Component:  # noqa: ANN001
+        """The inference worker; ``updater`` puts positives on the worklist right after each batch
+        (then ``after_batch``, e.g. waking the forwarder); results get their outbox entries."""
+        from pacsbridge.forward.outbox import Outbox
         from pacsbridge.inference.worker import InferenceWorker
         from pacsbridge.model.artifact import ModelError, load_model
 
@@ -129,8 +151,8 @@ class Daemon:
             raise ConfigError(f"model_path: {exc}{hint}") from None
         return InferenceWorker(
             self.sessions, model, Path(s.spool_dir), batch_size=s.inference_batch_size,
-            max_wait_ms=s.inference_max_wait_ms, on_recorded=updater.refresh, metrics=metrics,
-            notifier=self.notifier,
+            max_wait_ms=s.inference_max_wait_ms, on_recorded=_then(updater.refresh, after_batch), metrics=metrics,
+            notifier=self.notifier, outbox=Outbox(s.destinations) if s.destinations else None,
         )
 
     def request_stop(self, signum: int | None = None, _frame: object = None) -> None:
@@ -196,6 +218,20 @@ class Daemon:
                 component.stop()
             except Exception:  # noqa: BLE001 - keep stopping the others
                 log.exception("error while stopping %s", component.name)
+
+
+def _then(first, second):  # noqa: ANN001, ANN202
+    """``first(x)`` then ``second(x)`` (when given): the worker's after-batch hook."""
+    if second is None:
+        return first
+
+    def both(arg):  # noqa: ANN001, ANN202
+        try:
+            return first(arg)
+        finally:
+            second(arg)
+
+    return both
 
 
 class WorkerDaemon(Daemon):

@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column('last_error', sa.Text(), nullable=True),
         sa.Column('object_uid', sa.String(length=64), nullable=True),
         sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+        sa.Column('queued_at', sa.DateTime(timezone=True), nullable=False),
         sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
         sa.Column('sent_at', sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(['prediction_id'], ['predictions.id'], name=op.f('fk_outbox_prediction_id_predictions'),

@@ -160,5 +160,7 @@ class OutboxEntry(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     object_uid: Mapped[str | None] = mapped_column(String(64))  # SOP Instance UID or HL7 message control id
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # When it last became pending (creation or a manual retry); the max-age limit counts from here.
+    queued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,344 @@
+"""Senders: deliver built objects to one destination and say, per outbox entry, what happened.
+
+A sender gets a batch of due entries for one destination and sends them over ONE association
+(DICOM) or ONE connection (HL7), reporting each outcome as soon as the peer answered, so an
+acknowledgement is recorded before the next object goes out.  Outcomes are ``sent``, ``transient``
+(retry later) or ``permanent`` (dead).  :data:`SENDERS` is the registry of destination kinds.
+
+DICOM classification: association rejected, 0xA9xx, 0xCxxx, 0x0122 (SOP class not supported),
+0x0124 (not authorised) are permanent; connection refused/reset, timeouts, aborts, no answer,
+0xA7xx and other failures are transient.  HL7: ACK AA/CA sent, AE/CE transient, AR/CR permanent;
+no ACK within the timeout is transient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydicom import Dataset, dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+
+from ..config import Destination
+from .outbox import DueEntry
+from .results import Result
+
+log = logging.getLogger(__name__)
+
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    entry_id: int
+    state: str  # "sent" | "transient" | "permanent"
+    detail: str = ""
+    object_uid: str | None = None
+
+
+Report = Callable[[Outcome], None]
+
+
+class Sender(Protocol):
+    def send(self, destination: Destination, entries: list[DueEntry], report: Report) -> None: ...
+
+
+class PermanentError(Exception):
+    """The object can never be built or sent as configured (dead at once)."""
+
+
+@dataclass
+class ForwardContext:
+    """What senders need from the daemon: our AE title, the spool, and (for heatmaps) the model."""
+
+    ae_title: str
+    spool_dir: Path
+    load_model: Callable[[], Any] | None = None  # -> LoadedModel, called once on the first heatmap
+    _model: Any = field(default=None, repr=False)
+
+    def source_path(self, result: Result) -> Path:
+        spool = self.spool_dir.resolve()
+        path = (spool / result.file_path).resolve()
+        if result.spool_deleted:
+            raise PermanentError("the source image was deleted by retention")
+        if not result.file_path or not path.is_relative_to(spool) or not path.is_file():
+            raise PermanentError("the source image is missing from the spool")
+        return path
+
+    def model(self) -> Any:
+        if self._model is None:
+            if self.load_model is None:
+                raise PermanentError("no model is configured for heatmaps")
+            self._model = self.load_model()
+        return self._model
+
+
+# -- DICOM ---------------------------------------------------------------------------------------
+@dataclass
+class _Item:
+    entry: DueEntry
+    payload: Dataset | Path  # a built object, or the spooled original (sent byte for byte)
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+
+
+def _classify_status(status: int) -> str:
+    if status in (0x0000, 0xB000, 0xB006, 0xB007):
+        return "sent"
+    if (status & 0xFF00) == 0xA900 or (status & 0xF000) == 0xC000 or status in (0x0122, 0x0124):
+        return "permanent"
+    return "transient"  # 0xA7xx out of resources, 0x0110 processing failure, anything unexpected
+
+
+class DicomSender:
+    """C-STOREs SRs, heatmap SCs and original images to a DICOM peer (pynetdicom SCU)."""
+
+    kind = "dicom"
+
+    def __init__(self, ctx: ForwardContext) -> None:
+        self.ctx = ctx
+
+    # building ----------------------------------------------------------------------------------
+    def build(self, entry: DueEntry) -> _Item:
+        r = entry.result
+        path = self.ctx.source_path(r)
+        if entry.object == "images":
+            meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).file_meta
+            return _Item(entry, path, r.sop_class_uid, r.sop_instance_uid, str(meta.TransferSyntaxUID))
+        if entry.object == "sr":
+            from .sr import build_sr
+
+            ds = build_sr(r, dcmread(path, stop_before_pixels=True), ae_title=self.ctx.ae_title)
+        elif entry.object == "heatmap":
+            ds = self._heatmap(r, path)
+        else:
+            raise PermanentError(f"unknown object kind {entry.object!r} for a DICOM destination")
+        return _Item(entry, ds, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID))
+
+    def _heatmap(self, r: Result, path: Path) -> Dataset:
+        from ..imaging import NotAnalysable, load_for_model
+        from .heatmap_sc import HeatmapUnavailable, build_heatmap_sc, heatmap_overlay
+
+        model = self.ctx.model()
+        if getattr(model, "weights_sha256", r.weights_sha256) != r.weights_sha256:
+            raise PermanentError("the model that scored this image is no longer the configured model")
+        try:
+            image = load_for_model(path, min_side=512).image  # enough detail for a heatmap view
+            label = f"{'POSITIVE' if r.positive else 'negative'} p={r.probability:.2f} ({r.model_id})"
+            overlay = heatmap_overlay(model, image, label)
+        except (HeatmapUnavailable, NotAnalysable) as exc:
+            raise PermanentError(str(exc)) from None
+        return build_heatmap_sc(r, dcmread(path), overlay)
+
+    # sending -----------------------------------------------------------------------------------
+    def send(self, destination: Destination, entries: list[DueEntry], report: Report) -> None:
+        from pynetdicom import AE, _config, evt
+
+        _config.STORE_SEND_CHUNKED_DATASET = True  # a file path is sent as its bytes, never re-encoded
+        items: list[_Item] = []
+        for entry in entries:
+            try:
+                items.append(self.build(entry))
+            except PermanentError as exc:
+                report(Outcome(entry.id, "permanent", str(exc)))
+            except Exception as exc:  # noqa: BLE001 - a broken source must not stop the others
+                log.exception("outbox %d: could not build %s", entry.id, entry.object)
+                report(Outcome(entry.id, "permanent", f"could not build the {entry.object}: "
+                                                      f"{type(exc).__name__}: {exc}"))
+        if not items:
+            return
+        ae = AE(ae_title=self.ctx.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout_s
+        ae.connection_timeout = destination.timeout_s
+        for sop_class, syntaxes in _contexts(items):
+            ae.add_requested_context(sop_class, syntaxes)
+        rejection: list[str] = []
+
+        def on_acse_recv(event: Any) -> None:
+            p = event.primitive
+            if getattr(p, "result", None) in (0x01, 0x02):
+                rejection.append(f"association rejected by {destination.ae_title}: {p.result_str}, "
+                                 f"{p.source_str}: {p.reason_str}")
+
+        try:
+            assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                                 max_pdu=0, evt_handlers=[(evt.EVT_ACSE_RECV, on_acse_recv)])
+        except Exception as exc:  # noqa: BLE001 - e.g. a name that does not resolve
+            for it in items:
+                report(Outcome(it.entry.id, "transient", f"cannot connect: {type(exc).__name__}: {exc}"))
+            return
+        if not assoc.is_established:
+            if assoc.is_rejected:
+                state, why = "permanent", rejection[0] if rejection else "association rejected"
+            else:
+                state, why = "transient", (f"no association with {destination.host}:{destination.port} "
+                                           "(connection refused, timed out or aborted)")
+            for it in items:
+                report(Outcome(it.entry.id, state, why))
+            return
+        try:
+            self._store_all(assoc, items, destination, report)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _store_all(self, assoc: Any, items: list[_Item], destination: Destination, report: Report) -> None:
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax)) for cx in assoc.accepted_contexts}
+        for n, it in enumerate(items):
+            if not assoc.is_established:
+                for rest in items[n:]:
+                    report(Outcome(rest.entry.id, "transient", "association ended before it was sent"))
+                return
+            payload = it.payload
+            if (it.sop_class, it.transfer_syntax) not in accepted:
+                if isinstance(payload, Path) and it.transfer_syntax in UNCOMPRESSED and any(
+                        (it.sop_class, str(ts)) in accepted for ts in UNCOMPRESSED):
+                    payload = dcmread(payload)  # uncompressed: pynetdicom converts the encoding only
+                elif isinstance(payload, Path) or not any(a == it.sop_class for a, _ in accepted):
+                    report(Outcome(it.entry.id, "permanent",
+                                   f"{destination.name} accepts no presentation context for SOP class "
+                                   f"{it.sop_class} in transfer syntax {it.transfer_syntax} "
+                                   "(originals are never re-encoded)", it.sop_instance))
+                    continue
+            try:
+                status = assoc.send_c_store(payload)
+            except Exception as exc:  # noqa: BLE001 - connection reset, encoding trouble
+                report(Outcome(it.entry.id, "transient", f"C-STORE failed: {type(exc).__name__}: {exc}",
+                               it.sop_instance))
+                continue
+            if "Status" not in status:
+                report(Outcome(it.entry.id, "transient",
+                               "no C-STORE response (timed out, aborted or invalid)", it.sop_instance))
+                continue
+            code = int(status.Status)
+            state = _classify_status(code)
+            detail = f"C-STORE status 0x{code:04X}"
+            comment = status.get("ErrorComment")
+            if comment:
+                detail += f" ({comment})"
+            report(Outcome(it.entry.id, state, detail if state != "sent" or code else "", it.sop_instance))
+
+
+def _contexts(items: list[_Item]) -> list[tuple[str, list[str]]]:
+    """Presentation contexts for a batch: built objects in explicit/implicit little endian; an original
+    in its own transfer syntax first (a context of its own, so the peer cannot choose another for
+    it) and, when it is uncompressed, the uncompressed alternatives in a second context."""
+    out: list[tuple[str, list[str]]] = []
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+
+    def add(sop: str, syntaxes: list[str]) -> None:
+        key = (sop, tuple(syntaxes))
+        if key not in seen:
+            seen.add(key)
+            out.append((sop, syntaxes))
+
+    for it in items:
+        if isinstance(it.payload, Path):
+            add(it.sop_class, [it.transfer_syntax])
+            if it.transfer_syntax in UNCOMPRESSED:
+                add(it.sop_class, [str(ts) for ts in UNCOMPRESSED if ts != it.transfer_syntax])
+        else:
+            add(it.sop_class, [str(ts) for ts in UNCOMPRESSED])
+    if len(out) > 128:
+        raise PermanentError("too many presentation contexts for one association")
+    return out
+
+
+# -- HL7 -----------------------------------------------------------------------------------------
+class Hl7Sender:
+    """Sends ORU^R01 messages over MLLP (python-hl7's asyncio MLLP streams) and checks each ACK."""
+
+    kind = "hl7"
+
+    def __init__(self, ctx: ForwardContext) -> None:
+        self.ctx = ctx
+
+    def build(self, destination: Destination, entry: DueEntry) -> tuple[str, Any]:
+        from .hl7_oru import build_oru
+
+        r = entry.result
+        try:
+            source = dcmread(self.ctx.source_path(r), stop_before_pixels=True)
+        except PermanentError:
+            source = None  # the RIS still gets the result, without demographics
+        control_id = r.message_control_id(destination.name)
+        msg = build_oru(r, source, control_id=control_id, sending_application=destination.sending_application,
+                        sending_facility=destination.sending_facility,
+                        receiving_application=destination.receiving_application,
+                        receiving_facility=destination.receiving_facility)
+        return control_id, msg
+
+    def send(self, destination: Destination, entries: list[DueEntry], report: Report) -> None:
+        messages = []
+        for entry in entries:
+            try:
+                messages.append((entry, *self.build(destination, entry)))
+            except Exception as exc:  # noqa: BLE001
+                log.exception("outbox %d: could not build the ORU", entry.id)
+                report(Outcome(entry.id, "permanent", f"could not build the ORU: {type(exc).__name__}: {exc}"))
+        if messages:
+            asyncio.run(self._send(destination, messages, report))
+
+    async def _send(self, destination: Destination, messages: list, report: Report) -> None:
+        from hl7.mllp import open_hl7_connection
+
+        timeout = destination.timeout_s
+        try:
+            reader, writer = await asyncio.wait_for(
+                open_hl7_connection(destination.host, destination.port, encoding="utf-8"), timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            why = f"cannot connect to {destination.host}:{destination.port}: {type(exc).__name__}: {exc}"
+            for entry, control_id, _ in messages:
+                report(Outcome(entry.id, "transient", why, control_id))
+            return
+        try:
+            for n, (entry, control_id, msg) in enumerate(messages):
+                try:
+                    writer.writemessage(msg)
+                    await asyncio.wait_for(writer.drain(), timeout)
+                    ack = await asyncio.wait_for(reader.readmessage(), timeout)
+                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, Exception) as exc:  # noqa: BLE001
+                    why = ("no ACK within %.0f s" % timeout if isinstance(exc, asyncio.TimeoutError)
+                           else f"connection failed: {type(exc).__name__}: {exc}")
+                    report(Outcome(entry.id, "transient", why, control_id))
+                    for rest, rest_id, _ in messages[n + 1:]:
+                        report(Outcome(rest.id, "transient", "not sent: the connection failed before it",
+                                       rest_id))
+                    return
+                report(_ack_outcome(entry.id, control_id, ack))
+        finally:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 5)
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+
+
+def _ack_outcome(entry_id: int, control_id: str, ack: Any) -> Outcome:
+    try:
+        msa = ack.segment("MSA")
+        code, acked_id = str(msa[1]).strip().upper(), str(msa[2]).strip()
+        text = str(msa[3]) if len(msa) > 3 else ""
+    except (KeyError, IndexError):
+        return Outcome(entry_id, "transient", "the answer has no MSA segment", control_id)
+    try:
+        err = str(ack.segment("ERR"))
+    except KeyError:
+        err = ""
+    detail = f"ACK {code}" + (f": {text}" if text else "") + (f" [{err}]" if err else "")
+    if acked_id != control_id:
+        return Outcome(entry_id, "transient", f"ACK for message {acked_id!r}, expected {control_id!r}", control_id)
+    if code in ("AA", "CA"):
+        return Outcome(entry_id, "sent", "", control_id)
+    if code in ("AR", "CR"):
+        return Outcome(entry_id, "permanent", detail, control_id)
+    return Outcome(entry_id, "transient", detail, control_id)  # AE, CE, anything else
+
+
+#: Destination kinds and their senders (a new kind: a sender class here and a Literal in config).
+SENDERS: dict[str, Callable[[ForwardContext], Sender]] = {"dicom": DicomSender, "hl7": Hl7Sender}
