@@ -100,17 +100,22 @@ class OrthancServer:
 
     def instances(self) -> list[dict]:
         """Every stored instance: {"id", "sop", "study", "series", "modality", "sop_class"}."""
-        status, found = self.request("POST", "/tools/find", {
-            "Level": "Instance", "Query": {}, "Expand": True,
-            "RequestedTags": ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "SOPClassUID"],
-        })
+        status, found = self.request("GET", "/instances?expand")
         assert status == 200, found
+        series_cache: dict[str, dict] = {}
+        study_cache: dict[str, str] = {}
         out = []
         for inst in found:
-            tags = inst.get("RequestedTags", {})
-            out.append({"id": inst["ID"], "sop": inst["MainDicomTags"]["SOPInstanceUID"],
-                        "study": tags.get("StudyInstanceUID"), "series": tags.get("SeriesInstanceUID"),
-                        "modality": tags.get("Modality"), "sop_class": tags.get("SOPClassUID")})
+            sid = inst["ParentSeries"]
+            if sid not in series_cache:
+                series_cache[sid] = self.request("GET", f"/series/{sid}")[1]
+            series = series_cache[sid]
+            st = series["ParentStudy"]
+            if st not in study_cache:
+                study_cache[st] = self.request("GET", f"/studies/{st}")[1]["MainDicomTags"]["StudyInstanceUID"]
+            out.append({"id": inst["ID"], "sop": inst["MainDicomTags"]["SOPInstanceUID"], "study": study_cache[st],
+                        "series": series["MainDicomTags"].get("SeriesInstanceUID"),
+                        "modality": series["MainDicomTags"].get("Modality")})
         return out
 
     def file(self, orthanc_id: str) -> bytes:

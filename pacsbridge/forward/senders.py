@@ -188,7 +188,8 @@ class DicomSender:
                 assoc.release()
 
     def _store_all(self, assoc: Any, items: list[_Item], destination: Destination, report: Report) -> None:
-        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax)) for cx in assoc.accepted_contexts}
+        # An accepted context carries the one transfer syntax the peer chose (as a one-item list).
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
         for n, it in enumerate(items):
             if not assoc.is_established:
                 for rest in items[n:]:

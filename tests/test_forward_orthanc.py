@@ -1,0 +1,138 @@
+"""DICOM forwarding against a real Orthanc (Debian's ``orthanc``, started here on free loopback ports
+with a throw-away configuration and storage): SR, heatmap SC and the original images arrive in the
+right study; an association rejected for our AE title is dead after one try and `outbox retry`
+sends it once the configuration is fixed; and end to end through ``pacsbridge serve`` with
+Orthanc stopped and restarted mid-way, every result arrives once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from dicom_support import free_port, wait_for_port
+from forward_support import ORTHANC, ORTHANC_MISSING, add_result, migrated_sessions, running_orthanc, sr_items
+from pacsbridge.config import Destination
+from pacsbridge.forward import heatmap_sc
+from pacsbridge.forward.forwarder import Forwarder
+from pacsbridge.forward.senders import ForwardContext
+from pacsbridge.store.models import OutboxEntry
+from pipeline_support import export_model, reuid, sample_file, synthetic_chest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(ORTHANC is None, reason=ORTHANC_MISSING)
+
+
+def _pacs(port: int, ae_title: str = "ORTHANC", objects=("sr",)) -> Destination:  # noqa: ANN001
+    return Destination(name="pacs", kind="dicom", host="127.0.0.1", port=port, ae_title=ae_title,
+                       objects=list(objects), timeout_s=20)
+
+
+def _fake_overlay(model, image, label):  # noqa: ANN001, ANN202
+    """Stands in for Grad-CAM: the image in grey with its brightest quarter tinted red."""
+    grey = (np.clip(image, 0, 1) * 255).astype(np.uint8)
+    rgb = np.stack([grey] * 3, axis=-1)
+    rgb[image > np.quantile(image, 0.75), 0] = 255
+    return rgb
+
+
+def test_sr_heatmap_and_images_arrive_in_the_source_study(tmp_path, monkeypatch):
+    monkeypatch.setattr(heatmap_sc, "heatmap_overlay", _fake_overlay)
+    sources = [reuid(sample_file("RG1_J2KR.dcm"), tmp_path / "in" / "a.dcm"),  # JPEG 2000 lossless original
+               reuid(sample_file("RG1_UNCR.dcm"), tmp_path / "in" / "b.dcm")]
+    with running_orthanc(tmp_path) as orthanc:
+        dest = _pacs(orthanc.dicom_port, objects=("sr", "heatmap", "images"))
+        sessions = migrated_sessions(tmp_path)
+        spool = tmp_path / "spool"
+        for src in sources:
+            add_result(sessions, spool, src, [dest], probability=0.8)
+        ctx = ForwardContext("PACSBRIDGE", spool, load_model=lambda: SimpleNamespace(weights_sha256="ab" * 32))
+        fwd = Forwarder(sessions, [dest], ctx)
+        assert fwd.run_once() == {"sent": 6}, [(e.object, e.last_error) for e in sessions().query(OutboxEntry)]
+        fwd.stop()
+
+        stored = orthanc.instances()
+        assert len(stored) == 6
+        with sessions() as s:
+            uids = {(e.prediction_id, e.object): e.object_uid for e in s.query(OutboxEntry)}
+        for n, src in enumerate(sources, start=1):
+            ds = dcmread(src)
+            in_study = {i["sop"]: i for i in stored if i["study"] == ds.StudyInstanceUID}
+            assert set(in_study) == {ds.SOPInstanceUID, uids[(n, "sr")], uids[(n, "heatmap")]}
+            # the original, byte for byte (the spooled file's dataset, never re-encoded)
+            original = in_study[ds.SOPInstanceUID]
+            got = dcmread(__import__("io").BytesIO(orthanc.file(original["id"])))
+            assert got.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+            assert hashlib.sha256(got.PixelData).digest() == hashlib.sha256(ds.PixelData).digest()
+            # the SR: own series, finding, probability, model version, reference to the source
+            sr_info = in_study[uids[(n, "sr")]]
+            assert sr_info["modality"] == "SR" and sr_info["series"] not in (ds.SeriesInstanceUID, None)
+            items = sr_items(orthanc.dataset(sr_info["id"]))
+            assert ("CODE", "Pneumonia", ("52101004", "SCT")) in items
+            assert ("NUM", "Probability", pytest.approx(0.8)) in items
+            assert ("TEXT", "Algorithm Version", "test-model sha256:abababababababab") in items
+            assert ("IMAGE", "Source of Measurement", (ds.SOPClassUID, ds.SOPInstanceUID)) in items
+            # the heatmap: RGB secondary capture in a third series, warning burned in
+            sc = orthanc.dataset(in_study[uids[(n, "heatmap")]]["id"])
+            assert sc.PhotometricInterpretation == "RGB" and sc.BurnedInAnnotation == "YES"
+            assert sc.SeriesInstanceUID not in (ds.SeriesInstanceUID, sr_info["series"])
+
+        # Sending the same results again (e.g. after a crash before the acks were recorded) de-duplicates.
+        with sessions.begin() as s:
+            for e in s.query(OutboxEntry):
+                e.state = "pending"
+        fwd = Forwarder(sessions, [dest], ctx)
+        assert fwd.run_once() == {"sent": 6}
+        fwd.stop()
+        assert len(orthanc.instances()) == 6
+
+
+def test_rejected_ae_title_is_dead_after_one_try_and_retry_sends_it(tmp_path):
+    src = reuid(sample_file("RG1_UNCR.dcm"), tmp_path / "in" / "a.dcm")
+    # Orthanc accepts only the AE titles it knows (DicomModalities) when nothing is "always allowed".
+    with running_orthanc(tmp_path, DicomAlwaysAllowStore=False, DicomAlwaysAllowEcho=False,
+                         DicomAlwaysAllowFind=False, DicomAlwaysAllowMove=False, DicomAlwaysAllowGet=False,
+                         DicomCheckModalityHost=False,
+                         DicomModalities={"pacsbridge": ["PACSBRIDGE", "127.0.0.1", 1]}) as orthanc:
+        sessions = migrated_sessions(tmp_path)
+        dest = _pacs(orthanc.dicom_port)
+        add_result(sessions, tmp_path / "spool", src, [dest])
+        wrong = Forwarder(sessions, [dest], ForwardContext("NOT_KNOWN", tmp_path / "spool"))
+        assert wrong.run_once() == {"permanent": 1}
+        wrong.stop()
+        with sessions() as s:
+            entry = s.query(OutboxEntry).one()
+        assert (entry.state, entry.attempts) == ("dead", 1)
+        assert "association rejected" in entry.last_error.lower(), entry.last_error
+        assert orthanc.instances() == []
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PACSBRIDGE_")}
+        env.update(PACSBRIDGE_DATA_DIR=str(tmp_path), PYTHONPATH=str(REPO))
+        cli = [sys.executable, "-m", "pacsbridge"]
+        listed = subprocess.run(cli + ["outbox", "list", "--json", "--state", "dead"], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert listed.returncode == 0, listed.stderr
+        rows = json.loads(listed.stdout)
+        assert [(r["id"], r["state"], r["sop_instance_uid"]) for r in rows] == [(entry.id, "dead", dcmread(src).SOPInstanceUID)]
+        assert "association rejected" in rows[0]["last_error"].lower()
+        # "fix the configuration" (our AE title is now the one Orthanc knows), then retry
+        res = subprocess.run(cli + ["outbox", "retry", str(entry.id)], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0 and "1 entry queued again" in res.stdout, res.stderr
+        fixed = Forwarder(sessions, [dest], ForwardContext("PACSBRIDGE", tmp_path / "spool"))
+        assert fixed.run_once() == {"sent": 1}
+        fixed.stop()
+        assert [i["modality"] for i in orthanc.instances()] == ["SR"]
+        status = subprocess.run(cli + ["status", "--json"], env=env, capture_output=True, text=True, timeout=120)
+        assert json.loads(status.stdout)["outbox"] == {"pending": 0, "sent": 1, "dead": 0}
