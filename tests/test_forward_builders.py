@@ -114,3 +114,18 @@ def test_oru_fields_and_escaping():
     obx = {str(s[3][0][0]): s for s in negative.segments("OBX")}
     assert str(obx["233604007"][5]) == "272519000^Absent^SCT" and str(obx["AIPRIORITY"][5]) == "ROUTINE"
     assert str(negative.segment("PID")[3]) == ""  # no header: no demographics, still a valid message
+
+
+def test_sr_from_an_image_without_optional_patient_attributes(tmp_path):
+    """Real images may lack Type 2 patient/study attributes that the SR must carry (then empty)."""
+    from pipeline_support import synthetic_chest
+
+    src = synthetic_chest(1)
+    for kw in ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+               "AccessionNumber"):
+        assert kw not in src
+    sr = build_sr(_result(src), src, ae_title="PACSBRIDGE")
+    assert sr.PatientID == src.PatientID and sr.PatientBirthDate == "" and sr.AccessionNumber == ""
+    assert "PatientBirthDate" not in src  # the source is not modified
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    hd.sr.srread(tmp_path / "sr.dcm")

@@ -136,3 +136,101 @@ def test_rejected_ae_title_is_dead_after_one_try_and_retry_sends_it(tmp_path):
         assert [i["modality"] for i in orthanc.instances()] == ["SR"]
         status = subprocess.run(cli + ["status", "--json"], env=env, capture_output=True, text=True, timeout=120)
         assert json.loads(status.stdout)["outbox"] == {"pending": 0, "sent": 1, "dead": 0}
+
+
+class Serve:
+    """``pacsbridge serve`` as a subprocess with a test model (threshold 0: every image is positive)."""
+
+    def __init__(self, data_dir: Path, model: Path, destinations: list[dict]) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PACSBRIDGE_")}
+        self.env.update(
+            PACSBRIDGE_DATA_DIR=str(data_dir), PACSBRIDGE_DICOM_PORT=str(self.port), PACSBRIDGE_HTTP_PORT="0",
+            PACSBRIDGE_BIND_ADDRESS="127.0.0.1", PACSBRIDGE_MODEL_PATH=str(model), PACSBRIDGE_DEVICE="cpu",
+            PACSBRIDGE_FSYNC="false", PACSBRIDGE_DESTINATIONS=json.dumps(destinations),
+            PACSBRIDGE_OUTBOX_INTERVAL_S="0.5", PACSBRIDGE_OUTBOX_RETRY_INITIAL_S="0.5",
+            PACSBRIDGE_OUTBOX_RETRY_MAX_S="2", PYTHONPATH=str(REPO),
+        )
+        self.log_path = data_dir / "serve.log"
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "pacsbridge", "serve"], env=self.env, cwd=REPO,
+                                         stdout=log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, 120, self.proc)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pacsbridge", *args], env=self.env, cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    def outbox(self) -> list[dict]:
+        res = self.cli("outbox", "list", "--json")
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _send(port: int, studies: list) -> None:
+    from dicom_support import send_datasets
+
+    assert send_datasets(port, studies) == [0] * len(studies)
+
+
+def _wait(predicate, timeout: float, what: str):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.25)
+
+
+def test_end_to_end_through_an_orthanc_outage(tmp_path):
+    model = export_model(tmp_path / "model", threshold=0.0, name="fwd-test-model")
+    first = [synthetic_chest(seed) for seed in range(3)]
+    second = [synthetic_chest(seed) for seed in range(3, 7)]
+    with running_orthanc(tmp_path / "orthanc") as orthanc:
+        serve = Serve(tmp_path / "pb", model, [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1",
+                                               "port": orthanc.dicom_port, "ae_title": "ORTHANC",
+                                               "objects": ["sr"], "timeout_s": 5}])
+        try:
+            _send(serve.port, first)
+            _wait(lambda: len(orthanc.instances()) == 3, 90, "the first 3 SRs in Orthanc")
+
+            orthanc.stop()
+            _send(serve.port, second)
+            # the outage is seen: the new results fail (transient) and wait, pending
+            _wait(lambda: sum(1 for r in serve.outbox() if r["state"] == "pending" and r["attempts"] >= 1) == 4,
+                  90, "4 pending entries with a failed attempt")
+            assert not [r for r in serve.outbox() if r["state"] == "dead"]
+            orthanc.start()
+            _wait(lambda: len(orthanc.instances()) == 7, 90, "all 7 SRs in Orthanc after the restart")
+            rows = _wait(lambda: (lambda rs: rs if all(r["state"] == "sent" for r in rs) else None)(serve.outbox()),
+                         30, "every entry sent")
+            status = json.loads(serve.cli("status", "--json").stdout)
+        finally:
+            serve.stop()
+        assert status["outbox"] == {"pending": 0, "sent": 7, "dead": 0}
+        assert len(rows) == 7 and len({r["sop_instance_uid"] for r in rows}) == 7  # one entry per result
+        assert {r["object_uid"] for r in rows} == {i["sop"] for i in orthanc.instances()}  # each SR once
+        by_sop = {i["sop"]: i for i in orthanc.instances()}
+        model_sha = json.loads(model.with_suffix(".json").read_text())["weights_sha256"]
+        for ds in first + second:
+            row = next(r for r in rows if r["sop_instance_uid"] == ds.SOPInstanceUID)
+            sr = by_sop[row["object_uid"]]
+            assert sr["study"] == ds.StudyInstanceUID and sr["modality"] == "SR"
+            items = sr_items(orthanc.dataset(sr["id"]))
+            assert ("CODE", "Pneumonia", ("52101004", "SCT")) in items
+            assert ("NUM", "Probability", pytest.approx(row["probability"], abs=1e-6)) in items
+            assert ("TEXT", "Algorithm Version", f"fwd-test-model sha256:{model_sha[:16]}") in items
+            assert ("IMAGE", "Source of Measurement", (ds.SOPClassUID, ds.SOPInstanceUID)) in items
+        assert sum(r["attempts"] > 1 for r in rows) == 4  # the outage's results needed retries, the others not

@@ -79,30 +79,34 @@ class Forwarder:
         self._metrics = metrics
         self._senders = senders or {kind: make(ctx) for kind, make in SENDERS.items()}
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.destinations)), thread_name_prefix="forward")
-        self._run_lock = threading.Lock()  # run_once from a test and from the job never overlap
+        self._run_lock = threading.Lock()  # runs never overlap: at most one association per destination
+        self._again = False
         self._scheduler: BackgroundScheduler | None = None
         self.last_error: str | None = None
 
     # one run -----------------------------------------------------------------------------------
     def run_once(self, now: datetime | None = None) -> dict[str, int]:
         """Send everything due now; returns counts of outcomes ({"sent": N, "transient": N, "permanent": N})."""
+        with self._run_lock:
+            return self._run(now)
+
+    def _run(self, now: datetime | None = None) -> dict[str, int]:
         if not self.destinations:
             return {}
-        with self._run_lock:
-            with self._sessions() as session:
-                due = outbox.due_entries(session, now, self._batch_limit, destinations=self.destinations)
-            if not due:
-                return {}
-            by_dest: dict[str, list[DueEntry]] = defaultdict(list)
-            for e in due:
-                by_dest[e.destination].append(e)
-            totals: dict[str, int] = defaultdict(int)
-            lock = threading.Lock()
-            futures = [self._pool.submit(self._send_destination, self.destinations[name], entries, totals, lock)
-                       for name, entries in by_dest.items()]
-            for f in futures:
-                f.result()
-            return dict(totals)
+        with self._sessions() as session:
+            due = outbox.due_entries(session, now, self._batch_limit, destinations=self.destinations)
+        if not due:
+            return {}
+        by_dest: dict[str, list[DueEntry]] = defaultdict(list)
+        for e in due:
+            by_dest[e.destination].append(e)
+        totals: dict[str, int] = defaultdict(int)
+        lock = threading.Lock()
+        futures = [self._pool.submit(self._send_destination, self.destinations[name], entries, totals, lock)
+                   for name, entries in by_dest.items()]
+        for f in futures:
+            f.result()
+        return dict(totals)
 
     def _send_destination(self, dest: Destination, entries: list[DueEntry], totals: dict[str, int],
                           lock: threading.Lock) -> None:
@@ -140,12 +144,23 @@ class Forwarder:
 
     # component -------------------------------------------------------------------------------
     def _job(self) -> None:
+        # A tick (or a wake) while a run is busy only asks that run to go round once more, so ticks
+        # never pile up and APScheduler never has to skip one (max_instances=2 below).
+        if not self._run_lock.acquire(blocking=False):
+            self._again = True
+            return
         try:
-            self.run_once()
+            while True:
+                self._again = False
+                self._run()
+                if not self._again:
+                    break
             self.last_error = None
         except Exception as exc:  # noqa: BLE001 - e.g. the database is down: the next run retries
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.exception("forwarding run failed; will retry at the next run")
+        finally:
+            self._run_lock.release()
 
     def wake(self, *_: object) -> None:
         """Run now (e.g. right after the worker recorded results) instead of at the next tick."""
@@ -158,7 +173,7 @@ class Forwarder:
 
     def start(self) -> None:
         self._scheduler = BackgroundScheduler(
-            timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None})
+            timezone="UTC", job_defaults={"coalesce": True, "max_instances": 2, "misfire_grace_time": None})
         self._scheduler.add_job(self._job, "interval", seconds=self._interval_s, id="outbox", name="outbox send",
                                 next_run_time=datetime.now(timezone.utc))
         self._scheduler.start()

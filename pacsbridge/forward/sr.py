@@ -47,6 +47,7 @@ def build_sr(result: Result, source: Dataset, *, ae_title: str) -> hd.sr.Compreh
 
     highdicom validates the content tree and the IODs on construction (it raises on a violation).
     """
+    source = with_type2_patient_study(source)
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=device_uid(ae_title), name=ae_title, manufacturer_name=MANUFACTURER,
         model_name=f"pacsbridge {__version__}",
@@ -86,3 +87,23 @@ def build_sr(result: Result, source: Dataset, *, ae_title: str) -> hd.sr.Compreh
         is_final=False,  # a machine result, not verified by a person
         series_description="AI pneumonia triage (not for diagnostic use)",
     )
+
+
+#: Type 2 attributes of the patient and study modules that highdicom copies from the evidence; a real
+#: image may lack some of them (they are then present and empty in the SR, as the standard allows).
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def with_type2_patient_study(source: Dataset) -> Dataset:
+    """``source`` (a shallow copy when needed) with the missing Type 2 patient/study attributes empty."""
+    missing = [kw for kw in TYPE2_COPIED if kw not in source]
+    if not missing:
+        return source
+    copy = Dataset()
+    copy.update(source)
+    if hasattr(source, "file_meta"):
+        copy.file_meta = source.file_meta
+    for kw in missing:
+        setattr(copy, kw, None)
+    return copy
