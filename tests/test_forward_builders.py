@@ -125,7 +125,8 @@ def test_sr_from_an_image_without_optional_patient_attributes(tmp_path):
                "AccessionNumber"):
         assert kw not in src
     sr = build_sr(_result(src), src, ae_title="PACSBRIDGE")
-    assert sr.PatientID == src.PatientID and sr.PatientBirthDate == "" and sr.AccessionNumber == ""
+    assert sr.PatientID == src.PatientID and not sr.PatientBirthDate and not sr.AccessionNumber
+    assert "PatientBirthDate" in sr and "AccessionNumber" in sr  # Type 2: present, empty
     assert "PatientBirthDate" not in src  # the source is not modified
     sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     hd.sr.srread(tmp_path / "sr.dcm")
