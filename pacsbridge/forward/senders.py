@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom import Dataset, dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..config import Destination
 from .outbox import DueEntry
@@ -30,6 +31,8 @@ from .results import Result
 log = logging.getLogger(__name__)
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+ComprehensiveSRStorage = "1.2.840.10008.5.1.4.1.1.88.33"
+SecondaryCaptureImageStorage = "1.2.840.10008.5.1.4.1.1.7"
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,11 @@ class _Item:
     sop_class: str
     sop_instance: str
     transfer_syntax: str
+    source: Path | None = None  # the spooled source image
+
+    def __post_init__(self) -> None:
+        if self.source is None and isinstance(self.payload, Path):
+            self.source = self.payload
 
 
 def _classify_status(status: int) -> str:
@@ -103,22 +111,34 @@ class DicomSender:
     def __init__(self, ctx: ForwardContext) -> None:
         self.ctx = ctx
 
-    # building ----------------------------------------------------------------------------------
-    def build(self, entry: DueEntry) -> _Item:
+    # planning and building ---------------------------------------------------------------------
+    def plan(self, entry: DueEntry) -> _Item:
+        """What will be sent for ``entry`` (SOP class, transfer syntax), without building it yet:
+        enough to negotiate the association, so an unreachable peer costs no building."""
         r = entry.result
         path = self.ctx.source_path(r)
         if entry.object == "images":
             meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).file_meta
             return _Item(entry, path, r.sop_class_uid, r.sop_instance_uid, str(meta.TransferSyntaxUID))
         if entry.object == "sr":
+            return _Item(entry, path, ComprehensiveSRStorage, r.derived_uid("sr"), ExplicitVRLittleEndian)
+        if entry.object == "heatmap":
+            return _Item(entry, path, SecondaryCaptureImageStorage, r.derived_uid("heatmap"), ExplicitVRLittleEndian)
+        raise PermanentError(f"unknown object kind {entry.object!r} for a DICOM destination")
+
+    def build(self, item: _Item) -> _Item:
+        """The item with its object built (an original stays a path: its bytes are sent as they are)."""
+        r, path = item.entry.result, item.source
+        if item.entry.object == "sr":
             from .sr import build_sr
 
             ds = build_sr(r, dcmread(path, stop_before_pixels=True), ae_title=self.ctx.ae_title)
-        elif entry.object == "heatmap":
+        elif item.entry.object == "heatmap":
             ds = self._heatmap(r, path)
         else:
-            raise PermanentError(f"unknown object kind {entry.object!r} for a DICOM destination")
-        return _Item(entry, ds, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID))
+            return item
+        return _Item(item.entry, ds, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                     str(ds.file_meta.TransferSyntaxUID), source=path)
 
     def _heatmap(self, r: Result, path: Path) -> Dataset:
         from ..imaging import NotAnalysable, load_for_model
@@ -143,13 +163,12 @@ class DicomSender:
         items: list[_Item] = []
         for entry in entries:
             try:
-                items.append(self.build(entry))
+                items.append(self.plan(entry))
             except PermanentError as exc:
                 report(Outcome(entry.id, "permanent", str(exc)))
             except Exception as exc:  # noqa: BLE001 - a broken source must not stop the others
-                log.exception("outbox %d: could not build %s", entry.id, entry.object)
-                report(Outcome(entry.id, "permanent", f"could not build the {entry.object}: "
-                                                      f"{type(exc).__name__}: {exc}"))
+                log.exception("outbox %d: cannot read the source of %s", entry.id, entry.object)
+                report(Outcome(entry.id, "permanent", f"cannot read the source: {type(exc).__name__}: {exc}"))
         if not items:
             return
         ae = AE(ae_title=self.ctx.ae_title)
@@ -181,19 +200,35 @@ class DicomSender:
             for it in items:
                 report(Outcome(it.entry.id, state, why))
             return
-        try:
-            self._store_all(assoc, items, destination, report)
-        finally:
-            if assoc.is_established:
-                assoc.release()
+        # Build in a second thread while the association sends: the next SR is made while the peer
+        # stores the previous one (building is CPU in this process, storing is the peer's work).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward-build") as builder:
+            futures = [(it.entry.id, builder.submit(self.build, it)) for it in items]
+            try:
+                self._store_all(assoc, futures, destination, report)
+            finally:
+                for _, f in futures:
+                    f.cancel()
+                if assoc.is_established:
+                    assoc.release()
 
-    def _store_all(self, assoc: Any, items: list[_Item], destination: Destination, report: Report) -> None:
+    def _store_all(self, assoc: Any, futures: list[tuple[int, Future]], destination: Destination,
+                   report: Report) -> None:
         # An accepted context carries the one transfer syntax the peer chose (as a one-item list).
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
-        for n, it in enumerate(items):
+        for n, (entry_id, future) in enumerate(futures):
+            try:
+                it = future.result()
+            except PermanentError as exc:
+                report(Outcome(entry_id, "permanent", str(exc)))
+                continue
+            except Exception as exc:  # noqa: BLE001 - a broken source must not stop the others
+                log.exception("outbox %d: could not build the object", entry_id)
+                report(Outcome(entry_id, "permanent", f"could not build the object: {type(exc).__name__}: {exc}"))
+                continue
             if not assoc.is_established:
-                for rest in items[n:]:
-                    report(Outcome(rest.entry.id, "transient", "association ended before it was sent"))
+                for rest_id, _ in futures[n:]:
+                    report(Outcome(rest_id, "transient", "association ended before it was sent"))
                 return
             payload = it.payload
             if (it.sop_class, it.transfer_syntax) not in accepted:
@@ -239,7 +274,7 @@ def _contexts(items: list[_Item]) -> list[tuple[str, list[str]]]:
             out.append((sop, syntaxes))
 
     for it in items:
-        if isinstance(it.payload, Path):
+        if it.entry.object == "images":
             add(it.sop_class, [it.transfer_syntax])
             if it.transfer_syntax in UNCOMPRESSED:
                 add(it.sop_class, [str(ts) for ts in UNCOMPRESSED if ts != it.transfer_syntax])
