@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, NoDecode, SettingsError, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 1-16 chars, no backslash/control
 
@@ -232,6 +232,11 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     _CONFIG_FILE["path"] = path
     try:
         return Settings(**overrides)
+    except SettingsError as exc:  # e.g. PACSBRIDGE_DESTINATIONS that is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        key = field.group(1) if field else "config"
+        raise ConfigError(f"invalid configuration: {key} (PACSBRIDGE_{key.upper()}): not valid JSON "
+                          f"({exc.__cause__ or exc})") from None
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
