@@ -78,9 +78,9 @@ def test_heatmap_secondary_capture(tmp_path):
     assert ds.BurnedInAnnotation == "YES" and WARNING_TEXT in ds.ImageComments
     px = ds.pixel_array
     assert px.shape == (300, 280, 3)
-    band, body = px[:12], px[60:]
-    assert (band == 255).all(axis=2).sum() > 50, "no white text burned in along the top"
-    assert np.array_equal(body, overlay[60:]), "the overlay below the text band must be unchanged"
+    band, body = px[-12:], px[:-60]
+    assert (band == 255).all(axis=2).sum() > 50, "no white text burned in along the bottom"
+    assert np.array_equal(body, overlay[:-60]), "the overlay above the text band must be unchanged"
     with pytest.raises(ValueError):
         build_heatmap_sc(r, src, overlay[..., 0])
 

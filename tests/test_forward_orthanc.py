@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +23,6 @@ from pydicom.uid import generate_uid
 from dicom_support import free_port, wait_for_port
 from forward_support import ORTHANC, ORTHANC_MISSING, add_result, migrated_sessions, running_orthanc, sr_items
 from pacsbridge.config import Destination
-from pacsbridge.forward import heatmap_sc
 from pacsbridge.forward.forwarder import Forwarder
 from pacsbridge.forward.senders import ForwardContext
 from pacsbridge.store.models import OutboxEntry
@@ -39,16 +37,10 @@ def _pacs(port: int, ae_title: str = "ORTHANC", objects=("sr",)) -> Destination:
                        objects=list(objects), timeout_s=20)
 
 
-def _fake_overlay(model, image, label):  # noqa: ANN001, ANN202
-    """Stands in for Grad-CAM: the image in grey with its brightest quarter tinted red."""
-    grey = (np.clip(image, 0, 1) * 255).astype(np.uint8)
-    rgb = np.stack([grey] * 3, axis=-1)
-    rgb[image > np.quantile(image, 0.75), 0] = 255
-    return rgb
+def test_sr_heatmap_and_images_arrive_in_the_source_study(tmp_path):
+    from pacsbridge.model.artifact import load_model
 
-
-def test_sr_heatmap_and_images_arrive_in_the_source_study(tmp_path, monkeypatch):
-    monkeypatch.setattr(heatmap_sc, "heatmap_overlay", _fake_overlay)
+    model = load_model(export_model(tmp_path / "model", threshold=0.5, name="heat-test-model"), "cpu")
     sources = [reuid(sample_file("RG1_J2KR.dcm"), tmp_path / "in" / "a.dcm"),  # JPEG 2000 lossless original
                reuid(sample_file("RG1_UNCR.dcm"), tmp_path / "in" / "b.dcm")]
     with running_orthanc(tmp_path) as orthanc:
@@ -56,8 +48,9 @@ def test_sr_heatmap_and_images_arrive_in_the_source_study(tmp_path, monkeypatch)
         sessions = migrated_sessions(tmp_path)
         spool = tmp_path / "spool"
         for src in sources:
-            add_result(sessions, spool, src, [dest], probability=0.8)
-        ctx = ForwardContext("PACSBRIDGE", spool, load_model=lambda: SimpleNamespace(weights_sha256="ab" * 32))
+            add_result(sessions, spool, src, [dest], probability=0.8, model_id=model.model_id,
+                       weights_sha256=model.weights_sha256)
+        ctx = ForwardContext("PACSBRIDGE", spool, load_model=lambda: model)  # Grad-CAM of this model
         fwd = Forwarder(sessions, [dest], ctx)
         assert fwd.run_once() == {"sent": 6}, [(e.object, e.last_error) for e in sessions().query(OutboxEntry)]
         fwd.stop()
@@ -81,11 +74,14 @@ def test_sr_heatmap_and_images_arrive_in_the_source_study(tmp_path, monkeypatch)
             items = sr_items(orthanc.dataset(sr_info["id"]))
             assert ("CODE", "Pneumonia", ("52101004", "SCT")) in items
             assert ("NUM", "Probability", pytest.approx(0.8)) in items
-            assert ("TEXT", "Algorithm Version", "test-model sha256:abababababababab") in items
+            assert ("TEXT", "Algorithm Version", f"heat-test-model sha256:{model.weights_sha256[:16]}") in items
             assert ("IMAGE", "Source of Measurement", (ds.SOPClassUID, ds.SOPInstanceUID)) in items
             # the heatmap: RGB secondary capture in a third series, warning burned in
             sc = orthanc.dataset(in_study[uids[(n, "heatmap")]]["id"])
             assert sc.PhotometricInterpretation == "RGB" and sc.BurnedInAnnotation == "YES"
+            px = sc.pixel_array.astype(int)
+            body = px[px.shape[0] // 8:-px.shape[0] // 8]  # below the overlay's label, above the warning
+            assert px.shape[0] >= 512 and np.abs(body[..., 0] - body[..., 2]).max() > 50, "no colour heatmap"
             assert sc.SeriesInstanceUID not in (ds.SeriesInstanceUID, sr_info["series"])
 
         # Sending the same results again (e.g. after a crash before the acks were recorded) de-duplicates.

@@ -24,7 +24,8 @@ SC_SERIES_NUMBER = 9902
 
 
 def burn_in_warning(rgb: np.ndarray, text: str = WARNING_TEXT) -> np.ndarray:
-    """``rgb`` (H x W x 3 uint8) with ``text`` burned in along the top, white on a black band."""
+    """``rgb`` (H x W x 3 uint8) with ``text`` burned in along the bottom, white on a black band
+    (the top-left corner is where the overlay carries its own label)."""
     img = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB")
     w, h = img.size
     size = max(10, min(h // 20, int(w / (0.6 * len(text)))))
@@ -35,8 +36,9 @@ def burn_in_warning(rgb: np.ndarray, text: str = WARNING_TEXT) -> np.ndarray:
     draw = ImageDraw.Draw(img)
     box = draw.textbbox((0, 0), text, font=font)
     pad = max(2, size // 4)
-    draw.rectangle([0, 0, w, box[3] - box[1] + 2 * pad], fill=(0, 0, 0))
-    draw.text((pad, pad - box[1]), text, fill=(255, 255, 255), font=font)
+    top = h - (box[3] - box[1] + 2 * pad)
+    draw.rectangle([0, top, w, h], fill=(0, 0, 0))
+    draw.text((pad, top + pad - box[1]), text, fill=(255, 255, 255), font=font)
     return np.asarray(img, dtype=np.uint8)
 
 

@@ -149,7 +149,7 @@ class DicomSender:
             raise PermanentError("the model that scored this image is no longer the configured model")
         try:
             image = load_for_model(path, min_side=512).image  # enough detail for a heatmap view
-            label = f"{'POSITIVE' if r.positive else 'negative'} p={r.probability:.2f} ({r.model_id})"
+            label = f"AI: pneumonia {'POSITIVE' if r.positive else 'negative'}, p={r.probability:.2f} ({r.model_id})"
             overlay = heatmap_overlay(model, image, label)
         except (HeatmapUnavailable, NotAnalysable) as exc:
             raise PermanentError(str(exc)) from None
