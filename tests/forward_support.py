@@ -5,11 +5,13 @@ Imported as a plain module (``from forward_support import ...``); pytest puts ``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
 import shutil
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hl7
+from hl7.mllp import start_hl7_server
 from pydicom import Dataset, dcmread
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -193,3 +197,55 @@ def sr_items(ds: Dataset) -> list[tuple[str, str, Any]]:
 
     walk(ds.ContentSequence)
     return out
+
+
+# -- a RIS ---------------------------------------------------------------------------------------
+class MllpListener:
+    """A RIS stand-in: answers each message with the next scripted code (AA, AE, AR or "silent")."""
+
+    def __init__(self, script: list[str]) -> None:
+        self.script = list(script)
+        self.received: list[hl7.Message] = []
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    async def _handle(self, reader, writer) -> None:  # noqa: ANN001
+        try:
+            while not reader.at_eof():
+                msg = await reader.readmessage()
+                self.received.append(msg)
+                code = self.script.pop(0) if self.script else "AA"
+                if code == "silent":
+                    continue
+                writer.writemessage(msg.create_ack(ack_code=code))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            self._server = await start_hl7_server(self._handle, "127.0.0.1", self.port)
+            self._ready.set()
+            await self._server.serve_forever()
+
+        try:
+            self._loop.run_until_complete(main())
+        except asyncio.CancelledError:
+            pass
+
+    def __enter__(self) -> "MllpListener":
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._server.close)
+        for task in asyncio.all_tasks(self._loop):
+            self._loop.call_soon_threadsafe(task.cancel)
+        self._thread.join(10)

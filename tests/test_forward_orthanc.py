@@ -21,7 +21,8 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from dicom_support import free_port, wait_for_port
-from forward_support import ORTHANC, ORTHANC_MISSING, add_result, migrated_sessions, running_orthanc, sr_items
+from forward_support import (ORTHANC, ORTHANC_MISSING, MllpListener, add_result, migrated_sessions,
+                             running_orthanc, sr_items)
 from pacsbridge.config import Destination
 from pacsbridge.forward.forwarder import Forwarder
 from pacsbridge.forward.senders import ForwardContext
@@ -194,19 +195,23 @@ def test_end_to_end_through_an_orthanc_outage(tmp_path):
     model = export_model(tmp_path / "model", threshold=0.0, name="fwd-test-model")
     first = [synthetic_chest(seed) for seed in range(3)]
     second = [synthetic_chest(seed) for seed in range(3, 7)]
-    with running_orthanc(tmp_path / "orthanc") as orthanc:
-        serve = Serve(tmp_path / "pb", model, [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1",
-                                               "port": orthanc.dicom_port, "ae_title": "ORTHANC",
-                                               "objects": ["sr"], "timeout_s": 5}])
+    with running_orthanc(tmp_path / "orthanc") as orthanc, MllpListener([]) as ris:
+        serve = Serve(tmp_path / "pb", model, [
+            {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": "ORTHANC",
+             "objects": ["sr"], "timeout_s": 5},
+            {"name": "ris", "kind": "hl7", "host": "127.0.0.1", "port": ris.port, "receiving_application": "RIS"},
+        ])
         try:
             _send(serve.port, first)
             _wait(lambda: len(orthanc.instances()) == 3, 90, "the first 3 SRs in Orthanc")
 
             orthanc.stop()
             _send(serve.port, second)
-            # the outage is seen: the new results fail (transient) and wait, pending
+            # the outage is seen: the new results fail (transient) and wait, pending, while the RIS,
+            # another destination, gets them at once
             _wait(lambda: sum(1 for r in serve.outbox() if r["state"] == "pending" and r["attempts"] >= 1) == 4,
                   90, "4 pending entries with a failed attempt")
+            _wait(lambda: len(ris.received) == 7, 30, "7 ORU messages at the RIS")
             assert not [r for r in serve.outbox() if r["state"] == "dead"]
             orthanc.start()
             _wait(lambda: len(orthanc.instances()) == 7, 90, "all 7 SRs in Orthanc after the restart")
@@ -215,7 +220,12 @@ def test_end_to_end_through_an_orthanc_outage(tmp_path):
             status = json.loads(serve.cli("status", "--json").stdout)
         finally:
             serve.stop()
-        assert status["outbox"] == {"pending": 0, "sent": 7, "dead": 0}
+        assert status["outbox"] == {"pending": 0, "sent": 14, "dead": 0}
+        oru = [r for r in rows if r["destination"] == "ris"]
+        rows = [r for r in rows if r["destination"] == "pacs"]
+        assert sorted(r["object_uid"] for r in oru) == sorted(str(m.segment("MSH")[10]) for m in ris.received)
+        assert all(r["attempts"] == 1 for r in oru)  # the PACS outage did not hold the RIS back
+        assert sorted(str(m.segment("PID")[3]) for m in ris.received) == sorted(ds.PatientID for ds in first + second)
         assert len(rows) == 7 and len({r["sop_instance_uid"] for r in rows}) == 7  # one entry per result
         assert {r["object_uid"] for r in rows} == {i["sop"] for i in orthanc.instances()}  # each SR once
         by_sop = {i["sop"]: i for i in orthanc.instances()}
