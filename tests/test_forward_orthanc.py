@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.uid import generate_uid
 
 from dicom_support import free_port, wait_for_port
 from forward_support import (ORTHANC, ORTHANC_MISSING, MllpListener, add_result, migrated_sessions,
