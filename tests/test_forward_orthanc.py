@@ -211,6 +211,8 @@ def test_end_to_end_through_an_orthanc_outage(tmp_path):
             _wait(lambda: sum(1 for r in serve.outbox() if r["state"] == "pending" and r["attempts"] >= 1) == 4,
                   90, "4 pending entries with a failed attempt")
             _wait(lambda: len(ris.received) == 7, 30, "7 ORU messages at the RIS")
+            waiting = [r for r in serve.outbox() if r["state"] == "pending"]
+            assert waiting and all("cannot connect" in r["last_error"] for r in waiting), waiting
             assert not [r for r in serve.outbox() if r["state"] == "dead"]
             orthanc.start()
             _wait(lambda: len(orthanc.instances()) == 7, 90, "all 7 SRs in Orthanc after the restart")

@@ -194,9 +194,13 @@ class DicomSender:
         if not assoc.is_established:
             if assoc.is_rejected:
                 state, why = "permanent", rejection[0] if rejection else "association rejected"
+            elif assoc.rejected_contexts and not assoc.accepted_contexts:
+                # The peer answered but supports none of what we would send (e.g. no SR storage).
+                refused = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
+                state, why = "permanent", f"{destination.ae_title} accepted none of the presentation contexts {refused}"
             else:
-                state, why = "transient", (f"no association with {destination.host}:{destination.port} "
-                                           "(connection refused, timed out or aborted)")
+                state, why = "transient", (f"cannot connect to {destination.host}:{destination.port} or no "
+                                           "association (refused, timed out or aborted)")
             for it in items:
                 report(Outcome(it.entry.id, state, why))
             return
