@@ -241,3 +241,36 @@ def test_end_to_end_through_an_orthanc_outage(tmp_path):
             assert ("TEXT", "Algorithm Version", f"fwd-test-model sha256:{model_sha[:16]}") in items
             assert ("IMAGE", "Source of Measurement", (ds.SOPClassUID, ds.SOPInstanceUID)) in items
         assert sum(r["attempts"] > 1 for r in rows) == 4  # the outage's results needed retries, the others not
+
+
+def test_kill_9_while_forwarding_loses_nothing_and_resends_nothing_acknowledged(tmp_path):
+    model = export_model(tmp_path / "model", threshold=0.0, name="fwd-test-model")
+    studies = [synthetic_chest(seed) for seed in range(10, 22)]
+    with running_orthanc(tmp_path / "orthanc") as orthanc:
+        dest = [{"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": orthanc.dicom_port,
+                 "ae_title": "ORTHANC", "max_per_association": 1}]
+        serve = Serve(tmp_path / "pb", model, dest)
+        try:
+            _send(serve.port, studies)
+            _wait(lambda: len(orthanc.instances()) >= 2, 90, "the first SRs in Orthanc")
+            serve.proc.send_signal(signal.SIGKILL)
+            serve.proc.wait(30)
+        finally:
+            serve.stop()
+        before = {r["id"]: r for r in serve.outbox()}
+        sent_before = {i for i, r in before.items() if r["state"] == "sent"}
+        assert sent_before and len(sent_before) < len(studies), "killed too late to test anything"
+        stored_before = len(orthanc.instances())
+
+        again = Serve(tmp_path / "pb", model, dest)  # same data dir: the outbox carries on
+        try:
+            rows = _wait(lambda: (lambda rs: rs if len(rs) == len(studies) and all(r["state"] == "sent" for r in rs)
+                                  else None)(again.outbox()), 120, "every result sent after the restart")
+        finally:
+            again.stop()
+        assert {r["sop_instance_uid"] for r in rows} == {ds.SOPInstanceUID for ds in studies}  # nothing lost
+        for i in sent_before:  # nothing acknowledged before the crash was sent again
+            after = next(r for r in rows if r["id"] == i)
+            assert (after["sent_at"], after["attempts"]) == (before[i]["sent_at"], before[i]["attempts"])
+        assert stored_before <= len(sent_before) + 1  # at most the one in flight was stored unacknowledged
+        assert len(orthanc.instances()) == len(studies)  # each SR once (a repeat keeps its UID)
