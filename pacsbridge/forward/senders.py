@@ -184,6 +184,9 @@ class DicomSender:
                 rejection.append(f"association rejected by {destination.ae_title}: {p.result_str}, "
                                  f"{p.source_str}: {p.reason_str}")
 
+        # TLS hook: config refuses ``tls = true`` until pacsbridge/dicom/tls.py (hardening work) is in; then
+        # pass tls_args=(make_client_context(ca=destination.tls_ca_file, cert=destination.tls_cert_file,
+        # key=destination.tls_key_file), destination.host) to associate() below and lift the refusal.
         try:
             assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                                  max_pdu=0, evt_handlers=[(evt.EVT_ACSE_RECV, on_acse_recv)])
