@@ -182,7 +182,8 @@ def open_existing_database(settings: Settings, command: str, require_head: bool 
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
             and not Path(url.database).is_file():
         print(f"pacsbridge {command}: no pacsbridge database at {url.database} ({where}); give the daemon's "
-              "configuration: --config FILE, or PACSBRIDGE_DATA_DIR / PACSBRIDGE_DATABASE_URL", file=sys.stderr)
+              "configuration (--config FILE, or PACSBRIDGE_DATA_DIR / PACSBRIDGE_DATABASE_URL), or create it with "
+              "`pacsbridge db upgrade`", file=sys.stderr)
         return None
     engine = make_engine(settings.database_url)
     try:
@@ -309,12 +310,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 @contextlib.contextmanager
 def _db_session(args: argparse.Namespace, what: str) -> Iterator:
     """A session on the configured database; a database that is down or not migrated exits 1 with a message."""
-    from pacsbridge.store.db import make_engine, make_sessionmaker
+    from pacsbridge.store.db import make_sessionmaker
 
-    settings = _settings(args)
-    engine = open_existing_database(settings, "worklist")
+    engine = open_existing_database(_settings(args), args.command)
     if engine is None:
-        return 1
+        raise SystemExit(1)  # open_existing_database printed the one-line reason
     try:
         with make_sessionmaker(engine)() as session:
             yield session
@@ -469,6 +469,63 @@ def _add_users(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_users)
 
 
+# -- outbox ------------------------------------------------------------------------------------
+def _cmd_outbox(args: argparse.Namespace) -> int:
+    from pacsbridge.forward import outbox
+    from pacsbridge.store.db import make_engine, make_sessionmaker
+
+    settings = _settings(args)
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        if args.outbox_command == "list":
+            with sessions() as session:
+                rows = outbox.list_entries(session, state=args.state, limit=args.limit or None)
+            if args.json:
+                print(json.dumps(rows))
+            elif not rows:
+                print("outbox is empty" + (f" (state {args.state})" if args.state else ""))
+            else:
+                print(f"{'id':>6}  {'state':<7}  {'tries':>5}  {'destination':<16}  {'object':<7}  sop_instance_uid / last error")
+                for r in rows:
+                    print(f"{r['id']:>6}  {r['state']:<7}  {r['attempts']:>5}  {r['destination']:<16}  {r['object']:<7}  "
+                          f"{r['sop_instance_uid']}" + (f"  {r['last_error']}" if r["last_error"] else ""))
+            return 0
+        if not args.ids and not args.all_dead:
+            print("pacsbridge outbox retry: give entry IDs or --all-dead", file=sys.stderr)
+            return 2
+        moved = outbox.retry(sessions, args.ids, all_dead=args.all_dead)
+        not_dead = sorted(set(args.ids) - set(moved))
+        print(f"{len(moved)} entr{'y' if len(moved) == 1 else 'ies'} queued again"
+              + (f"; not dead (left as they are): {not_dead}" if not_dead else ""))
+        return 0 if moved or args.all_dead else 1
+    except Exception as exc:  # noqa: BLE001 - e.g. the database is down or not migrated yet
+        print(f"pacsbridge: cannot use the outbox: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+
+
+def _add_outbox(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "outbox", help="results waiting to be forwarded, sent or dead; retry dead ones",
+        description="Each result makes one outbox entry per destination and object (sr, heatmap, images, oru). "
+        "Entries are pending until the destination acknowledged them (sent) or failed permanently or for too "
+        "long (dead, with the reason).  `retry` queues dead entries again (after fixing the configuration).",
+    )
+    osub = p.add_subparsers(dest="outbox_command", required=True, metavar="{list,retry}")
+    ls = osub.add_parser("list", help="list entries, newest first")
+    ls.add_argument("--json", action="store_true", help="one JSON list of {id, destination, object, state, attempts, "
+                    "last_error, object_uid, study_instance_uid, sop_instance_uid, positive, probability, created_at, "
+                    "next_attempt_at, sent_at}")
+    ls.add_argument("--state", choices=["pending", "sent", "dead"], help="only entries in this state")
+    ls.add_argument("--limit", type=int, default=0, metavar="N", help="at most N entries")
+    rt = osub.add_parser("retry", help="queue dead entries again: IDs, or --all-dead")
+    rt.add_argument("ids", nargs="*", type=int, metavar="ID")
+    rt.add_argument("--all-dead", action="store_true", help="every dead entry")
+    p.set_defaults(func=_cmd_outbox)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pacsbridge",
@@ -481,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pacsbridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_serve, _add_worker, _add_db, _add_status, _add_predict, _add_worklist, _add_instances,
-                _add_users):
+                _add_users, _add_outbox):
         add(sub)
     _accept_config_anywhere(parser)
     return parser

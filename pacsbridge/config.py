@@ -11,10 +11,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsError, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 1-16 chars, no backslash/control
 
@@ -23,6 +23,71 @@ DEFAULT_MODEL = Path(__file__).parent / "models" / "pneumonia-v1.pt"
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the key and the problem."""
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HL7_ID_RE = re.compile(r"^[^|^~\\&\r\n]{0,180}$")  # no HL7 delimiters (we do not escape ids)
+
+
+class Destination(BaseModel):
+    """One place results are forwarded to (a ``[[destinations]]`` table); see pacsbridge/forward/."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Unique name (letters, digits, _ . -); used in the outbox and logs.")
+    kind: Literal["dicom", "hl7"]
+    host: str = Field(min_length=1, max_length=253)
+    port: int = Field(ge=1, le=65535)
+    send: Literal["positives", "all"] = "positives"
+    # DICOM: the peer's AE title and what to send for each result.
+    ae_title: str | None = None
+    objects: list[Literal["sr", "heatmap", "images"]] = Field(default_factory=lambda: ["sr"])
+    # HL7: MSH-5/6 (receiving) and MSH-3/4 (sending) application and facility.
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    sending_application: str = "PACSBRIDGE"
+    sending_facility: str = ""
+    timeout_s: float = Field(30.0, gt=0, le=600, description="Connect/association/DIMSE/ACK timeout.")
+    max_per_association: int = Field(20, ge=1, le=1000, description="Objects sent over one association/connection.")
+    # Hook for TLS on outgoing associations (being added by the hardening work): refused until supported.
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("must be 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit)")
+        return v
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_peer_ae(cls, v: str | None) -> str | None:
+        if v is not None and (not _AE_RE.match(v) or not v.strip()):
+            raise ValueError("must be 1-16 printable characters without backslash")
+        return v
+
+    @field_validator("receiving_application", "receiving_facility", "sending_application", "sending_facility")
+    @classmethod
+    def _check_hl7_id(cls, v: str) -> str:
+        if not _HL7_ID_RE.match(v):
+            raise ValueError("must not contain HL7 delimiters (| ^ ~ \\ &) or line breaks")
+        return v
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> "Destination":
+        if self.kind == "dicom":
+            if not self.ae_title:
+                raise ValueError("ae_title is required when kind = 'dicom'")
+            if not self.objects:
+                raise ValueError("objects must name at least one of 'sr', 'heatmap', 'images'")
+            if len(set(self.objects)) != len(self.objects):
+                raise ValueError("objects lists an object twice")
+        if self.tls:
+            raise ValueError("tls: TLS for outgoing associations is not available in this version")
+        return self
 
 
 class Settings(BaseSettings):
@@ -80,6 +145,14 @@ class Settings(BaseSettings):
         30.0, gt=0, le=24 * 60, description="A reader's claim on a worklist item lapses after this (HTTP and UPS).")
 
     log_level: str = Field("INFO")
+
+    destinations: list[Destination] = Field(
+        default_factory=list, description="Where results are forwarded ([[destinations]] tables; env: JSON list)."
+    )
+    outbox_interval_s: float = Field(1.0, gt=0, le=3600, description="How often due outbox entries are sent.")
+    outbox_retry_initial_s: float = Field(5.0, gt=0, description="First retry delay after a transient failure.")
+    outbox_retry_max_s: float = Field(600.0, gt=0, description="Longest delay between retries (backoff cap).")
+    outbox_max_age_hours: float = Field(24.0, gt=0, description="A result still failing after this is dead.")
 
     @field_validator("allowed_calling_aes", mode="before")
     @classmethod
@@ -151,6 +224,16 @@ class Settings(BaseSettings):
                 make_url(v)
             except ArgumentError as exc:
                 raise ValueError(f"not a database URL: {exc}") from None
+        return v
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destinations(cls, v: list[Destination]) -> list[Destination]:
+        seen: set[str] = set()
+        for d in v:
+            if d.name in seen:
+                raise ValueError(f"two destinations are named {d.name!r}")
+            seen.add(d.name)
         return v
 
     @model_validator(mode="after")
@@ -249,14 +332,45 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     _CONFIG_FILE["path"] = path
     try:
         return Settings(**overrides)
+    except SettingsError as exc:  # e.g. PACSBRIDGE_DESTINATIONS that is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        key = field.group(1) if field else "config"
+        raise ConfigError(f"invalid configuration: {key} (PACSBRIDGE_{key.upper()}): not valid JSON "
+                          f"({exc.__cause__ or exc})") from None
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "config"
+            key = _destination_key(err["loc"], path) or ".".join(str(p) for p in err["loc"]) or "config"
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
-            problems.append(f"{key} (PACSBRIDGE_{key.split('.')[0].upper()}): {msg}")
+            env_key = str(err["loc"][0]) if err["loc"] else key.split(".")[0]
+            problems.append(f"{key} (PACSBRIDGE_{env_key.upper()}): {msg}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
     finally:
         _CONFIG_FILE.pop("path", None)
+
+
+def _destination_key(loc: tuple, config_file: Path | None) -> str | None:
+    """``destinations[1] 'ris'.port`` for an error inside a destination entry (its index and name)."""
+    if len(loc) < 2 or loc[0] != "destinations" or not isinstance(loc[1], int):
+        return None
+    name = None
+    try:  # the entry's name, from wherever the list came from (environment first, as in the settings)
+        raw = os.environ.get("PACSBRIDGE_DESTINATIONS")
+        if raw is not None:
+            import json
+
+            entries = json.loads(raw)
+        elif config_file is not None:
+            import tomllib
+
+            entries = tomllib.loads(Path(config_file).read_text()).get("destinations", [])
+        else:
+            entries = []
+        name = entries[loc[1]].get("name")
+    except Exception:  # noqa: BLE001 - the name is a courtesy; the index is enough
+        pass
+    key = f"destinations[{loc[1]}]" + (f" {name!r}" if isinstance(name, str) else "")
+    rest = ".".join(str(p) for p in loc[2:])
+    return f"{key}.{rest}" if rest else key

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -114,14 +115,18 @@ class Daemon:
         s = self.settings
         metrics = PipelineMetrics(self.sessions)
         updater = WorklistUpdater(self.sessions, s.priority_max_wait_minutes)
+        forwarder = self.forwarder(metrics.registry) if s.destinations else None
         components: list[Component] = []
         if s.worker_enabled:
             components.append(self.inference_worker(
-                updater, metrics, hint=" (or set worker_enabled = false to only receive)"))
+                updater, metrics, hint=" (or set worker_enabled = false to only receive)",
+                after_batch=forwarder.wake if forwarder is not None else None))
         components.append(WorklistScheduler(
             updater, self.sessions, Path(s.spool_dir), interval_s=s.scheduler_interval_s,
             retention_days=s.retention_days,
         ))
+        if forwarder is not None:
+            components.append(forwarder)
         if s.http_port:
             from pacsbridge.api.security import install_security
 
@@ -134,8 +139,25 @@ class Daemon:
                                          tls_key=s.http_tls_key, tls_min_version=s.tls_min_version))
         return components
 
-    def inference_worker(self, updater, metrics=None, hint: str = "") -> Component:  # noqa: ANN001
-        """The inference worker; ``updater`` puts positives on the worklist right after each batch."""
+    def forwarder(self, registry=None) -> Component:  # noqa: ANN001
+        """The outbox sender (pacsbridge/forward/) for the configured destinations."""
+        from pacsbridge.forward.forwarder import ForwardMetrics, Forwarder
+        from pacsbridge.forward.outbox import RetryPolicy
+        from pacsbridge.forward.senders import ForwardContext
+        from pacsbridge.model.artifact import load_model
+
+        s = self.settings
+        ctx = ForwardContext(ae_title=s.ae_title, spool_dir=Path(s.spool_dir),
+                             load_model=lambda: load_model(s.model_path, s.device))
+        policy = RetryPolicy(initial_s=s.outbox_retry_initial_s, max_s=s.outbox_retry_max_s,
+                             max_age=timedelta(hours=s.outbox_max_age_hours))
+        return Forwarder(self.sessions, s.destinations, ctx, policy=policy, interval_s=s.outbox_interval_s,
+                         metrics=ForwardMetrics(registry, self.sessions))
+
+    def inference_worker(self, updater, metrics=None, hint: str = "", after_batch=None) -> Component:  # noqa: ANN001
+        """The inference worker; ``updater`` puts positives on the worklist right after each batch
+        (then ``after_batch``, e.g. waking the forwarder); results get their outbox entries."""
+        from pacsbridge.forward.outbox import Outbox
         from pacsbridge.inference.worker import InferenceWorker
         from pacsbridge.model.artifact import ModelError, load_model
 
@@ -152,8 +174,8 @@ class Daemon:
         return InferenceWorker(
             self.sessions, model, Path(s.spool_dir), batch_size=s.inference_batch_size,
             decode=partial(load_for_model, max_decoded_bytes=s.max_decoded_bytes), refusals=(NotAnalysable,),
-            max_wait_ms=s.inference_max_wait_ms, on_recorded=updater.refresh, metrics=metrics,
-            notifier=self.notifier,
+            max_wait_ms=s.inference_max_wait_ms, on_recorded=_then(updater.refresh, after_batch), metrics=metrics,
+            notifier=self.notifier, outbox=Outbox(s.destinations) if s.destinations else None,
         )
 
     def request_stop(self, signum: int | None = None, _frame: object = None) -> None:
@@ -241,6 +263,20 @@ def _first_line(exc: BaseException) -> str:
     """``Type: first line`` of an exception (SQLAlchemy appends SQL and a URL to its messages)."""
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return f"{type(getattr(exc, 'orig', None) or exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _then(first, second):  # noqa: ANN001, ANN202
+    """``first(x)`` then ``second(x)`` (when given): the worker's after-batch hook."""
+    if second is None:
+        return first
+
+    def both(arg):  # noqa: ANN001, ANN202
+        try:
+            return first(arg)
+        finally:
+            second(arg)
+
+    return both
 
 
 class WorkerDaemon(Daemon):

@@ -45,7 +45,14 @@ def worklist_and_timings(settings: Settings, sessions: sessionmaker[Session]) ->
         return {"worklist": {"items": count_items(session)}, "timings": timing_percentiles(session)}
 
 
-SECTIONS: list[Section] = [general, instances, worklist_and_timings]
+def outbox(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any]:
+    from pacsbridge.forward.outbox import state_counts
+
+    with sessions() as session:
+        return {"outbox": state_counts(session)}
+
+
+SECTIONS: list[Section] = [general, instances, worklist_and_timings, outbox]
 
 
 def collect_status(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any]:

@@ -137,6 +137,7 @@ class InferenceWorker:
         stale_after_s: float = 600.0,
         idle_poll_s: float = 0.25,
         notifier: StoreNotifier | None = None,
+        outbox: Any | None = None,
     ) -> None:
         if decode is None:
             decode, default_refusals = default_decoder()
@@ -156,6 +157,8 @@ class InferenceWorker:
         self._stop = threading.Event()
         self._notifier = notifier or StoreNotifier()
         self._thread: threading.Thread | None = None
+        # pacsbridge.forward.outbox.Outbox: forwarding entries are written in the recording transaction.
+        self._outbox = outbox
         self._last_recovery = 0.0
         self.last_error: str | None = None
         #: Idle waits ended by a notification rather than by the poll timeout (tests, debugging).
@@ -398,11 +401,15 @@ class InferenceWorker:
                     out.lost_claims += 1
                     continue
                 positive = m.is_positive(s.probability)
-                session.add(Prediction(
+                prediction = Prediction(
                     instance_id=s.inst.id, probability=float(s.probability), positive=positive,
                     threshold=m.threshold, model_id=m.model_id, weights_sha256=m.weights_sha256,
                     decode_ms=round(s.decode_ms, 3), inference_ms=round(s.inference_ms, 3), created_at=now,
-                ))
+                )
+                session.add(prediction)
+                if self._outbox is not None:
+                    session.flush()  # the prediction's id, for its outbox entries
+                    self._outbox.enqueue(session, prediction.id, positive, now)
                 out.predicted += 1
                 # One line per image: the spool name (a hash, no patient data), the result.
                 log.info("predicted %s: probability %.4f %s (model %s)", Path(s.inst.file_path).stem[:16],

@@ -217,3 +217,25 @@ class ApiToken(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     user: Mapped[User] = relationship(back_populates="tokens")
+
+
+class OutboxEntry(Base):
+    """One result object for one destination (pending -> sent | dead); owned by pacsbridge/forward/outbox.py."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (UniqueConstraint("prediction_id", "destination", "object", name="uq_outbox_result_object"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))  # a [[destinations]] name
+    object: Mapped[str] = mapped_column(String(16))  # sr | heatmap | images | oru
+    state: Mapped[str] = mapped_column(String(8), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    object_uid: Mapped[str | None] = mapped_column(String(64))  # SOP Instance UID or HL7 message control id
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # When it last became pending (creation or a manual retry); the max-age limit counts from here.
+    queued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

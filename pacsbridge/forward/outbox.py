@@ -1,0 +1,215 @@
+"""The outbox: the one owner of forwarding state.  Each entry is one object (SR, heatmap, image,
+HL7 ORU) of one result for one destination:
+
+    pending --(acknowledged)--> sent
+    pending --(permanent failure, or still failing after max age)--> dead
+    pending --(transient failure)--> pending, later (exponential backoff with jitter)
+    dead --(pacsbridge outbox retry)--> pending
+
+Entries are written by :meth:`Outbox.enqueue` inside the transaction that records the prediction,
+so a result is never recorded without its entries.  An entry only becomes ``sent`` after the peer
+acknowledged it; a crash between the acknowledgement and that commit sends it again, with the same
+UIDs (see results.py), which the receiver de-duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Iterable
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..config import Destination
+from ..store.models import Event, Instance, OutboxEntry, Prediction, Series, Study, utcnow
+from ..worklist.items import as_utc
+from .results import Result
+
+log = logging.getLogger(__name__)
+
+PENDING, SENT, DEAD = "pending", "sent", "dead"
+STATES = (PENDING, SENT, DEAD)
+
+
+def objects_for(destination: Destination) -> list[str]:
+    """The outbox objects one result makes for ``destination``."""
+    return list(destination.objects) if destination.kind == "dicom" else ["oru"]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    initial_s: float = 5.0
+    max_s: float = 600.0
+    max_age: timedelta = timedelta(hours=24)
+
+    def delay(self, attempts: int, rnd: random.Random | None = None) -> float:
+        """Backoff after ``attempts`` failed tries: doubling from ``initial_s`` up to ``max_s``, with
+        jitter (50-100 % of it) so entries that failed together do not retry in lock step."""
+        base = min(self.max_s, self.initial_s * 2 ** max(0, attempts - 1))
+        return base * (0.5 + 0.5 * (rnd or random).random())
+
+
+@dataclass(frozen=True)
+class DueEntry:
+    """A pending entry ready to be sent, with its result."""
+
+    id: int
+    destination: str
+    object: str
+    attempts: int
+    result: Result
+
+
+class Outbox:
+    """Creates entries for new results (inside the recorder's transaction)."""
+
+    def __init__(self, destinations: Iterable[Destination]) -> None:
+        self.destinations = list(destinations)
+
+    def enqueue(self, session: Session, prediction_id: int, positive: bool, now: datetime | None = None) -> int:
+        """Add the entries of one result to ``session`` (the caller commits); returns how many."""
+        now = now or utcnow()
+        n = 0
+        for d in self.destinations:
+            if d.send == "positives" and not positive:
+                continue
+            for obj in objects_for(d):
+                session.add(OutboxEntry(
+                    prediction_id=prediction_id, destination=d.name, object=obj, state=PENDING, attempts=0,
+                    next_attempt_at=now, created_at=now, queued_at=now, updated_at=now,
+                ))
+                n += 1
+        return n
+
+
+def _result_query():  # noqa: ANN202
+    return (
+        select(OutboxEntry, Prediction, Instance, Series.series_instance_uid, Study.study_instance_uid)
+        .join(Prediction, Prediction.id == OutboxEntry.prediction_id)
+        .join(Instance, Instance.id == Prediction.instance_id)
+        .join(Series, Series.id == Instance.series_id)
+        .join(Study, Study.id == Series.study_id)
+    )
+
+
+def _result(p: Prediction, inst: Instance, series_uid: str, study_uid: str) -> Result:
+    return Result(
+        prediction_id=p.id, probability=p.probability, positive=p.positive, threshold=p.threshold,
+        model_id=p.model_id, weights_sha256=p.weights_sha256, sop_instance_uid=inst.sop_instance_uid,
+        sop_class_uid=inst.sop_class_uid, series_instance_uid=series_uid, study_instance_uid=study_uid,
+        file_path=inst.file_path, spool_deleted=inst.spool_deleted_at is not None,
+    )
+
+
+def due_entries(session: Session, now: datetime | None = None, limit: int = 500,
+                destinations: Iterable[str] | None = None) -> list[DueEntry]:
+    """Pending entries whose time has come, oldest first."""
+    now = now or utcnow()
+    q = (_result_query().where(OutboxEntry.state == PENDING, OutboxEntry.next_attempt_at <= now)
+         .order_by(OutboxEntry.next_attempt_at, OutboxEntry.id).limit(limit))
+    if destinations is not None:
+        q = q.where(OutboxEntry.destination.in_(list(destinations)))
+    return [DueEntry(e.id, e.destination, e.object, e.attempts, _result(p, i, se, st))
+            for e, p, i, se, st in session.execute(q)]
+
+
+def mark_sent(sessions: sessionmaker[Session], entry_id: int, object_uid: str | None,
+              now: datetime | None = None) -> bool:
+    """pending -> sent (the peer acknowledged it); False when the entry was not pending any more."""
+    now = now or utcnow()
+    with sessions.begin() as session:
+        res = session.execute(
+            update(OutboxEntry).where(OutboxEntry.id == entry_id, OutboxEntry.state == PENDING)
+            .values(state=SENT, sent_at=now, updated_at=now, last_error=None, object_uid=object_uid,
+                    attempts=OutboxEntry.attempts + 1)
+            .execution_options(synchronize_session=False)
+        )
+        return res.rowcount == 1
+
+
+def mark_failed(sessions: sessionmaker[Session], entry_id: int, reason: str, *, permanent: bool,
+                policy: RetryPolicy, now: datetime | None = None, object_uid: str | None = None) -> str | None:
+    """Record a failed try: ``dead`` when permanent or older than the max age, else pending again later.
+
+    Returns the new state (None when the entry was not pending any more)."""
+    now = now or utcnow()
+    reason = reason[:2000]
+    with sessions.begin() as session:
+        entry = session.get(OutboxEntry, entry_id, with_for_update=True)
+        if entry is None or entry.state != PENDING:
+            return None
+        attempts = entry.attempts + 1
+        age = now - as_utc(entry.queued_at)
+        if permanent:
+            state, detail = DEAD, reason
+        elif age >= policy.max_age:
+            state = DEAD
+            detail = f"gave up after {attempts} attempts in {age.total_seconds() / 3600:.1f} h: {reason}"
+        else:
+            state, detail = PENDING, reason
+        entry.attempts = attempts
+        entry.last_error = detail
+        entry.updated_at = now
+        entry.object_uid = object_uid or entry.object_uid
+        if state == PENDING:
+            entry.next_attempt_at = now + timedelta(seconds=policy.delay(attempts))
+        else:
+            entry.state = DEAD
+            pred = session.get(Prediction, entry.prediction_id)
+            session.add(Event(
+                kind="outbox_dead", level="error", instance_id=pred.instance_id if pred else None,
+                detail=f"{entry.object} to {entry.destination} (outbox {entry.id}): {detail}"[:4000],
+            ))
+        return state
+
+
+def retry(sessions: sessionmaker[Session], ids: Iterable[int] | None = None, *, all_dead: bool = False,
+          now: datetime | None = None) -> list[int]:
+    """dead -> pending now (``pacsbridge outbox retry``); returns the ids that were moved.
+
+    Only dead entries move: a sent entry is never sent again, a pending one is already queued."""
+    now = now or utcnow()
+    q = select(OutboxEntry.id).where(OutboxEntry.state == DEAD)
+    if not all_dead:
+        q = q.where(OutboxEntry.id.in_(list(ids or [])))
+    with sessions.begin() as session:
+        moved = list(session.scalars(q))
+        if moved:
+            session.execute(
+                update(OutboxEntry).where(OutboxEntry.id.in_(moved), OutboxEntry.state == DEAD)
+                .values(state=PENDING, next_attempt_at=now, queued_at=now, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            session.add(Event(kind="outbox_retry", level="info",
+                              detail=f"{len(moved)} dead outbox entries queued again: {moved[:50]}"))
+    return moved
+
+
+def state_counts(session: Session) -> dict[str, int]:
+    """{"pending": N, "sent": N, "dead": N}."""
+    by_state = dict(session.execute(select(OutboxEntry.state, func.count()).group_by(OutboxEntry.state)).all())
+    return {s: int(by_state.get(s, 0)) for s in STATES}
+
+
+def list_entries(session: Session, state: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """Entries, newest first, as plain dicts (``pacsbridge outbox list --json``)."""
+    q = _result_query().order_by(OutboxEntry.id.desc())
+    if state:
+        q = q.where(OutboxEntry.state == state)
+    if limit:
+        q = q.limit(limit)
+    out = []
+    for e, p, inst, _series, study in session.execute(q):
+        out.append({
+            "id": e.id, "destination": e.destination, "object": e.object, "state": e.state,
+            "attempts": e.attempts, "last_error": e.last_error, "object_uid": e.object_uid,
+            "study_instance_uid": study, "sop_instance_uid": inst.sop_instance_uid,
+            "positive": p.positive, "probability": round(p.probability, 6),
+            "created_at": as_utc(e.created_at).isoformat(),
+            "next_attempt_at": as_utc(e.next_attempt_at).isoformat() if e.state == PENDING else None,
+            "sent_at": as_utc(e.sent_at).isoformat() if e.sent_at else None,
+        })
+    return out
