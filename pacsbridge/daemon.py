@@ -8,6 +8,7 @@ STOPPING=1) talks to $NOTIFY_SOCKET directly, so no systemd Python package is ne
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -99,6 +100,7 @@ class Daemon:
         from pacsbridge.api.app import create_app
         from pacsbridge.api.server import HttpServer
         from pacsbridge.inference.metrics import PipelineMetrics
+        from pacsbridge.model.artifact import load_model
         from pacsbridge.worklist.items import WorklistUpdater
         from pacsbridge.worklist.scheduler import WorklistScheduler
 
@@ -116,7 +118,8 @@ class Daemon:
         if s.http_port:
             app = create_app(
                 self.sessions, metrics, claim_timeout_s=s.claim_timeout_minutes * 60.0, spool_dir=Path(s.spool_dir),
-                model=getattr(self, "loaded_model", None),  # heatmaps, when the model provides them
+                # Heatmaps (when the model provides them) use their own copy, loaded on first use.
+                model=functools.partial(load_model, s.model_path, s.device),
                 ready=lambda: bool(self.components) and self._healthy(),
             )
             components.append(HttpServer(app, s.bind_address, s.http_port))
@@ -132,7 +135,6 @@ class Daemon:
             model = load_model(s.model_path, s.device)
         except ModelError as exc:
             raise ConfigError(f"model_path: {exc}{hint}") from None
-        self.loaded_model = model
         return InferenceWorker(
             self.sessions, model, Path(s.spool_dir), batch_size=s.inference_batch_size,
             max_wait_ms=s.inference_max_wait_ms, on_recorded=updater.refresh, metrics=metrics,
