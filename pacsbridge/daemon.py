@@ -8,6 +8,7 @@ STOPPING=1) talks to $NOTIFY_SOCKET directly, so no systemd Python package is ne
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -109,6 +110,7 @@ class Daemon:
         from pacsbridge.api.app import create_app
         from pacsbridge.api.server import HttpServer
         from pacsbridge.inference.metrics import PipelineMetrics
+        from pacsbridge.model.artifact import load_model
         from pacsbridge.worklist.items import WorklistUpdater
         from pacsbridge.worklist.scheduler import WorklistScheduler
 
@@ -132,7 +134,8 @@ class Daemon:
 
             app = install_security(create_app(
                 self.sessions, metrics, claim_timeout_s=s.claim_timeout_minutes * 60.0, spool_dir=Path(s.spool_dir),
-                model=getattr(self, "loaded_model", None),  # heatmaps, when the model provides them
+                # Heatmaps (when the model provides them) use their own copy, loaded on first use.
+                model=functools.partial(load_model, s.model_path, s.device),
                 ready=lambda: bool(self.components) and self._healthy(),
             ), s)
             components.append(HttpServer(app, s.http_host, s.http_port, tls_cert=s.http_tls_cert,
@@ -170,7 +173,6 @@ class Daemon:
 
         from pacsbridge.imaging import NotAnalysable, load_for_model
 
-        self.loaded_model = model
         return InferenceWorker(
             self.sessions, model, Path(s.spool_dir), batch_size=s.inference_batch_size,
             decode=partial(load_for_model, max_decoded_bytes=s.max_decoded_bytes), refusals=(NotAnalysable,),

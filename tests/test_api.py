@@ -1,6 +1,6 @@
 """The HTTP API: Bearer tokens and roles on every route, the worklist life cycle over HTTP (claim,
 409 for a second claimant, expiry, complete/release/cancel, events with the user), instances and
-their rendered image, statistics, OpenAPI behind admin, and a real socket."""
+their rendered image, statistics, OpenAPI behind admin, and a real socket; on SQLite and on the real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ from pacsbridge.auth.users import create_user, revoke_user
 from pacsbridge.store.models import Event, Instance, InstanceState, Prediction, Study, utcnow
 from pacsbridge.worklist.items import WorklistUpdater
 from pacsbridge.worklist.scheduler import worklist_job
+from dicom_support import database_url_for
+from pacsbridge.store import migrations
+from pacsbridge.store.db import make_engine, make_sessionmaker
 from pipeline_support import add_instance, sample_file, sqlite_sessions
 
 OPEN_ROUTES = {"/healthz", "/readyz", "/", "/static"}
@@ -36,9 +39,19 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def env(tmp_path: Path):
-    sessions = sessions_ = sqlite_sessions(tmp_path)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def env(request, tmp_path: Path):
+    for url in database_url_for(request.param, tmp_path / "api.db"):
+        engine = make_engine(url)
+        migrations.upgrade(engine)
+        try:
+            yield _fill(make_sessionmaker(engine), tmp_path)
+        finally:
+            engine.dispose()
+
+
+def _fill(sessions, tmp_path: Path):
+    sessions_ = sessions
     spool = tmp_path / "spool"
     t0 = utcnow() - timedelta(minutes=5)
     src = sample_file("RG1_UNCR.dcm")

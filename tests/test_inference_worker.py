@@ -81,7 +81,7 @@ def test_one_info_line_per_prediction_and_refusal_without_patient_data(db, tmp_p
     with caplog.at_level(logging.INFO, logger="pacsbridge.inference.worker"):
         InferenceWorker(db, model, spool, batch_size=4, max_wait_ms=0).drain()
     lines = [r.getMessage() for r in caplog.records if r.name == "pacsbridge.inference.worker"]
-    h1, h2 = (Path(spool_relpath(u)).stem[:16] for u in ("1.1", "1.2"))
+    h1, h2 = (Path(spool_relpath(u)).stem[:12] for u in ("1.1", "1.2"))
     scored = [m for m in lines if m.startswith(f"predicted {h1}: probability ")]
     refused = [m for m in lines if m.startswith(f"not_analysed {h2}: ") and "chest" in m]
     assert len(scored) == 1 and len(refused) == 1, lines

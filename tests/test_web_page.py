@@ -142,6 +142,15 @@ def test_sign_in_read_claim_complete(site, browser, tmp_path: Path) -> None:
         item = s.get(WorklistItem, int(second))
         assert (item.status, item.finding, item.completed_by) == ("completed", "pneumonia", "dr.night")
 
+    # Statistics: the completion counts for the model that flagged the study.
+    browser.find_element(By.ID, "nav-stats").click()
+    wait.until(lambda d: "test-model" in d.find_element(By.ID, "stats").text)
+    cells = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#stats tbody tr td")]
+    assert cells[:8] == ["test-model", "5", "4", "1", "0", "0", "0", "100%"]
+    browser.save_screenshot(str(tmp_path / "stats.png"))
+    browser.find_element(By.ID, "nav-worklist").click()
+    wait.until(lambda d: len(_rows(d)) == 3)
+
     # The admin revokes the user: the next automatic refresh sends the page back to sign-in.
     with sessions.begin() as s:
         revoke_user(s, "dr.night")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import html
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -91,18 +92,43 @@ def _status_of(exc: lc.LifecycleError) -> int:
     return 409  # illegal transition, someone else's claim, not the claimant, wrong transaction
 
 
+class _HeatmapModel:
+    """The model for heatmaps: loaded on first use when given as a loader (a copy of its own, not the
+    worker's, since Grad-CAM needs gradients and hooks), one heatmap at a time."""
+
+    def __init__(self, model: Any | None) -> None:
+        self._model = model
+        self._lock = threading.Lock()
+
+    @property
+    def configured(self) -> bool:
+        return self._model is not None
+
+    def grad_cam(self, module: Any, pixels: Any) -> Any:
+        with self._lock:
+            try:
+                if callable(self._model) and not hasattr(self._model, "predict_images"):
+                    self._model = self._model()
+                return module.grad_cam(self._model, pixels)
+            except Exception as exc:  # noqa: BLE001 - a heatmap failure must not take the image route down
+                log.exception("heatmap failed")
+                raise render.RenderError(503, f"heatmap failed: {type(exc).__name__}: {exc}") from None
+
+
 def create_app(
     sessions: sessionmaker[Session], metrics: PipelineMetrics | None = None, *,
     claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S, spool_dir: Path | None = None,
     model: Any | None = None, clock: Callable[[], Any] = utcnow,
     ready: Callable[[], bool] | None = None,
 ) -> FastAPI:
-    """The API.  ``model`` (a LoadedModel) is used only for heatmaps; ``ready`` adds a readiness check."""
+    """The API.  ``model`` (a LoadedModel, or a function that loads one on first use) is used only for
+    heatmaps; ``ready`` adds a readiness check."""
     # FastAPI's own /docs and /openapi.json are open to anyone: disabled, re-added behind admin below.
     app = FastAPI(title="pacsbridge", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
                   description="AI triage of chest radiographs: worklist, instances, statistics. "
                   "Every /api route needs Authorization: Bearer <token> (pacsbridge users add).")
     metrics = metrics or PipelineMetrics(sessions)
+    heatmap_model = _HeatmapModel(model)
     auth = Authenticator(sessions)
     admin = auth.require(ADMIN)
     reader = auth.require(*READERS)
@@ -211,7 +237,7 @@ def create_app(
     def worklist_item(item_id: int, session: Session = Depends(db_session)) -> dict[str, Any]:
         """One item with its instances, each prediction (probability, threshold, model), image links and history."""
         out = item_detail(session, item_id, clock())
-        out["heatmap_available"] = model is not None and render.heatmap_module() is not None
+        out["heatmap_available"] = heatmap_model.configured and render.heatmap_module() is not None
         return out
 
     @app.post("/api/worklist/{item_id}/claim", tags=["worklist"])
@@ -264,13 +290,13 @@ def create_app(
             heat_mod = render.heatmap_module()
             if heat_mod is None:
                 raise HTTPException(404, "heatmap not available: this model provides no attention heatmap yet")
-            if model is None:
+            if not heatmap_model.configured:
                 raise HTTPException(404, "heatmap not available: no model is loaded in this server process")
         try:
             path = render.spool_file(spool_dir, inst.file_path)
             # The heatmap needs the model's own input; the plain picture may use more resolution.
             pixels = render.decoded_image(path) if heat_mod is not None else render.decoded_image(path, size)
-            heat = heat_mod.grad_cam(model, pixels) if heat_mod is not None else None
+            heat = heatmap_model.grad_cam(heat_mod, pixels) if heat_mod is not None else None
             png = render.to_png(pixels, size, heat=heat, overlay=getattr(heat_mod, "overlay_rgb", None))
         except render.RenderError as exc:
             raise HTTPException(exc.status, str(exc)) from None

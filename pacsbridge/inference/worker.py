@@ -412,7 +412,7 @@ class InferenceWorker:
                     self._outbox.enqueue(session, prediction.id, positive, now)
                 out.predicted += 1
                 # One line per image: the spool name (a hash, no patient data), the result.
-                log.info("predicted %s: probability %.4f %s (model %s)", Path(s.inst.file_path).stem[:16],
+                log.info("predicted %s: probability %.4f %s (model %s)", Path(s.inst.file_path).stem[:12],
                          s.probability, "POSITIVE" if positive else "negative", m.model_id)
                 if positive:
                     out.positive_studies.add(s.inst.study_id)
@@ -425,7 +425,7 @@ class InferenceWorker:
                     sop_instance_uid=r.inst.sop_instance_uid, detail=r.reason,
                 ))
                 out.not_analysed += 1
-                log.info("not_analysed %s: %s", Path(r.inst.file_path).stem[:16], r.reason)
+                log.info("not_analysed %s: %s", Path(r.inst.file_path).stem[:12], r.reason)
             for inst in already_predicted:
                 self._move(session, inst, PREDICTED, None, now)
         if out.lost_claims:
