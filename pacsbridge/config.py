@@ -49,11 +49,14 @@ class Destination(BaseModel):
     sending_facility: str = ""
     timeout_s: float = Field(30.0, gt=0, le=600, description="Connect/association/DIMSE/ACK timeout.")
     max_per_association: int = Field(20, ge=1, le=1000, description="Objects sent over one association/connection.")
-    # Hook for TLS on outgoing associations (being added by the hardening work): refused until supported.
+    # DICOM TLS for this destination (SECURITY.md): the server is verified against tls_ca_file (or the
+    # system store) and, with tls_check_hostname, its certificate must name `host`; tls_cert_file and
+    # tls_key_file are our client certificate for mutual TLS.  The minimum version is tls_min_version.
     tls: bool = False
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    tls_check_hostname: bool = True
 
     @field_validator("name")
     @classmethod
@@ -85,8 +88,14 @@ class Destination(BaseModel):
                 raise ValueError("objects must name at least one of 'sr', 'heatmap', 'images'")
             if len(set(self.objects)) != len(self.objects):
                 raise ValueError("objects lists an object twice")
-        if self.tls:
-            raise ValueError("tls: TLS for outgoing associations is not available in this version")
+        if self.tls and self.kind != "dicom":
+            raise ValueError("tls: only DICOM destinations can use TLS")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no such file: {path}")
         return self
 
 

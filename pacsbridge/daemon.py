@@ -151,7 +151,9 @@ class Daemon:
 
         s = self.settings
         ctx = ForwardContext(ae_title=s.ae_title, spool_dir=Path(s.spool_dir),
-                             load_model=lambda: load_model(s.model_path, s.device))
+                             load_model=lambda: load_model(s.model_path, s.device), tls_min_version=s.tls_min_version,
+                             tls_ca=s.dicom_tls_ca, tls_client_cert=s.dicom_tls_client_cert,
+                             tls_client_key=s.dicom_tls_client_key)
         policy = RetryPolicy(initial_s=s.outbox_retry_initial_s, max_s=s.outbox_retry_max_s,
                              max_age=timedelta(hours=s.outbox_max_age_hours))
         return Forwarder(self.sessions, s.destinations, ctx, policy=policy, interval_s=s.outbox_interval_s,

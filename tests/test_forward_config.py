@@ -67,8 +67,9 @@ def test_toml_tables_and_env_json(tmp_path, monkeypatch):
      r"destinations\[0\] 'ris'\.recieving_application.*unknown key"),
     ({"name": "ris", "kind": "hl7", "host": "h", "port": 1, "receiving_application": "R|S"},
      r"destinations\[0\] 'ris'\.receiving_application.*delimiters"),
-    ({"name": "pacs", "kind": "dicom", "host": "h", "port": 1, "ae_title": "X", "tls": True},
-     r"destinations\[0\] 'pacs'.*TLS"),
+    ({"name": "pacs", "kind": "dicom", "host": "h", "port": 1, "ae_title": "X", "tls": True,
+      "tls_ca_file": "/nonexistent/ca.pem"},
+     r"destinations\[0\] 'pacs'.*tls_ca_file: no such file"),
     ({"name": "bad name!", "kind": "hl7", "host": "h", "port": 1}, r"destinations\[0\] 'bad name!'\.name"),
 ])
 def test_invalid_entry_names_the_entry_and_field(tmp_path, monkeypatch, entry, expected):

@@ -61,6 +61,12 @@ class ForwardContext:
     ae_title: str
     spool_dir: Path
     load_model: Callable[[], Any] | None = None  # -> LoadedModel, called once on the first heatmap
+    # For destinations with tls = true: the lowest version offered, and the CA bundle and client
+    # certificate used where a destination names none of its own (dicom_tls_ca, dicom_tls_client_*).
+    tls_min_version: str = "1.2"
+    tls_ca: str = ""
+    tls_client_cert: str = ""
+    tls_client_key: str = ""
     _model: Any = field(default=None, repr=False)
 
     def source_path(self, result: Result) -> Path:
@@ -156,6 +162,21 @@ class DicomSender:
         return build_heatmap_sc(r, dcmread(path), overlay)
 
     # sending -----------------------------------------------------------------------------------
+    def _tls_args(self, destination: Destination) -> tuple[Any, str] | None:
+        """pynetdicom's ``tls_args`` for a destination with ``tls = true`` (None: plain TCP)."""
+        if not destination.tls:
+            return None
+        from pacsbridge.dicom.tls import make_client_context
+
+        own_cert = destination.tls_cert_file is not None
+        ctx = make_client_context(
+            ca=str(destination.tls_ca_file or self.ctx.tls_ca),
+            cert=str(destination.tls_cert_file) if own_cert else self.ctx.tls_client_cert,
+            key=str(destination.tls_key_file) if own_cert else self.ctx.tls_client_key,
+            min_version=self.ctx.tls_min_version, check_hostname=destination.tls_check_hostname,
+        )
+        return ctx, destination.host
+
     def send(self, destination: Destination, entries: list[DueEntry], report: Report) -> None:
         from pynetdicom import AE, _config, evt
 
@@ -184,12 +205,15 @@ class DicomSender:
                 rejection.append(f"association rejected by {destination.ae_title}: {p.result_str}, "
                                  f"{p.source_str}: {p.reason_str}")
 
-        # TLS hook: config refuses ``tls = true`` until pacsbridge/dicom/tls.py (hardening work) is in; then
-        # pass tls_args=(make_client_context(ca=destination.tls_ca_file, cert=destination.tls_cert_file,
-        # key=destination.tls_key_file), destination.host) to associate() below and lift the refusal.
+        try:
+            tls_args = self._tls_args(destination)
+        except (OSError, ValueError) as exc:  # unreadable certificate/key: a configuration problem
+            for it in items:
+                report(Outcome(it.entry.id, "permanent", f"TLS configuration: {exc}"))
+            return
         try:
             assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                                 max_pdu=0, evt_handlers=[(evt.EVT_ACSE_RECV, on_acse_recv)])
+                                 max_pdu=0, evt_handlers=[(evt.EVT_ACSE_RECV, on_acse_recv)], tls_args=tls_args)
         except Exception as exc:  # noqa: BLE001 - e.g. a name that does not resolve
             for it in items:
                 report(Outcome(it.entry.id, "transient", f"cannot connect: {type(exc).__name__}: {exc}"))
