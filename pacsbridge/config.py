@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     inference_batch_size: int = Field(8, ge=1, le=256)
     inference_max_wait_ms: int = Field(20, ge=0, le=10_000)
     worker_enabled: bool = Field(True, description="Run the inference worker inside `pacsbridge serve`.")
+    age_gate: bool = Field(True, description="Refuse patients outside the model card's intended-use age range.")
+    ood_gate: bool = Field(True, description="Refuse images whose out-of-distribution score is over the model's threshold.")
 
     scheduler_interval_s: float = Field(2.0, gt=0, description="How often positives become worklist items.")
     priority_max_wait_minutes: float = Field(240.0, gt=0, description="After this wait an item rises to the top.")

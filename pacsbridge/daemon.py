@@ -124,7 +124,7 @@ class Daemon:
 
         s = self.settings
         try:
-            model = load_model(s.model_path, s.device)
+            model = load_model(s.model_path, s.device, age_gate=s.age_gate, ood_gate=s.ood_gate)
         except ModelError as exc:
             raise ConfigError(f"model_path: {exc}{hint}") from None
         return InferenceWorker(
