@@ -1,4 +1,4 @@
-"""``python -m model_training {train,evaluate,export}``."""
+"""``python -m model_training {train,evaluate,export,ensemble,ood}``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="'val' re-creates the card's patient split and scores its validation part")
     e.add_argument("--plots", type=Path, default=None, help="folder for roc.png and calibration.png (none if omitted)")
     e.add_argument("--stress", action="store_true", help="also score shifted copies (contrast, blur, ...)")
+    e.add_argument("--external", action="store_true",
+                   help="OOD scores of the grey images in pydicom-data/pydicom (adult chest, extremity, CT, MR, ...)")
 
     x = sub.add_parser("export", help="write the daemon's artifact and model card from a training run")
     x.add_argument("--run", type=Path, required=True, help="training output folder")
@@ -44,6 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     en.add_argument("--run", type=Path, action="append", required=True, help="training output folder (repeat)")
     en.add_argument("--data-dir", type=Path, required=True)
     en.add_argument("--out", type=Path, required=True)
+
+    o = sub.add_parser("ood", help="fit OOD statistics (training split) and threshold (validation split) "
+                       "for an exported model; writes a new artifact with them and the intended use")
+    o.add_argument("--model", type=Path, required=True, help="artifact .pt (its .json card next to it)")
+    o.add_argument("--data-dir", type=Path, required=True)
+    o.add_argument("--out", type=Path, default=Path("pacsbridge/models"))
+    o.add_argument("--version", required=True)
+    o.add_argument("--keep", type=float, default=0.99, help="validation quantile kept below the threshold")
+    o.add_argument("--blocks", default="0,1,2,3,4,5,6,7",
+                   help="feature blocks (member-major: member m stage s = 4*m+s) averaged into the score")
+    o.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -60,11 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "evaluate":
         from .evaluate import evaluate
 
-        evaluate(args.model, args.data_dir, subset=args.subset, plots=args.plots, stress=args.stress)
+        evaluate(args.model, args.data_dir, subset=args.subset, plots=args.plots, stress=args.stress,
+                 external=args.external)
     elif args.command == "ensemble":
         from .ensemble import make_ensemble
 
         make_ensemble(args.run, args.data_dir, args.out)
+    elif args.command == "ood":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        from .ood import write_ood_artifact
+
+        write_ood_artifact(args.model, args.data_dir, args.out, args.version,
+                           use=[int(b) for b in args.blocks.split(",")], keep=args.keep)
     elif args.command == "export":
         from .export import export
 

@@ -114,11 +114,57 @@ def model_card_markdown(card: dict) -> str:
         "",
         "## Intended use",
         "",
-        card["intended_use"],
+        *_intended_use_lines(card["intended_use"]),
         "",
+        *_ood_lines(card.get("ood")),
+        *_extra_lines(card.get("measurements")),
         "## Limits",
         "",
         *[f"- {x}" for x in card["limits"]],
         "",
     ]
     return "\n".join(lines)
+
+
+def _intended_use_lines(use: str | dict) -> list[str]:
+    if isinstance(use, str):
+        return [use]
+    age = use.get("age_years") or {}
+    return [
+        use.get("summary", ""),
+        "",
+        f"- Population: {use.get('population')}",
+        f"- Age: {age.get('label')} ({age.get('note', '')}); the daemon's age gate (`age_gate`) refuses others "
+        "as not analysed, reading Patient's Age or Birth Date with the Study/Acquisition Date",
+        f"- Body part: {use.get('body_part')}; views: {', '.join(use.get('views', []))}; "
+        f"modalities: {', '.join(use.get('modalities', []))}",
+    ]
+
+
+def _ood_lines(ood: dict | None) -> list[str]:
+    if not ood:
+        return []
+    return [
+        "## Out-of-distribution refusal",
+        "",
+        f"Method `{ood['method']}` (see `pacsbridge/model/ood.py`): Mahalanobis distance of the pooled features "
+        f"of every ResNet stage of every member to class-conditional Gaussians (shared Ledoit-Wolf covariance) "
+        f"fitted on the {ood['fitted_on']}, standardised per block, averaged over blocks {ood['blocks_used']}. "
+        f"Threshold {ood['threshold']:.3f} = the {ood['keep_quantile']} quantile of the {ood['calibrated_on']} "
+        f"scores: validation refusal rate {ood['validation_refusal_rate']:.4f} "
+        f"(training {ood['train_refusal_rate']:.4f}). The daemon refuses an image above it as not analysed "
+        "(`ood_gate`) and records the score with every prediction.",
+        "",
+        f"Reproduce: `{ood['command']}`",
+        "",
+    ]
+
+
+def _extra_lines(measurements: dict | None) -> list[str]:
+    """Free-form measured tables (Markdown lines) kept in the card under ``measurements``."""
+    if not measurements:
+        return []
+    out: list[str] = []
+    for title, body in measurements.items():
+        out += [f"## {title}", "", *body, ""]
+    return out

@@ -268,12 +268,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return 2
     settings = _settings(args)
     try:
-        model = load_model(Path(args.model) if args.model else settings.model_path, settings.device)
+        model = load_model(Path(args.model) if args.model else settings.model_path, settings.device,
+                           age_gate=settings.age_gate, ood_gate=settings.ood_gate)
     except ModelError as exc:
         print(f"pacsbridge predict: cannot load the model: {exc}", file=sys.stderr)
         return 1
     results = score_files(iter_input_files(Path(p) for p in args.paths), model,
-                          batch_size=args.batch_size or max(settings.inference_batch_size, 16))
+                          batch_size=args.batch_size or max(settings.inference_batch_size, 16),
+                          heatmaps=Path(args.heatmaps) if args.heatmaps else None)
     try:
         with _results_stream() as out:
             for r in results:
@@ -283,7 +285,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                     out.write(f"{r['path']}\tskipped: {r['reason']}\n")
                 else:
                     verdict = "POSITIVE" if r["positive"] else "negative"
-                    out.write(f"{r['path']}\t{r['probability']:.4f}\t{verdict}\n")
+                    extra = f"\theatmap {r['heatmap']}" if r.get("heatmap") else ""
+                    out.write(f"{r['path']}\t{r['probability']:.4f}\t{verdict}{extra}\n")
     except BrokenPipeError:  # e.g. piped into `head`
         with contextlib.suppress(OSError):
             sys.stderr.close()
@@ -295,14 +298,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "predict", help="score DICOM files or folders with the model (no daemon, no database)",
         description="Score each DICOM file (folders are searched recursively) with the configured model. "
         "Every file gives one line: its probability and verdict, or 'skipped' with the reason (not a chest "
-        "radiograph, not DICOM, unreadable, ...). --json prints one JSON object per file: {path, "
-        "sop_instance_uid, probability, positive, threshold, model} or {path, skipped: true, reason}. "
+        "radiograph, not DICOM, unreadable, outside the model's intended use, ...). --json prints one JSON "
+        "object per file: {path, sop_instance_uid, probability, positive, threshold, model, ood_score} or "
+        "{path, skipped: true, reason}. "
         "Exit status 2 only for usage errors (e.g. a PATH that does not exist).",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM file or folder")
     p.add_argument("--json", action="store_true", help="one JSON object per file per line")
     p.add_argument("--model", metavar="FILE", help="model artifact (.pt with its .json card); default: model_path")
     p.add_argument("--batch-size", type=int, default=0, metavar="N", help="images per model call (default 16)")
+    p.add_argument("--heatmaps", metavar="DIR", help="write a Grad-CAM overlay PNG (not for diagnostic use) "
+                   "for every scored image into DIR")
     p.set_defaults(func=_cmd_predict)
 
 

@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsError, PydanticBas
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 1-16 chars, no backslash/control
 
-DEFAULT_MODEL = Path(__file__).parent / "models" / "pneumonia-v1.pt"
+DEFAULT_MODEL = Path(__file__).parent / "models" / "pneumonia-v2.pt"
 
 
 class ConfigError(Exception):
@@ -146,6 +146,8 @@ class Settings(BaseSettings):
     inference_batch_size: int = Field(8, ge=1, le=256)
     inference_max_wait_ms: int = Field(20, ge=0, le=10_000)
     worker_enabled: bool = Field(True, description="Run the inference worker inside `pacsbridge serve`.")
+    age_gate: bool = Field(True, description="Refuse patients outside the model card's intended-use age range.")
+    ood_gate: bool = Field(True, description="Refuse images whose out-of-distribution score is over the model's threshold.")
 
     scheduler_interval_s: float = Field(2.0, gt=0, description="How often positives become worklist items.")
     priority_max_wait_minutes: float = Field(240.0, gt=0, description="After this wait an item rises to the top.")

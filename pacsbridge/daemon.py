@@ -163,21 +163,19 @@ class Daemon:
         """The inference worker; ``updater`` puts positives on the worklist right after each batch
         (then ``after_batch``, e.g. waking the forwarder); results get their outbox entries."""
         from pacsbridge.forward.outbox import Outbox
-        from pacsbridge.inference.worker import InferenceWorker
+        from pacsbridge.inference.worker import InferenceWorker, default_decoder
         from pacsbridge.model.artifact import ModelError, load_model
 
         s = self.settings
         try:
-            model = load_model(s.model_path, s.device)
+            model = load_model(s.model_path, s.device, age_gate=s.age_gate, ood_gate=s.ood_gate)
         except ModelError as exc:
             raise ConfigError(f"model_path: {exc}{hint}") from None
-        from functools import partial
-
-        from pacsbridge.imaging import NotAnalysable, load_for_model
-
+        # The card's age gate first, then decoding within max_decoded_bytes.
+        decode, refusals = default_decoder(model, max_decoded_bytes=s.max_decoded_bytes)
         return InferenceWorker(
             self.sessions, model, Path(s.spool_dir), batch_size=s.inference_batch_size,
-            decode=partial(load_for_model, max_decoded_bytes=s.max_decoded_bytes), refusals=(NotAnalysable,),
+            decode=decode, refusals=refusals,
             max_wait_ms=s.inference_max_wait_ms, on_recorded=_then(updater.refresh, after_batch), metrics=metrics,
             notifier=self.notifier, outbox=Outbox(s.destinations) if s.destinations else None,
         )

@@ -211,3 +211,31 @@ def test_ensemble_of_two_runs_exports_and_loads(tmp_path: Path) -> None:
     assert all(torch.allclose(v.float(), full[k].float(), rtol=1e-2, atol=1e-3)
                for k, v in model.module.state_dict().items())
     assert not torch.allclose(model.module.members[0](x), model.module.members[1](x))
+
+
+def test_ood_command_keeps_weights_adds_stats_and_evaluate_reports_refusals(tmp_path: Path, capsys) -> None:
+    """`model_training ood` writes a new artifact (same weights + OOD statistics + intended use) that
+    loads with its statistics; `evaluate --stress` then reports OOD refusal rates."""
+    data = _fake_folder(tmp_path / "data", n_per_class=12)
+    run = tmp_path / "run"
+    assert train_main(["train", "--data-dir", str(data), "--out", str(run), "--epochs", "1", "--val-fraction", "0.3"]) == 0
+    assert train_main(["export", "--run", str(run), "--out", str(tmp_path / "m"), "--version", "a"]) == 0
+    assert train_main(["ood", "--model", str(tmp_path / "m" / "pneumonia-a.pt"), "--data-dir", str(data),
+                       "--out", str(tmp_path / "m"), "--version", "b", "--keep", "0.9", "--blocks", "1,2,3"]) == 0
+    old, new = load_model(tmp_path / "m" / "pneumonia-a.pt", "cpu"), load_model(tmp_path / "m" / "pneumonia-b.pt", "cpu")
+    assert old.ood is None and new.ood is not None and new.ood.use == [1, 2, 3]
+    card = json.loads((tmp_path / "m" / "pneumonia-b.json").read_text())
+    assert card["ood"]["threshold"] == pytest.approx(new.ood.threshold)
+    assert card["intended_use"]["age_years"]["max_exclusive"] == 6
+    assert "Out-of-distribution refusal" in (tmp_path / "m" / "pneumonia-b.md").read_text()
+    x = preprocess_batch(torch.rand(3, 224, 224))
+    assert torch.equal(old.logits(x), new.logits(x))  # the weights are untouched
+    probs, scores = new.score_inputs(x)
+    assert probs == pytest.approx(old.probabilities_from_inputs(x), abs=1e-6)
+    assert all(math.isfinite(s) for s in scores)
+    capsys.readouterr()
+    assert train_main(["evaluate", "--model", str(tmp_path / "m" / "pneumonia-b.pt"), "--data-dir", str(data),
+                       "--subset", "val", "--stress"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= out["ood"]["refused_rate"] <= 0.5
+    assert all(0.0 <= r["ood_refused_rate"] <= 1.0 for r in out["stress"])

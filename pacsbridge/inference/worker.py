@@ -42,6 +42,7 @@ from ..model.preprocess import preprocess
 from ..store.models import Event, Instance, InstanceState, Prediction, Series, utcnow
 from ..store.notifier import StoreNotifier
 from ..worklist.items import as_utc
+from .gates import ood_refusal
 from .metrics import PipelineMetrics
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,21 @@ NOT_ANALYSED = InstanceState.NOT_ANALYSED.value
 DecodeFn = Callable[[Path], Any]
 
 
-def default_decoder() -> tuple[DecodeFn, tuple[type[BaseException], ...]]:
-    """The imaging layer's entry point and the exception it raises for images it will not score."""
-    from ..imaging import NotAnalysable, load_for_model
+def default_decoder(model: LoadedModel | None = None,
+                    **decode_kwargs: Any) -> tuple[DecodeFn, tuple[type[BaseException], ...]]:
+    """The imaging layer's entry point and the exception it raises for images it will not score.
 
-    return load_for_model, (NotAnalysable,)
+    With ``model``, the intended-use age gate of its card runs first (when the card has an age
+    range and ``model.age_gate`` is on).  ``decode_kwargs`` (e.g. ``max_decoded_bytes``) go to
+    :func:`pacsbridge.imaging.load_for_model`.
+    """
+    import functools
+
+    from ..imaging import NotAnalysable
+    from .gates import AgeRange, load_gated
+
+    ages = AgeRange.from_card(model.card) if model is not None and model.age_gate else None
+    return functools.partial(load_gated, age_range=ages, **decode_kwargs), (NotAnalysable,)
 
 
 def default_worker_id() -> str:
@@ -107,6 +118,7 @@ class _Scored:
     probability: float
     decode_ms: float
     inference_ms: float
+    ood_score: float | None = None
 
 
 @dataclass
@@ -140,7 +152,7 @@ class InferenceWorker:
         outbox: Any | None = None,
     ) -> None:
         if decode is None:
-            decode, default_refusals = default_decoder()
+            decode, default_refusals = default_decoder(model)
             refusals = refusals if refusals is not None else default_refusals
         self._sessions = sessions
         self._model = model
@@ -331,35 +343,42 @@ class InferenceWorker:
                 self._metrics.decode_ms.observe(decode_ms)
         if not ready:
             return [], refused
-        probs, each_ms = self._infer([x for _, x, _ in ready])
+        probs, oods, each_ms = self._infer([x for _, x, _ in ready])
         scored: list[_Scored] = []
-        for (inst, _, decode_ms), p in zip(ready, probs):
+        for (inst, _, decode_ms), p, ood in zip(ready, probs, oods):
             if isinstance(p, str):
                 refused.append(_Refused(inst, p, "error"))
+            elif self._model.is_out_of_distribution(ood):
+                refused.append(_Refused(inst, ood_refusal(ood, self._model.ood.threshold) or "out of distribution", "info"))
             else:
-                scored.append(_Scored(inst, p, decode_ms, each_ms))
+                scored.append(_Scored(inst, p, decode_ms, each_ms, ood))
         if self._metrics is not None:
             self._metrics.batch_size.observe(len(ready))
             for _ in scored:
                 self._metrics.inference_ms.observe(each_ms)
         return scored, refused
 
-    def _infer(self, inputs: list[torch.Tensor]) -> tuple[list[float | str], float]:
-        """Probabilities for a batch; a failing batch is retried one by one to isolate the bad input.
+    def _infer(self, inputs: list[torch.Tensor]) -> tuple[list[float | str], list[float | None], float]:
+        """Probabilities and OOD scores for a batch; a failing batch is retried one by one to
+        isolate the bad input.
 
-        An entry is a string (the reason) where the model failed or gave a non-finite score.
+        A probability is a string (the reason) where the model failed or gave a non-finite score.
         """
         t0 = time.perf_counter()
         try:
-            raw: list[Any] = self._model.probabilities_from_inputs(torch.stack(inputs))
+            raw: list[Any]
+            raw, oods = self._model.score_inputs(torch.stack(inputs))
         except Exception:  # noqa: BLE001
             log.exception("batch of %d failed in the model; retrying one by one", len(inputs))
-            raw = []
+            raw, oods = [], []
             for x in inputs:
                 try:
-                    raw.extend(self._model.probabilities_from_inputs(x.unsqueeze(0)))
+                    p, o = self._model.score_inputs(x.unsqueeze(0))
+                    raw.extend(p)
+                    oods.extend(o)
                 except Exception as exc:  # noqa: BLE001
                     raw.append(f"the model failed on this image ({type(exc).__name__}: {exc})")
+                    oods.append(None)
         each_ms = (time.perf_counter() - t0) * 1000 / len(inputs)
         out: list[float | str] = []
         for p in raw:
@@ -367,7 +386,7 @@ class InferenceWorker:
                 out.append(p)
             else:
                 out.append("the model produced a non-finite score")
-        return out, each_ms
+        return out, oods, each_ms
 
     def _record(self, scored: list[_Scored], refused: list[_Refused]) -> BatchOutcome:
         try:
@@ -405,6 +424,7 @@ class InferenceWorker:
                     instance_id=s.inst.id, probability=float(s.probability), positive=positive,
                     threshold=m.threshold, model_id=m.model_id, weights_sha256=m.weights_sha256,
                     decode_ms=round(s.decode_ms, 3), inference_ms=round(s.inference_ms, 3), created_at=now,
+                    ood_score=None if s.ood_score is None else float(s.ood_score),
                 )
                 session.add(prediction)
                 if self._outbox is not None:

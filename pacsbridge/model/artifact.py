@@ -1,7 +1,8 @@
 """Load the shipped model artifact and its card; score display-ready images in batches.
 
-An artifact is ``<name>.pt`` (``{"architecture", "input_size", "state_dict"}``) with its model
-card ``<name>.json`` beside it.  The card's ``weights_sha256`` must match the file: a model that
+An artifact is ``<name>.pt`` (``{"architecture", "input_size", "state_dict"}``, optionally
+``"ood"``: the out-of-distribution statistics of :mod:`.ood`) with its model card ``<name>.json``
+beside it.  The card's ``weights_sha256`` must match the file: a model that
 is not the one described is refused rather than silently used.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from .architecture import build_model
+from .ood import OodStats, forward_with_features
 from .preprocess import preprocess
 
 
@@ -57,6 +59,12 @@ class LoadedModel:
     device: torch.device
     module: torch.nn.Module
     card: dict = field(repr=False, default_factory=dict)
+    #: Out-of-distribution statistics from the artifact (None: the artifact has none).
+    ood: OodStats | None = field(repr=False, default=None)
+    #: Refuse images whose OOD score is above ``ood.threshold`` (setting ``ood_gate``).
+    ood_gate: bool = True
+    #: Refuse patients outside the card's intended-use age range (setting ``age_gate``).
+    age_gate: bool = True
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
@@ -72,6 +80,27 @@ class LoadedModel:
         z = self.logits(batch) / self.temperature
         return torch.sigmoid(z).tolist()
 
+    @torch.inference_mode()
+    def score_inputs(self, batch: torch.Tensor) -> tuple[list[float], list[float | None]]:
+        """Calibrated probabilities and OOD scores (None without OOD statistics) from one forward pass."""
+        if self.ood is None:
+            return self.probabilities_from_inputs(batch), [None] * len(batch)
+        x = batch.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                z, feats = forward_with_features(self.module, x)
+        else:
+            z, feats = forward_with_features(self.module, x)
+        probs = torch.sigmoid(z.float().cpu() / self.temperature).tolist()
+        scores = self.ood.score([f.float().cpu() for f in feats]).tolist()
+        return probs, scores
+
+    def is_out_of_distribution(self, score: float | None) -> bool:
+        """True when the OOD gate is on and ``score`` is beyond the artifact's threshold (or not finite)."""
+        if score is None or self.ood is None or not self.ood_gate:
+            return False
+        return not math.isfinite(score) or score > self.ood.threshold
+
     def predict_images(self, images: Sequence[np.ndarray]) -> list[float]:
         """Calibrated probabilities for display-ready 2-D images in [0, 1]."""
         if not images:
@@ -83,8 +112,12 @@ class LoadedModel:
         return probability >= self.threshold
 
 
-def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
-    """Load ``path`` and its card; raises :class:`ModelError` with a readable reason."""
+def load_model(path: str | Path, device: str = "auto", *, age_gate: bool = True, ood_gate: bool = True) -> LoadedModel:
+    """Load ``path`` and its card; raises :class:`ModelError` with a readable reason.
+
+    ``age_gate`` / ``ood_gate`` (the settings of the same name) say whether the intended-use
+    gates apply; they only can where the card has an age range / the artifact OOD statistics.
+    """
     path = Path(path)
     cpath = card_path(path)
     if not path.is_file():
@@ -102,6 +135,7 @@ def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         module = build_model(blob["architecture"])
         module.load_state_dict(blob["state_dict"])
+        ood = OodStats.from_blob(blob["ood"]) if blob.get("ood") is not None else None
     except Exception as exc:  # noqa: BLE001 - any load failure is a bad artifact
         raise ModelError(f"cannot load {path}: {exc}") from None
     temperature = float(card["temperature"])
@@ -113,5 +147,5 @@ def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
     return LoadedModel(
         model_id=str(card["model_id"]), architecture=blob["architecture"], weights_sha256=digest,
         threshold=threshold, temperature=temperature, input_size=int(blob.get("input_size", 192)),
-        device=dev, module=module, card=card,
+        device=dev, module=module, card=card, ood=ood, ood_gate=bool(ood_gate), age_gate=bool(age_gate),
     )

@@ -134,6 +134,8 @@ class Prediction(Base):
     decode_ms: Mapped[float | None] = mapped_column(Float)
     inference_ms: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: The model's out-of-distribution score (pacsbridge.model.ood); NULL when the model has none.
+    ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     instance: Mapped[Instance] = relationship(back_populates="prediction")
 
