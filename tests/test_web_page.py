@@ -83,7 +83,10 @@ def browser(tmp_path: Path):
 
 
 def _rows(driver) -> list[str]:
-    return [r.get_attribute("data-id") for r in driver.find_elements(By.CSS_SELECTOR, "#worklist tbody tr")]
+    # Read the ids in one script: the page re-renders the table every few seconds, so element handles
+    # taken one call earlier can be stale by the next call.
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('#worklist tbody tr')).map(r => r.getAttribute('data-id'));")
 
 
 def test_sign_in_read_claim_complete(site, browser, tmp_path: Path) -> None:
@@ -105,8 +108,8 @@ def test_sign_in_read_claim_complete(site, browser, tmp_path: Path) -> None:
     with sessions() as s:
         expected = [str(i) for i in s.scalars(select(WorklistItem.id).order_by(WorklistItem.priority.desc()))]
     assert _rows(browser) == expected  # priority order: the STAT study first, then by score
-    first = browser.find_element(By.CSS_SELECTOR, "#worklist tbody tr")
-    assert "Test Bruno" in first.text and "STAT" in first.text and "67 y" in first.text
+    first = browser.execute_script("return document.querySelector('#worklist tbody tr').innerText")
+    assert "Test Bruno" in first and "STAT" in first and "67 y" in first
     assert "Test Eve" not in browser.find_element(By.ID, "worklist").text  # negative: not on the list
     assert "being read by dr.day" in browser.find_element(By.ID, "worklist").text  # claimant visible
     widths = browser.execute_script("return [...document.querySelectorAll('.meter > i')].map(e => e.offsetWidth)")
