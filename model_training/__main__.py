@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=1234)
     t.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(a, a) parameter; 0 = off")
+    t.add_argument("--label-smoothing", type=float, default=0.0, help="targets become y*(1-e)+e/2; 0 = off")
+    t.add_argument("--frame", type=float, default=0.0,
+                   help="share of training images shrunk into a black border / cut by collimation strips")
     t.add_argument("--split-seed", type=int, default=None, help="seed of the patient split (default: --seed)")
     t.add_argument("--val-fraction", type=float, default=0.15)
     t.add_argument("--limit", type=int, default=None, help="use only this many training images (smoke tests)")
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         from .train import train
 
         train(args.data_dir, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-              seed=args.seed, split_seed=args.split_seed, mixup=args.mixup, val_fraction=args.val_fraction, limit=args.limit,
+              seed=args.seed, split_seed=args.split_seed, mixup=args.mixup, label_smoothing=args.label_smoothing, frame=args.frame, val_fraction=args.val_fraction, limit=args.limit,
               command="python -m model_training " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
     elif args.command == "evaluate":
         from .evaluate import evaluate

@@ -54,6 +54,8 @@ def train(
     architecture: str = "small-resnet-v1",
     min_sensitivity: float = 0.95,
     mixup: float = 0.0,
+    label_smoothing: float = 0.0,
+    frame: float = 0.0,
     command: str | None = None,
 ) -> dict:
     """Train and write ``out_dir/model.pt`` (weights) and ``out_dir/training.json`` (report)."""
@@ -98,8 +100,10 @@ def train(
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{epochs}", file=sys.stderr, leave=False)
         for step in bar:
             idx = perm[step * batch_size : (step + 1) * batch_size]
-            xb = preprocess_batch(augment(x_train[idx].float() / 255.0, gen)).to(device)
+            xb = preprocess_batch(augment(x_train[idx].float() / 255.0, gen, frame=frame)).to(device)
             yb = y_train[idx].to(device)
+            if label_smoothing > 0:  # some training labels are wrong; do not push logits to infinity on them
+                yb = yb * (1 - label_smoothing) + 0.5 * label_smoothing
             if mixup > 0:  # soft labels between pairs: smoother, better-calibrated decision boundary
                 lam = float(torch.distributions.Beta(mixup, mixup).sample())
                 j = torch.randperm(len(idx), generator=gen)
@@ -135,7 +139,7 @@ def train(
     report = calibrate_and_report(y_val, val_logits, min_sensitivity)
     report.update(
         architecture=architecture, input_size=INPUT_SIZE, seed=split_seed, init_seed=seed, val_fraction=val_fraction, epochs=epochs,
-        best_epoch=best["epoch"], history=history, command=command, mixup=mixup,
+        best_epoch=best["epoch"], history=history, command=command, mixup=mixup, label_smoothing=label_smoothing, frame=frame,
         split={"train_images": len(train_s), "val_images": len(val_s),
                "train_patients": len({s.patient for s in train_s}), "val_patients": len({s.patient for s in val_s}),
                "train_positive": int(n_pos), "train_negative": int(n_neg),

@@ -239,3 +239,31 @@ def test_ood_command_keeps_weights_adds_stats_and_evaluate_reports_refusals(tmp_
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0 <= out["ood"]["refused_rate"] <= 0.5
     assert all(0.0 <= r["ood_refused_rate"] <= 1.0 for r in out["stress"])
+
+
+def test_frame_augmentation_shrinks_into_black_border_and_collimates() -> None:
+    from model_training.augment import _frame, augment
+
+    ones = torch.ones(32, 1, 64, 64)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(_frame(ones.clone(), gen, 0.0), ones)  # off: untouched
+    framed = _frame(ones.clone(), gen, 1.0)
+    black = (framed < 0.01).float().mean(dim=(1, 2, 3))
+    # Shrunk to 0.7-0.95 of the field: at least 1 - 0.95^2 ~ 10 % of every image is black, and the
+    # chest itself stays (at most ~1 - 0.58^2 of it black even with strips on all four edges).
+    assert bool((black > 0.09).all()) and bool((black < 0.75).all())
+    # Through the whole augmentation the share still controls how many images get a frame.
+    x = torch.full((64, 64, 64), 0.8)
+    some = augment(x, torch.Generator().manual_seed(1), frame=0.3)
+    n_framed = int(((some < 0.05).float().mean(dim=(1, 2)) > 0.05).sum())
+    assert 5 <= n_framed <= 45
+    assert int(((augment(x, torch.Generator().manual_seed(1)) < 0.05).float().mean(dim=(1, 2)) > 0.05).sum()) == 0
+
+
+def test_train_records_label_smoothing_and_frame(tmp_path: Path) -> None:
+    data = _fake_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    assert train_main(["train", "--data-dir", str(data), "--out", str(run), "--epochs", "1", "--val-fraction", "0.3",
+                       "--label-smoothing", "0.1", "--frame", "0.3"]) == 0
+    report = json.loads((run / "training.json").read_text())
+    assert report["label_smoothing"] == 0.1 and report["frame"] == 0.3
