@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--half", action="store_true", help="store weights as float16 (half the file size)")
 
     en = sub.add_parser("ensemble", help="average several runs (same split) and re-calibrate on validation")
-    en.add_argument("--run", type=Path, action="append", required=True, help="training output folder (repeat)")
+    en.add_argument("--run", type=Path, action="append", default=[], help="training output folder (repeat)")
+    en.add_argument("--members-of", type=Path, action="append", default=[],
+                    help="also take the members of this artifact .pt (same patient split; repeat)")
     en.add_argument("--data-dir", type=Path, required=True)
     en.add_argument("--out", type=Path, required=True)
 
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "ensemble":
         from .ensemble import make_ensemble
 
-        make_ensemble(args.run, args.data_dir, args.out)
+        make_ensemble(args.run, args.data_dir, args.out, members_of=args.members_of)
     elif args.command == "ood":
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -17,13 +17,40 @@ from .data import labels_of, list_samples, load_images, split_by_patient
 from .train import calibrate_and_report, pick_device, predict_logits
 
 
-def make_ensemble(runs: list[Path], data_dir: Path, out_dir: Path, min_sensitivity: float = 0.95) -> dict:
-    reports = [json.loads((r / "training.json").read_text()) for r in runs]
+def artifact_members(artifact: Path) -> list[tuple[str, dict, dict]]:
+    """``(label, blob, report)`` for each member of a shipped artifact (an ensemble or one model),
+    so a new ensemble can reuse members whose training runs are gone; the report carries what
+    :func:`make_ensemble` checks (split seed, validation fraction) from the artifact's card."""
+    card = json.loads(artifact.with_suffix(".json").read_text())
+    blob = torch.load(artifact, map_location="cpu", weights_only=True)
+    arch = blob["architecture"]
+    names = arch[len("ensemble:"):].split("+") if arch.startswith("ensemble:") else [arch]
+    epochs = card["epochs"] if isinstance(card["epochs"], list) else [card["epochs"]] * len(names)
+    best = card["best_epoch"] if isinstance(card["best_epoch"], list) else [card["best_epoch"]] * len(names)
+    commands = (card.get("training_command") or "?").split(" && ")
+    out = []
+    for i, name in enumerate(names):
+        prefix = f"members.{i}." if arch.startswith("ensemble:") else ""
+        state = {k[len(prefix):]: v.float() if v.is_floating_point() else v
+                 for k, v in blob["state_dict"].items() if k.startswith(prefix)}
+        report = {"seed": card["seed"], "val_fraction": card["val_fraction"], "epochs": epochs[i],
+                  "best_epoch": best[i], "split": card["split"], "validation": None,
+                  "command": commands[i] if len(commands) == len(names) else card.get("training_command")}
+        out.append((f"{artifact.name}#member{i}", {"architecture": name, "input_size": blob["input_size"],
+                                                   "state_dict": state}, report))
+    return out
+
+
+def make_ensemble(runs: list[Path], data_dir: Path, out_dir: Path, min_sensitivity: float = 0.95,
+                  members_of: list[Path] | None = None) -> dict:
+    reused = [m for art in members_of or [] for m in artifact_members(art)]
+    reports = [rep for _, _, rep in reused] + [json.loads((r / "training.json").read_text()) for r in runs]
     seeds = {(rep["seed"], rep["val_fraction"]) for rep in reports}
     if len(seeds) != 1:
         raise SystemExit(f"runs use different patient splits {seeds}: their validation sets differ")
     split_seed, val_fraction = seeds.pop()
-    blobs = [torch.load(r / "model.pt", map_location="cpu", weights_only=True) for r in runs]
+    blobs = [b for _, b, _ in reused] + [torch.load(r / "model.pt", map_location="cpu", weights_only=True) for r in runs]
+    labels = [label for label, _, _ in reused] + [str(r) for r in runs]
     name = "ensemble:" + "+".join(b["architecture"] for b in blobs)
     model = build_model(name)
     for member, blob in zip(model.members, blobs):
@@ -37,7 +64,7 @@ def make_ensemble(runs: list[Path], data_dir: Path, out_dir: Path, min_sensitivi
         architecture=name, input_size=blobs[0]["input_size"], seed=split_seed, val_fraction=val_fraction,
         epochs=[r["epochs"] for r in reports], best_epoch=[r["best_epoch"] for r in reports],
         split=first["split"], command=" && ".join(r.get("command") or "?" for r in reports),
-        members=[{"run": str(r), "validation": rep["validation"]} for r, rep in zip(runs, reports)],
+        members=[{"run": label, "validation": rep["validation"]} for label, rep in zip(labels, reports)],
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.cpu() for k, v in model.state_dict().items()}

@@ -267,3 +267,36 @@ def test_train_records_label_smoothing_and_frame(tmp_path: Path) -> None:
                        "--label-smoothing", "0.1", "--frame", "0.3"]) == 0
     report = json.loads((run / "training.json").read_text())
     assert report["label_smoothing"] == 0.1 and report["frame"] == 0.3
+
+
+def test_ensemble_reuses_the_members_of_a_shipped_artifact(tmp_path: Path) -> None:
+    data = _fake_folder(tmp_path / "data", n_per_class=12)
+    for seed in (1, 2, 3):
+        assert train_main(["train", "--data-dir", str(data), "--out", str(tmp_path / f"run{seed}"), "--epochs", "1",
+                           "--seed", str(seed), "--split-seed", "5", "--val-fraction", "0.3"]) == 0
+    assert train_main(["ensemble", "--run", str(tmp_path / "run1"), "--run", str(tmp_path / "run2"),
+                       "--data-dir", str(data), "--out", str(tmp_path / "ens2")]) == 0
+    assert train_main(["export", "--run", str(tmp_path / "ens2"), "--out", str(tmp_path / "m"), "--version", "a",
+                       "--half"]) == 0
+    old = tmp_path / "m" / "pneumonia-a.pt"
+    assert train_main(["ensemble", "--members-of", str(old), "--run", str(tmp_path / "run3"),
+                       "--data-dir", str(data), "--out", str(tmp_path / "ens3")]) == 0
+    assert train_main(["export", "--run", str(tmp_path / "ens3"), "--out", str(tmp_path / "m"), "--version", "b"]) == 0
+    new = load_model(tmp_path / "m" / "pneumonia-b.pt", device="cpu")
+    first = load_model(old, device="cpu")
+    run3 = torch.load(tmp_path / "run3" / "model.pt", weights_only=True)["state_dict"]
+    assert new.architecture == "ensemble:small-resnet-v1+small-resnet-v1+small-resnet-v1"
+    x = preprocess_batch(torch.rand(2, 224, 224))
+    with torch.inference_mode():
+        for i in (0, 1):  # the old members, unchanged (float16-stored weights, now float32)
+            assert torch.equal(new.module.members[i](x), first.module.members[i](x))
+    assert all(torch.equal(v, run3[k]) for k, v in new.module.members[2].state_dict().items())
+    report = json.loads((tmp_path / "ens3" / "training.json").read_text())
+    assert report["members"][0]["run"] == "pneumonia-a.pt#member0" and len(report["members"]) == 3
+
+    # A run on another patient split is refused: its validation images were training images.
+    assert train_main(["train", "--data-dir", str(data), "--out", str(tmp_path / "other"), "--epochs", "1",
+                       "--seed", "4", "--split-seed", "6", "--val-fraction", "0.3"]) == 0
+    with pytest.raises(SystemExit, match="different patient splits"):
+        train_main(["ensemble", "--members-of", str(old), "--run", str(tmp_path / "other"),
+                    "--data-dir", str(data), "--out", str(tmp_path / "bad")])
