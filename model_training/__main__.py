@@ -52,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     en.add_argument("--data-dir", type=Path, required=True)
     en.add_argument("--out", type=Path, required=True)
 
+    c = sub.add_parser("compare", help="members and their combinations on clean and stress-shifted validation")
+    c.add_argument("--run", type=Path, action="append", default=[], help="training output folder (repeat)")
+    c.add_argument("--members-of", type=Path, action="append", default=[],
+                   help="also the members of this artifact .pt (repeat)")
+    c.add_argument("--data-dir", type=Path, required=True)
+    c.add_argument("--max-size", type=int, default=2, help="largest combination to score")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
     o = sub.add_parser("ood", help="fit OOD statistics (training split) and threshold (validation split) "
                        "for an exported model; writes a new artifact with them and the intended use")
     o.add_argument("--model", type=Path, required=True, help="artifact .pt (its .json card next to it)")
@@ -84,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         from .ensemble import make_ensemble
 
         make_ensemble(args.run, args.data_dir, args.out, members_of=args.members_of)
+    elif args.command == "compare":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        from .compare import compare
+
+        compare(args.run, args.data_dir, members_of=args.members_of, max_size=args.max_size)
     elif args.command == "ood":
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -300,3 +300,22 @@ def test_ensemble_reuses_the_members_of_a_shipped_artifact(tmp_path: Path) -> No
     with pytest.raises(SystemExit, match="different patient splits"):
         train_main(["ensemble", "--members-of", str(old), "--run", str(tmp_path / "other"),
                     "--data-dir", str(data), "--out", str(tmp_path / "bad")])
+
+
+def test_compare_scores_every_combination_under_every_shift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from model_training.stress import PERTURBATIONS
+
+    data = _fake_folder(tmp_path / "data", n_per_class=12)
+    for seed in (1, 2):
+        assert train_main(["train", "--data-dir", str(data), "--out", str(tmp_path / f"run{seed}"), "--epochs", "1",
+                           "--seed", str(seed), "--split-seed", "5", "--val-fraction", "0.3"]) == 0
+    capsys.readouterr()
+    assert train_main(["compare", "--run", str(tmp_path / "run1"), "--run", str(tmp_path / "run2"),
+                       "--data-dir", str(data)]) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["members"] for r in results] == [["run1"], ["run2"], ["run1", "run2"]]
+    for r in results:
+        assert [row["shift"] for row in r["rows"]] == list(PERTURBATIONS)
+        clean = r["rows"][0]
+        assert clean["sensitivity"] >= 0.95  # the threshold is chosen on the clean copy for sensitivity 0.95
+        assert all(0.0 <= row["specificity"] <= 1.0 and 0.0 <= row["auc"] <= 1.0 for row in r["rows"])
