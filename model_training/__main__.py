@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     en = sub.add_parser("ensemble", help="average several runs (same split) and re-calibrate on validation")
     en.add_argument("--run", type=Path, action="append", default=[], help="training output folder (repeat)")
     en.add_argument("--members-of", type=Path, action="append", default=[],
-                    help="also take the members of this artifact .pt (same patient split; repeat)")
+                    help="also take the members of this artifact .pt (same patient split; repeat); "
+                         "path.pt#1 takes only member 1")
+    en.add_argument("--half", action="store_true",
+                    help="calibrate on float16-rounded weights (use with export --half)")
     en.add_argument("--data-dir", type=Path, required=True)
     en.add_argument("--out", type=Path, required=True)
 
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "ensemble":
         from .ensemble import make_ensemble
 
-        make_ensemble(args.run, args.data_dir, args.out, members_of=args.members_of)
+        make_ensemble(args.run, args.data_dir, args.out, members_of=args.members_of, half=args.half)
     elif args.command == "compare":
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -20,7 +20,12 @@ from .train import calibrate_and_report, pick_device, predict_logits
 def artifact_members(artifact: Path) -> list[tuple[str, dict, dict]]:
     """``(label, blob, report)`` for each member of a shipped artifact (an ensemble or one model),
     so a new ensemble can reuse members whose training runs are gone; the report carries what
-    :func:`make_ensemble` checks (split seed, validation fraction) from the artifact's card."""
+    :func:`make_ensemble` checks (split seed, validation fraction) from the artifact's card.
+
+    ``path.pt#1`` (or ``#0,1``) takes only those members, counted from 0.
+    """
+    artifact, _, pick = str(artifact).partition("#")
+    artifact = Path(artifact)
     card = json.loads(artifact.with_suffix(".json").read_text())
     blob = torch.load(artifact, map_location="cpu", weights_only=True)
     arch = blob["architecture"]
@@ -36,13 +41,20 @@ def artifact_members(artifact: Path) -> list[tuple[str, dict, dict]]:
         report = {"seed": card["seed"], "val_fraction": card["val_fraction"], "epochs": epochs[i],
                   "best_epoch": best[i], "split": card["split"], "validation": None,
                   "command": commands[i] if len(commands) == len(names) else card.get("training_command")}
+        if pick and str(i) not in pick.split(","):
+            continue
         out.append((f"{artifact.name}#member{i}", {"architecture": name, "input_size": blob["input_size"],
                                                    "state_dict": state}, report))
     return out
 
 
 def make_ensemble(runs: list[Path], data_dir: Path, out_dir: Path, min_sensitivity: float = 0.95,
-                  members_of: list[Path] | None = None) -> dict:
+                  members_of: list[Path] | None = None, half: bool = False) -> dict:
+    """Average the members' logits; fit temperature and threshold on the shared validation split.
+
+    ``half`` rounds the weights to float16 first, as ``export --half`` will store them: the
+    threshold sits on one validation image, and rounding alone can move that image across it.
+    """
     reused = [m for art in members_of or [] for m in artifact_members(art)]
     reports = [rep for _, _, rep in reused] + [json.loads((r / "training.json").read_text()) for r in runs]
     seeds = {(rep["seed"], rep["val_fraction"]) for rep in reports}
@@ -54,7 +66,10 @@ def make_ensemble(runs: list[Path], data_dir: Path, out_dir: Path, min_sensitivi
     name = "ensemble:" + "+".join(b["architecture"] for b in blobs)
     model = build_model(name)
     for member, blob in zip(model.members, blobs):
-        member.load_state_dict(blob["state_dict"])
+        state = blob["state_dict"]
+        if half:
+            state = {k: v.half().float() if v.is_floating_point() else v for k, v in state.items()}
+        member.load_state_dict(state)
     device = pick_device()
     _, val_s = split_by_patient(list_samples(data_dir), val_fraction, split_seed)
     logits = predict_logits(model.to(device), load_images(val_s), device)
@@ -64,6 +79,7 @@ def make_ensemble(runs: list[Path], data_dir: Path, out_dir: Path, min_sensitivi
         architecture=name, input_size=blobs[0]["input_size"], seed=split_seed, val_fraction=val_fraction,
         epochs=[r["epochs"] for r in reports], best_epoch=[r["best_epoch"] for r in reports],
         split=first["split"], command=" && ".join(r.get("command") or "?" for r in reports),
+        rounded_to_float16=half,
         members=[{"run": label, "validation": rep["validation"]} for label, rep in zip(labels, reports)],
     )
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Fit the out-of-distribution statistics of an exported model and write a new artifact with them.
 
-``python -m model_training ood --model pacsbridge/models/pneumonia-v1.pt --data-dir ... --version v2``
+``python -m model_training ood --model runs/art/pneumonia-v3-weights.pt --data-dir ... --version v3``
 
 * The Gaussians (class means, shrunk shared covariance per member and stage) are fitted on the
   **training** split of the card's patient split only.
