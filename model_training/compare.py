@@ -21,27 +21,22 @@ import numpy as np
 import torch
 
 from pacsbridge.model.architecture import build_model
-from pacsbridge.model.preprocess import preprocess_batch
 
 from . import metrics
 from .data import labels_of, list_samples, load_images, split_by_patient
-from .ensemble import artifact_members
+from .ensemble import gather_members
 from .stress import PERTURBATIONS
-from .train import pick_device
+from .train import pick_device, predict_logits
 
 
-def member_logits(members: dict[str, torch.nn.Module], images_u8: torch.Tensor, device: torch.device,
-                  batch: int = 64) -> dict[str, dict[str, np.ndarray]]:
+def member_logits(members: dict[str, torch.nn.Module], images_u8: torch.Tensor, device: torch.device
+                  ) -> dict[str, dict[str, np.ndarray]]:
     """``{shift: {member: logits}}`` for every shift in ``PERTURBATIONS``."""
     base = images_u8.float() / 255.0
     out: dict[str, dict[str, np.ndarray]] = {}
     for shift, fn in PERTURBATIONS.items():
-        x = preprocess_batch(fn(base).clamp(0, 1))
-        out[shift] = {}
-        for name, m in members.items():
-            with torch.inference_mode():
-                out[shift][name] = torch.cat([m(x[i:i + batch].to(device)).float().cpu()
-                                              for i in range(0, len(x), batch)]).numpy()
+        shifted = fn(base).clamp(0, 1)
+        out[shift] = {name: predict_logits(m, shifted, device) for name, m in members.items()}
     return out
 
 
@@ -71,25 +66,13 @@ def subset_rows(y: np.ndarray, logits: dict[str, dict[str, np.ndarray]], subset:
 
 
 def compare(runs: list[Path], data_dir: Path, members_of: list[Path] | None = None, max_size: int = 2) -> list[dict]:
-    blobs: dict[str, dict] = {}
-    splits = set()
-    for art in members_of or []:
-        for label, blob, rep in artifact_members(art):
-            blobs[label] = blob
-            splits.add((rep["seed"], rep["val_fraction"]))
-    for r in runs:
-        rep = json.loads((r / "training.json").read_text())
-        blobs[r.name] = torch.load(r / "model.pt", map_location="cpu", weights_only=True)
-        splits.add((rep["seed"], rep["val_fraction"]))
-    if len(splits) != 1:
-        raise SystemExit(f"members use different patient splits {splits}: their validation sets differ")
-    split_seed, val_fraction = splits.pop()
+    labels, blobs, _, split_seed, val_fraction = gather_members(runs, members_of)
     device = pick_device()
     members = {}
-    for label, blob in blobs.items():
+    for label, blob in zip(labels, blobs):
         m = build_model(blob["architecture"])
         m.load_state_dict(blob["state_dict"])
-        members[label] = m.to(device).eval()
+        members[Path(label).name] = m.to(device).eval()  # a run folder by its name
     _, val_s = split_by_patient(list_samples(data_dir), val_fraction, split_seed)
     y = labels_of(val_s).numpy()
     logits = member_logits(members, load_images(val_s), device)

@@ -35,17 +35,32 @@ def artifact_members(artifact: Path) -> list[tuple[str, dict, dict]]:
     commands = (card.get("training_command") or "?").split(" && ")
     out = []
     for i, name in enumerate(names):
+        if pick and str(i) not in pick.split(","):
+            continue
         prefix = f"members.{i}." if arch.startswith("ensemble:") else ""
         state = {k[len(prefix):]: v.float() if v.is_floating_point() else v
                  for k, v in blob["state_dict"].items() if k.startswith(prefix)}
         report = {"seed": card["seed"], "val_fraction": card["val_fraction"], "epochs": epochs[i],
                   "best_epoch": best[i], "split": card["split"], "validation": None,
                   "command": commands[i] if len(commands) == len(names) else card.get("training_command")}
-        if pick and str(i) not in pick.split(","):
-            continue
         out.append((f"{artifact.name}#member{i}", {"architecture": name, "input_size": blob["input_size"],
                                                    "state_dict": state}, report))
     return out
+
+
+def gather_members(runs: list[Path], members_of: list[Path] | None = None
+                   ) -> tuple[list[str], list[dict], list[dict], int, float]:
+    """Labels, weight blobs and reports of the members of shipped artifacts, then of training runs,
+    and their shared patient split ``(seed, validation fraction)``; exits if the splits differ."""
+    reused = [m for art in members_of or [] for m in artifact_members(art)]
+    labels = [label for label, _, _ in reused] + [str(r) for r in runs]
+    blobs = [b for _, b, _ in reused] + [torch.load(r / "model.pt", map_location="cpu", weights_only=True) for r in runs]
+    reports = [rep for _, _, rep in reused] + [json.loads((r / "training.json").read_text()) for r in runs]
+    seeds = {(rep["seed"], rep["val_fraction"]) for rep in reports}
+    if len(seeds) != 1:
+        raise SystemExit(f"runs use different patient splits {seeds}: their validation sets differ")
+    split_seed, val_fraction = seeds.pop()
+    return labels, blobs, reports, split_seed, val_fraction
 
 
 def make_ensemble(runs: list[Path], data_dir: Path, out_dir: Path, min_sensitivity: float = 0.95,
@@ -55,14 +70,7 @@ def make_ensemble(runs: list[Path], data_dir: Path, out_dir: Path, min_sensitivi
     ``half`` rounds the weights to float16 first, as ``export --half`` will store them: the
     threshold sits on one validation image, and rounding alone can move that image across it.
     """
-    reused = [m for art in members_of or [] for m in artifact_members(art)]
-    reports = [rep for _, _, rep in reused] + [json.loads((r / "training.json").read_text()) for r in runs]
-    seeds = {(rep["seed"], rep["val_fraction"]) for rep in reports}
-    if len(seeds) != 1:
-        raise SystemExit(f"runs use different patient splits {seeds}: their validation sets differ")
-    split_seed, val_fraction = seeds.pop()
-    blobs = [b for _, b, _ in reused] + [torch.load(r / "model.pt", map_location="cpu", weights_only=True) for r in runs]
-    labels = [label for label, _, _ in reused] + [str(r) for r in runs]
+    labels, blobs, reports, split_seed, val_fraction = gather_members(runs, members_of)
     name = "ensemble:" + "+".join(b["architecture"] for b in blobs)
     model = build_model(name)
     for member, blob in zip(model.members, blobs):

@@ -29,13 +29,14 @@ def pick_device() -> torch.device:
 
 
 @torch.inference_mode()
-def predict_logits(model: torch.nn.Module, images_u8: torch.Tensor, device: torch.device, batch: int = 64) -> np.ndarray:
-    """Logits for uint8 images ``(N, H, W)`` through the shared preprocessing."""
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 64) -> np.ndarray:
+    """Logits for images ``(N, H, W)`` (uint8, or float in [0, 1]) through the shared preprocessing."""
     model.eval()
     out = []
-    for i in range(0, len(images_u8), batch):
-        x = preprocess_batch(images_u8[i : i + batch].float() / 255.0).to(device)
-        out.append(model(x).float().cpu())
+    for i in range(0, len(images), batch):
+        x = images[i : i + batch]
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+        out.append(model(preprocess_batch(x).to(device)).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
