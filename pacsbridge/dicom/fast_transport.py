@@ -328,6 +328,28 @@ class FastRequestHandler(RequestHandler):
         return assoc
 
 
+#: Short names of certificate subject attributes (RFC 4514 section 3, plus the usual OpenSSL ones).
+_SUBJECT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+                  "localityName": "L", "stateOrProvinceName": "ST", "emailAddress": "EMAILADDRESS",
+                  "domainComponent": "DC", "userId": "UID", "serialNumber": "SERIALNUMBER"}
+
+
+def peer_certificate_subject(assoc: Any) -> str | None:  # noqa: ANN401 - pynetdicom Association
+    """The verified client certificate subject of the association's connection (``CN=..,O=..``, most
+    specific first), or None: plain DICOM, or TLS without a client certificate."""
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        cert = sock.getpeercert()  # only verified certificates are returned as a dict
+    except (ValueError, OSError):
+        return None
+    if not cert or not cert.get("subject"):
+        return None
+    parts = [f"{_SUBJECT_NAMES.get(k, k)}={v}" for rdn in cert["subject"] for k, v in rdn]
+    return ",".join(reversed(parts))
+
+
 class BoundedServerMixin:
     """Listener side: TLS without a handshake in the accept loop, and a connection flood guard."""
 

@@ -36,7 +36,7 @@ from pacsbridge.dicom.metadata import (
     DEFAULT_MAX_INFLATED_BYTES, STATUS_DATASET_TOO_LARGE, STATUS_OUT_OF_RESOURCES, STATUS_OUT_OF_RESOURCES_DB,
     RejectedDataset, read_metadata,
 )
-from pacsbridge.dicom.ups_scp import UpsContext, add_ups_contexts, ups_handlers
+from pacsbridge.dicom.ups_scp import UpsContext, add_ups_contexts, log_access, ups_handlers
 from pacsbridge.store.notifier import StoreNotifier
 from pacsbridge.store.records import ReceivedInstance, record_event, record_received
 from pacsbridge.store.spool import Spool, spool_relpath
@@ -293,6 +293,8 @@ class StorageSCP:
                  ", ".join(f"{self.bind_address}:{p}{' (TLS)' if tls else ''}" for p, tls in
                            ((self.port, False), (self.tls_port, True)) if p is not None),
                  self.max_pdu, self.limits.max_dataset_bytes)
+        if self.ups is not None:
+            log_access(self.ups)
 
     def _listen(self, ae: AE, handlers: list, port: int, context: ssl.SSLContext | None) -> BoundedAssociationServer:
         # start_server(block=False), but with our fast and bounded classes via pynetdicom's server hooks.
