@@ -126,7 +126,12 @@ class Settings(BaseSettings):
     dicom_host: str = Field("0.0.0.0", description="Address the DICOM listener(s) bind to.")
     check_called_ae: bool = Field(True, description="Reject associations whose called AE title is not ours.")
     max_associations_per_peer: int = Field(8, ge=1, le=512, description="Associations at once from one address.")
-    acse_timeout: float = Field(30.0, gt=0, description="ARTIM: seconds to wait for A-ASSOCIATE/A-RELEASE PDUs.")
+    acse_timeout: float = Field(30.0, gt=0, description="ARTIM: seconds to wait for A-ASSOCIATE/A-RELEASE PDUs "
+                                "(the A-ASSOCIATE-RQ must be complete within it, counted from connect).")
+    pdu_deadline_floor_s: float = Field(5.0, gt=0, le=3600, description="Seconds a whole PDU may take to arrive, "
+                                        "at least (counted from its first byte).")
+    pdu_deadline_per_mib_s: float = Field(10.0, ge=0, le=3600, description="Seconds per MiB of its announced "
+                                          "length a PDU may take, when that is more than pdu_deadline_floor_s.")
     max_dataset_bytes: int = Field(134_217_728, ge=65_536, description="Largest data set of one C-STORE.")
     max_inflated_bytes: int = Field(134_217_728, ge=65_536, description="Largest inflated deflate data set.")
     max_decoded_bytes: int = Field(134_217_728, ge=65_536, description="Rows x Columns x frames x samples x bits/8 limit.")
