@@ -114,6 +114,15 @@ class Settings(BaseSettings):
     http_tls_cert: str = Field("", description="PEM certificate: serve HTTPS instead of HTTP.")
     http_tls_key: str = Field("", description="PEM private key of http_tls_cert.")
     http_max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest HTTP request body accepted.")
+    http_header_timeout_s: float = Field(10.0, gt=0, le=3600, description="Seconds a request's headers may take "
+                                         "to arrive (from connect, or from the first byte after a response).")
+    http_body_timeout_s: float = Field(30.0, gt=0, le=3600, description="Seconds a request's body may take after "
+                                       "its headers.")
+    http_max_connections: int = Field(400, ge=1, le=100_000, description="Open HTTP connections at most, in all.")
+    http_max_connections_per_peer: int = Field(50, ge=1, le=100_000, description="Open HTTP connections at most "
+                                               "from one IP address (raise it behind a reverse proxy).")
+    http_keep_alive_s: float = Field(5.0, ge=1, le=3600, description="An idle kept-alive HTTP connection is closed "
+                                     "after this.")
     allowed_calling_aes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Calling AE titles allowed to associate; empty = accept all (warned)."
     )
