@@ -456,8 +456,8 @@ class BoundedServerMixin:
                 self._pb_pending = []
             # Both listeners (plain and TLS) share one AE, so count its acceptors, not this server's.  A
             # connection is pending until its thread runs, and briefly both: count each (address, port) once.
-            active = {(a.requestor.address, a.requestor.port) for a in self.ae.active_associations  # type: ignore[attr-defined]
-                      if a.is_acceptor} | set(self._pb_pending)
+            acceptors = [a for a in self.ae.active_associations if a.is_acceptor]  # type: ignore[attr-defined]
+            active = {(a.requestor.address, a.requestor.port) for a in acceptors} | set(self._pb_pending)
             same = sum(1 for address, _ in active if address == client_address[0])
             if len(active) < 2 * limits.max_associations and same < 2 * limits.max_associations_per_peer:
                 self._pb_pending.append((client_address[0], client_address[1]))

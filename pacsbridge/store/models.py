@@ -187,7 +187,7 @@ class Event(Base):
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     peer: Mapped[str | None] = mapped_column(String(64))  # calling AE @ address
     detail: Mapped[str | None] = mapped_column(Text)
-    actor: Mapped[str | None] = mapped_column(String(64))  # user name or "ae:<AE title>" that caused it
+    actor: Mapped[str | None] = mapped_column(String(64))  # user name that caused it (UPS: the bound user)
     worklist_item_id: Mapped[int | None] = mapped_column(
         ForeignKey("worklist_items.id", ondelete="SET NULL"), index=True)
 
