@@ -60,6 +60,7 @@ from pacsbridge.dicom.ups_dataset import (
     build_ups_dataset, parse_performed_data,
 )
 from pacsbridge.store.models import Event, Instance, Series, Study, WorklistItem, WorklistStatus, utcnow
+from pacsbridge.store.records import record_event
 from pacsbridge.worklist import lifecycle
 from pacsbridge.worklist.lifecycle import (
     Actor, ClaimConflict, IllegalTransition, ItemNotFound, LifecycleError, NotClaimant, WrongTransaction,
@@ -187,12 +188,8 @@ def _record_refusal(event: DicomEvent, ctx: UpsContext, what: str, why: str) -> 
     assoc.pb_ups_refused = True
     log.warning("UPS %s from %s refused (0x0124 not authorised): %s; bind it with `pacsbridge users bind "
                 "NAME --ae-title AE`", what, _peer(event), why)
-    try:
-        with ctx.sessions.begin() as session:
-            session.add(Event(kind="ups_refused", level="warning", peer=_peer(event)[:64],
-                              detail=f"UPS {what} refused: {why}"[:2000]))
-    except Exception as exc:  # noqa: BLE001 - the refusal stands either way
-        log.error("could not record the UPS refusal: %s", type(exc).__name__)
+    record_event(ctx.sessions, "ups_refused", f"UPS {what} refused: {why}"[:2000], level="warning",
+                 peer=_peer(event))  # never raises: the refusal stands either way
 
 
 def _peer(event: DicomEvent) -> str:
