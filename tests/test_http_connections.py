@@ -166,3 +166,20 @@ def test_kept_alive_connection_serves_several_requests_then_idles_out(server) ->
         assert closed is not None and closed < server.limits.keep_alive_s + 2
     finally:
         conn.close()
+
+
+def test_limits_come_from_the_configuration(tmp_path: Path, monkeypatch) -> None:
+    """The keys in pacsbridge.example.toml / PACSBRIDGE_* reach the HTTP server and the DICOM transport."""
+    from pacsbridge.api.server import http_limits_from_settings
+    from pacsbridge.dicom.storage_scp import storage_scp_from_settings
+
+    monkeypatch.setenv("PACSBRIDGE_HTTP_HEADER_TIMEOUT_S", "3.5")
+    monkeypatch.setenv("PACSBRIDGE_PDU_DEADLINE_FLOOR_S", "7")
+    settings = load_settings(data_dir=tmp_path, http_max_connections_per_peer=9, pdu_deadline_per_mib_s=2.5)
+    limits = http_limits_from_settings(settings)
+    assert (limits.header_timeout_s, limits.body_timeout_s, limits.max_connections,
+            limits.max_connections_per_peer, limits.keep_alive_s) == (3.5, 30.0, 400, 9, 5.0)
+    engine = make_engine(f"sqlite:///{tmp_path / 'cfg.db'}")
+    scp = storage_scp_from_settings(settings, make_sessionmaker(engine))
+    assert (scp.limits.pdu_deadline_floor, scp.limits.pdu_deadline_per_mib) == (7.0, 2.5)
+    engine.dispose()
