@@ -10,9 +10,14 @@ with a length a peer announces.
 * :class:`BoundedDUL` reads each PDU's 6-byte header first and refuses (A-ABORT, logged with the
   peer address) a PDU longer than we allow *before* allocating anything of that size: P-DATA-TF up
   to the maximum PDU length we advertised, every other PDU (A-ASSOCIATE-RQ ...) up to 64 KiB.
-* Each socket read has a timeout (``read_timeout``): a peer that stops in the middle of a PDU is
-  dropped.  (Waiting for the A-ASSOCIATE-RQ is bounded by pynetdicom's ARTIM/ACSE timeout, an idle
-  association by its network timeout.)
+* A whole PDU must arrive within a deadline counted from its first byte: ``pdu_deadline_floor`` seconds,
+  or ``pdu_deadline_per_mib`` seconds per MiB of the length it announces when that is longer (the
+  deadline only bounds time: memory still grows only with bytes received).  Before the association is
+  accepted the deadline is also cut to what is left of the ARTIM timer, which pynetdicom starts at
+  connect: the A-ASSOCIATE-RQ must be complete within ``acse_timeout`` of the TCP connect, however the
+  peer spaces its bytes.  A peer past either is A-ABORTed, logged (WARNING, with its address) and
+  recorded, and its thread and slot are freed at once.  Each socket read also has a timeout
+  (``read_timeout``); an idle association is bounded by pynetdicom's network timeout.
 * :class:`BoundedDIMSE` caps a DIMSE command set (64 KiB) and a C-STORE data set
   (``max_dataset_bytes``): past the cap the fragments are read and dropped, and the handler gets
   a :class:`CappedBuffer` marked ``overflowed`` so it answers a 0xA7xx status.
@@ -58,6 +63,7 @@ MAX_COMMAND_BYTES = 64 * 1024
 _P_DATA_TF = 0x04
 _KNOWN_PDU_TYPES = frozenset(range(1, 8))
 # A-ABORT reasons, source 2 (service provider), PS3.8 9.3.8
+_ABORT_NOT_SPECIFIED = 0x00
 _ABORT_UNRECOGNIZED_PDU = 0x01
 _ABORT_UNEXPECTED_PDU = 0x02
 _ABORT_INVALID_PARAMETER = 0x06
@@ -72,6 +78,8 @@ class TransportLimits:
     max_command_bytes: int = MAX_COMMAND_BYTES
     max_dataset_bytes: int = 128 * 1024 * 1024
     read_timeout: float = 60.0               # seconds a peer may stay silent in the middle of a PDU
+    pdu_deadline_floor: float = 5.0          # seconds a whole PDU may take, at least ...
+    pdu_deadline_per_mib: float = 10.0       # ... or this per MiB of its announced length when longer
     tls_handshake_timeout: float = 10.0
     max_associations: int = 16               # total (pynetdicom enforces it at A-ASSOCIATE)
     max_associations_per_peer: int = 8       # per peer IP address
@@ -81,6 +89,18 @@ class TransportLimits:
     def pdu_limit(self, pdu_type: int) -> int:
         return self.max_pdu if pdu_type == _P_DATA_TF else self.max_association_pdu
 
+    def pdu_deadline(self, length: int) -> float:
+        """Seconds a PDU announcing ``length`` bytes may take to arrive in full."""
+        return max(self.pdu_deadline_floor, self.pdu_deadline_per_mib * length / 1_048_576)
+
+
+class DeadlinePassed(TimeoutError):
+    """A PDU did not arrive in full by its deadline; ``got`` bytes of the buffer were filled."""
+
+    def __init__(self, got: int) -> None:
+        super().__init__(f"deadline passed after {got} bytes")
+        self.got = got
+
 
 class FastAssociationSocket(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
@@ -88,20 +108,39 @@ class FastAssociationSocket(AssociationSocket):
         got = self.recv_into(buf, 0)
         return buf if got == nr_bytes else buf[:got]
 
-    def recv_into(self, buf: bytearray, start: int) -> int:
-        """Fill ``buf[start:]``; returns the bytes now in ``buf`` (short when the peer closed)."""
+    def recv_into(self, buf: bytearray, start: int, deadline: float | None = None,
+                  read_timeout: float | None = None) -> int:
+        """Fill ``buf[start:]``; returns the bytes now in ``buf`` (short when the peer closed).
+
+        ``deadline`` (``time.monotonic()`` value): raise :class:`DeadlinePassed` once it passes, however
+        the peer spaces its bytes; each read then waits at most ``read_timeout`` or until the deadline."""
         sock = self.socket
         assert sock is not None
         view = memoryview(buf)
         got, total = start, len(buf)
         try:
             while got < total:
-                n = sock.recv_into(view[got:], total - got)
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise DeadlinePassed(got)
+                    sock.settimeout(left if read_timeout is None else min(left, read_timeout))
+                try:
+                    n = sock.recv_into(view[got:], total - got)
+                except TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise DeadlinePassed(got) from None
+                    raise
                 if n == 0:  # connection closed: return what we have
                     break
                 got += n
         finally:
             del view  # release the export so the bytearray may be resized by pynetdicom
+            if deadline is not None and read_timeout is not None:
+                try:
+                    sock.settimeout(read_timeout)
+                except OSError:
+                    pass
         return got
 
 
@@ -147,9 +186,17 @@ class BoundedDUL(DULServiceProvider):
         sock = self.socket
         assert isinstance(sock, FastAssociationSocket)
         limits = _limits(self.assoc)
+        started = time.monotonic()
+        artim = self._artim_deadline()
+        deadline = started + limits.pdu_deadline_floor
+        if artim is not None:
+            deadline = min(deadline, artim)
         header = bytearray(6)
         try:
-            got = sock.recv_into(header, 0)
+            got = sock.recv_into(header, 0, deadline, limits.read_timeout)
+        except DeadlinePassed as exc:
+            self._too_slow(exc.got, 6, started, artim is not None and artim <= deadline)
+            return
         except (OSError, TimeoutError) as exc:
             self._drop(f"connection lost while reading a PDU header: {type(exc).__name__}")
             return
@@ -170,8 +217,14 @@ class BoundedDUL(DULServiceProvider):
             return
         pdu = bytearray(6 + length)  # bounded by `limit`
         pdu[:6] = header
+        deadline = started + limits.pdu_deadline(length)
+        if artim is not None:
+            deadline = min(deadline, artim)
         try:
-            got = sock.recv_into(pdu, 6)
+            got = sock.recv_into(pdu, 6, deadline, limits.read_timeout)
+        except DeadlinePassed as exc:
+            self._too_slow(exc.got, 6 + length, started, artim is not None and artim <= deadline)
+            return
         except (OSError, TimeoutError) as exc:
             self._drop(f"connection lost in the middle of a {length}-byte PDU: {type(exc).__name__}")
             return
@@ -183,8 +236,32 @@ class BoundedDUL(DULServiceProvider):
         except Exception as exc:  # noqa: BLE001 - malformed PDU content
             self._refuse(_ABORT_INVALID_PARAMETER, f"undecodable PDU type 0x{pdu_type:02X}: {type(exc).__name__}")
             return
+        if pdu_type == 0x01:
+            self.pb_rq_received = True  # the ARTIM deadline from connect is met
         self.event_queue.put(event)
         self._recv_pdu.put(decoded)
+
+    def _artim_deadline(self) -> float | None:
+        """Until the A-ASSOCIATE-RQ has arrived: the TCP connect time plus the ARTIM timeout, as a
+        ``time.monotonic()`` value (pynetdicom starts its own ARTIM timer only once its reactor has run,
+        which a peer sending at once can get ahead of); None afterwards."""
+        connected = getattr(self, "pb_connected_at", None)
+        timeout = self.artim_timer.timeout
+        if connected is None or timeout is None or getattr(self, "pb_rq_received", False) or self.assoc.is_established:
+            return None
+        return connected + timeout
+
+    def _too_slow(self, got: int, expected: int, started: float, artim: bool) -> None:
+        limits = _limits(self.assoc)
+        took = time.monotonic() - started
+        if artim:
+            why = (f"no complete A-ASSOCIATE-RQ within the ARTIM timeout ({self.artim_timer.timeout:g} s from "
+                   f"connect; {got} of {expected} bytes of a PDU after {took:.1f} s)")
+        else:
+            why = (f"PDU not received within its deadline ({got} of {expected} bytes after {took:.1f} s; "
+                   f"pdu_deadline_floor {limits.pdu_deadline_floor:g} s, pdu_deadline_per_mib "
+                   f"{limits.pdu_deadline_per_mib:g} s)")
+        self._refuse(_ABORT_NOT_SPECIFIED, why)
 
     def run_reactor(self) -> None:
         try:
@@ -319,6 +396,7 @@ class FastRequestHandler(RequestHandler):
             assoc.dul.socket.__class__ = FastAssociationSocket
         if type(assoc.dul) is DULServiceProvider:
             assoc.dul.__class__ = BoundedDUL
+            assoc.dul.pb_connected_at = time.monotonic()  # the A-ASSOCIATE-RQ must be complete by ARTIM from here
             assoc.dul._target = assoc.dul.run_reactor  # the thread captured the original bound method
         if type(assoc.dimse) is DIMSEServiceProvider:
             assoc.dimse.__class__ = BoundedDIMSE
@@ -328,13 +406,37 @@ class FastRequestHandler(RequestHandler):
         return assoc
 
 
+#: Short names of certificate subject attributes (RFC 4514 section 3, plus the usual OpenSSL ones).
+_SUBJECT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+                  "localityName": "L", "stateOrProvinceName": "ST", "emailAddress": "EMAILADDRESS",
+                  "domainComponent": "DC", "userId": "UID", "serialNumber": "SERIALNUMBER"}
+
+
+def peer_certificate_subject(assoc: Any) -> str | None:  # noqa: ANN401 - pynetdicom Association
+    """The verified client certificate subject of the association's connection (``CN=..,O=..``, most
+    specific first), or None: plain DICOM, or TLS without a client certificate."""
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        cert = sock.getpeercert()  # only verified certificates are returned as a dict
+    except (ValueError, OSError):
+        return None
+    if not cert or not cert.get("subject"):
+        return None
+    parts = [f"{_SUBJECT_NAMES.get(k, k)}={v}" for rdn in cert["subject"] for k, v in rdn]
+    return ",".join(reversed(parts))
+
+
 class BoundedServerMixin:
     """Listener side: TLS without a handshake in the accept loop, and a connection flood guard."""
 
     pb_limits: TransportLimits
+    #: listen() backlog (socketserver's default is 5: a burst of connects would wait for SYN retries).
+    request_queue_size = 128
     _pb_last_warning = 0.0
     #: Connections accepted whose association thread has not started yet (so not in active_associations).
-    _pb_pending: list[str] | None = None
+    _pb_pending: list[tuple[str, int]] | None = None
     _pb_lock = threading.Lock()
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -352,12 +454,13 @@ class BoundedServerMixin:
         with self._pb_lock:
             if self._pb_pending is None:
                 self._pb_pending = []
-            # Both listeners (plain and TLS) share one AE, so count its acceptors, not this server's.
-            active = [a.requestor.address for a in self.ae.active_associations  # type: ignore[attr-defined]
-                      if a.is_acceptor] + self._pb_pending
-            same = active.count(client_address[0])
+            # Both listeners (plain and TLS) share one AE, so count its acceptors, not this server's.  A
+            # connection is pending until its thread runs, and briefly both: count each (address, port) once.
+            acceptors = [a for a in self.ae.active_associations if a.is_acceptor]  # type: ignore[attr-defined]
+            active = {(a.requestor.address, a.requestor.port) for a in acceptors} | set(self._pb_pending)
+            same = sum(1 for address, _ in active if address == client_address[0])
             if len(active) < 2 * limits.max_associations and same < 2 * limits.max_associations_per_peer:
-                self._pb_pending.append(client_address[0])
+                self._pb_pending.append((client_address[0], client_address[1]))
                 return True
         now = time.monotonic()
         if now - self._pb_last_warning > 1.0:  # a flood must not flood the log too
@@ -368,8 +471,9 @@ class BoundedServerMixin:
 
     def pb_handed_over(self, client_address: Any) -> None:  # noqa: ANN401
         with self._pb_lock:
-            if self._pb_pending and client_address[0] in self._pb_pending:
-                self._pb_pending.remove(client_address[0])
+            key = (client_address[0], client_address[1])
+            if self._pb_pending and key in self._pb_pending:
+                self._pb_pending.remove(key)
 
 
 class BoundedAssociationServer(BoundedServerMixin, ThreadedAssociationServer):
