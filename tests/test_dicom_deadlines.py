@@ -93,15 +93,11 @@ def test_32_trickling_peers_are_dropped_at_artim_and_echo_gets_through(tmp_path,
             time.sleep(0.5)
             assert not trickler.closed_after, "the receiver closed trickling peers before any deadline"
             assert not echo_ok(r.port), "32 trickling peers should hold every slot at first"
-            echo_at = None
-            while time.monotonic() - trickler.opened_at < ARTIM_S + 10:
-                if echo_ok(r.port):
-                    echo_at = time.monotonic() - trickler.opened_at
-                    break
-                time.sleep(0.1)
-            wait_until = time.monotonic() + 5
+            # No newcomer now (it would evict the oldest tricklers, see the next test): ARTIM alone.
+            wait_until = time.monotonic() + ARTIM_S + 5
             while len(trickler.closed_after) < 32 and time.monotonic() < wait_until:
                 time.sleep(0.1)
+            echo_at = time.monotonic() - trickler.opened_at if echo_ok(r.port) else None
         finally:
             trickler.close()
         assert echo_at is not None and echo_at < ARTIM_S + 3, f"C-ECHO only after {echo_at} s"
@@ -171,3 +167,31 @@ def test_a_fast_peer_with_large_pdus_is_not_affected(tmp_path) -> None:
             assert assoc.send_c_store(ds).Status == 0
         finally:
             assoc.release()
+
+
+def test_a_new_peer_evicts_the_oldest_unassociated_sockets_when_the_listener_is_full(tmp_path) -> None:
+    """With the default ARTIM (30 s) 32 trickling sockets would hold every slot for 30 s: once they are
+    older than EVICT_MIN_AGE, a real peer's connection evicts the oldest of them and its C-ECHO succeeds at
+    once (pynetdicom and DCMTK), while the tricklers that were not evicted stay connected."""
+    from pacsbridge.dicom.fast_transport import EVICT_MIN_AGE
+
+    with running_receiver(tmp_path, acse_timeout=30, network_timeout=30, max_associations=16,
+                          max_associations_per_peer=8) as r:
+        trickler = Trickler(r.port, per_address=8)
+        try:
+            time.sleep(EVICT_MIN_AGE + 0.5)
+            t0 = time.monotonic()
+            assert echo_ok(r.port), "a real peer should get in by evicting the oldest trickling sockets"
+            took = time.monotonic() - t0
+            if shutil.which("echoscu"):
+                assert run_dcmtk("echoscu", "-aec", "PACSBRIDGE", "127.0.0.1", str(r.port)).returncode == 0
+            time.sleep(0.5)
+            still_open = 32 - len(trickler.closed_after)
+        finally:
+            trickler.close()
+        assert took < 3.0, f"C-ECHO took {took:.1f} s while the listener was full"
+        assert 0 < still_open < 32, f"{still_open} trickling sockets still open: eviction should take only some"
+        with r.sessions() as s:
+            evicted = [e for e in s.scalars(sql_select(Event).where(Event.kind == "association_aborted"))
+                       if "evicted" in (e.detail or "")]
+        assert len(evicted) == 32 - still_open, (len(evicted), still_open)

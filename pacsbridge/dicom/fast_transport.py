@@ -24,6 +24,9 @@ with a length a peer announces.
 * :class:`BoundedACSE` rejects an association beyond ``max_associations_per_peer`` (transient,
   local limit exceeded), and :class:`BoundedServerMixin` closes TCP connections beyond twice the
   limits before a thread is spent on them.
+* Eviction: when the listener is full, a new connection makes room by shutting down the oldest
+  connections (at least ``EVICT_MIN_AGE`` old) that have not sent their A-ASSOCIATE-RQ, so sockets that
+  trickle or idle cannot keep real senders out for as long as ARTIM allows.
 * TLS: the handshake runs in the connection's own thread with a timeout (pynetdicom does it in the
   listener thread, where one silent TLS client would stall every other connection).
 
@@ -459,9 +462,22 @@ class BoundedServerMixin:
             acceptors = [a for a in self.ae.active_associations if a.is_acceptor]  # type: ignore[attr-defined]
             active = {(a.requestor.address, a.requestor.port) for a in acceptors} | set(self._pb_pending)
             same = sum(1 for address, _ in active if address == client_address[0])
+            evicted: list[Any] = []
+            if same < 2 * limits.max_associations_per_peer and len(active) >= limits.max_associations:
+                # Full: make room by dropping the oldest connections that still have not sent their
+                # A-ASSOCIATE-RQ, so idle or trickling sockets cannot keep a real sender out for as long
+                # as ARTIM lets them (a real peer sends its request within milliseconds of connecting).
+                evicted = _evict_unassociated(acceptors, len(active) - limits.max_associations + 1)
+                active = active - {(a.requestor.address, a.requestor.port) for a in evicted}
             if len(active) < 2 * limits.max_associations and same < 2 * limits.max_associations_per_peer:
                 self._pb_pending.append((client_address[0], client_address[1]))
-                return True
+                admitted = True
+            else:
+                admitted = False
+        if evicted:
+            _wait_gone(evicted, EVICT_WAIT)
+        if admitted:
+            return True
         now = time.monotonic()
         if now - self._pb_last_warning > 1.0:  # a flood must not flood the log too
             self._pb_last_warning = now
@@ -474,6 +490,53 @@ class BoundedServerMixin:
             key = (client_address[0], client_address[1])
             if self._pb_pending and key in self._pb_pending:
                 self._pb_pending.remove(key)
+
+
+#: A connection must be this old (seconds, since connect) before a newcomer may evict it.
+EVICT_MIN_AGE = 1.0
+#: How long the accept loop waits for evicted connections' threads to end (only while evicting).
+EVICT_WAIT = 0.5
+
+
+def _evict_unassociated(acceptors: list[Any], count: int) -> list[Any]:
+    """Shut down the ``count`` oldest acceptor connections (at least :data:`EVICT_MIN_AGE` old) whose
+    A-ASSOCIATE-RQ has not arrived; their reactor threads then see end-of-file and end.  Returns them."""
+    now = time.monotonic()
+    waiting = []
+    for assoc in acceptors:
+        dul = assoc.dul
+        connected = getattr(dul, "pb_connected_at", None)
+        if connected is None or getattr(dul, "pb_rq_received", False) or assoc.is_established:
+            continue
+        if now - connected >= EVICT_MIN_AGE:
+            waiting.append((connected, assoc))
+    waiting.sort(key=lambda pair: pair[0])
+    evicted = []
+    for _, assoc in waiting[:max(count, 0)]:
+        sock = getattr(assoc.dul.socket, "socket", None)
+        if sock is None:
+            continue
+        log.warning("DICOM connection from %s dropped: no A-ASSOCIATE-RQ after %.1f s and the listener is "
+                    "full (oldest unassociated connection evicted for a new one)",
+                    _peer(assoc.dul), now - assoc.dul.pb_connected_at)
+        limits = _limits(assoc)
+        if limits.on_refused is not None:
+            limits.on_refused("association_aborted", "evicted: no A-ASSOCIATE-RQ while the listener was full",
+                              _peer(assoc.dul))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # thread-safe: wakes the reactor's blocked read with EOF
+        except OSError:
+            pass
+        evicted.append(assoc)
+    return evicted
+
+
+def _wait_gone(assocs: list[Any], timeout: float) -> None:
+    """Give evicted associations' threads up to ``timeout`` seconds in all to end (so a newcomer's
+    A-ASSOCIATE-RQ is not counted against slots that are already free)."""
+    end = time.monotonic() + timeout
+    for assoc in assocs:
+        assoc.join(max(0.0, end - time.monotonic()))
 
 
 class BoundedAssociationServer(BoundedServerMixin, ThreadedAssociationServer):
