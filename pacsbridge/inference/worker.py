@@ -40,7 +40,6 @@ timeout, so instances stored by other processes (and retries falling due) are st
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -64,6 +63,7 @@ from ..store.models import Prediction, utcnow
 from ..store.notifier import StoreNotifier
 from ..store.queue import Claimed, RetryPolicy
 from ..worklist.items import as_utc
+from .faults import system_fault
 from .gates import ood_refusal
 from .metrics import PipelineMetrics
 
@@ -264,7 +264,7 @@ class InferenceWorker:
                 result = self._decode(path)
                 x = preprocess(np.asarray(result.image), self._model.input_size)
             except self._refusals as exc:
-                fault = _system_fault(exc)
+                fault = system_fault(exc)
                 if fault is None:
                     refused.append(_Refused(inst, _reason(exc), "info"))
                 else:
@@ -458,18 +458,6 @@ class InferenceWorker:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
         log.info("inference worker %s stopped", self.worker_id)
-
-
-def _system_fault(exc: BaseException) -> BaseException | None:
-    """The fault of the system behind a refusal, if any: a MemoryError, or an OS error with an errno
-    (EIO, EACCES, ENOENT...), that the imaging layer wrapped.  pydicom and Pillow also raise OSError
-    for corrupt data, but without an errno: that is the image's, and stays a refusal."""
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, MemoryError):
-        return cause
-    if isinstance(cause, OSError) and cause.errno in errno.errorcode:
-        return cause
-    return None
 
 
 def _reason(exc: BaseException) -> str:
