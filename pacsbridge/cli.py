@@ -282,7 +282,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 if args.json:
                     out.write(json.dumps(r) + "\n")
                 elif r.get("skipped"):
-                    out.write(f"{r['path']}\tskipped: {r['reason']}\n")
+                    out.write(f"{r['path']}\t{'failed' if r.get('failed') else 'skipped'}: {r['reason']}\n")
                 else:
                     verdict = "POSITIVE" if r["positive"] else "negative"
                     extra = f"\theatmap {r['heatmap']}" if r.get("heatmap") else ""
