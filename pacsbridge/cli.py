@@ -169,6 +169,7 @@ def open_existing_database(settings: Settings, command: str, require_head: bool 
     Read-only commands never create anything: run from another directory without the daemon's
     configuration they would otherwise make an empty ./var and report nothing (or "no such table").
     """
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # only reads the revision: its INFO lines are noise
     from sqlalchemy.engine import make_url
 
     from pacsbridge.daemon import _first_line
