@@ -379,6 +379,7 @@ def _add_worklist(sub: argparse._SubParsersAction) -> None:
 def _cmd_instances(args: argparse.Namespace) -> int:
     if getattr(args, "instances_command", None) == "retry":
         return _cmd_instances_retry(args)
+    from pacsbridge.store.models import InstanceState
     from pacsbridge.worklist.reports import list_instances
 
     with _db_session(args, "instances") as session:
@@ -391,7 +392,7 @@ def _cmd_instances(args: argparse.Namespace) -> int:
     for r in rows:
         outcome = (f"{r['probability']:.4f} {'POSITIVE' if r['positive'] else 'negative'} (threshold "
                    f"{r['threshold']:.4f}, {r['model_id']})" if r["probability"] is not None else (r["reason"] or ""))
-        if r["state"] == "failed":
+        if r["state"] == InstanceState.FAILED.value:
             outcome = (f"attempt {r['attempts']}, " + (f"next at {r['next_attempt_at'][:19]}: " if r["next_attempt_at"]
                                                         else "no retry left: ") + outcome)
         print(f"{r['id']:>6}  {r['received_at'][:19]}  {r['state']:<12}  {outcome}  study {r['study_instance_uid']}")
