@@ -185,14 +185,20 @@ def recover_stale_claims(sessions: sessionmaker[Session], worker_id: str, stale_
             )
             if res.rowcount == 1:
                 released += 1
-                session.add(Event(kind="claim_released", level="warning", instance_id=iid, sop_instance_uid=sop,
-                                  detail=f"claim by {owner} released: {why}"))
+                _event(session, "claim_released", "warning", iid, sop, f"claim by {owner} released: {why}")
     if released:
         log.warning("worker %s: released %d stale claims", worker_id, released)
     return released
 
 
 # ----------------------------------------------------------------------------- moves out of processing
+
+def _event(session: Session, kind: str, level: str, instance_id: int, sop_instance_uid: str | None, detail: str,
+           actor: str | None = None) -> None:
+    """The one place instance events are written (they share the transaction of the state move)."""
+    session.add(Event(kind=kind, level=level, instance_id=instance_id, sop_instance_uid=sop_instance_uid,
+                      detail=detail, actor=actor))
+
 
 def _move(session: Session, inst: Claimed, worker_id: str, now: datetime, **values: object) -> bool:
     res = session.execute(
@@ -214,8 +220,7 @@ def mark_not_analysed(session: Session, inst: Claimed, worker_id: str, reason: s
     """``processing -> not_analysed`` with the reason and a ``not_analysed`` event; False if the claim is gone."""
     if not _move(session, inst, worker_id, now, state=NOT_ANALYSED, state_reason=reason, next_attempt_at=None):
         return False
-    session.add(Event(kind="not_analysed", level=level, instance_id=inst.id,
-                      sop_instance_uid=inst.sop_instance_uid, detail=reason))
+    _event(session, "not_analysed", level, inst.id, inst.sop_instance_uid, reason)
     return True
 
 
@@ -235,9 +240,8 @@ def mark_failed(session: Session, inst: Claimed, worker_id: str, reason: str, po
         return False
     plan = (f"retry at {when.isoformat(timespec='seconds')}" if when is not None
             else "no retry left; `pacsbridge instances retry` queues it again")
-    session.add(Event(kind="analysis_failed", level="error", instance_id=inst.id,
-                      sop_instance_uid=inst.sop_instance_uid,
-                      detail=f"attempt {attempts} of {policy.max_attempts if retry else attempts}: {reason}; {plan}"))
+    _event(session, "analysis_failed", "error", inst.id, inst.sop_instance_uid,
+           f"attempt {attempts} of {policy.max_attempts if retry else attempts}: {reason}; {plan}")
     return when
 
 
@@ -274,8 +278,7 @@ def retry(sessions: sessionmaker[Session], ids: Iterable[int] = (), *, all_faile
                 .execution_options(synchronize_session=False))
             if res.rowcount == 1:
                 moved.append(iid)
-                session.add(Event(kind="instance_retry", level="info", instance_id=iid, sop_instance_uid=sop,
-                                  actor=actor, detail="queued again by an operator"))
+                _event(session, "instance_retry", "info", iid, sop, "queued again by an operator", actor=actor)
     return moved
 
 
@@ -314,10 +317,8 @@ def retention_candidates(session: Session, cutoff: datetime, skip: Iterable[int]
 
 def record_spool_deletion(session: Session, inst: Instance, deleted: bool, detail: str, now: datetime) -> None:
     """Retention's outcome for one file: ``spool_deleted_at`` when it is gone, and an event either way."""
-    session.add(Event(
-        kind="spool_file_deleted" if deleted else "spool_delete_failed", level="info" if deleted else "error",
-        instance_id=inst.id, sop_instance_uid=inst.sop_instance_uid, detail=detail,
-    ))
+    _event(session, "spool_file_deleted" if deleted else "spool_delete_failed", "info" if deleted else "error",
+           inst.id, inst.sop_instance_uid, detail)
     if deleted:
         session.execute(update(Instance).where(Instance.id == inst.id).values(spool_deleted_at=now)
                         .execution_options(synchronize_session=False))
