@@ -46,7 +46,7 @@ def test_faults_are_retried_survive_sigkill_and_stop_at_max_attempts(tmp_path) -
     data = tmp_path / "data"
     port = free_port()
     env = daemon_env(data, port, PACSBRIDGE_FSYNC="false", PACSBRIDGE_MODEL_PATH=str(export_model(tmp_path / "m")),
-                     PACSBRIDGE_INFERENCE_MAX_ATTEMPTS="4", PACSBRIDGE_INFERENCE_RETRY_BASE_S="0.5")
+                     PACSBRIDGE_INFERENCE_MAX_ATTEMPTS="4", PACSBRIDGE_INFERENCE_RETRY_BASE_S="1.0")
     chest = [reuid(sample_file("RG1_UNCR.dcm"), tmp_path / f"c{i}.dcm", study_uid=f"1.2.826.0.1.9.{i}")
              for i in range(4)]
     not_chest = reuid(sample_file("RG3_UNCR.dcm"), tmp_path / "hand.dcm")
