@@ -169,6 +169,7 @@ def open_existing_database(settings: Settings, command: str, require_head: bool 
     Read-only commands never create anything: run from another directory without the daemon's
     configuration they would otherwise make an empty ./var and report nothing (or "no such table").
     """
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # only reads the revision: its INFO lines are noise
     from sqlalchemy.engine import make_url
 
     from pacsbridge.daemon import _first_line
@@ -282,7 +283,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 if args.json:
                     out.write(json.dumps(r) + "\n")
                 elif r.get("skipped"):
-                    out.write(f"{r['path']}\tskipped: {r['reason']}\n")
+                    out.write(f"{r['path']}\t{'failed' if r.get('failed') else 'skipped'}: {r['reason']}\n")
                 else:
                     verdict = "POSITIVE" if r["positive"] else "negative"
                     extra = f"\theatmap {r['heatmap']}" if r.get("heatmap") else ""
@@ -376,6 +377,9 @@ def _add_worklist(sub: argparse._SubParsersAction) -> None:
 
 # -- instances ---------------------------------------------------------------------------------
 def _cmd_instances(args: argparse.Namespace) -> int:
+    if getattr(args, "instances_command", None) == "retry":
+        return _cmd_instances_retry(args)
+    from pacsbridge.store.models import InstanceState
     from pacsbridge.worklist.reports import list_instances
 
     with _db_session(args, "instances") as session:
@@ -384,25 +388,61 @@ def _cmd_instances(args: argparse.Namespace) -> int:
         print(json.dumps(rows))
         return 0
     if not rows:
-        print("no instances")
+        print("no instances" + (f" ({args.state})" if args.state else ""))
     for r in rows:
         outcome = (f"{r['probability']:.4f} {'POSITIVE' if r['positive'] else 'negative'} (threshold "
                    f"{r['threshold']:.4f}, {r['model_id']})" if r["probability"] is not None else (r["reason"] or ""))
+        if r["state"] == InstanceState.FAILED.value:
+            outcome = (f"attempt {r['attempts']}, " + (f"next at {r['next_attempt_at'][:19]}: " if r["next_attempt_at"]
+                                                        else "no retry left: ") + outcome)
         print(f"{r['id']:>6}  {r['received_at'][:19]}  {r['state']:<12}  {outcome}  study {r['study_instance_uid']}")
     return 0
 
 
+def _cmd_instances_retry(args: argparse.Namespace) -> int:
+    from pacsbridge.store import queue
+    from pacsbridge.store.db import make_sessionmaker
+
+    if not args.ids and not args.all_failed:
+        print("pacsbridge instances retry: give instance IDs or --all-failed", file=sys.stderr)
+        return 2
+    engine = open_existing_database(_settings(args), "instances retry")
+    if engine is None:
+        return 1
+    try:
+        moved = queue.retry(make_sessionmaker(engine), args.ids, all_failed=args.all_failed, actor="cli")
+    except (queue.InstanceNotFound, queue.NotRetryable) as exc:
+        print(f"pacsbridge instances retry: {exc}; nothing changed", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - e.g. the database went away
+        print(f"pacsbridge instances retry: cannot update the database: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    print(f"{len(moved)} instance{'' if len(moved) == 1 else 's'} queued again"
+          + (f": {', '.join(map(str, moved))}" if moved and len(moved) <= 20 else ""))
+    return 0
+
+
 def _add_instances(sub: argparse._SubParsersAction) -> None:
+    from pacsbridge.store.models import InstanceState
+
     p = sub.add_parser(
-        "instances", help="received instances with their state, probability or refusal reason",
+        "instances", help="received instances with their state, probability or refusal reason; retry failed ones",
         description="Print received instances, newest first: state (received, processing, predicted, "
-        "not_analysed), probability and positive flag, or the reason an image was not analysed. Use it to "
-        "answer 'why was this study not flagged?'. --json prints the fields of GET /api/instances.",
+        "not_analysed, failed), probability and positive flag, or the reason an image was not analysed (the "
+        "image was refused) or failed (a fault of the system, retried automatically up to inference_max_attempts). "
+        "Use it to answer 'why was this study not flagged?'. --json prints the fields of GET /api/instances. "
+        "`instances retry ID...` or `instances retry --all-failed` queues failed instances again.",
     )
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.add_argument("--study", metavar="UID", help="only this Study Instance UID")
-    p.add_argument("--state", help="only this state (e.g. not_analysed)")
+    p.add_argument("--state", choices=[s.value for s in InstanceState], help="only this state (e.g. failed)")
     p.add_argument("--limit", type=int, default=100, help="at most this many (default 100, max 1000)")
+    isub = p.add_subparsers(dest="instances_command", metavar="{retry}")
+    rt = isub.add_parser("retry", help="queue failed instances again (a fresh count of attempts): IDs or --all-failed")
+    rt.add_argument("ids", nargs="*", type=int, metavar="ID")
+    rt.add_argument("--all-failed", action="store_true", help="every failed instance")
     p.set_defaults(func=_cmd_instances)
 
 

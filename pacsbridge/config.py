@@ -160,6 +160,10 @@ class Settings(BaseSettings):
     inference_batch_size: int = Field(8, ge=1, le=256)
     inference_max_wait_ms: int = Field(20, ge=0, le=10_000)
     worker_enabled: bool = Field(True, description="Run the inference worker inside `pacsbridge serve`.")
+    inference_max_attempts: int = Field(
+        3, ge=1, le=100, description="Attempts at an instance that hits a fault of the system before it is left failed.")
+    inference_retry_base_s: float = Field(
+        15.0, ge=0, le=3600, description="Wait before the 2nd attempt after a fault; doubles for each further one.")
     age_gate: bool = Field(True, description="Refuse patients outside the model card's intended-use age range.")
     ood_gate: bool = Field(True, description="Refuse images whose out-of-distribution score is over the model's threshold.")
 

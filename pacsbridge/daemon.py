@@ -166,6 +166,7 @@ class Daemon:
         from pacsbridge.forward.outbox import Outbox
         from pacsbridge.inference.worker import InferenceWorker, default_decoder
         from pacsbridge.model.artifact import ModelError, load_model
+        from pacsbridge.store.queue import RetryPolicy
 
         s = self.settings
         try:
@@ -179,6 +180,7 @@ class Daemon:
             decode=decode, refusals=refusals,
             max_wait_ms=s.inference_max_wait_ms, on_recorded=_then(updater.refresh, after_batch), metrics=metrics,
             notifier=self.notifier, outbox=Outbox(s.destinations) if s.destinations else None,
+            retry_policy=RetryPolicy(max_attempts=s.inference_max_attempts, base_s=s.inference_retry_base_s),
         )
 
     def request_stop(self, signum: int | None = None, _frame: object = None) -> None:

@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .. import __version__
 from ..auth.users import Principal
 from ..inference.metrics import PipelineMetrics
-from ..store.models import Instance, utcnow
+from ..store.models import Instance, InstanceState, utcnow
 from ..worklist import lifecycle as lc
 from ..worklist.items import ALL_STATUSES, list_worklist
 from ..worklist.reports import item_detail, list_instances, model_stats
@@ -263,13 +263,14 @@ def create_app(
     # -- instances ---------------------------------------------------------------------------------
     @app.get("/api/instances", tags=["instances"], dependencies=[Depends(reader)])
     def instances(
-        study_instance_uid: str | None = Query(None, max_length=64), state: str | None = Query(None, max_length=16),
+        study_instance_uid: str | None = Query(None, max_length=64), state: InstanceState | None = Query(None),
         limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
         session: Session = Depends(db_session),
     ) -> list[dict[str, Any]]:
-        """Every received instance (newest first): state, probability, positive flag, reason when refused."""
-        return list_instances(session, study_instance_uid=study_instance_uid, state=state, limit=limit,
-                              offset=offset)
+        """Every received instance (newest first): state, probability, positive flag, reason when refused
+        (``not_analysed``) or failed (with ``attempts``, ``next_attempt_at``, ``last_error``)."""
+        return list_instances(session, study_instance_uid=study_instance_uid,
+                              state=state.value if state else None, limit=limit, offset=offset)
 
     @app.get("/api/instances/{instance_id}/image.png", tags=["instances"], dependencies=[Depends(reader)],
              response_class=Response, responses={200: {"content": {"image/png": {}}}})

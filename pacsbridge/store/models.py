@@ -29,12 +29,13 @@ class Base(DeclarativeBase):
 
 
 class InstanceState(str, enum.Enum):
-    """Where an instance is on its way through pacsbridge."""
+    """Where an instance is on its way through pacsbridge (pacsbridge.store.queue is the one state machine)."""
 
     RECEIVED = "received"          # on disk and recorded; waiting for the inference worker
     PROCESSING = "processing"      # claimed by a worker
     PREDICTED = "predicted"        # a prediction row exists
-    NOT_ANALYSED = "not_analysed"  # quality gate or decoding said no; reason recorded
+    NOT_ANALYSED = "not_analysed"  # the image itself was refused (scope, data, size, quality); reason recorded
+    FAILED = "failed"              # a fault of the system (missing file, crash); retried, reason recorded
 
 
 class WorklistStatus(str, enum.Enum):
@@ -114,6 +115,11 @@ class Instance(Base):
     state_reason: Mapped[str | None] = mapped_column(Text)
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Failed attempts (faults of the system) since it was received or last queued again by hand.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When a failed instance is tried again; NULL when no automatic retry is left (or not failed).
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    last_error: Mapped[str | None] = mapped_column(Text)  # reason of the last failed attempt (kept after success)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
