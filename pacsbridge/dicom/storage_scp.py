@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
@@ -37,6 +37,7 @@ from pacsbridge.dicom.metadata import (
     RejectedDataset, read_metadata,
 )
 from pacsbridge.dicom.ups_scp import UpsContext, add_ups_contexts, log_access, ups_handlers
+from pacsbridge.store.diskguard import DiskGuard
 from pacsbridge.store.notifier import StoreNotifier
 from pacsbridge.store.records import ReceivedInstance, record_event, record_received
 from pacsbridge.store.spool import Spool, spool_relpath
@@ -80,6 +81,7 @@ class StoreContext:
     our_ae_title: str
     notifier: StoreNotifier | None = None  # told after each new instance is committed (wakes the worker)
     max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES
+    disk_guard: DiskGuard | None = None  # free-space floor of the spool (None: not checked)
 
 
 def peer_of(event: DicomEvent) -> str:
@@ -108,7 +110,7 @@ def handle_echo(event: DicomEvent) -> int:
     return 0x0000
 
 
-def handle_store(event: DicomEvent, ctx: StoreContext) -> int:
+def handle_store(event: DicomEvent, ctx: StoreContext) -> int | Dataset:
     """Store one instance durably, then (and only then) answer success."""
     started = time.perf_counter()
     req = event.request
@@ -117,6 +119,12 @@ def handle_store(event: DicomEvent, ctx: StoreContext) -> int:
     sop_class = str(req.AffectedSOPClassUID or "")
     sop_instance = str(req.AffectedSOPInstanceUID or "")
     transfer_syntax = str(event.context.transfer_syntax)
+    if ctx.disk_guard is not None:
+        low = ctx.disk_guard.check()  # before parsing or writing anything; logged once by the guard
+        if low is not None:
+            ctx.disk_guard.refuse()
+            log.debug("refused C-STORE from %s: 0x%04X, %s", peer, STATUS_OUT_OF_RESOURCES, low)
+            return _refused(STATUS_OUT_OF_RESOURCES, low)
     try:
         if getattr(req.DataSet, "overflowed", False):  # fast_transport.CappedBuffer dropped it past the cap
             raise RejectedDataset(STATUS_DATASET_TOO_LARGE, f"data set of {req.DataSet.received} bytes exceeds "
@@ -163,6 +171,14 @@ def handle_store(event: DicomEvent, ctx: StoreContext) -> int:
     else:
         log.info("duplicate instance %s from %s acknowledged (already stored)", relpath[6:18], peer)
     return 0x0000
+
+
+def _refused(status: int, reason: str) -> Dataset:
+    """A failure status with its reason in Error Comment (0000,0902), which storescu and most PACS log."""
+    rsp = Dataset()
+    rsp.Status = status
+    rsp.ErrorComment = reason[:64]
+    return rsp
 
 
 def _failed(ctx: StoreContext, status: int, what: str, exc: Exception, peer: str, sop_instance_uid: str) -> int:
@@ -219,7 +235,9 @@ class StorageSCP:
         max_dataset_bytes: int = 134_217_728, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
         tls_context: ssl.SSLContext | None = None, tls_port: int | None = None, tls_only: bool = False,
         ups: UpsContext | None = None, pdu_deadline_floor: float = 5.0, pdu_deadline_per_mib: float = 10.0,
+        disk_guard: DiskGuard | None = None,
     ) -> None:
+        self.disk_guard = disk_guard
         self.ae_title = ae_title
         self.bind_address = bind_address
         self.requested_port = port
@@ -271,7 +289,8 @@ class StorageSCP:
 
     def start(self) -> None:
         ctx = StoreContext(spool=self.spool, sessions=self.sessions, our_ae_title=self.ae_title,
-                           notifier=self.notifier, max_inflated_bytes=self.max_inflated_bytes)
+                           notifier=self.notifier, max_inflated_bytes=self.max_inflated_bytes,
+                           disk_guard=self.disk_guard)
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [ctx]),
@@ -370,6 +389,7 @@ def _end_idle(assoc) -> None:  # noqa: ANN001 - pynetdicom Association
 
 def storage_scp_from_settings(  # noqa: ANN001 - settings: pacsbridge.config.Settings
     settings, sessions: sessionmaker[Session], spool: Spool | None = None, notifier: StoreNotifier | None = None,
+    disk_guard: DiskGuard | None = None,
 ) -> StorageSCP:
     from pacsbridge.dicom.tls import server_context
 
@@ -386,6 +406,7 @@ def storage_scp_from_settings(  # noqa: ANN001 - settings: pacsbridge.config.Set
         tls_context=tls, tls_port=settings.dicom_tls_port, tls_only=settings.dicom_tls_only,
         ups=ups_context_from_settings(settings, sessions),
         pdu_deadline_floor=settings.pdu_deadline_floor_s, pdu_deadline_per_mib=settings.pdu_deadline_per_mib_s,
+        disk_guard=disk_guard,
     )
 
 
