@@ -22,10 +22,13 @@ from pacsbridge.config import ConfigError, Settings, load_settings
 log = logging.getLogger("pacsbridge")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
-    )
+def setup_logging(level: str, log_format: str = "text") -> None:
+    from pacsbridge.logs import TEXT_FORMAT, formatter
+
+    logging.basicConfig(level=level, format=TEXT_FORMAT, stream=sys.stderr, force=True)
+    if log_format != "text":  # log_format = "json": one JSON object per line (pacsbridge/logs.py)
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(formatter(log_format))
     # pynetdicom is chatty at INFO (every PDU/DIMSE message); keep it for DEBUG runs.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     # APScheduler logs every job run at INFO (every few seconds): keep that for DEBUG runs too.
@@ -65,7 +68,7 @@ class _WarningsToDebug(logging.Filter):
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     return settings
 
 
@@ -78,7 +81,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         return Daemon(settings).run()
     except StartupError as exc:
-        print(f"pacsbridge serve: cannot start: {exc}", file=sys.stderr)
+        from pacsbridge.logs import operator_line
+
+        print(operator_line(f"pacsbridge serve: cannot start: {exc}", settings.log_format), file=sys.stderr)
         return 1
 
 

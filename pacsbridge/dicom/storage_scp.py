@@ -11,6 +11,7 @@ import logging
 import ssl
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -30,7 +31,7 @@ from pynetdicom.sop_class import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacsbridge import __version__
+from pacsbridge import __version__, logs
 from pacsbridge.dicom.fast_transport import BoundedAssociationServer, FastRequestHandler, TransportLimits
 from pacsbridge.dicom.metadata import (
     DEFAULT_MAX_INFLATED_BYTES, STATUS_DATASET_TOO_LARGE, STATUS_OUT_OF_RESOURCES, STATUS_OUT_OF_RESOURCES_DB,
@@ -119,6 +120,8 @@ def handle_store(event: DicomEvent, ctx: StoreContext) -> int | Dataset:
     sop_class = str(req.AffectedSOPClassUID or "")
     sop_instance = str(req.AffectedSOPInstanceUID or "")
     transfer_syntax = str(event.context.transfer_syntax)
+    if getattr(event.assoc, "pb_log_id", None) is None:
+        bind_association(event)
     if ctx.disk_guard is not None:
         low = ctx.disk_guard.check()  # before parsing or writing anything; logged once by the guard
         if low is not None:
@@ -167,9 +170,10 @@ def handle_store(event: DicomEvent, ctx: StoreContext) -> int | Dataset:
         ctx.notifier.notify()
     if created:
         log.info("stored %s instance %s (%.1f MB, %s) from %s in %.0f ms", meta.modality or "?", relpath[6:18],
-                 size / 1e6, UID(transfer_syntax).name, peer, elapsed_ms)
+                 size / 1e6, UID(transfer_syntax).name, peer, elapsed_ms, extra={"instance": relpath[6:18]})
     else:
-        log.info("duplicate instance %s from %s acknowledged (already stored)", relpath[6:18], peer)
+        log.info("duplicate instance %s from %s acknowledged (already stored)", relpath[6:18], peer,
+                 extra={"instance": relpath[6:18]})
     return 0x0000
 
 
@@ -182,13 +186,26 @@ def _refused(status: int, reason: str) -> Dataset:
 
 
 def _failed(ctx: StoreContext, status: int, what: str, exc: Exception, peer: str, sop_instance_uid: str) -> int:
-    log.error("C-STORE from %s failed, answering 0x%04X: %s: %s: %s", peer, status, what, type(exc).__name__, exc)
+    log.error("C-STORE from %s failed, answering 0x%04X: %s: %s: %s", peer, status, what, type(exc).__name__, exc,
+              extra={"instance": spool_relpath(sop_instance_uid)[6:18]})
     record_event(ctx.sessions, "store_failed", f"status 0x{status:04X}: {what}: {type(exc).__name__}: {exc}"[:2000],
                  level="error", peer=peer, sop_instance_uid=sop_instance_uid)
     return status
 
 
+def bind_association(event: DicomEvent) -> None:
+    """Tag this association thread's log lines (log_format = "json") with a short association id, the
+    calling AE and the peer."""
+    assoc = event.assoc
+    assoc_id = getattr(assoc, "pb_log_id", None)
+    if assoc_id is None:
+        assoc_id = assoc.pb_log_id = uuid.uuid4().hex[:12]
+    logs.bind(association=assoc_id, calling_ae=(assoc.requestor.ae_title or "").strip(),
+              peer=f"{assoc.requestor.address}:{assoc.requestor.port}")
+
+
 def handle_accepted(event: DicomEvent) -> None:
+    bind_association(event)
     log.info("association from %s accepted", peer_of(event))
 
 
@@ -217,7 +234,9 @@ def handle_rejected(event: DicomEvent, sessions: sessionmaker[Session], allowed:
     """Log and record every rejected association with the peer's address."""
     peer = peer_of(event)
     reason = rejection_reason(event.assoc, allowed, check_called_ae)
-    log.warning("association from %s rejected: %s", peer, reason)
+    rq = event.assoc.requestor
+    log.warning("association from %s rejected: %s", peer, reason,
+                extra={"calling_ae": (rq.ae_title or "").strip(), "peer": f"{rq.address}:{rq.port}"})
     record_event(sessions, "association_rejected", reason, level="warning", peer=peer)
 
 
