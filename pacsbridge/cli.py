@@ -630,10 +630,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pacsbridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_serve, _add_worker, _add_db, _add_status, _add_predict, _add_worklist, _add_instances,
-                _add_users, _add_outbox):
+                _add_users, _add_outbox, _add_doctor):
         add(sub)
     _accept_config_anywhere(parser)
     return parser
+
+
+# -- doctor ------------------------------------------------------------------------------------
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from pacsbridge.doctor import run_checks
+    from pacsbridge.health import Check
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True)
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # a failed echo is a check line, not a log line
+    source = str(args.config or os.environ.get("PACSBRIDGE_CONFIG") or "") or None
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        checks = [Check("config", False, str(exc))]
+    else:
+        checks = run_checks(settings, f"config file {source}" if source else "no config file (defaults and "
+                            "PACSBRIDGE_* environment)")
+    if args.json:
+        print(json.dumps([{**c.as_dict(), "status": c.word.lower()} for c in checks], indent=2))
+    else:
+        for c in checks:
+            print(f"{c.word:<4} {c.name}: {c.detail}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "doctor", help="check the installation: config, database, spool, model, ports, destinations, certificates",
+        description="One line per check (ok, warn or FAIL, and why); exit status 1 when a check fails.  "
+                    "Changes nothing.")
+    p.add_argument("--json", action="store_true", help="a JSON list of {name, ok, detail, status}")
+    p.set_defaults(func=_cmd_doctor)
 
 
 def _accept_config_anywhere(parser: argparse.ArgumentParser) -> None:
