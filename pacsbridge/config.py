@@ -129,7 +129,10 @@ class Settings(BaseSettings):
     acse_timeout: float = Field(30.0, gt=0, description="ARTIM: seconds to wait for A-ASSOCIATE/A-RELEASE PDUs.")
     max_dataset_bytes: int = Field(134_217_728, ge=65_536, description="Largest data set of one C-STORE.")
     max_inflated_bytes: int = Field(134_217_728, ge=65_536, description="Largest inflated deflate data set.")
-    max_decoded_bytes: int = Field(134_217_728, ge=65_536, description="Rows x Columns x frames x samples x bits/8 limit.")
+    max_decoded_bytes: int = Field(134_217_728, ge=65_536, description="Largest decoded image (header and codestream: "
+                                   "Rows x Columns x frames x samples x bytes), for the worker, previews and heatmaps.")
+    max_concurrent_renders: int = Field(2, ge=1, le=64, description="Image previews (image.png) rendered at once; "
+                                        "more get 503.")
     dicom_tls_port: int = Field(0, ge=0, le=65535, description="DICOM TLS listener port; 0 = no TLS listener.")
     dicom_tls_only: bool = Field(False, description="Listen only with TLS (no plain dicom_port).")
     dicom_tls_cert: str = Field("", description="PEM certificate (chain) of our DICOM TLS listener.")

@@ -25,6 +25,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..config import Destination
+from ..imaging.limits import DEFAULT_MAX_DECODED_BYTES
 from .outbox import DueEntry
 from .results import Result
 
@@ -67,6 +68,8 @@ class ForwardContext:
     tls_ca: str = ""
     tls_client_cert: str = ""
     tls_client_key: str = ""
+    #: Heatmaps decode the source within this (the worker's max_decoded_bytes).
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
     _model: Any = field(default=None, repr=False)
 
     def source_path(self, result: Result) -> Path:
@@ -154,7 +157,8 @@ class DicomSender:
         if getattr(model, "weights_sha256", r.weights_sha256) != r.weights_sha256:
             raise PermanentError("the model that scored this image is no longer the configured model")
         try:
-            image = load_for_model(path, min_side=512).image  # enough detail for a heatmap view
+            # enough detail for a heatmap view, through the same size guard as the worker
+            image = load_for_model(path, min_side=512, max_decoded_bytes=self.ctx.max_decoded_bytes).image
             label = f"AI: pneumonia {'POSITIVE' if r.positive else 'negative'}, p={r.probability:.2f} ({r.model_id})"
             overlay = heatmap_overlay(model, image, label)
         except (HeatmapUnavailable, NotAnalysable) as exc:
