@@ -47,6 +47,8 @@ class Destination(BaseModel):
     receiving_facility: str = ""
     sending_application: str = "PACSBRIDGE"
     sending_facility: str = ""
+    # HL7: MSH-18 and the matching encoding of the bytes on the wire (UTF-8, Latin-1 or ASCII).
+    hl7_encoding: Literal["UNICODE UTF-8", "8859/1", "ASCII"] = "UNICODE UTF-8"
     timeout_s: float = Field(30.0, gt=0, le=600, description="Connect/association/DIMSE/ACK timeout.")
     max_per_association: int = Field(20, ge=1, le=1000, description="Objects sent over one association/connection.")
     # DICOM TLS for this destination (SECURITY.md): the server is verified against tls_ca_file (or the

@@ -330,6 +330,7 @@ class Hl7Sender:
         self.ctx = ctx
 
     def build(self, destination: Destination, entry: DueEntry) -> tuple[str, Any]:
+        from .header_values import header_values
         from .hl7_oru import build_oru
 
         r = entry.result
@@ -337,11 +338,14 @@ class Hl7Sender:
             source = dcmread(self.ctx.source_path(r), stop_before_pixels=True)
         except PermanentError:
             source = None  # the RIS still gets the result, without demographics
+        values = header_values(source)
+        for note in values.notes:
+            log.info("ORU for prediction %d: %s", r.prediction_id, note)
         control_id = r.message_control_id(destination.name)
-        msg = build_oru(r, source, control_id=control_id, sending_application=destination.sending_application,
+        msg = build_oru(r, values, control_id=control_id, sending_application=destination.sending_application,
                         sending_facility=destination.sending_facility,
                         receiving_application=destination.receiving_application,
-                        receiving_facility=destination.receiving_facility)
+                        receiving_facility=destination.receiving_facility, charset=destination.hl7_encoding)
         return control_id, msg
 
     def send(self, destination: Destination, entries: list[DueEntry], report: Report) -> None:
@@ -358,10 +362,13 @@ class Hl7Sender:
     async def _send(self, destination: Destination, messages: list, report: Report) -> None:
         from hl7.mllp import open_hl7_connection
 
+        from .hl7_oru import wire_encoding
+
         timeout = destination.timeout_s
         try:
-            reader, writer = await asyncio.wait_for(
-                open_hl7_connection(destination.host, destination.port, encoding="utf-8"), timeout)
+            reader, writer = await asyncio.wait_for(  # bytes on the wire in the encoding MSH-18 names
+                open_hl7_connection(destination.host, destination.port,
+                                    encoding=wire_encoding(destination.hl7_encoding)), timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             why = f"cannot connect to {destination.host}:{destination.port}: {type(exc).__name__}: {exc}"
             for entry, control_id, _ in messages:
