@@ -47,7 +47,7 @@ MULTI_VALUED = {"PatientOrientation"}
 
 MAX_CHARS = {"LO": 64, "SH": 16, "CS": 16, "AS": 4, "DA": 8, "TM": 14}
 PN_GROUP_CHARS = 64
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 _DA = re.compile(r"^(\d{4})\.?(\d{2})\.?(\d{2})$")
 _TM = re.compile(r"^([01]\d|2[0-3])(?::?([0-5]\d)(?::?([0-5]\d|60)(\.\d{1,6})?)?)?$")
 _AS = re.compile(r"^\d{3}[DWMY]$")
@@ -108,7 +108,7 @@ def _text(value: object) -> str:
     if isinstance(value, bytes):  # undecodable under the declared character set
         value = value.decode("latin-1")
     text = unicodedata.normalize("NFC", str(value))
-    return " ".join(_CONTROL.sub(" ", text).split(" ")).strip() if _CONTROL.search(text) else text.strip()
+    return _CONTROL.sub(" ", text).strip()  # a run of control characters (CR LF, tab) becomes one space
 
 
 def _raw_values(ds: Dataset, keyword: str) -> list[object]:
