@@ -181,7 +181,7 @@ def test_guard_refuses_codestreams_that_disagree_or_are_too_large(j2k_16000) -> 
     wrong_bits.BitsAllocated = 16
     assert "1 segment(s)" in check_decodable(wrong_bits)
     truncated = encapsulated(b"\xff\x4f\xff\x51\x00", JPEG2000Lossless)
-    assert "SIZ marker segment truncated" in check_decodable(truncated)
+    assert "could not be decoded: JPEG 2000 SIZ marker segment truncated" in check_decodable(truncated)
 
 
 def test_codestream_bombs_received_over_dicom_end_not_analysed_in_bounded_memory(tmp_path, j2k_16000, monkeypatch) -> None:

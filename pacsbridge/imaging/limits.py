@@ -58,7 +58,8 @@ def check_codestream(ds: Dataset, limit: int = DEFAULT_MAX_DECODED_BYTES) -> str
     try:
         head = frame_header(ds)
     except CodestreamError as exc:
-        return f"compressed pixel data refused without decoding: {exc}"
+        # A codestream whose own header is missing or malformed is garbage: undecodable, not tried.
+        return f"pixel data could not be decoded: {exc} (codestream header checked before decoding)"
     if head is None:
         return None
     rows, cols = _number(ds, "Rows", 0), _number(ds, "Columns", 0)
