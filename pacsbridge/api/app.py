@@ -181,7 +181,8 @@ def create_app(
             yield session
 
     @app.exception_handler(lc.LifecycleError)
-    def lifecycle_error(_request: Request, exc: lc.LifecycleError) -> JSONResponse:
+    def lifecycle_error(request: Request, exc: lc.LifecycleError) -> JSONResponse:
+        log.info("client error %d %s %s: %s", _status_of(exc), request.method, request.url.path, str(exc)[:300])
         body: dict[str, Any] = {"detail": str(exc), "current": exc.current}
         holder = getattr(exc, "holder", None)
         if holder is not None:

@@ -163,7 +163,7 @@ class DicomSender:
             overlay = heatmap_overlay(model, image, label)
         except (HeatmapUnavailable, NotAnalysable) as exc:
             raise PermanentError(str(exc)) from None
-        return build_heatmap_sc(r, dcmread(path), overlay)
+        return build_heatmap_sc(r, dcmread(path, stop_before_pixels=True), overlay)  # header values only
 
     # sending -----------------------------------------------------------------------------------
     def _tls_args(self, destination: Destination) -> tuple[Any, str] | None:
