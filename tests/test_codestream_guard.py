@@ -259,6 +259,20 @@ def test_preview_refuses_bombs_and_caps_concurrent_renders(api, tmp_path, j2k_16
         finally:
             app.state.render_slots.release()
         assert client.get(f"/api/instances/{good}/image.png").status_code == 200
+        # Three previews of the bomb at once (the probe took a daemon to 5.3 GB this way).
+        codes: list[int] = []
+
+        def fetch() -> None:
+            with httpx.Client(base_url=base, headers=auth, timeout=60) as c:
+                codes.append(c.get(f"/api/instances/{j2k}/image.png?size=2048").status_code)
+
+        threads = [threading.Thread(target=fetch) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(codes) == 3 and set(codes) <= {422, 503} and 422 in codes
+    print(f"peak RSS growth over the preview requests: {peak.growth_bytes / MB:.1f} MB")
     assert peak.growth_bytes < 400 * MB
     assert "Traceback" not in caplog.text
     assert any("client error 422" in rec.getMessage() for rec in caplog.records)
