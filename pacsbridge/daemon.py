@@ -108,7 +108,7 @@ class Daemon:
     def pipeline_components(self) -> list[Component]:
         """Inference worker (if enabled), worklist scheduler and HTTP API (if http_port != 0)."""
         from pacsbridge.api.app import create_app
-        from pacsbridge.api.server import HttpServer
+        from pacsbridge.api.server import HttpServer, http_limits_from_settings
         from pacsbridge.inference.metrics import PipelineMetrics
         from pacsbridge.model.artifact import load_model
         from pacsbridge.worklist.items import WorklistUpdater
@@ -140,7 +140,8 @@ class Daemon:
                 max_decoded_bytes=s.max_decoded_bytes, max_concurrent_renders=s.max_concurrent_renders,
             ), s)
             components.append(HttpServer(app, s.http_host, s.http_port, tls_cert=s.http_tls_cert,
-                                         tls_key=s.http_tls_key, tls_min_version=s.tls_min_version))
+                                         tls_key=s.http_tls_key, tls_min_version=s.tls_min_version,
+                                         limits=http_limits_from_settings(s)))
         return components
 
     def forwarder(self, registry=None) -> Component:  # noqa: ANN001
