@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..store import events as event_counts
 from ..store.records import instance_state_counts
 from ..worklist.items import count_items
 
@@ -43,6 +44,31 @@ class _DatabaseCollector(Collector):
             yield CounterMetricFamily(name, doc, value=counts[key])
         yield GaugeMetricFamily("pacsbridge_instances_pending", "Instances waiting for the worker.", value=counts["pending"])
         yield GaugeMetricFamily("pacsbridge_worklist_items", "Open worklist items.", value=items)
+        yield from _event_counters(self._sessions)
+
+
+def _event_counters(sessions: sessionmaker[Session]) -> Iterator:
+    """Counters of what was refused, from the audit trail (events are only ever added, so the counts
+    only grow; right across restarts and processes).  Labels are small fixed sets of classes
+    (pacsbridge.store.events), never free text from a peer."""
+    try:
+        with sessions() as session:
+            tables = (
+                ("pacsbridge_associations_rejected", "Associations rejected, by reason class.", "reason",
+                 event_counts.association_rejections(session)),
+                ("pacsbridge_stores_rejected", "C-STOREs answered with a failure status, by status.", "status",
+                 event_counts.store_rejections(session)),
+                ("pacsbridge_refusals", "Images not analysed, by reason class.", "reason",
+                 event_counts.refusals(session)),
+            )
+    except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the DB is down
+        log.warning("metrics: cannot read event counts: %s", type(exc).__name__)
+        return
+    for name, doc, label, counts in tables:
+        family = CounterMetricFamily(name, doc, labels=[label])
+        for value, n in sorted(counts.items()):
+            family.add_metric([value], n)
+        yield family
 
 
 class PipelineMetrics:
