@@ -200,6 +200,12 @@ def create_app(
             "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; "
                                        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"})
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        # Browsers ask for /favicon.ico whatever the page says: answer with the page's icon, not a 404.
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml",
+                            headers={"Cache-Control": "public, max-age=86400"})
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     # -- admin and monitoring ----------------------------------------------------------------------
@@ -278,11 +284,18 @@ def create_app(
     def instances(
         study_instance_uid: str | None = Query(None, max_length=64), state: str | None = Query(None, max_length=16),
         limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+        since: str | None = Query(None, max_length=40, description="received at or after: ISO date/time or 24h, 7d"),
+        until: str | None = Query(None, max_length=40, description="received before: ISO date/time"),
         session: Session = Depends(db_session),
     ) -> list[dict[str, Any]]:
         """Every received instance (newest first): state, probability, positive flag, reason when refused."""
+        try:
+            after = audit.parse_since(since, clock()) if since else None
+            before = audit.parse_since(until, clock()) if until else None
+        except ValueError as exc:
+            raise HTTPException(422, f"since/until: {exc}") from None
         return list_instances(session, study_instance_uid=study_instance_uid, state=state, limit=limit,
-                              offset=offset)
+                              offset=offset, received_from=after, received_before=before)
 
     @app.get("/api/instances/{instance_id}/image.png", tags=["instances"], dependencies=[Depends(reader)],
              response_class=Response, responses={200: {"content": {"image/png": {}}}})
