@@ -264,12 +264,23 @@ def test_layout_at_800px_has_no_word_per_line_wrapping(room, browser, tmp_path: 
     _sign_in(browser, url, token)
     browser.set_window_size(800, 600)
     time.sleep(0.5)
-    # Every cell's text fits on one or two lines (one word per line would be many more).
+    browser.save_screenshot(str(tmp_path / "worklist-800-checked.png"))
+    if os.environ.get("PACSBRIDGE_SCREENSHOT_DIR"):
+        shutil.copy(tmp_path / "worklist-800-checked.png", os.environ["PACSBRIDGE_SCREENSHOT_DIR"])
+    # Every cell's text fits on one or two lines (one word per line would be many more): count the
+    # distinct line boxes of each visible cell's text.
     lines = browser.execute_script("""
-        return [...document.querySelectorAll('#worklist tbody td')].map(td => {
-          const lh = parseFloat(getComputedStyle(td).lineHeight) || 24;
-          return Math.round((td.getBoundingClientRect().height - 20) / lh); });""")
-    assert max(lines) <= 2, lines
+        return [...document.querySelectorAll('#worklist tbody td')].filter(td => td.offsetWidth > 0).map(td => {
+          const r = document.createRange(); r.selectNodeContents(td);
+          const tops = [...r.getClientRects()].filter(b => b.width > 0).map(b => b.top).sort((a, b) => a - b);
+          let n = tops.length ? 1 : 0;
+          for (let i = 1; i < tops.length; i++) if (tops[i] - tops[i - 1] > 12) n++;  // a new line box
+          return n + " " + td.innerText; });""")
+    assert max(int(x.split()[0]) for x in lines) <= 2, [x for x in lines if int(x.split()[0]) > 2]
+    # ... and the list fits the width (no sideways scrolling to see the status).
+    widths = browser.execute_script("return [document.documentElement.clientWidth, ...[...document.querySelectorAll('#worklist tbody tr:first-child td')].map(t => t.offsetWidth)]")
+    assert browser.execute_script("return document.getElementById('worklist').getBoundingClientRect().right "
+                                  "<= document.documentElement.clientWidth + 1"), str(widths)
     header = browser.execute_script("return document.querySelector('header').getBoundingClientRect().height")
     assert header < 130
     assert browser.execute_script("return document.querySelector('link[rel=icon]').href").endswith("/static/favicon.svg")

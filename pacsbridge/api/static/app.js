@@ -187,7 +187,8 @@ function renderWorklist() {
 function viewerLink(it, text) {
   if (!it.viewer_url) return "";
   const a = el("a", { href: it.viewer_url, target: "_blank", rel: "noopener noreferrer", class: "viewer-link",
-                      text: text + " \u2197", title: "Open this study in the image viewer (new tab)" });
+                      title: "Open this study in the image viewer (new tab)" },
+                el("span", { class: "wide-only", text: text + " " }), "\u2197");
   a.addEventListener("click", (e) => e.stopPropagation());  // the link, not the row, takes the click
   a.addEventListener("keydown", (e) => e.stopPropagation());
   return a;
