@@ -95,11 +95,14 @@ def _sign_in(driver, url: str, token: str) -> WebDriverWait:
     return wait
 
 
-def _shot(driver, tmp_path: Path, name: str, sizes=((1366, 768), (800, 600))) -> None:
+def _shot(driver, tmp_path: Path, name: str, sizes=((1366, 768), (800, 600)), scroll_to: str | None = None) -> None:
     """Screenshots at each size under tmp_path (and PACSBRIDGE_SCREENSHOT_DIR when set)."""
     for w, h in sizes:
         driver.set_window_size(w, h)
         time.sleep(0.4)
+        if scroll_to:
+            driver.execute_script(f"document.getElementById('{scroll_to}').scrollIntoView({{block: 'end'}})")
+            time.sleep(0.2)
         out = tmp_path / f"{name}-{w}x{h}.png"
         driver.save_screenshot(str(out))
         if os.environ.get("PACSBRIDGE_SCREENSHOT_DIR"):
@@ -164,6 +167,7 @@ def test_heatmap_after_claim_viewer_link_and_history(room, browser, tmp_path: Pa
     assert items[-1].endswith("Claimed by dr.night")
     assert "->" not in texts and "in_progress" not in texts  # no developer text
     _shot(browser, tmp_path, "item-heatmap")
+    _shot(browser, tmp_path, "item-history", sizes=((1366, 768),), scroll_to="history-box")
 
 
 def test_new_stat_raises_a_notice_and_changes_the_title(room, browser, tmp_path: Path) -> None:  # noqa: F811
@@ -264,9 +268,7 @@ def test_layout_at_800px_has_no_word_per_line_wrapping(room, browser, tmp_path: 
     _sign_in(browser, url, token)
     browser.set_window_size(800, 600)
     time.sleep(0.5)
-    browser.save_screenshot(str(tmp_path / "worklist-800-checked.png"))
-    if os.environ.get("PACSBRIDGE_SCREENSHOT_DIR"):
-        shutil.copy(tmp_path / "worklist-800-checked.png", os.environ["PACSBRIDGE_SCREENSHOT_DIR"])
+    browser.save_screenshot(str(tmp_path / "worklist-800-checked.png"))  # what the checks below saw
     # Every cell's text fits on one or two lines (one word per line would be many more): count the
     # distinct line boxes of each visible cell's text.
     lines = browser.execute_script("""
