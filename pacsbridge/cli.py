@@ -344,9 +344,13 @@ class _CommandError(Exception):
 
 def _cmd_worklist(args: argparse.Namespace) -> int:
     from pacsbridge.worklist.items import list_worklist
+    from pacsbridge.worklist.viewer import viewer_link
 
     with _db_session(args, "the worklist") as session:
         rows = list_worklist(session, status="all" if args.all else None)
+    template = load_settings(args.config).viewer_url  # the same link as GET /api/worklist gives
+    for r in rows:
+        r["viewer_url"] = viewer_link(template, r["study_instance_uid"], r["accession_number"])
     if args.json:
         print(json.dumps(rows))
     elif not rows:
@@ -387,7 +391,7 @@ def _add_worklist(sub: argparse._SubParsersAction) -> None:
         "completed and canceled ones. --json prints one JSON list with the fields of GET /api/worklist "
         "(id, status, priority, probability, study_instance_uid, accession_number, patient_name, patient_id, "
         "patient_age, study_date, study_description, modality, received_at, waiting_s, claimed_by, "
-        "claim_expires_at, finding, ...).",
+        "claim_expires_at, finding, viewer_url, ...).",
     )
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.add_argument("--all", action="store_true", help="every state (also completed and canceled)")

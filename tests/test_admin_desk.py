@@ -184,3 +184,25 @@ def test_parse_since_forms() -> None:
     assert parse_since("2026-12-01T20:00:00Z").isoformat() == "2026-12-01T20:00:00+00:00"
     with pytest.raises(ValueError, match="not a time"):
         parse_since("last week")
+
+
+def test_worklist_command_gives_the_same_viewer_link(desk, tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+
+    sessions, client, h, _ = desk
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSBRIDGE_")}
+    env.update(PACSBRIDGE_DATABASE_URL=f"sqlite:///{tmp_path / 'desk.db'}", PACSBRIDGE_VIEWER_URL=VIEWER,
+               PACSBRIDGE_DEFAULT_CONFIG=str(tmp_path / "none.toml"))
+    r = subprocess.run([sys.executable, "-m", "pacsbridge", "worklist", "--json"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    cli = {it["id"]: it["viewer_url"] for it in json.loads(r.stdout)}
+    api = {it["id"]: it["viewer_url"] for it in client.get("/api/worklist", headers=h["anna"]).json()}
+    assert cli == api and all(v and v.startswith("https://pacs.example.org/") for v in cli.values())
+    table = subprocess.run([sys.executable, "-m", "pacsbridge", "worklist"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    head, first = table.stdout.splitlines()[:2]
+    assert {"patient", "age", "accession"} <= set(head.split())
+    assert "Test Patient2" in first and "61y" in first and "A2" in first and "STAT" in first

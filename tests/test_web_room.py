@@ -23,7 +23,7 @@ from pacsbridge.api.server import HttpServer
 from pacsbridge.auth.users import create_user
 from pacsbridge.config import DEFAULT_MODEL
 from pacsbridge.model.artifact import load_model
-from pacsbridge.store.models import (Event, Instance, InstanceState, OutboxEntry, Prediction, Study, WorklistItem,
+from pacsbridge.store.models import (Instance, InstanceState, Prediction, Study, WorklistItem,
                                      utcnow)
 from pacsbridge.store.records import record_event
 from pacsbridge.worklist import lifecycle
