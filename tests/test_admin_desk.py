@@ -206,3 +206,46 @@ def test_worklist_command_gives_the_same_viewer_link(desk, tmp_path: Path) -> No
     head, first = table.stdout.splitlines()[:2]
     assert {"patient", "age", "accession"} <= set(head.split())
     assert "Test Patient2" in first and "61y" in first and "A2" in first and "STAT" in first
+
+
+def test_event_counts_grow_with_new_events_and_match_a_fresh_count(tmp_path: Path) -> None:
+    """The running totals (only new events are read on later scrapes) equal a count from scratch, and
+    labels are fixed classes whatever the reason's text (an AE title a peer chose is never a label)."""
+    from pacsbridge.store import migrations
+    from pacsbridge.store.db import make_engine, make_sessionmaker
+    from pacsbridge.store.events import LOOKBACK_IDS, EventCounts
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    migrations.upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    reasons = ["calling AE title not in allowed_calling_aes", "called AE title 'EVIL{i}' is not ours ('PACSBRIDGE')",
+               "too many associations from 10.0.0.{i} (max_associations_per_peer = 8)", "TLS handshake failed: x",
+               "something new {i}"]
+    refusals = ["patient age 25 y is outside this model's intended use (0-17 y) [Patient's Age 025Y]",
+                "body part HAND is not chest", "image unlike this model's training data (out-of-distribution "
+                "score 9.10 > threshold 3.00): outside its intended use", "lateral view (View Position LL); the "
+                "model reads frontal views", "pixel data could not be decoded: x"]
+    counts = EventCounts()
+
+    def add(n: int, start: int) -> None:
+        for i in range(start, start + n):
+            record_event(sessions, "association_rejected", reasons[i % 5].format(i=i), level="warning")
+            record_event(sessions, "store_rejected" if i % 2 else "store_failed",
+                         f"status 0x{0xA700 if i % 2 else 0xA900:04X}: x {i}", level="warning")
+            record_event(sessions, "not_analysed", refusals[i % 5])
+            record_event(sessions, "worklist_claim", "not counted")
+
+    add(2 * LOOKBACK_IDS, 0)
+    with sessions() as s:
+        first = counts.read(s)
+    add(LOOKBACK_IDS // 2 + 3, 1000)
+    with sessions() as s:
+        later, fresh = counts.read(s), EventCounts().read(s)
+    assert later == fresh
+    n = 2 * LOOKBACK_IDS + LOOKBACK_IDS // 2 + 3
+    assert sum(later["associations_rejected"].values()) == n > sum(first["associations_rejected"].values())
+    assert set(later["associations_rejected"]) == {"calling_ae_title", "called_ae_title", "too_many_from_peer",
+                                                   "tls", "other"}
+    assert set(later["stores_rejected"]) == {"0xA700", "0xA900"} and sum(later["stores_rejected"].values()) == n
+    assert set(later["refusals"]) == {"age", "not_chest", "out_of_distribution", "not_frontal", "decode"}
+    engine.dispose()

@@ -27,6 +27,7 @@ _MS_BUCKETS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 class _DatabaseCollector(Collector):
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
+        self._event_counts = event_counts.EventCounts()
 
     def collect(self) -> Iterator:
         try:
@@ -44,29 +45,28 @@ class _DatabaseCollector(Collector):
             yield CounterMetricFamily(name, doc, value=counts[key])
         yield GaugeMetricFamily("pacsbridge_instances_pending", "Instances waiting for the worker.", value=counts["pending"])
         yield GaugeMetricFamily("pacsbridge_worklist_items", "Open worklist items.", value=items)
-        yield from _event_counters(self._sessions)
+        yield from _event_counters(self._sessions, self._event_counts)
 
 
-def _event_counters(sessions: sessionmaker[Session]) -> Iterator:
-    """Counters of what was refused, from the audit trail (events are only ever added, so the counts
-    only grow; right across restarts and processes).  Labels are small fixed sets of classes
-    (pacsbridge.store.events), never free text from a peer."""
+_EVENT_COUNTERS = (
+    ("associations_rejected", "pacsbridge_associations_rejected", "Associations rejected, by reason class.", "reason"),
+    ("stores_rejected", "pacsbridge_stores_rejected", "C-STOREs answered with a failure status, by status.",
+     "status"),
+    ("refusals", "pacsbridge_refusals", "Images not analysed, by reason class.", "reason"),
+)
+
+
+def _event_counters(sessions: sessionmaker[Session], counts: event_counts.EventCounts) -> Iterator:
+    """Counters of what was refused, from the audit trail (pacsbridge.store.events.EventCounts)."""
     try:
         with sessions() as session:
-            tables = (
-                ("pacsbridge_associations_rejected", "Associations rejected, by reason class.", "reason",
-                 event_counts.association_rejections(session)),
-                ("pacsbridge_stores_rejected", "C-STOREs answered with a failure status, by status.", "status",
-                 event_counts.store_rejections(session)),
-                ("pacsbridge_refusals", "Images not analysed, by reason class.", "reason",
-                 event_counts.refusals(session)),
-            )
+            read = counts.read(session)
     except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the DB is down
         log.warning("metrics: cannot read event counts: %s", type(exc).__name__)
         return
-    for name, doc, label, counts in tables:
+    for key, name, doc, label in _EVENT_COUNTERS:
         family = CounterMetricFamily(name, doc, labels=[label])
-        for value, n in sorted(counts.items()):
+        for value, n in sorted(read[key].items()):
             family.add_metric([value], n)
         yield family
 

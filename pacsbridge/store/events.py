@@ -8,13 +8,14 @@ across restarts and with several processes writing, read from the database at sc
 from __future__ import annotations
 
 import re
+import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from .models import Event, Instance, InstanceState
+from .models import Event
 
 #: Default and largest number of events one listing returns.
 DEFAULT_LIMIT = 100
@@ -62,19 +63,20 @@ def list_events(session: Session, *, kind: str | None = None, since: datetime | 
 
 # -- counters --------------------------------------------------------------------------------------
 #: Association refusals, by the start of the recorded reason (storage_scp.rejection_reason and the
-#: transport limits of dicom/fast_transport.py).
+#: transport limits of dicom/fast_transport.py); checked in this order.
 ASSOCIATION_REASONS = (
-    ("too many associations fr", "too_many_from_peer"),  # "... from <address>", cut at _PREFIX
+    ("too many associations from", "too_many_from_peer"),
     ("too many associations", "too_many_associations"),
     ("called ae title", "called_ae_title"),
     ("calling ae title", "calling_ae_title"),
     ("tls", "tls"),
 )
-#: Refusals of an image (``not_analysed``), by what the reason names; checked in this order.
+#: Refusals of an image (``not_analysed`` events), by what the reason names; checked in this order.
 REFUSAL_CLASSES = (
     ("patient age", "age"),
-    ("out-of-distribution", "out_of_distribution"),
+    ("out-of-distribution", "out_of_distribution"), ("image unlike this model", "out_of_distribution"),
     ("body part", "not_chest"), ("not chest", "not_chest"), ("limb or breast", "not_chest"),
+    ("description names", "not_chest"),
     ("view", "not_frontal"),
     ("modality", "not_radiograph"),
     ("colour", "colour"),
@@ -83,9 +85,19 @@ REFUSAL_CLASSES = (
     ("too large", "too_large"), ("file not found", "file_missing"),
 )
 _STATUS_RE = re.compile(r"^status (0x[0-9A-F]{4})")
-#: Only this many leading characters of a reason are grouped on (keeps the scrape's result small
-#: however many different AE titles a peer tried).
-_PREFIX = 24
+#: Only this many leading characters of a detail are grouped on.
+_PREFIX = 120
+#: Events with an id this close to the highest seen are counted again on every scrape rather than
+#: added to the running totals: a transaction that took a lower id but committed later (several
+#: processes on PostgreSQL) is then not missed (as worklist.items.LOOKBACK_IDS).
+LOOKBACK_IDS = 64
+
+#: counter name -> (event kinds, label function of the detail's start)
+COUNTERS = {
+    "associations_rejected": (("association_rejected",), lambda d: _classify(d, ASSOCIATION_REASONS)),
+    "stores_rejected": (("store_rejected", "store_failed"), lambda d: _status(d)),
+    "refusals": (("not_analysed",), lambda d: _classify(d, REFUSAL_CLASSES)),
+}
 
 
 def _classify(text: str | None, table: tuple[tuple[str, str], ...]) -> str:
@@ -96,37 +108,50 @@ def _classify(text: str | None, table: tuple[tuple[str, str], ...]) -> str:
     return "other"
 
 
-def association_rejections(session: Session) -> dict[str, int]:
-    """{reason class: count} of ``association_rejected`` events."""
-    out: dict[str, int] = {}
-    for head, n in session.execute(
-            select(func.substr(Event.detail, 1, _PREFIX), func.count())
-            .where(Event.kind == "association_rejected").group_by(func.substr(Event.detail, 1, _PREFIX))):
-        label = _classify(head, ASSOCIATION_REASONS)
-        out[label] = out.get(label, 0) + int(n)
-    return out
+def _status(text: str | None) -> str:
+    m = _STATUS_RE.match(text or "")
+    return m.group(1) if m else "unknown"
 
 
-def store_rejections(session: Session) -> dict[str, int]:
-    """{DIMSE status "0xA700": count} of C-STOREs answered with a failure (``store_rejected`` and
-    ``store_failed`` events)."""
-    out: dict[str, int] = {}
-    for head, n in session.execute(
-            select(func.substr(Event.detail, 1, 13), func.count())
-            .where(Event.kind.in_(("store_rejected", "store_failed"))).group_by(func.substr(Event.detail, 1, 13))):
-        m = _STATUS_RE.match(head or "")
-        label = m.group(1) if m else "unknown"
-        out[label] = out.get(label, 0) + int(n)
-    return out
+class EventCounts:
+    """Counts of refusals in the audit trail, by a small fixed set of classes (never free text).
 
+    Events are only ever added, so each class's count only grows: a counter that is right across
+    restarts and with several processes writing.  The first read counts every event; later reads
+    add only the events recorded since (a scrape's cost follows the new events, not the history).
+    """
 
-def refusals(session: Session) -> dict[str, int]:
-    """{reason class: count} of instances refused (``not_analysed``), from their recorded reason."""
-    out: dict[str, int] = {}
-    for reason, n in session.execute(
-            select(func.substr(Instance.state_reason, 1, 120), func.count())
-            .where(Instance.state == InstanceState.NOT_ANALYSED.value)
-            .group_by(func.substr(Instance.state_reason, 1, 120))):
-        label = _classify(reason, REFUSAL_CLASSES)
-        out[label] = out.get(label, 0) + int(n)
-    return out
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._upto = 0  # events with id <= _upto are in _totals
+        self._totals: dict[str, dict[str, int]] = {name: {} for name in COUNTERS}
+
+    def _count(self, session: Session, lo: int, hi: int | None) -> dict[str, dict[str, int]]:
+        kind_of = {k: name for name, (kinds, _) in COUNTERS.items() for k in kinds}
+        head = func.substr(Event.detail, 1, _PREFIX)
+        q = (select(Event.kind, head, func.count()).where(Event.kind.in_(list(kind_of)), Event.id > lo)
+             .group_by(Event.kind, head))
+        if hi is not None:
+            q = q.where(Event.id <= hi)
+        out: dict[str, dict[str, int]] = {name: {} for name in COUNTERS}
+        for kind, detail, n in session.execute(q):
+            name = kind_of[kind]
+            label = COUNTERS[name][1](detail)
+            out[name][label] = out[name].get(label, 0) + int(n)
+        return out
+
+    def read(self, session: Session) -> dict[str, dict[str, int]]:
+        """{"associations_rejected": {reason: n}, "stores_rejected": {status: n}, "refusals": {reason: n}}."""
+        with self._lock:
+            top = int(session.scalar(select(func.max(Event.id))) or 0)
+            settled = max(self._upto, top - LOOKBACK_IDS)
+            if settled > self._upto:
+                for name, counts in self._count(session, self._upto, settled).items():
+                    for label, n in counts.items():
+                        self._totals[name][label] = self._totals[name].get(label, 0) + n
+                self._upto = settled
+            out = {name: dict(counts) for name, counts in self._totals.items()}
+            for name, counts in self._count(session, self._upto, None).items():
+                for label, n in counts.items():
+                    out[name][label] = out[name].get(label, 0) + n
+            return out
