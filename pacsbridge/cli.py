@@ -175,6 +175,7 @@ def open_existing_database(settings: Settings, command: str, require_head: bool 
     Read-only commands never create anything: run from another directory without the daemon's
     configuration they would otherwise make an empty ./var and report nothing (or "no such table").
     """
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # only reads the revision: its INFO lines are noise
     from sqlalchemy.engine import make_url
 
     from pacsbridge.daemon import _first_line
@@ -288,7 +289,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 if args.json:
                     out.write(json.dumps(r) + "\n")
                 elif r.get("skipped"):
-                    out.write(f"{r['path']}\tskipped: {r['reason']}\n")
+                    out.write(f"{r['path']}\t{'failed' if r.get('failed') else 'skipped'}: {r['reason']}\n")
                 else:
                     verdict = "POSITIVE" if r["positive"] else "negative"
                     extra = f"\theatmap {r['heatmap']}" if r.get("heatmap") else ""
@@ -400,6 +401,9 @@ def _add_worklist(sub: argparse._SubParsersAction) -> None:
 
 # -- instances ---------------------------------------------------------------------------------
 def _cmd_instances(args: argparse.Namespace) -> int:
+    if getattr(args, "instances_command", None) == "retry":
+        return _cmd_instances_retry(args)
+    from pacsbridge.store.models import InstanceState
     from pacsbridge.worklist.reports import list_instances
 
     with _db_session(args, "instances") as session:
@@ -408,27 +412,63 @@ def _cmd_instances(args: argparse.Namespace) -> int:
         print(json.dumps(rows))
         return 0
     if not rows:
-        print("no instances")
+        print("no instances" + (f" ({args.state})" if args.state else ""))
     else:
         print(f"{'id':>6}  {'received (UTC)':<19}  {'state':<12}  outcome (probability, or why not analysed)  study")
     for r in rows:
         outcome = (f"{r['probability']:.4f} {'POSITIVE' if r['positive'] else 'negative'} (threshold "
                    f"{r['threshold']:.4f}, {r['model_id']})" if r["probability"] is not None else (r["reason"] or ""))
+        if r["state"] == InstanceState.FAILED.value:
+            outcome = (f"attempt {r['attempts']}, " + (f"next at {r['next_attempt_at'][:19]}: " if r["next_attempt_at"]
+                                                        else "no retry left: ") + outcome)
         print(f"{r['id']:>6}  {r['received_at'][:19]}  {r['state']:<12}  {outcome}  study {r['study_instance_uid']}")
     return 0
 
 
+def _cmd_instances_retry(args: argparse.Namespace) -> int:
+    from pacsbridge.store import queue
+    from pacsbridge.store.db import make_sessionmaker
+
+    if not args.ids and not args.all_failed:
+        print("pacsbridge instances retry: give instance IDs or --all-failed", file=sys.stderr)
+        return 2
+    engine = open_existing_database(_settings(args), "instances retry")
+    if engine is None:
+        return 1
+    try:
+        moved = queue.retry(make_sessionmaker(engine), args.ids, all_failed=args.all_failed, actor="cli")
+    except (queue.InstanceNotFound, queue.NotRetryable) as exc:
+        print(f"pacsbridge instances retry: {exc}; nothing changed", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - e.g. the database went away
+        print(f"pacsbridge instances retry: cannot update the database: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    print(f"{len(moved)} instance{'' if len(moved) == 1 else 's'} queued again"
+          + (f": {', '.join(map(str, moved))}" if moved and len(moved) <= 20 else ""))
+    return 0
+
+
 def _add_instances(sub: argparse._SubParsersAction) -> None:
+    from pacsbridge.store.models import InstanceState
+
     p = sub.add_parser(
-        "instances", help="received instances with their state, probability or refusal reason",
+        "instances", help="received instances with their state, probability or refusal reason; retry failed ones",
         description="Print received instances, newest first: state (received, processing, predicted, "
-        "not_analysed), probability and positive flag, or the reason an image was not analysed. Use it to "
-        "answer 'why was this study not flagged?'. --json prints the fields of GET /api/instances.",
+        "not_analysed, failed), probability and positive flag, or the reason an image was not analysed (the "
+        "image was refused) or failed (a fault of the system, retried automatically up to inference_max_attempts). "
+        "Use it to answer 'why was this study not flagged?'. --json prints the fields of GET /api/instances. "
+        "`instances retry ID...` or `instances retry --all-failed` queues failed instances again.",
     )
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.add_argument("--study", metavar="UID", help="only this Study Instance UID")
-    p.add_argument("--state", help="only this state (e.g. not_analysed)")
+    p.add_argument("--state", choices=[s.value for s in InstanceState], help="only this state (e.g. failed)")
     p.add_argument("--limit", type=int, default=100, help="at most this many (default 100, max 1000)")
+    isub = p.add_subparsers(dest="instances_command", metavar="{retry}")
+    rt = isub.add_parser("retry", help="queue failed instances again (a fresh count of attempts): IDs or --all-failed")
+    rt.add_argument("ids", nargs="*", type=int, metavar="ID")
+    rt.add_argument("--all-failed", action="store_true", help="every failed instance")
     p.set_defaults(func=_cmd_instances)
 
 
@@ -461,7 +501,8 @@ def _add_events(sub: argparse._SubParsersAction) -> None:
         "events", help="the audit trail: rejections, failures, claims, forwards (newest first)",
         description="Print recorded events, newest first: rejected associations (association_rejected, "
         "association_aborted), refused or failed C-STOREs (store_rejected, store_failed), images not analysed "
-        "(not_analysed), worklist claims and completions, dead forwards (outbox_dead), users and tokens. "
+        "(not_analysed), faults while scoring (analysis_failed), worklist claims and completions, dead forwards "
+        "(outbox_dead), users and tokens. "
         "Reads the database only (creates nothing). --json prints one JSON list of objects with at, kind, "
         "level, actor, detail (and peer, instance_id, worklist_item_id).",
     )
@@ -475,7 +516,9 @@ def _add_events(sub: argparse._SubParsersAction) -> None:
 
 # -- users -------------------------------------------------------------------------------------
 def _cmd_users(args: argparse.Namespace) -> int:
-    from pacsbridge.auth.users import AuthError, create_user, issue_token, list_users, revoke_user
+    from pacsbridge.auth.users import (
+        AuthError, bind_ae, create_user, issue_token, list_users, revoke_user, unbind_ae,
+    )
     from pacsbridge.store import migrations
 
     with _db_session(args, "users") as session:
@@ -486,11 +529,33 @@ def _cmd_users(args: argparse.Namespace) -> int:
         try:
             if args.users_command == "add":
                 user, token = create_user(session, args.name, args.role)
+                for ae in args.ae_title or ():  # one transaction: no user left half made
+                    bind_ae(session, args.name, ae, tls_subject=args.tls_subject)
                 session.commit()
                 if args.json:
-                    print(json.dumps({"name": user.name, "role": user.role, "token": token}))
+                    out = {"name": user.name, "role": user.role, "token": token}
+                    if args.ae_title:
+                        out["ae_titles"] = [a.strip() for a in args.ae_title]
+                    print(json.dumps(out))
                 else:
-                    print(f"user {user.name} ({user.role}) created. API token (shown once, keep it secret):\n{token}")
+                    bound = f", DICOM UPS as AE title {', '.join(a.strip() for a in args.ae_title)}" \
+                        if args.ae_title else ""
+                    print(f"user {user.name} ({user.role}{bound}) created. API token (shown once, keep it "
+                          f"secret):\n{token}")
+            elif args.users_command in ("bind", "unbind"):
+                if args.users_command == "bind":
+                    bind_ae(session, args.name, args.ae_title, tls_subject=args.tls_subject)
+                else:
+                    unbind_ae(session, args.name, args.ae_title)
+                session.commit()
+                if args.json:
+                    print(json.dumps({"name": args.name, "ae_title": args.ae_title.strip(),
+                                      "bound": args.users_command == "bind"}))
+                elif args.users_command == "bind":
+                    print(f"AE title {args.ae_title.strip()} now uses DICOM UPS as {args.name}"
+                          + (f" (only with TLS client certificate {args.tls_subject})" if args.tls_subject else ""))
+                else:
+                    print(f"AE title {args.ae_title.strip()} unbound from {args.name}: its UPS requests are refused")
             elif args.users_command == "token":
                 token = issue_token(session, args.name)
                 session.commit()
@@ -512,8 +577,9 @@ def _cmd_users(args: argparse.Namespace) -> int:
                 else:
                     for r in rows:
                         state = "active" if r["active"] else f"revoked {r['revoked_at'][:19]}"
+                        aes = ",".join(b["ae_title"] + ("(tls)" if b["tls_subject"] else "") for b in r["ae_titles"])
                         print(f"{r['name']:<20} {r['role']:<12} {state:<28} tokens {r['tokens']}  last used "
-                              f"{(r['last_used_at'] or 'never')[:19]}")
+                              f"{(r['last_used_at'] or 'never')[:19]}" + (f"  AE {aes}" if aes else ""))
         except AuthError as exc:
             raise _CommandError(str(exc)) from None
     return 0
@@ -521,16 +587,32 @@ def _cmd_users(args: argparse.Namespace) -> int:
 
 def _add_users(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "users", help="API accounts: add, list, revoke, token",
-        description="Accounts for the HTTP API and web page. Roles: radiologist (works the worklist), admin "
-        "(everything, incl. cancel, /docs), monitor (/metrics and /api/stats). A token is printed once; only "
-        "its SHA-256 is stored. Revoking a user stops all its tokens at once.",
+        "users", help="accounts (HTTP API, DICOM UPS): add, list, revoke, token, bind, unbind",
+        description="Accounts for the HTTP API, the web page and DICOM UPS. Roles: radiologist (works the "
+        "worklist), admin (everything, incl. cancel, /docs), monitor (/metrics and /api/stats). A token is "
+        "printed once; only its SHA-256 is stored. Revoking a user stops all its tokens (and its AE titles) "
+        "at once. A reading station may use DICOM UPS only with a calling AE title bound to a user "
+        "(--ae-title, `users bind`); it then acts as that user, with its role.",
     )
-    us = p.add_subparsers(dest="users_command", required=True, metavar="{add,list,revoke,token}")
+    us = p.add_subparsers(dest="users_command", required=True, metavar="{add,list,revoke,token,bind,unbind}")
     add = us.add_parser("add", help="create a user and print its first token")
     add.add_argument("name")
     add.add_argument("--role", required=True, choices=("radiologist", "admin", "monitor"))
-    add.add_argument("--json", action="store_true", help='print {"name", "role", "token"}')
+    add.add_argument("--ae-title", action="append", metavar="AE",
+                     help="a DICOM calling AE title that uses UPS as this user (repeatable)")
+    add.add_argument("--tls-subject", metavar="SUBJECT",
+                     help="with --ae-title: also require this mutual-TLS client certificate subject, "
+                     "e.g. CN=READSTATION1,O=Hospital")
+    add.add_argument("--json", action="store_true", help='print {"name", "role", "token"} (and "ae_titles")')
+    for verb, text in (("bind", "let a DICOM calling AE title use UPS as this user"),
+                       ("unbind", "stop a DICOM calling AE title acting as this user")):
+        b = us.add_parser(verb, help=text)
+        b.add_argument("name")
+        b.add_argument("--ae-title", required=True, metavar="AE")
+        if verb == "bind":
+            b.add_argument("--tls-subject", metavar="SUBJECT",
+                           help="require this mutual-TLS client certificate subject, e.g. CN=READSTATION1,O=Hospital")
+        b.add_argument("--json", action="store_true")
     lst = us.add_parser("list", help="users, roles, state, token counts")
     lst.add_argument("--json", action="store_true")
     rev = us.add_parser("revoke", help="revoke a user and all its tokens")

@@ -114,6 +114,15 @@ class Settings(BaseSettings):
     http_tls_cert: str = Field("", description="PEM certificate: serve HTTPS instead of HTTP.")
     http_tls_key: str = Field("", description="PEM private key of http_tls_cert.")
     http_max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest HTTP request body accepted.")
+    http_header_timeout_s: float = Field(10.0, gt=0, le=3600, description="Seconds a request's headers may take "
+                                         "to arrive (from connect, or from the first byte after a response).")
+    http_body_timeout_s: float = Field(30.0, gt=0, le=3600, description="Seconds a request's body may take after "
+                                       "its headers.")
+    http_max_connections: int = Field(400, ge=1, le=100_000, description="Open HTTP connections at most, in all.")
+    http_max_connections_per_peer: int = Field(50, ge=1, le=100_000, description="Open HTTP connections at most "
+                                               "from one IP address (raise it behind a reverse proxy).")
+    http_keep_alive_s: float = Field(5.0, ge=1, le=3600, description="An idle kept-alive HTTP connection is closed "
+                                     "after this.")
     allowed_calling_aes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Calling AE titles allowed to associate; empty = accept all (warned)."
     )
@@ -126,7 +135,12 @@ class Settings(BaseSettings):
     dicom_host: str = Field("0.0.0.0", description="Address the DICOM listener(s) bind to.")
     check_called_ae: bool = Field(True, description="Reject associations whose called AE title is not ours.")
     max_associations_per_peer: int = Field(8, ge=1, le=512, description="Associations at once from one address.")
-    acse_timeout: float = Field(30.0, gt=0, description="ARTIM: seconds to wait for A-ASSOCIATE/A-RELEASE PDUs.")
+    acse_timeout: float = Field(30.0, gt=0, description="ARTIM: seconds to wait for A-ASSOCIATE/A-RELEASE PDUs "
+                                "(the A-ASSOCIATE-RQ must be complete within it, counted from connect).")
+    pdu_deadline_floor_s: float = Field(5.0, gt=0, le=3600, description="Seconds a whole PDU may take to arrive, "
+                                        "at least (counted from its first byte).")
+    pdu_deadline_per_mib_s: float = Field(10.0, ge=0, le=3600, description="Seconds per MiB of its announced "
+                                          "length a PDU may take, when that is more than pdu_deadline_floor_s.")
     max_dataset_bytes: int = Field(134_217_728, ge=65_536, description="Largest data set of one C-STORE.")
     max_inflated_bytes: int = Field(134_217_728, ge=65_536, description="Largest inflated deflate data set.")
     max_decoded_bytes: int = Field(134_217_728, ge=65_536, description="Rows x Columns x frames x samples x bits/8 limit.")
@@ -146,6 +160,10 @@ class Settings(BaseSettings):
     inference_batch_size: int = Field(8, ge=1, le=256)
     inference_max_wait_ms: int = Field(20, ge=0, le=10_000)
     worker_enabled: bool = Field(True, description="Run the inference worker inside `pacsbridge serve`.")
+    inference_max_attempts: int = Field(
+        3, ge=1, le=100, description="Attempts at an instance that hits a fault of the system before it is left failed.")
+    inference_retry_base_s: float = Field(
+        15.0, ge=0, le=3600, description="Wait before the 2nd attempt after a fault; doubles for each further one.")
     age_gate: bool = Field(True, description="Refuse patients outside the model card's intended-use age range.")
     ood_gate: bool = Field(True, description="Refuse images whose out-of-distribution score is over the model's threshold.")
 

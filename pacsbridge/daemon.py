@@ -108,7 +108,7 @@ class Daemon:
     def pipeline_components(self) -> list[Component]:
         """Inference worker (if enabled), worklist scheduler and HTTP API (if http_port != 0)."""
         from pacsbridge.api.app import create_app
-        from pacsbridge.api.server import HttpServer
+        from pacsbridge.api.server import HttpServer, http_limits_from_settings
         from pacsbridge.inference.metrics import PipelineMetrics
         from pacsbridge.model.artifact import load_model
         from pacsbridge.worklist.items import WorklistUpdater
@@ -139,7 +139,8 @@ class Daemon:
                 ready=lambda: bool(self.components) and self._healthy(), viewer_url=s.viewer_url,
             ), s)
             components.append(HttpServer(app, s.http_host, s.http_port, tls_cert=s.http_tls_cert,
-                                         tls_key=s.http_tls_key, tls_min_version=s.tls_min_version))
+                                         tls_key=s.http_tls_key, tls_min_version=s.tls_min_version,
+                                         limits=http_limits_from_settings(s)))
         return components
 
     def forwarder(self, registry=None) -> Component:  # noqa: ANN001
@@ -165,6 +166,7 @@ class Daemon:
         from pacsbridge.forward.outbox import Outbox
         from pacsbridge.inference.worker import InferenceWorker, default_decoder
         from pacsbridge.model.artifact import ModelError, load_model
+        from pacsbridge.store.queue import RetryPolicy
 
         s = self.settings
         try:
@@ -178,6 +180,7 @@ class Daemon:
             decode=decode, refusals=refusals,
             max_wait_ms=s.inference_max_wait_ms, on_recorded=_then(updater.refresh, after_batch), metrics=metrics,
             notifier=self.notifier, outbox=Outbox(s.destinations) if s.destinations else None,
+            retry_policy=RetryPolicy(max_attempts=s.inference_max_attempts, base_s=s.inference_retry_base_s),
         )
 
     def request_stop(self, signum: int | None = None, _frame: object = None) -> None:

@@ -246,6 +246,9 @@ def test_instances_list_and_image(env) -> None:
     only = client.get("/api/instances?study_instance_uid=2.1", headers=h["anna"]).json()
     assert [(r["probability"], r["positive"]) for r in only] == [(0.95, True)]
     assert client.get("/api/instances?state=not_analysed", headers=h["anna"]).json()[0]["id"] == refused[0]["id"]
+    assert client.get("/api/instances?state=failed", headers=h["anna"]).json() == []
+    assert client.get("/api/instances?state=bogus", headers=h["anna"]).status_code == 422
+    assert {"attempts", "next_attempt_at", "last_error"} <= set(refused[0])
 
     r = client.get(f"/api/instances/{only[0]['id']}/image.png?size=256", headers=h["anna"])
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"

@@ -81,7 +81,8 @@ def test_serve_store_status_and_graceful_sigterm(tmp_path, notify_socket):
     res = subprocess.run(pacsbridge_cmd("status", "--json"), env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     status = json.loads(res.stdout)
-    assert status["instances"] == {"received": 4, "pending": 4, "predicted": 0, "not_analysed": 0}
+    assert status["instances"] == {"received": 4, "pending": 4, "predicted": 0, "not_analysed": 0, "failed": 0,
+                                  "retry_waiting": 0}
     assert status["schema"]["current"] == status["schema"]["head"]
 
 
@@ -110,5 +111,6 @@ def test_status_counts_states(tmp_path):
     res = subprocess.run(pacsbridge_cmd("status", "--json"), env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     status = json.loads(res.stdout)
-    assert status["instances"] == {"received": 5, "pending": 3, "predicted": 1, "not_analysed": 1}
+    assert status["instances"] == {"received": 5, "pending": 3, "predicted": 1, "not_analysed": 1, "failed": 0,
+                                  "retry_waiting": 0}
     assert status["spool"] == {"files": 4, "deleted": 1}

@@ -128,14 +128,15 @@ def test_error_on_one_instance_does_not_stop_the_batch(db, tmp_path: Path, model
 
     worker = InferenceWorker(db, model, spool, decode=decode, refusals=())
     out = worker.drain()
-    assert (out.predicted, out.not_analysed) == (1, 2)
+    # Both are faults of the system, not of the image: failed, with a retry scheduled.
+    assert (out.predicted, out.not_analysed, out.failed) == (1, 0, 2)
     states = _states(db)
     assert states["4.1"][0] == "predicted"
-    assert states["4.2"] == ("not_analysed", "could not decode the image (RuntimeError: decoder bug)")
-    assert states["4.3"] == ("not_analysed", "the stored file is missing from the spool")
+    assert states["4.2"] == ("failed", "could not decode the image (RuntimeError: decoder bug)")
+    assert states["4.3"] == ("failed", "the stored file is missing from the spool")
     with db() as s:
-        levels = {e.sop_instance_uid: e.level for e in s.scalars(select(Event))}
-    assert levels == {"4.2": "error", "4.3": "error"}
+        events = {e.sop_instance_uid: (e.kind, e.level) for e in s.scalars(select(Event))}
+    assert events == {"4.2": ("analysis_failed", "error"), "4.3": ("analysis_failed", "error")}
 
 
 def test_lost_claim_is_not_recorded(db, tmp_path: Path, model) -> None:
@@ -313,8 +314,9 @@ def test_daemon_gives_receiver_and_worker_one_notifier(tmp_path: Path, model) ->
     assert components["inference worker"]._notifier is daemon.notifier
 
 
-def test_requeued_instance_whose_file_retention_deleted_is_refused_with_the_reason(db, tmp_path: Path, model) -> None:
-    """A row put back to ``received`` after retention deleted its file is not_analysed, saying why."""
+def test_requeued_instance_whose_file_retention_deleted_fails_at_once_with_the_reason(db, tmp_path: Path, model) -> None:
+    """A row put back to ``received`` after retention deleted its file is failed (no verdict on the image),
+    saying why, and not retried: no retry can bring the file back."""
     from sqlalchemy import update
 
     from pacsbridge.worklist.retention import purge_spool
@@ -326,9 +328,11 @@ def test_requeued_instance_whose_file_retention_deleted_is_refused_with_the_reas
     with db.begin() as s:  # an admin re-queues it by hand
         s.execute(update(Instance).where(Instance.id == iid).values(state="received"))
     out = InferenceWorker(db, model, spool, max_wait_ms=0).drain()
-    assert (out.predicted, out.not_analysed) == (0, 1)
+    assert (out.predicted, out.not_analysed, out.failed) == (0, 0, 1)
     state, reason = _states(db)["10.1"]
-    assert state == "not_analysed" and "deleted by retention" in reason
+    assert state == "failed" and "deleted by retention" in reason
     with db() as s:
-        event = s.scalars(select(Event).where(Event.kind == "not_analysed")).one()
-        assert (event.instance_id, event.level) == (iid, "warning")
+        assert s.get(Instance, iid).next_attempt_at is None  # left failed at once
+        event = s.scalars(select(Event).where(Event.kind == "analysis_failed")).one()
+        assert (event.instance_id, event.level) == (iid, "error")
+        assert "no retry left" in event.detail

@@ -142,3 +142,58 @@ def test_0003_renames_pending_fixes_first_positive_and_gives_ups_uids(database_u
             assert conn.execute(text("SELECT status FROM worklist_items")).scalar() == "pending"
     finally:
         engine.dispose()
+
+
+def test_0007_moves_only_transient_not_analysed_rows_to_failed(database_url):
+    """Rows 0005 recorded not_analysed for a fault of the system become failed and due at once; every
+    refusal of the image stays not_analysed; the downgrade makes failed rows not_analysed again."""
+    from sqlalchemy import text
+
+    engine = make_engine(database_url)
+    reasons = {
+        1: ("the stored file is missing from the spool", "failed"),
+        2: ("could not decode the image (RuntimeError: decoder bug)", "failed"),
+        3: ("the model failed on this image (RuntimeError: CUDA out of memory)", "failed"),
+        4: ("the model produced a non-finite score", "failed"),
+        5: ("body part HAND is not a chest", "not_analysed"),
+        6: ("pixel data could not be decoded: ValueError: short", "not_analysed"),
+        7: ("the stored file was deleted by retention at 2026-01-01T00:00:00+00:00", "not_analysed"),
+        8: ("image unlike this model's training data (out-of-distribution score 9.00 > threshold 3.00)",
+            "not_analysed"),
+    }
+    try:
+        migrations.upgrade(engine, "0005")
+        now = "2026-01-02 03:04:05+00:00"
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO studies (id, study_instance_uid, created_at) VALUES (1, '1.2', :t)"), {"t": now})
+            conn.execute(text("INSERT INTO series (id, study_id, series_instance_uid, created_at) "
+                              "VALUES (1, 1, '1.2.3', :t)"), {"t": now})
+            for iid, (reason, _) in [*reasons.items(), (9, (None, "predicted"))]:
+                conn.execute(text(
+                    "INSERT INTO instances (id, series_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, "
+                    "file_path, file_size, state, state_reason, received_at, updated_at) VALUES (:id, 1, :sop, "
+                    "'1.2', '1.2', 'x', 10, :state, :reason, :t, :t)"),
+                    {"id": iid, "sop": f"1.2.3.{iid}", "t": now, "reason": reason,
+                     "state": "predicted" if reason is None else "not_analysed"})
+        migrations.upgrade(engine)
+        with engine.connect() as conn:
+            rows = {r[0]: r[1:] for r in conn.execute(text(
+                "SELECT id, state, attempts, next_attempt_at, last_error, state_reason FROM instances"))}
+        for iid, (reason, state) in reasons.items():
+            got_state, attempts, due, last_error, kept = rows[iid]
+            assert (got_state, attempts, kept) == (state, 0, reason), iid
+            assert (due is not None, last_error) == ((True, reason) if state == "failed" else (False, None)), iid
+        assert rows[9][:2] == ("predicted", 0)
+        from pacsbridge.store import queue
+        from pacsbridge.store.db import make_sessionmaker
+
+        claimed = queue.claim(make_sessionmaker(engine), "test:1", 20)  # due at once: the worker retries them
+        assert sorted(c.id for c in claimed) == [1, 2, 3, 4]
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE instances SET state = 'failed' WHERE state = 'processing'"))
+        migrations.downgrade(engine, "0005")
+        with engine.connect() as conn:
+            states = dict(conn.execute(text("SELECT id, state FROM instances")).all())
+        assert states == {**{i: "not_analysed" for i in reasons}, 9: "predicted"}
+    finally:
+        engine.dispose()

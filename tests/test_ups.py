@@ -3,11 +3,16 @@
 
 Worklist items come from the real path: images are C-STOREd to the receiver (patient data recorded at
 receive time), positive predictions are recorded for them and the WorklistUpdater opens the items.
+
+The reading stations' AE titles are bound to users (READER1 -> reader1, READER2 -> reader2, both
+radiologists), as an admin does with ``pacsbridge users bind``; an unbound AE title gets nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
+import json
 import subprocess
 import sys
 import time
@@ -26,6 +31,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_support import database_url_for, make_image, send_datasets
+from pacsbridge.auth.users import bind_ae, create_user, revoke_user, unbind_ae
 from pacsbridge.dicom.storage_scp import StorageSCP
 from pacsbridge.dicom.ups_dataset import ups_priority
 from pacsbridge.dicom.ups_scp import UpsContext
@@ -60,6 +66,12 @@ def bridge(tmp_path: Path, database_url: str) -> Iterator[Bridge]:
     sessions = make_sessionmaker(engine)
     spool = Spool(tmp_path / "spool", fsync=False)
     spool.prepare()
+    with sessions.begin() as s:
+        for user, ae in (("reader1", "READER1"), ("reader2", "READER2")):
+            create_user(s, user, "radiologist")
+            bind_ae(s, user, ae)
+        bind_ae(s, "reader1", "CLIREADER")  # pynetdicom's findscu below
+        bind_ae(s, "reader2", "WATCHER")  # a UPS Query SCU below
     ups = UpsContext(sessions=sessions, claim_timeout_s=1800)
     scp = StorageSCP(ae_title="PACSBRIDGE", bind_address="127.0.0.1", port=0, spool=spool, sessions=sessions,
                      dimse_timeout=30, network_timeout=30, stop_timeout=10, ups=ups)
@@ -324,11 +336,11 @@ def test_claim_set_complete_through_ups(bridge: Bridge) -> None:
         assert reader.change_state(uid, "IN PROGRESS", txn) == 0xC302  # per CC.1.1-2, also for the holder
 
         claimed = item_state(bridge, item.id)
-        assert claimed.status == "in_progress" and claimed.claimed_by == "ae:READER1"
+        assert claimed.status == "in_progress" and claimed.claimed_by == "reader1"
         assert claimed.transaction_uid == txn
         with bridge.sessions() as s:
             (row,) = [r for r in list_worklist(s) if r["id"] == item.id]
-        assert row["status"] == "in_progress" and row["claimed_by"] == "ae:READER1"  # what HTTP shows
+        assert row["status"] == "in_progress" and row["claimed_by"] == "reader1"  # what HTTP shows
 
         assert rival.set(uid, finding_mods(other_txn, "no_pneumonia")) == 0xC301  # wrong Transaction UID
         assert rival.set(uid, finding_mods(txn, "no_pneumonia")) == 0x0124  # the lock's UID, from another AE
@@ -361,12 +373,12 @@ def test_claim_set_complete_through_ups(bridge: Bridge) -> None:
         assert performed.PerformedProcedureStepEndDateTime
 
     done = item_state(bridge, item.id)
-    assert (done.status, done.finding, done.completed_by) == ("completed", "pneumonia", "ae:READER1")
+    assert (done.status, done.finding, done.completed_by) == ("completed", "pneumonia", "reader1")
     assert done.comment == "RLL consolidation, small effusion"
     kinds = ups_events(bridge, item.id)
-    assert ("worklist_claim", "ae:READER1") in kinds and ("worklist_complete", "ae:READER1") in kinds
-    assert ("ups_performed_data", "ae:READER1") in kinds
-    assert not any(actor == "ae:READER2" for _, actor in kinds)  # refusals change nothing
+    assert ("worklist_claim", "reader1") in kinds and ("worklist_complete", "reader1") in kinds
+    assert ("ups_performed_data", "reader1") in kinds
+    assert not any(actor == "reader2" for _, actor in kinds)  # refusals change nothing
 
 
 def test_cancel_through_ups(bridge: Bridge) -> None:
@@ -386,7 +398,7 @@ def test_cancel_through_ups(bridge: Bridge) -> None:
         assert reader.change_state(uid, "CANCELED", txn) == 0xB304
         assert reader.change_state(uid, "COMPLETED", txn) == 0xC300
     done = item_state(bridge, items["C1"].id)
-    assert (done.status, done.cancel_reason, done.completed_by) == ("canceled", "wrong patient", "ae:READER1")
+    assert (done.status, done.cancel_reason, done.completed_by) == ("canceled", "wrong patient", "reader1")
 
 
 def test_unknown_instance_and_bad_requests(bridge: Bridge) -> None:
@@ -423,10 +435,10 @@ def test_http_claim_and_ups_claim_are_the_same_claim(bridge: Bridge) -> None:
         assert reader.change_state(items["H2"].ups_uid, "IN PROGRESS", txn) == 0x0000
         with bridge.sessions() as s:
             rows = {r["id"]: r for r in list_worklist(s)}
-        assert rows[items["H2"].id]["claimed_by"] == "ae:READER1"  # the UPS claim, seen by the worklist
+        assert rows[items["H2"].id]["claimed_by"] == "reader1"  # the UPS claim, seen by the worklist
         with bridge.sessions.begin() as s, pytest.raises(lifecycle.ClaimConflict) as conflict:
             lifecycle.claim(s, items["H2"].id, anna, now=now, claim_timeout_s=1800)
-        assert conflict.value.holder == "ae:READER1"
+        assert conflict.value.holder == "reader1"
 
         # the HTTP user releases hers; the item is SCHEDULED again for everyone
         with bridge.sessions.begin() as s:
@@ -509,6 +521,14 @@ def test_pacsbridge_serve_offers_ups_on_its_dicom_port(tmp_path: Path) -> None:
             inst.state = InstanceState.PREDICTED.value
             s.add(Prediction(instance_id=inst.id, probability=0.9, positive=True, threshold=0.5, model_id="t",
                              weights_sha256="0" * 64))
+        # An admin binds the reading station's AE title to a radiologist (before that: refused).
+        with performer(port) as reader:
+            assert reader.find(query(ProcedureStepState="SCHEDULED"))[1] == 0x0124
+        add = subprocess.run(pacsbridge_cmd("users", "add", "reader1", "--role", "radiologist", "--ae-title",
+                                            "READER1", "--json"), env=daemon_env(data, port), capture_output=True,
+                             text=True, timeout=120)
+        assert add.returncode == 0, add.stderr
+        assert json.loads(add.stdout)["ae_titles"] == ["READER1"]
         with performer(port) as reader:
             deadline = datetime.now(timezone.utc) + timedelta(seconds=30)
             found: list[Dataset] = []
@@ -518,7 +538,7 @@ def test_pacsbridge_serve_offers_ups_on_its_dicom_port(tmp_path: Path) -> None:
             assert [d.StudyInstanceUID for d in found] == [image.StudyInstanceUID]
             assert reader.change_state(found[0].SOPInstanceUID, "IN PROGRESS", generate_uid()) == 0x0000
         with sessions() as s:
-            assert s.scalars(select(WorklistItem.claimed_by)).one() == "ae:READER1"
+            assert s.scalars(select(WorklistItem.claimed_by)).one() == "reader1"
         engine.dispose()
     finally:
         proc.terminate()
@@ -605,9 +625,9 @@ def test_http_api_and_ups_share_claims_and_findings(bridge: Bridge) -> None:
 
         assert reader.change_state(a2.ups_uid, "IN PROGRESS", txn) == 0x0000
         rows = {r["id"]: r for r in client.get("/api/worklist", headers=anna).json()}
-        assert (rows[a2.id]["status"], rows[a2.id]["claimed_by"]) == ("in_progress", "ae:READER1")
+        assert (rows[a2.id]["status"], rows[a2.id]["claimed_by"]) == ("in_progress", "reader1")
         conflict = client.post(f"/api/worklist/{a2.id}/claim", headers=anna)
-        assert conflict.status_code == 409 and conflict.json()["holder"] == "ae:READER1"
+        assert conflict.status_code == 409 and conflict.json()["holder"] == "reader1"
         assert client.post(f"/api/worklist/{a2.id}/complete", headers=anna,
                            json={"finding": "other"}).status_code == 409  # not the claimant
 
@@ -700,3 +720,157 @@ def test_database_unreachable_gives_failure_statuses_not_silence(tmp_path: Path)
         scp.stop()
         engine.dispose()
         down.dispose()
+
+
+# -- access: only AE titles bound to a user who may work the worklist --------------------------------------
+def refusals(bridge: Bridge) -> list[Event]:
+    with bridge.sessions() as s:
+        return list(s.scalars(select(Event).where(Event.kind == "ups_refused").order_by(Event.id)))
+
+
+def test_unbound_ae_title_is_refused_everything_and_learns_nothing(bridge: Bridge, caplog) -> None:
+    """A device that merely reaches the port (the default: nobody bound) cannot list, read, claim, set or
+    complete: 0x0124 for every request, the same for an existing and an unknown UPS, nothing changes."""
+    items = add_studies(bridge, [StudyCase("Secret^Patient", "S1", "STAT", 0.9)])
+    uid, txn = items["S1"].ups_uid, generate_uid()
+    with caplog.at_level("WARNING", logger="pacsbridge.dicom.ups_scp"), performer(bridge.port, "ANYDEVICE") as peer:
+        assert peer.find(query(ProcedureStepState="", PatientName="", PatientID="")) == ([], 0x0124)
+        assert peer.find(query(PatientID="S1")) == ([], 0x0124)
+        assert peer.get(uid) == (0x0124, None)
+        assert peer.get(generate_uid()) == (0x0124, None)  # no hint which UIDs exist
+        assert peer.change_state(uid, "IN PROGRESS", txn) == 0x0124
+        assert peer.set(uid, finding_mods(txn, "no_pneumonia")) == 0x0124
+        assert peer.change_state(uid, "COMPLETED", txn) == 0x0124
+    item = item_state(bridge, items["S1"].id)
+    assert (item.status, item.claimed_by, item.finding) == ("scheduled", None, None)
+    assert ups_events(bridge, item.id) == []
+    # one event and one WARNING for the association, naming the AE title and address, no patient data
+    (ev,) = refusals(bridge)
+    assert "ANYDEVICE" in ev.peer and "not bound" in ev.detail
+    warnings = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(warnings) == 1 and "ANYDEVICE@127.0.0.1" in warnings[0]
+    assert not any("Secret" in r.getMessage() or "S1" in r.getMessage() for r in caplog.records)
+
+
+def test_bound_station_acts_as_its_user_with_http(bridge: Bridge) -> None:
+    """READSTATION1 bound to anna: its claim is anna's claim, so anna's HTTP token may complete it, and the
+    completion and every event carry anna, not the AE title."""
+    from fastapi.testclient import TestClient
+
+    from pacsbridge.api.app import create_app
+
+    items = add_studies(bridge, [StudyCase("Bound^Station", "B1", "ROUTINE", 0.9)])
+    with bridge.sessions.begin() as s:
+        token = create_user(s, "anna", "radiologist")[1]
+        bind_ae(s, "anna", "READSTATION1")
+    client = TestClient(create_app(bridge.sessions, claim_timeout_s=1800))
+    item, txn = items["B1"], generate_uid()
+    with performer(bridge.port, "READSTATION1") as station:
+        found, final = station.find(query(ProcedureStepState="SCHEDULED", PatientID=""))
+        assert final == 0x0000 and [str(d.PatientID) for d in found] == ["B1"]
+        assert station.change_state(item.ups_uid, "IN PROGRESS", txn) == 0x0000
+        assert item_state(bridge, item.id).claimed_by == "anna"
+    done = client.post(f"/api/worklist/{item.id}/complete", headers={"Authorization": f"Bearer {token}"},
+                       json={"finding": "pneumonia"})
+    assert done.status_code == 200, done.text
+    assert item_state(bridge, item.id).completed_by == "anna"
+    assert {actor for _, actor in ups_events(bridge, item.id)} == {"anna"}
+
+
+def test_monitor_user_bound_cannot_use_the_worklist(bridge: Bridge) -> None:
+    """The HTTP rules: a monitor may not read or work the worklist, so neither may its AE title."""
+    items = add_studies(bridge, [StudyCase("Monitor^Only", "M1", "ROUTINE", 0.9)])
+    with bridge.sessions.begin() as s:
+        create_user(s, "ops", "monitor")
+        bind_ae(s, "ops", "DASHBOARD")
+    uid, txn = items["M1"].ups_uid, generate_uid()
+    with performer(bridge.port, "DASHBOARD") as peer:
+        assert peer.find(query(ProcedureStepState="SCHEDULED", PatientID="")) == ([], 0x0124)
+        assert peer.get(uid)[0] == 0x0124
+        assert peer.change_state(uid, "IN PROGRESS", txn) == 0x0124
+        assert peer.set(uid, finding_mods(txn, "no_pneumonia")) == 0x0124
+    assert item_state(bridge, items["M1"].id).status == "scheduled"
+    assert "role monitor" in refusals(bridge)[0].detail
+
+
+def test_unbinding_and_revoking_take_effect_at_once(bridge: Bridge) -> None:
+    """Checked on every request: within one open association, the station loses access as soon as the admin
+    unbinds it (or revokes its user)."""
+    items = add_studies(bridge, [StudyCase("Live^Check", "L1", "ROUTINE", 0.9)])
+    with bridge.sessions.begin() as s:
+        create_user(s, "ben", "radiologist")
+        bind_ae(s, "ben", "READER3")
+    with performer(bridge.port, "READER3") as station:
+        assert station.find(query(ProcedureStepState="SCHEDULED", PatientID=""))[1] == 0x0000
+        with bridge.sessions.begin() as s:
+            unbind_ae(s, "ben", "READER3")
+        assert station.find(query(ProcedureStepState="SCHEDULED", PatientID="")) == ([], 0x0124)
+        with bridge.sessions.begin() as s:
+            bind_ae(s, "ben", "READER3")
+        assert station.get(items["L1"].ups_uid)[0] == 0x0000
+        with bridge.sessions.begin() as s:
+            revoke_user(s, "ben")
+        assert station.get(items["L1"].ups_uid)[0] == 0x0124
+
+
+def test_an_ae_title_is_bound_to_one_user_at_most(bridge: Bridge) -> None:
+    from pacsbridge.auth.users import AuthError
+
+    with bridge.sessions.begin() as s:
+        create_user(s, "carl", "radiologist")
+    with bridge.sessions.begin() as s, pytest.raises(AuthError, match="already bound to user 'reader1'"):
+        bind_ae(s, "carl", "READER1")
+    for bad in ("", "A\\B", "X" * 17, "TAB\tAE"):
+        with bridge.sessions.begin() as s, pytest.raises(AuthError, match="not valid"):
+            bind_ae(s, "carl", bad)
+    with bridge.sessions.begin() as s, pytest.raises(AuthError, match="not bound"):
+        unbind_ae(s, "carl", "READER1")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="OPENSSL COMMAND MISSING: UPS mutual-TLS test SKIPPED")
+def test_binding_with_tls_subject_needs_that_client_certificate(tmp_path: Path) -> None:
+    """``users bind --tls-subject``: the AE title works only over mutual TLS with that certificate subject;
+    the same AE title over plain DICOM (anyone can type it) is refused."""
+    from hostile_support import make_pki
+    from pacsbridge.dicom.tls import make_client_context, make_server_context
+
+    pki = make_pki(tmp_path / "pki")
+    engine = make_engine(f"sqlite:///{tmp_path / 'tls.db'}")
+    migrations.upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    with sessions.begin() as s:
+        create_user(s, "tina", "radiologist")
+        bind_ae(s, "tina", "TLSREADER", tls_subject="CN=client")
+        bind_ae(s, "tina", "WRONGCERT", tls_subject="CN=someone-else")
+    spool = Spool(tmp_path / "spool", fsync=False)
+    spool.prepare()
+    server_ctx = make_server_context(str(pki.server_cert), str(pki.server_key), ca=str(pki.ca), verify_client=True)
+    scp = StorageSCP(ae_title="PACSBRIDGE", bind_address="127.0.0.1", port=0, spool=spool, sessions=sessions,
+                     tls_context=server_ctx, tls_port=0, ups=UpsContext(sessions=sessions))
+    scp.start()
+    client_ctx = make_client_context(ca=str(pki.ca), cert=str(pki.client_cert), key=str(pki.client_key))
+
+    def find_status(ae_title: str, tls: bool) -> int:
+        ae = AE(ae_title=ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        ae.add_requested_context(UnifiedProcedureStepPull)
+        assoc = ae.associate("127.0.0.1", scp.tls_port if tls else scp.port, ae_title="PACSBRIDGE",
+                             tls_args=(client_ctx, "localhost") if tls else None)
+        assert assoc.is_established
+        try:
+            statuses = [int(st.Status) for st, _ in assoc.send_c_find(query(ProcedureStepState="SCHEDULED"),
+                                                                      UnifiedProcedureStepPull)]
+        finally:
+            assoc.release()
+        return statuses[-1]
+
+    try:
+        assert find_status("TLSREADER", tls=True) == 0x0000
+        assert find_status("TLSREADER", tls=False) == 0x0124
+        assert find_status("WRONGCERT", tls=True) == 0x0124
+    finally:
+        scp.stop()
+        engine.dispose()
+    with sessions() as s:
+        details = [e.detail for e in s.scalars(select(Event).where(Event.kind == "ups_refused"))]
+    assert any("no client certificate" in d for d in details) and any("subject CN=client" in d for d in details)

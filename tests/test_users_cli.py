@@ -104,3 +104,33 @@ def test_instances_command_explains_why_a_study_was_not_flagged(tmp_path: Path) 
     out = _run("instances", "--study", "9.1", env=env).stdout
     assert "0.3100 negative (threshold 0.4200, pneumonia-v1)" in out and "9.2" not in out
     assert "HAND" in _run("instances", "--state", "not_analysed", env=env).stdout
+
+
+def test_users_bind_and_unbind_ae_titles_from_the_cli(tmp_path: Path) -> None:
+    """`users add --ae-title`, `users bind/unbind`: an AE title to at most one user, clear one-line errors."""
+    env = _env(tmp_path)
+    assert _run("db", "upgrade", env=env).returncode == 0
+    r = _run("users", "add", "anna", "--role", "radiologist", "--ae-title", "READSTATION1", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ae_titles"] == ["READSTATION1"]
+    assert _run("users", "add", "bob", "--role", "radiologist", env=env).returncode == 0
+    r = _run("users", "bind", "bob", "--ae-title", "READSTATION1", env=env)
+    assert r.returncode == 1 and "already bound to user 'anna'" in r.stderr and "Traceback" not in r.stderr
+    r = _run("users", "bind", "bob", "--ae-title", "BAD\\AE", env=env)
+    assert r.returncode == 1 and "not valid" in r.stderr
+    r = _run("users", "bind", "bob", "--ae-title", "READSTATION2", "--tls-subject", "CN=rs2, O=Hospital", env=env)
+    assert r.returncode == 0, r.stderr
+    r = _run("users", "bind", "nobody", "--ae-title", "READSTATION3", env=env)
+    assert r.returncode == 1 and "no user 'nobody'" in r.stderr
+    rows = {u["name"]: u for u in json.loads(_run("users", "list", "--json", env=env).stdout)}
+    assert rows["anna"]["ae_titles"] == [{"ae_title": "READSTATION1", "tls_subject": None}]
+    assert rows["bob"]["ae_titles"] == [{"ae_title": "READSTATION2", "tls_subject": "CN=rs2,O=Hospital"}]
+    assert "AE READSTATION1" in _run("users", "list", env=env).stdout
+    r = _run("users", "unbind", "anna", "--ae-title", "READSTATION1", "--json", env=env)
+    assert r.returncode == 0 and json.loads(r.stdout) == {"name": "anna", "ae_title": "READSTATION1", "bound": False}
+    r = _run("users", "unbind", "anna", "--ae-title", "READSTATION1", env=env)
+    assert r.returncode == 1 and "not bound" in r.stderr
+    sessions = make_sessionmaker(make_engine(f"sqlite:///{(tmp_path / 'pacsbridge.db').resolve()}"))
+    with sessions() as s:
+        kinds = [e.kind for e in s.scalars(select(Event).order_by(Event.id))]
+    assert kinds.count("ae_bound") == 2 and kinds.count("ae_unbound") == 1

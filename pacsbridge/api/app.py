@@ -39,7 +39,7 @@ from .. import __version__
 from ..auth.users import Principal
 from ..inference.metrics import PipelineMetrics
 from ..store import events as audit
-from ..store.models import Instance, utcnow
+from ..store.models import Instance, InstanceState, utcnow
 from ..worklist import lifecycle as lc
 from ..worklist.items import ALL_STATUSES, list_worklist
 from ..worklist.reports import item_detail, list_instances, model_stats
@@ -282,20 +282,22 @@ def create_app(
     # -- instances ---------------------------------------------------------------------------------
     @app.get("/api/instances", tags=["instances"], dependencies=[Depends(reader)])
     def instances(
-        study_instance_uid: str | None = Query(None, max_length=64), state: str | None = Query(None, max_length=16),
+        study_instance_uid: str | None = Query(None, max_length=64), state: InstanceState | None = Query(None),
         limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
         since: str | None = Query(None, max_length=40, description="received at or after: ISO date/time or 24h, 7d"),
         until: str | None = Query(None, max_length=40, description="received before: ISO date/time"),
         session: Session = Depends(db_session),
     ) -> list[dict[str, Any]]:
-        """Every received instance (newest first): state, probability, positive flag, reason when refused."""
+        """Every received instance (newest first): state, probability, positive flag, reason when refused
+        (``not_analysed``) or failed (with ``attempts``, ``next_attempt_at``, ``last_error``)."""
         try:
             after = audit.parse_since(since, clock()) if since else None
             before = audit.parse_since(until, clock()) if until else None
         except ValueError as exc:
             raise HTTPException(422, f"since/until: {exc}") from None
-        return list_instances(session, study_instance_uid=study_instance_uid, state=state, limit=limit,
-                              offset=offset, received_from=after, received_before=before)
+        return list_instances(session, study_instance_uid=study_instance_uid,
+                              state=state.value if state else None, limit=limit, offset=offset,
+                              received_from=after, received_before=before)
 
     @app.get("/api/instances/{instance_id}/image.png", tags=["instances"], dependencies=[Depends(reader)],
              response_class=Response, responses={200: {"content": {"image/png": {}}}})

@@ -11,11 +11,11 @@ from typing import Callable
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..auth.users import Principal, authenticate
+from ..auth.users import WORKLIST_ROLES, Principal, authenticate
 
 ADMIN, RADIOLOGIST, MONITOR = "admin", "radiologist", "monitor"
 #: Who may do what (admin may do everything).
-READERS = (RADIOLOGIST, ADMIN)
+READERS = WORKLIST_ROLES  # the same roles DICOM UPS requires
 ANYONE = (MONITOR, RADIOLOGIST, ADMIN)
 
 

@@ -1,9 +1,13 @@
-"""Users and API tokens.
+"""Users, API tokens and the DICOM AE titles that act as users.
 
 A token is 32 random bytes from :mod:`secrets` (URL-safe text, prefixed ``pb_``); it is shown once
 and only its SHA-256 is stored, so a copy of the database does not give access.  Revoking a user
 revokes every token at once; ``issue_token`` adds a new one (old ones keep working until the user
 is revoked).
+
+A reading station uses DICOM UPS as a user: ``bind_ae`` ties its calling AE title to one user (an AE
+title to at most one user), optionally with the subject its mutual-TLS client certificate must carry;
+``principal_for_ae`` is what the UPS SCP asks on every request, so unbinding or revoking works at once.
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ..store.models import ApiToken, Event, Role, User, utcnow
+from ..store.models import ApiToken, Event, Role, User, UserAeBinding, utcnow
 
 log = logging.getLogger(__name__)
 
 ROLES = tuple(r.value for r in Role)
+#: Who may read and work the worklist, over HTTP and DICOM UPS alike (monitor may not: patient data).
+WORKLIST_ROLES = (Role.RADIOLOGIST.value, Role.ADMIN.value)
 TOKEN_PREFIX = "pb_"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_AE_RE = re.compile(r"^[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]{0,15}$")  # DICOM AE: no backslash/control
 #: ``last_used_at`` is written at most this often per token (not on every request).
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
@@ -125,8 +132,99 @@ def list_users(session: Session) -> list[dict[str, Any]]:
             "name": user.name, "role": user.role, "active": user.revoked_at is None,
             "created_at": _iso(user.created_at), "revoked_at": _iso(user.revoked_at),
             "tokens": len(tokens), "last_used_at": _iso(max(used)) if used else None,
+            "ae_titles": [{"ae_title": b.ae_title, "tls_subject": b.tls_subject}
+                          for b in sorted(user.ae_bindings, key=lambda b: b.ae_title)],
         })
     return rows
+
+
+# -- DICOM AE titles acting as users (UPS) ------------------------------------------------------------
+def check_ae_title(ae_title: str) -> str:
+    """The AE title as compared with a calling AE title (surrounding spaces are not significant)."""
+    value = (ae_title or "").strip()
+    if not _AE_RE.match(value):
+        raise AuthError(f"AE title {ae_title!r} is not valid: 1-16 characters, no backslash or control characters")
+    return value
+
+
+def normalise_subject(subject: str) -> str:
+    """``CN=X, O=Y`` -> ``CN=X,O=Y`` (attribute names upper case, spaces around separators dropped)."""
+    parts = []
+    for rdn in (subject or "").split(","):
+        key, sep, value = rdn.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise AuthError(f"TLS subject {subject!r} is not 'ATTR=value,ATTR=value' (e.g. CN=READSTATION1,O=Hospital)")
+        parts.append(f"{key.strip().upper()}={value.strip()}")
+    return ",".join(parts)
+
+
+def _same_subject(required: str, presented: str | None) -> bool:
+    # The same attributes and values, in either order (RFC 4514 lists them most specific first, OpenSSL's
+    # default output the other way round).
+    if not presented:
+        return False
+    try:
+        return sorted(normalise_subject(required).split(",")) == sorted(normalise_subject(presented).split(","))
+    except AuthError:
+        return False
+
+
+def bind_ae(session: Session, name: str, ae_title: str, *, tls_subject: str | None = None,
+            actor: str = "cli") -> UserAeBinding:
+    """Let the calling AE title ``ae_title`` use DICOM UPS as user ``name`` (bound to nobody else)."""
+    ae = check_ae_title(ae_title)
+    subject = normalise_subject(tls_subject) if tls_subject else None
+    user = _get_user(session, name)
+    if user.revoked_at is not None:
+        raise AuthError(f"user {name!r} is revoked; bind the AE title to an active user")
+    existing = session.scalar(select(UserAeBinding).where(UserAeBinding.ae_title == ae))
+    if existing is not None:
+        holder = session.get(User, existing.user_id)
+        raise AuthError(f"AE title {ae!r} is already bound to user {holder.name if holder else '?'!r} "
+                        f"(`pacsbridge users unbind {holder.name if holder else 'NAME'} --ae-title {ae}` first)")
+    binding = UserAeBinding(user_id=user.id, ae_title=ae, tls_subject=subject, created_at=utcnow())
+    session.add(binding)
+    try:
+        session.flush()
+    except IntegrityError:
+        raise AuthError(f"AE title {ae!r} is already bound to a user") from None
+    detail = f"AE title {ae} bound to user {name}" + (f" (TLS subject {subject})" if subject else "")
+    session.add(Event(kind="ae_bound", actor=actor, detail=detail))
+    log.info("%s", detail)
+    return binding
+
+
+def unbind_ae(session: Session, name: str, ae_title: str, *, actor: str = "cli") -> None:
+    """Remove the binding of ``ae_title`` to user ``name``; that AE title may no longer use UPS."""
+    ae = check_ae_title(ae_title)
+    user = _get_user(session, name)
+    binding = session.scalar(select(UserAeBinding).where(UserAeBinding.ae_title == ae,
+                                                         UserAeBinding.user_id == user.id))
+    if binding is None:
+        raise AuthError(f"AE title {ae!r} is not bound to user {name!r} (see `pacsbridge users list`)")
+    session.delete(binding)
+    session.add(Event(kind="ae_unbound", actor=actor, detail=f"AE title {ae} unbound from user {name}"))
+    log.info("AE title %s unbound from user %s", ae, name)
+
+
+def principal_for_ae(session: Session, ae_title: str, tls_subject: str | None = None) -> tuple[Principal | None, str]:
+    """The user a calling AE title acts as, or (None, why not).
+
+    ``tls_subject``: the verified client certificate subject of the connection (None without mutual TLS);
+    a binding that names a subject is refused unless the connection presented exactly that one."""
+    ae = (ae_title or "").strip()
+    row = session.execute(
+        select(UserAeBinding, User).join(User, User.id == UserAeBinding.user_id).where(UserAeBinding.ae_title == ae)
+    ).one_or_none() if ae else None
+    if row is None:
+        return None, f"calling AE title {ae!r} is not bound to a user"
+    binding, user = row
+    if user.revoked_at is not None:
+        return None, f"calling AE title {ae!r} is bound to revoked user {user.name}"
+    if binding.tls_subject and not _same_subject(binding.tls_subject, tls_subject):
+        presented = f"subject {tls_subject}" if tls_subject else "no client certificate"
+        return None, f"calling AE title {ae!r} needs the TLS client certificate {binding.tls_subject} ({presented})"
+    return Principal(user.id, user.name, user.role), ""
 
 
 def authenticate(session: Session, token: str, now: datetime | None = None) -> Principal | None:

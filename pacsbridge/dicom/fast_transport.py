@@ -10,15 +10,23 @@ with a length a peer announces.
 * :class:`BoundedDUL` reads each PDU's 6-byte header first and refuses (A-ABORT, logged with the
   peer address) a PDU longer than we allow *before* allocating anything of that size: P-DATA-TF up
   to the maximum PDU length we advertised, every other PDU (A-ASSOCIATE-RQ ...) up to 64 KiB.
-* Each socket read has a timeout (``read_timeout``): a peer that stops in the middle of a PDU is
-  dropped.  (Waiting for the A-ASSOCIATE-RQ is bounded by pynetdicom's ARTIM/ACSE timeout, an idle
-  association by its network timeout.)
+* A whole PDU must arrive within a deadline counted from its first byte: ``pdu_deadline_floor`` seconds,
+  or ``pdu_deadline_per_mib`` seconds per MiB of the length it announces when that is longer (the
+  deadline only bounds time: memory still grows only with bytes received).  Before the association is
+  accepted the deadline is also cut to what is left of the ARTIM timer, which pynetdicom starts at
+  connect: the A-ASSOCIATE-RQ must be complete within ``acse_timeout`` of the TCP connect, however the
+  peer spaces its bytes.  A peer past either is A-ABORTed, logged (WARNING, with its address) and
+  recorded, and its thread and slot are freed at once.  Each socket read also has a timeout
+  (``read_timeout``); an idle association is bounded by pynetdicom's network timeout.
 * :class:`BoundedDIMSE` caps a DIMSE command set (64 KiB) and a C-STORE data set
   (``max_dataset_bytes``): past the cap the fragments are read and dropped, and the handler gets
   a :class:`CappedBuffer` marked ``overflowed`` so it answers a 0xA7xx status.
 * :class:`BoundedACSE` rejects an association beyond ``max_associations_per_peer`` (transient,
   local limit exceeded), and :class:`BoundedServerMixin` closes TCP connections beyond twice the
   limits before a thread is spent on them.
+* Eviction: when the listener is full, a new connection makes room by shutting down the oldest
+  connections (at least ``EVICT_MIN_AGE`` old) that have not sent their A-ASSOCIATE-RQ, so sockets that
+  trickle or idle cannot keep real senders out for as long as ARTIM allows.
 * TLS: the handshake runs in the connection's own thread with a timeout (pynetdicom does it in the
   listener thread, where one silent TLS client would stall every other connection).
 
@@ -58,6 +66,7 @@ MAX_COMMAND_BYTES = 64 * 1024
 _P_DATA_TF = 0x04
 _KNOWN_PDU_TYPES = frozenset(range(1, 8))
 # A-ABORT reasons, source 2 (service provider), PS3.8 9.3.8
+_ABORT_NOT_SPECIFIED = 0x00
 _ABORT_UNRECOGNIZED_PDU = 0x01
 _ABORT_UNEXPECTED_PDU = 0x02
 _ABORT_INVALID_PARAMETER = 0x06
@@ -72,6 +81,8 @@ class TransportLimits:
     max_command_bytes: int = MAX_COMMAND_BYTES
     max_dataset_bytes: int = 128 * 1024 * 1024
     read_timeout: float = 60.0               # seconds a peer may stay silent in the middle of a PDU
+    pdu_deadline_floor: float = 5.0          # seconds a whole PDU may take, at least ...
+    pdu_deadline_per_mib: float = 10.0       # ... or this per MiB of its announced length when longer
     tls_handshake_timeout: float = 10.0
     max_associations: int = 16               # total (pynetdicom enforces it at A-ASSOCIATE)
     max_associations_per_peer: int = 8       # per peer IP address
@@ -81,6 +92,18 @@ class TransportLimits:
     def pdu_limit(self, pdu_type: int) -> int:
         return self.max_pdu if pdu_type == _P_DATA_TF else self.max_association_pdu
 
+    def pdu_deadline(self, length: int) -> float:
+        """Seconds a PDU announcing ``length`` bytes may take to arrive in full."""
+        return max(self.pdu_deadline_floor, self.pdu_deadline_per_mib * length / 1_048_576)
+
+
+class DeadlinePassed(TimeoutError):
+    """A PDU did not arrive in full by its deadline; ``got`` bytes of the buffer were filled."""
+
+    def __init__(self, got: int) -> None:
+        super().__init__(f"deadline passed after {got} bytes")
+        self.got = got
+
 
 class FastAssociationSocket(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
@@ -88,20 +111,39 @@ class FastAssociationSocket(AssociationSocket):
         got = self.recv_into(buf, 0)
         return buf if got == nr_bytes else buf[:got]
 
-    def recv_into(self, buf: bytearray, start: int) -> int:
-        """Fill ``buf[start:]``; returns the bytes now in ``buf`` (short when the peer closed)."""
+    def recv_into(self, buf: bytearray, start: int, deadline: float | None = None,
+                  read_timeout: float | None = None) -> int:
+        """Fill ``buf[start:]``; returns the bytes now in ``buf`` (short when the peer closed).
+
+        ``deadline`` (``time.monotonic()`` value): raise :class:`DeadlinePassed` once it passes, however
+        the peer spaces its bytes; each read then waits at most ``read_timeout`` or until the deadline."""
         sock = self.socket
         assert sock is not None
         view = memoryview(buf)
         got, total = start, len(buf)
         try:
             while got < total:
-                n = sock.recv_into(view[got:], total - got)
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise DeadlinePassed(got)
+                    sock.settimeout(left if read_timeout is None else min(left, read_timeout))
+                try:
+                    n = sock.recv_into(view[got:], total - got)
+                except TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise DeadlinePassed(got) from None
+                    raise
                 if n == 0:  # connection closed: return what we have
                     break
                 got += n
         finally:
             del view  # release the export so the bytearray may be resized by pynetdicom
+            if deadline is not None and read_timeout is not None:
+                try:
+                    sock.settimeout(read_timeout)
+                except OSError:
+                    pass
         return got
 
 
@@ -147,9 +189,17 @@ class BoundedDUL(DULServiceProvider):
         sock = self.socket
         assert isinstance(sock, FastAssociationSocket)
         limits = _limits(self.assoc)
+        started = time.monotonic()
+        artim = self._artim_deadline()
+        deadline = started + limits.pdu_deadline_floor
+        if artim is not None:
+            deadline = min(deadline, artim)
         header = bytearray(6)
         try:
-            got = sock.recv_into(header, 0)
+            got = sock.recv_into(header, 0, deadline, limits.read_timeout)
+        except DeadlinePassed as exc:
+            self._too_slow(exc.got, 6, started, artim is not None and artim <= deadline)
+            return
         except (OSError, TimeoutError) as exc:
             self._drop(f"connection lost while reading a PDU header: {type(exc).__name__}")
             return
@@ -170,8 +220,14 @@ class BoundedDUL(DULServiceProvider):
             return
         pdu = bytearray(6 + length)  # bounded by `limit`
         pdu[:6] = header
+        deadline = started + limits.pdu_deadline(length)
+        if artim is not None:
+            deadline = min(deadline, artim)
         try:
-            got = sock.recv_into(pdu, 6)
+            got = sock.recv_into(pdu, 6, deadline, limits.read_timeout)
+        except DeadlinePassed as exc:
+            self._too_slow(exc.got, 6 + length, started, artim is not None and artim <= deadline)
+            return
         except (OSError, TimeoutError) as exc:
             self._drop(f"connection lost in the middle of a {length}-byte PDU: {type(exc).__name__}")
             return
@@ -183,8 +239,32 @@ class BoundedDUL(DULServiceProvider):
         except Exception as exc:  # noqa: BLE001 - malformed PDU content
             self._refuse(_ABORT_INVALID_PARAMETER, f"undecodable PDU type 0x{pdu_type:02X}: {type(exc).__name__}")
             return
+        if pdu_type == 0x01:
+            self.pb_rq_received = True  # the ARTIM deadline from connect is met
         self.event_queue.put(event)
         self._recv_pdu.put(decoded)
+
+    def _artim_deadline(self) -> float | None:
+        """Until the A-ASSOCIATE-RQ has arrived: the TCP connect time plus the ARTIM timeout, as a
+        ``time.monotonic()`` value (pynetdicom starts its own ARTIM timer only once its reactor has run,
+        which a peer sending at once can get ahead of); None afterwards."""
+        connected = getattr(self, "pb_connected_at", None)
+        timeout = self.artim_timer.timeout
+        if connected is None or timeout is None or getattr(self, "pb_rq_received", False) or self.assoc.is_established:
+            return None
+        return connected + timeout
+
+    def _too_slow(self, got: int, expected: int, started: float, artim: bool) -> None:
+        limits = _limits(self.assoc)
+        took = time.monotonic() - started
+        if artim:
+            why = (f"no complete A-ASSOCIATE-RQ within the ARTIM timeout ({self.artim_timer.timeout:g} s from "
+                   f"connect; {got} of {expected} bytes of a PDU after {took:.1f} s)")
+        else:
+            why = (f"PDU not received within its deadline ({got} of {expected} bytes after {took:.1f} s; "
+                   f"pdu_deadline_floor {limits.pdu_deadline_floor:g} s, pdu_deadline_per_mib "
+                   f"{limits.pdu_deadline_per_mib:g} s)")
+        self._refuse(_ABORT_NOT_SPECIFIED, why)
 
     def run_reactor(self) -> None:
         try:
@@ -319,6 +399,7 @@ class FastRequestHandler(RequestHandler):
             assoc.dul.socket.__class__ = FastAssociationSocket
         if type(assoc.dul) is DULServiceProvider:
             assoc.dul.__class__ = BoundedDUL
+            assoc.dul.pb_connected_at = time.monotonic()  # the A-ASSOCIATE-RQ must be complete by ARTIM from here
             assoc.dul._target = assoc.dul.run_reactor  # the thread captured the original bound method
         if type(assoc.dimse) is DIMSEServiceProvider:
             assoc.dimse.__class__ = BoundedDIMSE
@@ -328,13 +409,37 @@ class FastRequestHandler(RequestHandler):
         return assoc
 
 
+#: Short names of certificate subject attributes (RFC 4514 section 3, plus the usual OpenSSL ones).
+_SUBJECT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+                  "localityName": "L", "stateOrProvinceName": "ST", "emailAddress": "EMAILADDRESS",
+                  "domainComponent": "DC", "userId": "UID", "serialNumber": "SERIALNUMBER"}
+
+
+def peer_certificate_subject(assoc: Any) -> str | None:  # noqa: ANN401 - pynetdicom Association
+    """The verified client certificate subject of the association's connection (``CN=..,O=..``, most
+    specific first), or None: plain DICOM, or TLS without a client certificate."""
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        cert = sock.getpeercert()  # only verified certificates are returned as a dict
+    except (ValueError, OSError):
+        return None
+    if not cert or not cert.get("subject"):
+        return None
+    parts = [f"{_SUBJECT_NAMES.get(k, k)}={v}" for rdn in cert["subject"] for k, v in rdn]
+    return ",".join(reversed(parts))
+
+
 class BoundedServerMixin:
     """Listener side: TLS without a handshake in the accept loop, and a connection flood guard."""
 
     pb_limits: TransportLimits
+    #: listen() backlog (socketserver's default is 5: a burst of connects would wait for SYN retries).
+    request_queue_size = 128
     _pb_last_warning = 0.0
     #: Connections accepted whose association thread has not started yet (so not in active_associations).
-    _pb_pending: list[str] | None = None
+    _pb_pending: list[tuple[str, int]] | None = None
     _pb_lock = threading.Lock()
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -352,13 +457,27 @@ class BoundedServerMixin:
         with self._pb_lock:
             if self._pb_pending is None:
                 self._pb_pending = []
-            # Both listeners (plain and TLS) share one AE, so count its acceptors, not this server's.
-            active = [a.requestor.address for a in self.ae.active_associations  # type: ignore[attr-defined]
-                      if a.is_acceptor] + self._pb_pending
-            same = active.count(client_address[0])
+            # Both listeners (plain and TLS) share one AE, so count its acceptors, not this server's.  A
+            # connection is pending until its thread runs, and briefly both: count each (address, port) once.
+            acceptors = [a for a in self.ae.active_associations if a.is_acceptor]  # type: ignore[attr-defined]
+            active = {(a.requestor.address, a.requestor.port) for a in acceptors} | set(self._pb_pending)
+            same = sum(1 for address, _ in active if address == client_address[0])
+            evicted: list[Any] = []
+            if same < 2 * limits.max_associations_per_peer and len(active) >= limits.max_associations:
+                # Full: make room by dropping the oldest connections that still have not sent their
+                # A-ASSOCIATE-RQ, so idle or trickling sockets cannot keep a real sender out for as long
+                # as ARTIM lets them (a real peer sends its request within milliseconds of connecting).
+                evicted = _evict_unassociated(acceptors, len(active) - limits.max_associations + 1)
+                active = active - {(a.requestor.address, a.requestor.port) for a in evicted}
             if len(active) < 2 * limits.max_associations and same < 2 * limits.max_associations_per_peer:
-                self._pb_pending.append(client_address[0])
-                return True
+                self._pb_pending.append((client_address[0], client_address[1]))
+                admitted = True
+            else:
+                admitted = False
+        if evicted:
+            _wait_gone(evicted, EVICT_WAIT)
+        if admitted:
+            return True
         now = time.monotonic()
         if now - self._pb_last_warning > 1.0:  # a flood must not flood the log too
             self._pb_last_warning = now
@@ -368,8 +487,56 @@ class BoundedServerMixin:
 
     def pb_handed_over(self, client_address: Any) -> None:  # noqa: ANN401
         with self._pb_lock:
-            if self._pb_pending and client_address[0] in self._pb_pending:
-                self._pb_pending.remove(client_address[0])
+            key = (client_address[0], client_address[1])
+            if self._pb_pending and key in self._pb_pending:
+                self._pb_pending.remove(key)
+
+
+#: A connection must be this old (seconds, since connect) before a newcomer may evict it.
+EVICT_MIN_AGE = 1.0
+#: How long the accept loop waits for evicted connections' threads to end (only while evicting).
+EVICT_WAIT = 0.5
+
+
+def _evict_unassociated(acceptors: list[Any], count: int) -> list[Any]:
+    """Shut down the ``count`` oldest acceptor connections (at least :data:`EVICT_MIN_AGE` old) whose
+    A-ASSOCIATE-RQ has not arrived; their reactor threads then see end-of-file and end.  Returns them."""
+    now = time.monotonic()
+    waiting = []
+    for assoc in acceptors:
+        dul = assoc.dul
+        connected = getattr(dul, "pb_connected_at", None)
+        if connected is None or getattr(dul, "pb_rq_received", False) or assoc.is_established:
+            continue
+        if now - connected >= EVICT_MIN_AGE:
+            waiting.append((connected, assoc))
+    waiting.sort(key=lambda pair: pair[0])
+    evicted = []
+    for _, assoc in waiting[:max(count, 0)]:
+        sock = getattr(assoc.dul.socket, "socket", None)
+        if sock is None:
+            continue
+        log.warning("DICOM connection from %s dropped: no A-ASSOCIATE-RQ after %.1f s and the listener is "
+                    "full (oldest unassociated connection evicted for a new one)",
+                    _peer(assoc.dul), now - assoc.dul.pb_connected_at)
+        limits = _limits(assoc)
+        if limits.on_refused is not None:
+            limits.on_refused("association_aborted", "evicted: no A-ASSOCIATE-RQ while the listener was full",
+                              _peer(assoc.dul))
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # thread-safe: wakes the reactor's blocked read with EOF
+        except OSError:
+            pass
+        evicted.append(assoc)
+    return evicted
+
+
+def _wait_gone(assocs: list[Any], timeout: float) -> None:
+    """Give evicted associations' threads up to ``timeout`` seconds in all to end (so a newcomer's
+    A-ASSOCIATE-RQ is not counted against slots that are already free)."""
+    end = time.monotonic() + timeout
+    for assoc in assocs:
+        assoc.join(max(0.0, end - time.monotonic()))
 
 
 class BoundedAssociationServer(BoundedServerMixin, ThreadedAssociationServer):

@@ -36,7 +36,7 @@ from pacsbridge.dicom.metadata import (
     DEFAULT_MAX_INFLATED_BYTES, STATUS_DATASET_TOO_LARGE, STATUS_OUT_OF_RESOURCES, STATUS_OUT_OF_RESOURCES_DB,
     RejectedDataset, read_metadata,
 )
-from pacsbridge.dicom.ups_scp import UpsContext, add_ups_contexts, ups_handlers
+from pacsbridge.dicom.ups_scp import UpsContext, add_ups_contexts, log_access, ups_handlers
 from pacsbridge.store.notifier import StoreNotifier
 from pacsbridge.store.records import ReceivedInstance, record_event, record_received
 from pacsbridge.store.spool import Spool, spool_relpath
@@ -218,7 +218,7 @@ class StorageSCP:
         check_called_ae: bool = True, max_associations_per_peer: int = 8, acse_timeout: float = 30.0,
         max_dataset_bytes: int = 134_217_728, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
         tls_context: ssl.SSLContext | None = None, tls_port: int | None = None, tls_only: bool = False,
-        ups: UpsContext | None = None,
+        ups: UpsContext | None = None, pdu_deadline_floor: float = 5.0, pdu_deadline_per_mib: float = 10.0,
     ) -> None:
         self.ae_title = ae_title
         self.bind_address = bind_address
@@ -240,6 +240,7 @@ class StorageSCP:
         self.tls_only = tls_only and tls_context is not None
         self.limits = TransportLimits(
             max_pdu=max_pdu, max_dataset_bytes=max_dataset_bytes, read_timeout=network_timeout,
+            pdu_deadline_floor=pdu_deadline_floor, pdu_deadline_per_mib=pdu_deadline_per_mib,
             max_associations=max_associations, max_associations_per_peer=max_associations_per_peer,
             on_refused=self._record_refusal,
         )
@@ -293,6 +294,8 @@ class StorageSCP:
                  ", ".join(f"{self.bind_address}:{p}{' (TLS)' if tls else ''}" for p, tls in
                            ((self.port, False), (self.tls_port, True)) if p is not None),
                  self.max_pdu, self.limits.max_dataset_bytes)
+        if self.ups is not None:
+            log_access(self.ups)
 
     def _listen(self, ae: AE, handlers: list, port: int, context: ssl.SSLContext | None) -> BoundedAssociationServer:
         # start_server(block=False), but with our fast and bounded classes via pynetdicom's server hooks.
@@ -382,6 +385,7 @@ def storage_scp_from_settings(  # noqa: ANN001 - settings: pacsbridge.config.Set
         max_inflated_bytes=settings.max_inflated_bytes,
         tls_context=tls, tls_port=settings.dicom_tls_port, tls_only=settings.dicom_tls_only,
         ups=ups_context_from_settings(settings, sessions),
+        pdu_deadline_floor=settings.pdu_deadline_floor_s, pdu_deadline_per_mib=settings.pdu_deadline_per_mib_s,
     )
 
 

@@ -5,9 +5,16 @@ Procedure Step - Pull SOP Class (C-FIND, N-GET, N-SET, N-ACTION Change UPS State
 SOP Class (C-FIND).  Each worklist item is one UPS instance (SOP Instance UID = ``item.ups_uid``; see
 :mod:`pacsbridge.dicom.ups_dataset` for its attributes).
 
+Access: a calling AE title may use UPS only when an admin has bound it to a user (``pacsbridge users
+bind NAME --ae-title AE``, optionally ``--tls-subject``: then only over mutual TLS with that client
+certificate).  Every request is checked against the bindings as it arrives (unbinding or revoking works
+at once); an unbound AE title, a revoked user, a wrong certificate or a role that may not work the
+worklist over HTTP (monitor) gets 0x0124 (Refused: Not authorized, PS3.7 C.5) for every C-FIND, N-GET,
+N-SET and N-ACTION, before anything is read: no match, no attribute, no hint whether a UPS exists.
+
 A UPS claim and an HTTP claim are the same claim: every transition goes through
-:mod:`pacsbridge.worklist.lifecycle` with the actor ``ae:<calling AE title>`` (role ``dicom``) and the
-performer's Transaction UID.  Status codes follow PS3.4 Table CC.1.1-2 and CC.2.1-2 / CC.2.6-1:
+:mod:`pacsbridge.worklist.lifecycle` with the bound user as the actor (its name and role, the same as
+over HTTP) and the performer's Transaction UID.  Status codes follow PS3.4 Table CC.1.1-2 and CC.2.1-2 / CC.2.6-1:
 
 =======================  ==========  ===========  ==========  ==========
 N-ACTION to              SCHEDULED   IN PROGRESS  COMPLETED   CANCELED
@@ -45,12 +52,15 @@ from pynetdicom.sop_class import UnifiedProcedureStepPull, UnifiedProcedureStepP
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from pacsbridge.auth.users import WORKLIST_ROLES, principal_for_ae
+from pacsbridge.dicom.fast_transport import peer_certificate_subject
 from pacsbridge.dicom.matching import matches, response_identifier
 from pacsbridge.dicom.ups_dataset import (
     UPS_HIGH_AT, UPS_MEDIUM_AT, UPS_TAGS, InvalidPerformedData, PerformedData, ReferencedSeries, UpsRecord,
     build_ups_dataset, parse_performed_data,
 )
 from pacsbridge.store.models import Event, Instance, Series, Study, WorklistItem, WorklistStatus, utcnow
+from pacsbridge.store.records import record_event
 from pacsbridge.worklist import lifecycle
 from pacsbridge.worklist.lifecycle import (
     Actor, ClaimConflict, IllegalTransition, ItemNotFound, LifecycleError, NotClaimant, WrongTransaction,
@@ -113,6 +123,25 @@ class UpsContext:
     max_find_matches: int = 1000
 
 
+def log_access(ctx: UpsContext) -> None:
+    """One start-up line saying who may use UPS (nobody until an admin binds a reading station)."""
+    from sqlalchemy import func
+
+    from pacsbridge.store.models import UserAeBinding
+
+    try:
+        with ctx.sessions() as session:
+            n = int(session.scalar(select(func.count()).select_from(UserAeBinding)) or 0)
+    except Exception as exc:  # noqa: BLE001 - only a log line; every request checks again
+        log.warning("DICOM UPS: cannot count the bound AE titles: %s", type(exc).__name__)
+        return
+    if n:
+        log.info("DICOM UPS offered to %d bound AE title(s); every other calling AE is refused", n)
+    else:
+        log.warning("DICOM UPS is on but no AE title is bound to a user: every UPS request is refused "
+                    "(pacsbridge users bind NAME --ae-title AE)")
+
+
 def add_ups_contexts(ae: AE, transfer_syntaxes: list[str] | None = None) -> None:
     """Accept the UPS Pull and UPS Query presentation contexts (SCP role) on ``ae``."""
     for sop_class in UPS_SOP_CLASSES:
@@ -129,8 +158,38 @@ def ups_handlers(ctx: UpsContext) -> list[tuple]:
     ]
 
 
-def performer_of(event: DicomEvent) -> Actor:
-    return Actor(name=f"ae:{(event.assoc.requestor.ae_title or '').strip()}", role="dicom")
+def performer_of(event: DicomEvent, ctx: UpsContext, what: str, failure: int = PROCESSING_FAILURE) -> Actor | int:
+    """The user the calling AE title is bound to, when it may work the worklist; else the status to answer:
+    0x0124 (logged and recorded), or ``failure`` when the bindings cannot be read (a fault of ours, not a
+    verdict on the peer)."""
+    calling = (event.assoc.requestor.ae_title or "").strip()
+    try:
+        with ctx.sessions() as session:
+            who, why = principal_for_ae(session, calling, peer_certificate_subject(event.assoc))
+    except Exception as exc:  # noqa: BLE001 - e.g. the database is unreachable: refuse, never let through
+        log.error("UPS %s from %s: cannot check the AE title binding: %s: %s", what, _peer(event),
+                  type(exc).__name__, exc)
+        return failure
+    if who is not None and who.role not in WORKLIST_ROLES:
+        who, why = None, f"calling AE title {calling!r} acts as {who.name}, whose role {who.role} may not " \
+                         "use the worklist"
+    if who is None:
+        _record_refusal(event, ctx, what, why)
+        return NOT_AUTHORISED
+    return Actor(name=who.name, role=who.role)
+
+
+def _record_refusal(event: DicomEvent, ctx: UpsContext, what: str, why: str) -> None:
+    """One WARNING and one event per association (a polling station must not flood the log or the table)."""
+    assoc = event.assoc
+    if getattr(assoc, "pb_ups_refused", False):
+        log.debug("UPS %s from %s refused (0x0124): %s", what, _peer(event), why)
+        return
+    assoc.pb_ups_refused = True
+    log.warning("UPS %s from %s refused (0x0124 not authorised): %s; bind it with `pacsbridge users bind "
+                "NAME --ae-title AE`", what, _peer(event), why)
+    record_event(ctx.sessions, "ups_refused", f"UPS {what} refused: {why}"[:2000], level="warning",
+                 peer=_peer(event))  # never raises: the refusal stands either way
 
 
 def _peer(event: DicomEvent) -> str:
@@ -216,6 +275,10 @@ def handle_find(event: DicomEvent, ctx: UpsContext) -> Iterator[tuple[int, Datas
     """C-FIND over the worklist's UPS instances, in reading order (priority first)."""
     if not _context_is_ups(event) or event.request.AffectedSOPClassUID not in UPS_SOP_CLASSES:
         yield SOP_CLASS_NOT_SUPPORTED, None
+        return
+    who = performer_of(event, ctx, "C-FIND", UNABLE_TO_PROCESS)
+    if not isinstance(who, Actor):
+        yield who, None
         return
     try:
         identifier = event.identifier
@@ -318,6 +381,9 @@ def handle_get(event: DicomEvent, ctx: UpsContext) -> tuple[int, Dataset | None]
     req = event.request
     if not _context_is_ups(event, (UnifiedProcedureStepPull,)) or req.RequestedSOPClassUID not in UPS_INSTANCE_CLASSES:
         return SOP_CLASS_NOT_SUPPORTED, None
+    who = performer_of(event, ctx, "N-GET")
+    if not isinstance(who, Actor):
+        return who, None
     uid = str(req.RequestedSOPInstanceUID or "")
     with ctx.sessions() as session:
         try:
@@ -340,8 +406,10 @@ def handle_set(event: DicomEvent, ctx: UpsContext) -> tuple[int, Dataset | None]
     req = event.request
     if not _context_is_ups(event, (UnifiedProcedureStepPull,)) or req.RequestedSOPClassUID not in UPS_INSTANCE_CLASSES:
         return SOP_CLASS_NOT_SUPPORTED, None
+    actor = performer_of(event, ctx, "N-SET")
+    if not isinstance(actor, Actor):
+        return actor, None
     uid = str(req.RequestedSOPInstanceUID or "")
-    actor = performer_of(event)
     try:
         mods = event.modification_list
         transaction_uid = str(mods.get("TransactionUID", "") or "").strip() or None
@@ -366,7 +434,7 @@ def handle_set(event: DicomEvent, ctx: UpsContext) -> tuple[int, Dataset | None]
             return _refused(event, "N-SET", item, NOT_IN_PROGRESS)
         if transaction_uid is None or transaction_uid != item.transaction_uid:
             return _refused(event, "N-SET", item, WRONG_TRANSACTION_UID)
-        if item.claimed_by != actor.name:  # the lock's UID from another AE title: as lifecycle.complete refuses
+        if item.claimed_by != actor.name:  # the lock's UID from another user: as lifecycle.complete refuses
             return _refused(event, "N-SET", item, NOT_AUTHORISED, f"claim held by {item.claimed_by}")
         merged = _drafts(session, [item]).get(item.id, PerformedData()).merged(data)
         session.add(Event(
@@ -391,6 +459,9 @@ def handle_action(event: DicomEvent, ctx: UpsContext) -> tuple[int, Dataset | No
     req = event.request
     if not _context_is_ups(event, (UnifiedProcedureStepPull,)) or req.RequestedSOPClassUID not in UPS_INSTANCE_CLASSES:
         return SOP_CLASS_NOT_SUPPORTED, None
+    actor = performer_of(event, ctx, "N-ACTION")
+    if not isinstance(actor, Actor):
+        return actor, None
     if event.action_type != CHANGE_UPS_STATE:
         return NO_SUCH_ACTION, None  # Request Cancel / Subscribe belong to UPS Push / Watch: not offered
     uid = str(req.RequestedSOPInstanceUID or "")
@@ -406,7 +477,6 @@ def handle_action(event: DicomEvent, ctx: UpsContext) -> tuple[int, Dataset | No
     if transaction_uid is None:
         return MISSING_ATTRIBUTE, None  # Transaction UID is 1/1 in Table CC.2.1-1
 
-    actor = performer_of(event)
     now = ctx.clock()
     with ctx.sessions() as session:  # closing without commit rolls back whatever a refusal left
         try:

@@ -5,6 +5,22 @@ Nothing a file contains can stop the run: unreadable, non-DICOM, truncated, non-
 codecs and special files (FIFOs, devices) are all skipped with a reason.  The intended-use gates
 (age, out-of-distribution; see :mod:`.gates`) refuse the same way, as the daemon's worker does.
 With ``heatmaps`` a Grad-CAM overlay PNG is written for every scored image.
+
+A skipped file is either refused for what it is, or hit a fault of the system (``"failed": true``
+in its result; run it again once the fault is fixed), as the daemon's worker classifies them
+(``not_analysed`` / ``failed``, see :mod:`pacsbridge.inference.worker`):
+
+==============================================================  ================
+cause                                                           result
+==============================================================  ================
+not a regular file (FIFO, device, folder link)                  skipped
+not DICOM, unparsable, truncated, undecodable pixel data        skipped
+out of scope, too large, quality gate, age, out of distribution skipped
+cannot read the file (an OS error: permissions, I/O, gone)      skipped, failed
+MemoryError or an OS error with an errno while decoding         skipped, failed
+any other exception while decoding (a bug)                      skipped, failed
+the model raised on the image, or gave a non-finite score       skipped, failed
+==============================================================  ================
 """
 
 from __future__ import annotations
@@ -24,6 +40,7 @@ import torch
 from ..imaging import NotAnalysable, read_dataset
 from ..model.artifact import LoadedModel
 from ..model.preprocess import preprocess
+from .faults import system_fault
 from .gates import AgeRange, load_gated, ood_refusal
 
 log = logging.getLogger(__name__)
@@ -52,6 +69,7 @@ class _Pending:
     ood_score: float | None = None
     image: np.ndarray | None = None  # kept only when a heatmap is wanted
     heatmap: str | None = None
+    fault: bool = False  # ``reason`` is a fault of the system, not a property of the file
 
 
 def _sop_uid(ds: Any) -> str | None:
@@ -71,7 +89,7 @@ def _prepare(path: Path, input_size: int, ages: AgeRange | None = None, keep_ima
         with open(path, "rb"):
             pass  # permission problems reported plainly, before the DICOM reader sees them
     except OSError as exc:
-        return _Pending(path, None, reason=f"cannot read the file: {exc.strerror or exc}")
+        return _Pending(path, None, reason=f"cannot read the file: {exc.strerror or exc}", fault=True)
     sop = None
     try:
         ds = read_dataset(path)
@@ -80,12 +98,12 @@ def _prepare(path: Path, input_size: int, ages: AgeRange | None = None, keep_ima
         return _Pending(path, sop, x=preprocess(result.image, input_size),
                         image=result.image if keep_image else None)
     except NotAnalysable as exc:
-        return _Pending(path, sop, reason=exc.reason)
+        return _Pending(path, sop, reason=exc.reason, fault=system_fault(exc) is not None)
     except MemoryError:
-        return _Pending(path, sop, reason="image too large for memory")
+        return _Pending(path, sop, reason="image too large for memory", fault=True)
     except Exception as exc:  # noqa: BLE001 - robust to every input: report, continue
         log.debug("unexpected error on %s", path, exc_info=True)
-        return _Pending(path, sop, reason=f"unexpected error: {type(exc).__name__}: {exc}")
+        return _Pending(path, sop, reason=f"unexpected error: {type(exc).__name__}: {exc}", fault=True)
 
 
 def _infer(model: LoadedModel, items: list[_Pending]) -> None:
@@ -113,9 +131,9 @@ def _infer(model: LoadedModel, items: list[_Pending]) -> None:
         p.x = None
         p.ood_score = None if ood is None else float(ood)
         if isinstance(prob, str):
-            p.reason = prob
+            p.reason, p.fault = prob, True
         elif not math.isfinite(prob):
-            p.reason = "the model produced a non-finite score"
+            p.reason, p.fault = "the model produced a non-finite score", True
         elif model.is_out_of_distribution(ood):
             p.reason = ood_refusal(float(ood), model.ood.threshold)  # type: ignore[arg-type,union-attr]
         else:
@@ -152,8 +170,9 @@ def score_files(files: Iterable[Path], model: LoadedModel, batch_size: int = 16,
     """One result dict per file, in order (batches of up to ``batch_size`` files go through the model
     together).  Keys: ``path, sop_instance_uid, probability, positive, threshold, model, ood_score``
     (``ood_score`` None when the model has no OOD statistics; ``heatmap``: the PNG written into
-    ``heatmaps`` when given) or ``path, skipped, reason`` (plus ``sop_instance_uid`` when the file
-    had one, ``ood_score`` when the model scored it before refusing it)."""
+    ``heatmaps`` when given) or ``path, skipped, reason`` (plus ``failed: True`` for a fault of the
+    system, ``sop_instance_uid`` when the file had one, ``ood_score`` when the model scored it before
+    refusing it)."""
     ages = AgeRange.from_card(model.card) if model.age_gate else None
     if heatmaps is not None:
         Path(heatmaps).mkdir(parents=True, exist_ok=True)
@@ -176,6 +195,8 @@ def _finish(model: LoadedModel, chunk: list[_Pending], heatmaps: Path | None, st
     for p in chunk:
         if p.reason is not None:
             out: dict[str, Any] = {"path": str(p.path), "skipped": True, "reason": p.reason}
+            if p.fault:
+                out["failed"] = True
             if p.sop_instance_uid:
                 out["sop_instance_uid"] = p.sop_instance_uid
             if p.ood_score is not None:

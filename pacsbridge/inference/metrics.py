@@ -1,6 +1,6 @@
 """Prometheus metrics of the pipeline, in their own registry (no module globals).
 
-Counts of stored/predicted/not-analysed instances are read from the database at scrape time, so
+Counts of stored/predicted/not-analysed/failed instances and failed attempts are read from the database at scrape time, so
 they are right across restarts and with several worker processes; the decode/inference timing
 histograms are observed by this process's worker.
 """
@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..store import events as event_counts
+from ..store import queue
 from ..store.records import instance_state_counts
 from ..worklist.items import count_items
 
@@ -33,6 +34,7 @@ class _DatabaseCollector(Collector):
         try:
             with self._sessions() as session:
                 counts = instance_state_counts(session)
+                failed_attempts = queue.failed_attempts(session)
                 items = count_items(session)
         except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the DB is down
             log.warning("metrics: cannot read counts: %s", type(exc).__name__)
@@ -40,10 +42,18 @@ class _DatabaseCollector(Collector):
         for name, key, doc in (
             ("pacsbridge_instances_stored", "received", "Instances stored and recorded."),
             ("pacsbridge_instances_predicted", "predicted", "Instances with a prediction."),
-            ("pacsbridge_instances_not_analysed", "not_analysed", "Instances refused by the quality gate or decoder."),
+            ("pacsbridge_instances_not_analysed", "not_analysed", "Instances whose image was refused (scope, data, size, quality, intended use)."),
         ):
             yield CounterMetricFamily(name, doc, value=counts[key])
         yield GaugeMetricFamily("pacsbridge_instances_pending", "Instances waiting for the worker.", value=counts["pending"])
+        yield GaugeMetricFamily("pacsbridge_instances_failed",
+                                "Instances left failed by a fault of the system (waiting for a retry or given up).",
+                                value=counts["failed"])
+        yield GaugeMetricFamily("pacsbridge_instances_retry_waiting",
+                                "Failed instances with an automatic retry still to come.", value=counts["retry_waiting"])
+        yield CounterMetricFamily("pacsbridge_instance_failed_attempts",
+                                  "Scoring attempts that ended in a fault of the system (each is retried while "
+                                  "attempts are left).", value=failed_attempts)
         yield GaugeMetricFamily("pacsbridge_worklist_items", "Open worklist items.", value=items)
         yield from _event_counters(self._sessions, self._event_counts)
 

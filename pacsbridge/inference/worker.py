@@ -1,21 +1,41 @@
 """The inference worker: claim stored instances, decode, score in batches, record the results.
 
-Hand-off through the database (see the design): rows in state ``received`` are claimed
-(-> ``processing``, ``claimed_by``/``claimed_at``) in one short transaction, scored, and moved to
-``predicted`` (with a Prediction row) or ``not_analysed`` (with ``state_reason`` and an Event) in
-one more.  On PostgreSQL the claim uses ``FOR UPDATE SKIP LOCKED`` so several worker processes
-never take the same row; SQLite serializes writers, so the plain guarded UPDATE is enough there.
+The loop only: the instance queue (:mod:`pacsbridge.store.queue`) owns the states, claims, stale
+claim recovery and every state move.  A claimed instance ends ``predicted`` (with a Prediction
+row), ``not_analysed`` (the image was refused: final) or ``failed`` (a fault of the system: retried
+with backoff up to ``max_attempts``), each with ``state_reason`` and an event, in one transaction.
+
+Which outcome each cause gives (a fault of the system is never a verdict on the image):
+
+================================================  ==============  =========================
+cause                                             state           retried
+================================================  ==============  =========================
+spool file missing, or its path leaves the spool  failed          yes
+spool file deleted by retention (row re-queued)   failed          no: the file is gone
+decoder: OS error with an errno (EIO, EACCES...)  failed          yes
+decoder: MemoryError                              failed          yes
+decoder: any exception but ``NotAnalysable``      failed          yes
+model: exception on the image (batch and alone)   failed          yes
+model: non-finite probability                     failed          yes
+not a DICOM file, unparsable or truncated data    not_analysed    never
+  (pydicom's errors, an OSError without errno)
+pixel data the codecs cannot decode               not_analysed    never
+out of scope (modality, body part, view, colour)  not_analysed    never
+decoded size over ``max_decoded_bytes``           not_analysed    never
+quality gate (blank, too small, ...)              not_analysed    never
+patient age outside the card's intended use       not_analysed    never
+out-of-distribution score over the threshold      not_analysed    never
+================================================  ==============  =========================
 
 Crash safety: a claim left by a dead worker (this host, pid gone) or older than ``stale_after_s``
-goes back to ``received``.  Recording only succeeds while our claim still holds
-(``state='processing' AND claimed_by=<us>``) and ``predictions.instance_id`` is unique, so an
-instance is never scored twice.
+goes back to ``received``.  Recording only succeeds while our claim still holds and
+``predictions.instance_id`` is unique, so an instance is never scored twice.
 
 ``inference_ms`` on a Prediction is the model time of its batch divided by the batch size.
 
 Waking: an idle worker waits on a :class:`~pacsbridge.store.notifier.StoreNotifier` that the
 receiver of the same process notifies after each stored instance, with ``idle_poll_s`` as the
-timeout, so instances stored by other processes are still found by polling.
+timeout, so instances stored by other processes (and retries falling due) are still found by polling.
 """
 
 from __future__ import annotations
@@ -33,24 +53,21 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..model.artifact import LoadedModel
 from ..model.preprocess import preprocess
-from ..store.models import Event, Instance, InstanceState, Prediction, Series, utcnow
+from ..store import queue
+from ..store.models import Prediction, utcnow
 from ..store.notifier import StoreNotifier
+from ..store.queue import Claimed, RetryPolicy
 from ..worklist.items import as_utc
+from .faults import system_fault
 from .gates import ood_refusal
 from .metrics import PipelineMetrics
 
 log = logging.getLogger(__name__)
-
-RECEIVED = InstanceState.RECEIVED.value
-PROCESSING = InstanceState.PROCESSING.value
-PREDICTED = InstanceState.PREDICTED.value
-NOT_ANALYSED = InstanceState.NOT_ANALYSED.value
 
 #: A decode function: spool file -> object with ``.image`` (2-D float in [0, 1]); raises the
 #: imaging layer's refusal exception (any exception whose class is in ``refusals``) to say no.
@@ -79,37 +96,26 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()[:40]}:{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-@dataclass(frozen=True)
-class Claimed:
-    id: int
-    sop_instance_uid: str
-    file_path: str
-    study_id: int
-    spool_deleted_at: datetime | None = None  # retention deleted the file (e.g. a row re-queued by hand)
-
-
 @dataclass
 class BatchOutcome:
     """What one batch did; returned by :meth:`InferenceWorker.run_once` (tests and benchmarks read it)."""
 
     predicted: int = 0
     not_analysed: int = 0
+    failed: int = 0
     lost_claims: int = 0
     positive_studies: set[int] = field(default_factory=set)
 
     @property
     def processed(self) -> int:
-        return self.predicted + self.not_analysed + self.lost_claims
+        return self.predicted + self.not_analysed + self.failed + self.lost_claims
+
+    def add(self, other: "BatchOutcome") -> None:
+        self.predicted += other.predicted
+        self.not_analysed += other.not_analysed
+        self.failed += other.failed
+        self.lost_claims += other.lost_claims
+        self.positive_studies |= other.positive_studies
 
 
 @dataclass
@@ -125,7 +131,9 @@ class _Scored:
 class _Refused:
     inst: Claimed
     reason: str
-    level: str  # "info" for the quality gate, "warning" for a file deleted by retention, "error" for failures
+    level: str  # "info" for a refusal of the image, "error" for a fault of the system
+    fault: bool = False  # a fault of the system: the instance becomes ``failed`` (see the module's table)
+    retry: bool = True  # for a fault: whether another attempt can help
 
 
 class InferenceWorker:
@@ -150,6 +158,7 @@ class InferenceWorker:
         idle_poll_s: float = 0.25,
         notifier: StoreNotifier | None = None,
         outbox: Any | None = None,
+        retry_policy: RetryPolicy | None = None,
     ) -> None:
         if decode is None:
             decode, default_refusals = default_decoder(model)
@@ -165,6 +174,7 @@ class InferenceWorker:
         self._metrics = metrics
         self.worker_id = (worker_id or default_worker_id())[:64]
         self._stale_after = timedelta(seconds=stale_after_s)
+        self._retry = retry_policy or RetryPolicy()
         self._idle_poll_s = idle_poll_s
         self._stop = threading.Event()
         self._notifier = notifier or StoreNotifier()
@@ -184,82 +194,11 @@ class InferenceWorker:
         Runs only between batches (at start and from the worker's own loop), so a claim under this
         worker's own id is a leftover too (a batch that failed to record, e.g. the database went away).
         """
-        now = as_utc(now or utcnow())
-        host = self.worker_id.rsplit(":", 1)[0]
-        released = 0
-        with self._sessions.begin() as session:
-            rows = session.execute(
-                select(Instance.id, Instance.sop_instance_uid, Instance.claimed_by, Instance.claimed_at)
-                .where(Instance.state == PROCESSING)
-            ).all()
-            for iid, sop, owner, claimed_at in rows:
-                why = self._stale_reason(owner, claimed_at, host, now)
-                if why is None:
-                    continue
-                res = session.execute(
-                    update(Instance)
-                    .where(Instance.id == iid, Instance.state == PROCESSING, Instance.claimed_by == owner)
-                    .values(state=RECEIVED, claimed_by=None, claimed_at=None, updated_at=now)
-                    .execution_options(synchronize_session=False)
-                )
-                if res.rowcount == 1:
-                    released += 1
-                    session.add(Event(
-                        kind="claim_released", level="warning", instance_id=iid, sop_instance_uid=sop,
-                        detail=f"claim by {owner} released: {why}",
-                    ))
-        if released:
-            log.warning("worker %s: released %d stale claims", self.worker_id, released)
-        return released
-
-    def _stale_reason(self, owner: str | None, claimed_at: datetime | None, host: str, now: datetime) -> str | None:
-        if not owner:
-            return "claim without owner"
-        if owner == self.worker_id:
-            return "left over from a batch of this worker that was not recorded"
-        o_host, _, o_pid = owner.rpartition(":")
-        if o_host == host and o_pid.isdigit() and int(o_pid) != os.getpid() and not _pid_alive(int(o_pid)):
-            return f"worker process {o_pid} on this host is gone"
-        if claimed_at is None or now - as_utc(claimed_at) > self._stale_after:
-            return f"claim older than {self._stale_after.total_seconds():.0f} s"
-        return None
+        return queue.recover_stale_claims(self._sessions, self.worker_id, self._stale_after, now)
 
     def claim(self, limit: int) -> list[Claimed]:
-        """Claim up to ``limit`` instances in arrival order, in one short transaction."""
-        if limit <= 0:
-            return []
-        now = utcnow()
-        oldest = (
-            select(Instance.id)
-            .where(Instance.state == RECEIVED)
-            .order_by(Instance.received_at, Instance.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)  # PostgreSQL; SQLite has one writer at a time anyway
-        )
-        with self._sessions.begin() as session:
-            # Two statements on purpose: PostgreSQL may run an ``IN (SELECT ... LIMIT n FOR UPDATE)``
-            # subquery more than once inside an UPDATE and so claim more than ``n`` rows.
-            candidates = session.scalars(oldest).all()
-            if not candidates:
-                return []
-            # The state guard matters on SQLite, where the SELECT took no lock.
-            ids = session.scalars(
-                update(Instance)
-                .where(Instance.id.in_(candidates), Instance.state == RECEIVED)
-                .values(state=PROCESSING, claimed_by=self.worker_id, claimed_at=now, updated_at=now)
-                .returning(Instance.id)
-                .execution_options(synchronize_session=False)
-            ).all()
-            if not ids:
-                return []
-            rows = session.execute(
-                select(Instance.id, Instance.sop_instance_uid, Instance.file_path, Series.study_id,
-                       Instance.spool_deleted_at)
-                .join(Series, Series.id == Instance.series_id)
-                .where(Instance.id.in_(ids))
-                .order_by(Instance.received_at, Instance.id)
-            ).all()
-        return [Claimed(*r) for r in rows]
+        """Claim up to ``limit`` due instances (received, or failed and due for a retry) in arrival order."""
+        return queue.claim(self._sessions, self.worker_id, limit)
 
     # ----------------------------------------------------------------- one batch
 
@@ -298,10 +237,7 @@ class InferenceWorker:
             out = self.run_once(wait=False)
             if out.processed == 0:
                 break
-            total.predicted += out.predicted
-            total.not_analysed += out.not_analysed
-            total.lost_claims += out.lost_claims
-            total.positive_studies |= out.positive_studies
+            total.add(out)
             n += 1
         return total
 
@@ -320,22 +256,30 @@ class InferenceWorker:
             t0 = time.perf_counter()
             if inst.spool_deleted_at is not None:
                 when = as_utc(inst.spool_deleted_at).isoformat(timespec="seconds")
-                refused.append(_Refused(inst, f"the stored file was deleted by retention at {when}", "warning"))
+                refused.append(_Refused(inst, f"the stored file was deleted by retention at {when}", "error",
+                                        fault=True, retry=False))
                 continue
             try:
                 path = self._spool_path(inst.file_path)  # before decoding: a lost file is our error, not the image's
                 result = self._decode(path)
                 x = preprocess(np.asarray(result.image), self._model.input_size)
             except self._refusals as exc:
-                refused.append(_Refused(inst, _reason(exc), "info"))
+                fault = system_fault(exc)
+                if fault is None:
+                    refused.append(_Refused(inst, _reason(exc), "info"))
+                else:
+                    log.error("instance %d: %s while decoding: %s", inst.id, type(fault).__name__, fault)
+                    refused.append(_Refused(inst, f"could not decode the image ({type(fault).__name__}: {fault})",
+                                            "error", fault=True))
                 continue
             except FileNotFoundError as exc:
                 log.error("instance %d: spool file missing: %s", inst.id, exc)
-                refused.append(_Refused(inst, "the stored file is missing from the spool", "error"))
+                refused.append(_Refused(inst, "the stored file is missing from the spool", "error", fault=True))
                 continue
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the worker
                 log.exception("instance %d: unexpected error while decoding", inst.id)
-                refused.append(_Refused(inst, f"could not decode the image ({type(exc).__name__}: {exc})", "error"))
+                refused.append(_Refused(inst, f"could not decode the image ({type(exc).__name__}: {exc})", "error",
+                                        fault=True))
                 continue
             decode_ms = (time.perf_counter() - t0) * 1000  # read + decode + preprocess: all before the model
             ready.append((inst, x, decode_ms))
@@ -347,7 +291,7 @@ class InferenceWorker:
         scored: list[_Scored] = []
         for (inst, _, decode_ms), p, ood in zip(ready, probs, oods):
             if isinstance(p, str):
-                refused.append(_Refused(inst, p, "error"))
+                refused.append(_Refused(inst, p, "error", fault=True))
             elif self._model.is_out_of_distribution(ood):
                 refused.append(_Refused(inst, ood_refusal(ood, self._model.ood.threshold) or "out of distribution", "info"))
             else:
@@ -400,12 +344,8 @@ class InferenceWorker:
                     out = self._record_in([s], [])
                 except IntegrityError:
                     out = self._record_in([], [], already_predicted=[s.inst])
-                total.predicted += out.predicted
-                total.lost_claims += out.lost_claims
-                total.positive_studies |= out.positive_studies
-            out = self._record_in([], refused)
-            total.not_analysed += out.not_analysed
-            total.lost_claims += out.lost_claims
+                total.add(out)
+            total.add(self._record_in([], refused))
             return total
 
     def _record_in(
@@ -416,7 +356,7 @@ class InferenceWorker:
         m = self._model
         with self._sessions.begin() as session:
             for s in scored:
-                if not self._move(session, s.inst, PREDICTED, None, now):
+                if not queue.mark_predicted(session, s.inst, self.worker_id, now):
                     out.lost_claims += 1
                     continue
                 positive = m.is_positive(s.probability)
@@ -437,30 +377,31 @@ class InferenceWorker:
                 if positive:
                     out.positive_studies.add(s.inst.study_id)
             for r in refused:
-                if not self._move(session, r.inst, NOT_ANALYSED, r.reason, now):
+                if r.fault:
+                    self._record_fault(session, r, now, out)
+                elif queue.mark_not_analysed(session, r.inst, self.worker_id, r.reason, r.level, now):
+                    out.not_analysed += 1
+                    log.info("not_analysed %s: %s", Path(r.inst.file_path).stem[:12], r.reason)
+                else:
                     out.lost_claims += 1
-                    continue
-                session.add(Event(
-                    kind="not_analysed", level=r.level, instance_id=r.inst.id,
-                    sop_instance_uid=r.inst.sop_instance_uid, detail=r.reason,
-                ))
-                out.not_analysed += 1
-                log.info("not_analysed %s: %s", Path(r.inst.file_path).stem[:12], r.reason)
             for inst in already_predicted:
-                self._move(session, inst, PREDICTED, None, now)
+                queue.mark_predicted(session, inst, self.worker_id, now)
         if out.lost_claims:
             log.warning("worker %s: %d claims were taken back before recording", self.worker_id, out.lost_claims)
         return out
 
-    def _move(self, session: Session, inst: Claimed, state: str, reason: str | None, now: datetime) -> bool:
-        """Move one of our claimed instances to ``state``; False if the claim is no longer ours."""
-        res = session.execute(
-            update(Instance)
-            .where(Instance.id == inst.id, Instance.state == PROCESSING, Instance.claimed_by == self.worker_id)
-            .values(state=state, state_reason=reason, updated_at=now)
-            .execution_options(synchronize_session=False)
-        )
-        return res.rowcount == 1
+    def _record_fault(self, session: Session, r: _Refused, now: datetime, out: BatchOutcome) -> None:
+        when = queue.mark_failed(session, r.inst, self.worker_id, r.reason, self._retry, now, retry=r.retry)
+        if when is False:
+            out.lost_claims += 1
+            return
+        out.failed += 1
+        name = Path(r.inst.file_path).stem[:12]
+        if when is None:
+            log.error("failed %s (attempt %d, no retry left): %s", name, r.inst.attempts + 1, r.reason)
+        else:
+            log.warning("failed %s (attempt %d of %d, retry at %s): %s", name, r.inst.attempts + 1,
+                        self._retry.max_attempts, when.isoformat(timespec="seconds"), r.reason)
 
     # ----------------------------------------------------------------- thread
 

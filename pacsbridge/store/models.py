@@ -29,12 +29,13 @@ class Base(DeclarativeBase):
 
 
 class InstanceState(str, enum.Enum):
-    """Where an instance is on its way through pacsbridge."""
+    """Where an instance is on its way through pacsbridge (pacsbridge.store.queue is the one state machine)."""
 
     RECEIVED = "received"          # on disk and recorded; waiting for the inference worker
     PROCESSING = "processing"      # claimed by a worker
     PREDICTED = "predicted"        # a prediction row exists
-    NOT_ANALYSED = "not_analysed"  # quality gate or decoding said no; reason recorded
+    NOT_ANALYSED = "not_analysed"  # the image itself was refused (scope, data, size, quality); reason recorded
+    FAILED = "failed"              # a fault of the system (missing file, crash); retried, reason recorded
 
 
 class WorklistStatus(str, enum.Enum):
@@ -114,6 +115,11 @@ class Instance(Base):
     state_reason: Mapped[str | None] = mapped_column(Text)
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Failed attempts (faults of the system) since it was received or last queued again by hand.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When a failed instance is tried again; NULL when no automatic retry is left (or not failed).
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    last_error: Mapped[str | None] = mapped_column(Text)  # reason of the last failed attempt (kept after success)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
@@ -159,7 +165,7 @@ class WorklistItem(Base):
     probability: Mapped[float] = mapped_column(Float)  # highest calibrated probability in the study
     status: Mapped[str] = mapped_column(String(16), default=WorklistStatus.SCHEDULED.value, index=True)
     first_positive_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # first positive prediction recorded
-    claimed_by: Mapped[str | None] = mapped_column(String(64))  # user name or "ae:<AE title>"
+    claimed_by: Mapped[str | None] = mapped_column(String(64))  # user name (UPS: the user the AE title is bound to)
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     claim_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
     transaction_uid: Mapped[str | None] = mapped_column(String(64))  # UPS Transaction UID of the claim
@@ -187,7 +193,7 @@ class Event(Base):
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     peer: Mapped[str | None] = mapped_column(String(64))  # calling AE @ address
     detail: Mapped[str | None] = mapped_column(Text)
-    actor: Mapped[str | None] = mapped_column(String(64))  # user name or "ae:<AE title>" that caused it
+    actor: Mapped[str | None] = mapped_column(String(64))  # user name that caused it (UPS: the bound user)
     worklist_item_id: Mapped[int | None] = mapped_column(
         ForeignKey("worklist_items.id", ondelete="SET NULL"), index=True)
 
@@ -204,6 +210,7 @@ class User(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     tokens: Mapped[list["ApiToken"]] = relationship(back_populates="user")
+    ae_bindings: Mapped[list["UserAeBinding"]] = relationship(back_populates="user")
 
 
 class ApiToken(Base):
@@ -219,6 +226,21 @@ class ApiToken(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     user: Mapped[User] = relationship(back_populates="tokens")
+
+
+class UserAeBinding(Base):
+    """A DICOM calling AE title that acts as a user (DICOM UPS); owned by pacsbridge/auth/users.py."""
+
+    __tablename__ = "user_ae_bindings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    ae_title: Mapped[str] = mapped_column(String(16), unique=True)  # at most one user per AE title
+    # Required client certificate subject (RFC 4514 text) when set: the station must use mutual TLS.
+    tls_subject: Mapped[str | None] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    user: Mapped[User] = relationship(back_populates="ae_bindings")
 
 
 class OutboxEntry(Base):

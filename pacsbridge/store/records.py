@@ -110,14 +110,10 @@ def record_event(
 
 
 def instance_state_counts(session: Session) -> dict[str, int]:
-    """{"received": total stored, "pending": received or processing, "predicted": N, "not_analysed": N}."""
-    by_state = dict(session.execute(select(Instance.state, func.count()).group_by(Instance.state)).all())
-    return {
-        "received": sum(by_state.values()),
-        "pending": by_state.get(InstanceState.RECEIVED.value, 0) + by_state.get(InstanceState.PROCESSING.value, 0),
-        "predicted": by_state.get(InstanceState.PREDICTED.value, 0),
-        "not_analysed": by_state.get(InstanceState.NOT_ANALYSED.value, 0),
-    }
+    """Instances by state; see :func:`pacsbridge.store.queue.state_counts` (the owner of the states)."""
+    from .queue import state_counts
+
+    return state_counts(session)
 
 
 def spool_file_counts(session: Session) -> dict[str, int]:

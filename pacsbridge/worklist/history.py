@@ -71,6 +71,10 @@ def study_history(session: Session, item_id: int) -> list[dict[str, Any]]:
                               f"(threshold {_pct(pred.threshold)}): {verdict}"))
         elif inst.state == "not_analysed":
             out.append(_entry(inst.updated_at, "not_analysed", f"{label} not analysed: {inst.state_reason or 'no reason'}"))
+        elif inst.state == "failed":
+            retry = " (will be tried again)" if inst.next_attempt_at is not None else " (no retry left)"
+            out.append(_entry(inst.updated_at, "failed", f"{label} could not be scored because of a fault of the "
+                              f"system, not of the image: {inst.last_error or inst.state_reason or 'no reason'}{retry}"))
     study = session.get(Study, item.study_id)
     prio = f" (requested priority {study.requested_priority})" if study is not None and study.requested_priority else ""
     out.append(_entry(item.created_at, "listed", f"Put on the worklist at AI score {_pct(item.probability)}{prio}"))

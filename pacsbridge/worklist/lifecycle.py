@@ -43,8 +43,8 @@ SYSTEM_ACTOR = "system"
 
 @dataclass(frozen=True)
 class Actor:
-    name: str  # user name, or "ae:READER1" for a DICOM UPS performer
-    role: str  # "admin" | "radiologist" | "monitor" | "dicom"
+    name: str  # user name (for a DICOM UPS performer: the user its calling AE title is bound to)
+    role: str  # "admin" | "radiologist" | "monitor"
 
     @property
     def is_admin(self) -> bool:

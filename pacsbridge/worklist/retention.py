@@ -3,7 +3,9 @@
 Rows stay (the audit trail and predictions outlive the pixels).  A deleted file is marked by
 ``Instance.spool_deleted_at`` (``file_path`` is kept, so the record still says where it was) plus an
 ``Event`` of kind ``spool_file_deleted``.
-Files of instances that are not yet scored (``received``/``processing``) are never touched.
+Files of instances that are not settled (``received``, ``processing``, ``failed``: a failed
+instance is tried again from its file) are never touched.  The rows are selected and updated
+through :mod:`pacsbridge.store.queue`, the owner of the instance state.
 """
 
 from __future__ import annotations
@@ -12,14 +14,12 @@ import logging
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..store.models import Event, Instance, InstanceState, utcnow
+from ..store import queue
+from ..store.models import utcnow
 
 log = logging.getLogger(__name__)
-
-SCORED_STATES = (InstanceState.PREDICTED.value, InstanceState.NOT_ANALYSED.value)
 
 
 def purge_spool(
@@ -36,28 +36,17 @@ def purge_spool(
     cutoff = now - timedelta(days=retention_days)
     root = Path(spool_dir).resolve()
     deleted = 0
-    failed: set[int] = set()
+    undeletable: set[int] = set()
     while True:
         with sessions.begin() as session:
-            q = select(Instance).where(
-                Instance.state.in_(SCORED_STATES), Instance.received_at < cutoff,
-                Instance.spool_deleted_at.is_(None),
-            )
-            if failed:
-                q = q.where(Instance.id.not_in(failed))
-            rows = session.scalars(q.order_by(Instance.received_at, Instance.id).limit(batch)).all()
+            rows = queue.retention_candidates(session, cutoff, undeletable, batch)
             for inst in rows:
                 ok, detail = _delete_file(root, inst.file_path)
-                session.add(Event(
-                    kind="spool_file_deleted" if ok else "spool_delete_failed", level="info" if ok else "error",
-                    instance_id=inst.id, sop_instance_uid=inst.sop_instance_uid,
-                    detail=f"retention {retention_days:g} days: {detail}",
-                ))
+                queue.record_spool_deletion(session, inst, ok, f"retention {retention_days:g} days: {detail}", now)
                 if ok:
-                    inst.spool_deleted_at = now
                     deleted += 1
                 else:
-                    failed.add(inst.id)  # retried on the next run, not in this loop
+                    undeletable.add(inst.id)  # retried on the next run, not in this loop
         if len(rows) < batch:
             break
     if deleted:
