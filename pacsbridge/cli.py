@@ -158,7 +158,7 @@ def _cmd_db(args: argparse.Namespace) -> int:
 
 def _add_db(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("db", help="database schema: upgrade (to the latest), downgrade, current",
-                       description="Manage the database schema with the Alembic migrations shipped in alembic/.")
+                       description="Manage the database schema with the Alembic migrations shipped in the package.")
     dbsub = p.add_subparsers(dest="db_command", required=True, metavar="{upgrade,downgrade,current}")
     up = dbsub.add_parser("upgrade", help="apply migrations up to REVISION (default: head, the latest)")
     up.add_argument("revision", nargs="?", default="head")

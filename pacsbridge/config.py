@@ -47,6 +47,8 @@ class Destination(BaseModel):
     receiving_facility: str = ""
     sending_application: str = "PACSBRIDGE"
     sending_facility: str = ""
+    # HL7: MSH-18 and the matching encoding of the bytes on the wire (UTF-8, Latin-1 or ASCII).
+    hl7_encoding: Literal["UNICODE UTF-8", "8859/1", "ASCII"] = "UNICODE UTF-8"
     timeout_s: float = Field(30.0, gt=0, le=600, description="Connect/association/DIMSE/ACK timeout.")
     max_per_association: int = Field(20, ge=1, le=1000, description="Objects sent over one association/connection.")
     # DICOM TLS for this destination (SECURITY.md): the server is verified against tls_ca_file (or the
@@ -143,7 +145,10 @@ class Settings(BaseSettings):
                                           "length a PDU may take, when that is more than pdu_deadline_floor_s.")
     max_dataset_bytes: int = Field(134_217_728, ge=65_536, description="Largest data set of one C-STORE.")
     max_inflated_bytes: int = Field(134_217_728, ge=65_536, description="Largest inflated deflate data set.")
-    max_decoded_bytes: int = Field(134_217_728, ge=65_536, description="Rows x Columns x frames x samples x bits/8 limit.")
+    max_decoded_bytes: int = Field(134_217_728, ge=65_536, description="Largest decoded image (header and codestream: "
+                                   "Rows x Columns x frames x samples x bytes), for the worker, previews and heatmaps.")
+    max_concurrent_renders: int = Field(2, ge=1, le=64, description="Image previews (image.png) rendered at once; "
+                                        "more get 503.")
     dicom_tls_port: int = Field(0, ge=0, le=65535, description="DICOM TLS listener port; 0 = no TLS listener.")
     dicom_tls_only: bool = Field(False, description="Listen only with TLS (no plain dicom_port).")
     dicom_tls_cert: str = Field("", description="PEM certificate (chain) of our DICOM TLS listener.")

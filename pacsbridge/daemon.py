@@ -137,6 +137,7 @@ class Daemon:
                 # Heatmaps (when the model provides them) use their own copy, loaded on first use.
                 model=functools.partial(load_model, s.model_path, s.device),
                 ready=lambda: bool(self.components) and self._healthy(), viewer_url=s.viewer_url,
+                max_decoded_bytes=s.max_decoded_bytes, max_concurrent_renders=s.max_concurrent_renders,
             ), s)
             components.append(HttpServer(app, s.http_host, s.http_port, tls_cert=s.http_tls_cert,
                                          tls_key=s.http_tls_key, tls_min_version=s.tls_min_version,
@@ -154,7 +155,7 @@ class Daemon:
         ctx = ForwardContext(ae_title=s.ae_title, spool_dir=Path(s.spool_dir),
                              load_model=lambda: load_model(s.model_path, s.device), tls_min_version=s.tls_min_version,
                              tls_ca=s.dicom_tls_ca, tls_client_cert=s.dicom_tls_client_cert,
-                             tls_client_key=s.dicom_tls_client_key)
+                             tls_client_key=s.dicom_tls_client_key, max_decoded_bytes=s.max_decoded_bytes)
         policy = RetryPolicy(initial_s=s.outbox_retry_initial_s, max_s=s.outbox_retry_max_s,
                              max_age=timedelta(hours=s.outbox_max_age_hours))
         return Forwarder(self.sessions, s.destinations, ctx, policy=policy, interval_s=s.outbox_interval_s,

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models.  One migration in ``alembic/versions`` per change here."""
+"""SQLAlchemy 2 models.  One migration in ``pacsbridge/migrations/versions`` per change here."""
 
 from __future__ import annotations
 
