@@ -1,6 +1,7 @@
 """The ``pacsbridge`` command.  Each subcommand is registered by an ``_add_<name>`` function.
 
-Settings come from ``--config FILE`` (or PACSBRIDGE_CONFIG) plus PACSBRIDGE_* environment
+Settings come from ``--config FILE`` (or PACSBRIDGE_CONFIG, else /etc/pacsbridge/pacsbridge.toml when
+it exists) plus PACSBRIDGE_* environment
 variables; an invalid value stops the command with a message naming the key (exit status 2).
 """
 
@@ -30,6 +31,11 @@ def setup_logging(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     # APScheduler logs every job run at INFO (every few seconds): keep that for DEBUG runs too.
     logging.getLogger("apscheduler").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    # Alembic logs each migration step and its context at INFO on every command that opens the
+    # database; highdicom logs several "copy attributes" lines per SR built.  Both are library
+    # detail: shown at DEBUG, their warnings always.
+    for chatty in ("alembic", "highdicom"):
+        logging.getLogger(chatty).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     # pydicom warns (and logs) about every odd value in bad input; a hostile peer could fill the journal.
     # Those go to DEBUG: the receiver logs one WARNING line per rejected instance instead.
     logging.getLogger("pydicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
@@ -339,21 +345,39 @@ class _CommandError(Exception):
 
 def _cmd_worklist(args: argparse.Namespace) -> int:
     from pacsbridge.worklist.items import list_worklist
+    from pacsbridge.worklist.viewer import viewer_link
 
     with _db_session(args, "the worklist") as session:
         rows = list_worklist(session, status="all" if args.all else None)
+    template = load_settings(args.config).viewer_url  # the same link as GET /api/worklist gives
+    for r in rows:
+        r["viewer_url"] = viewer_link(template, r["study_instance_uid"], r["accession_number"])
     if args.json:
         print(json.dumps(rows))
     elif not rows:
         print("worklist is empty")
     else:
-        print(f"{'id':>5}  {'priority':>8}  {'prob':>5}  {'status':<11}  {'waiting':>8}  {'claimed_by':<12}  "
-              f"{'accession':<12}  {'finding':<12}  study_instance_uid")
+        # The reader's view at a terminal: who (patient, age), which order (accession), how urgent.
+        print(f"{'id':>5}  {'priority':>8}  {'prob':>5}  {'status':<11}  {'waiting':>8}  {'patient':<24}  "
+              f"{'age':>4}  {'accession':<16}  {'req':<7}  {'claimed_by':<12}  {'finding':<12}  study_instance_uid")
         for r in rows:
             print(f"{r['id']:>5}  {r['priority']:8.3f}  {r['probability']:5.3f}  {r['status']:<11}  "
-                  f"{_age(r['waiting_s']):>8}  {r['claimed_by'] or '-':<12}  {r['accession_number'] or '-':<12}  "
-                  f"{r['finding'] or '-':<12}  {r['study_instance_uid']}")
+                  f"{_age(r['waiting_s']):>8}  {_person(r['patient_name']):<24.24}  {_years(r['patient_age']):>4}  "
+                  f"{r['accession_number'] or '-':<16}  {r['requested_priority'] or '-':<7}  "
+                  f"{r['claimed_by'] or '-':<12}  {r['finding'] or '-':<12}  {r['study_instance_uid']}")
     return 0
+
+
+def _person(name: str | None) -> str:
+    """DICOM PN ``Doe^Jane`` as ``Doe Jane``; ``-`` when absent."""
+    return " ".join(p for p in (name or "").split("^") if p) or "-"
+
+
+def _years(age: str | None) -> str:
+    """DICOM AS ``045Y`` as ``45y`` (``8mo``, ``3wk``, ``10d``); ``-`` when absent."""
+    if not age or len(age) != 4 or not age[:3].isdigit():
+        return age or "-"
+    return f"{int(age[:3])}{ {'Y': 'y', 'M': 'mo', 'W': 'wk', 'D': 'd'}.get(age[3].upper(), age[3])}"
 
 
 def _age(seconds: float) -> str:
@@ -368,7 +392,7 @@ def _add_worklist(sub: argparse._SubParsersAction) -> None:
         "completed and canceled ones. --json prints one JSON list with the fields of GET /api/worklist "
         "(id, status, priority, probability, study_instance_uid, accession_number, patient_name, patient_id, "
         "patient_age, study_date, study_description, modality, received_at, waiting_s, claimed_by, "
-        "claim_expires_at, finding, ...).",
+        "claim_expires_at, finding, viewer_url, ...).",
     )
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.add_argument("--all", action="store_true", help="every state (also completed and canceled)")
@@ -389,6 +413,8 @@ def _cmd_instances(args: argparse.Namespace) -> int:
         return 0
     if not rows:
         print("no instances" + (f" ({args.state})" if args.state else ""))
+    else:
+        print(f"{'id':>6}  {'received (UTC)':<19}  {'state':<12}  outcome (probability, or why not analysed)  study")
     for r in rows:
         outcome = (f"{r['probability']:.4f} {'POSITIVE' if r['positive'] else 'negative'} (threshold "
                    f"{r['threshold']:.4f}, {r['model_id']})" if r["probability"] is not None else (r["reason"] or ""))
@@ -444,6 +470,48 @@ def _add_instances(sub: argparse._SubParsersAction) -> None:
     rt.add_argument("ids", nargs="*", type=int, metavar="ID")
     rt.add_argument("--all-failed", action="store_true", help="every failed instance")
     p.set_defaults(func=_cmd_instances)
+
+
+# -- events ------------------------------------------------------------------------------------
+def _cmd_events(args: argparse.Namespace) -> int:
+    from pacsbridge.store.events import MAX_LIMIT, list_events, parse_since
+
+    if not 1 <= args.limit <= MAX_LIMIT:
+        raise _CommandError(f"events: --limit must be between 1 and {MAX_LIMIT}")
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        raise _CommandError(f"events: --since: {exc}") from None
+    with _db_session(args, "events") as session:
+        rows = list_events(session, kind=args.kind, since=since, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows))
+    elif not rows:
+        print("no events" + (f" of kind {args.kind}" if args.kind else "") + (" in that time" if since else ""))
+    else:
+        print(f"{'at (UTC)':<19}  {'level':<7}  {'kind':<22}  {'actor / peer':<24}  detail")
+        for r in rows:
+            who = r["actor"] or r["peer"] or "-"
+            print(f"{r['at'][:19]}  {r['level']:<7}  {r['kind']:<22}  {who:<24.24}  {r['detail'] or ''}")
+    return 0
+
+
+def _add_events(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "events", help="the audit trail: rejections, failures, claims, forwards (newest first)",
+        description="Print recorded events, newest first: rejected associations (association_rejected, "
+        "association_aborted), refused or failed C-STOREs (store_rejected, store_failed), images not analysed "
+        "(not_analysed), faults while scoring (analysis_failed), worklist claims and completions, dead forwards "
+        "(outbox_dead), users and tokens. "
+        "Reads the database only (creates nothing). --json prints one JSON list of objects with at, kind, "
+        "level, actor, detail (and peer, instance_id, worklist_item_id).",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON list")
+    p.add_argument("--kind", metavar="K", help="only this kind, e.g. store_rejected")
+    p.add_argument("--since", metavar="T", help="only from T on: an ISO date/time (2026-12-01, "
+                   "2026-12-01T20:00:00Z) or a duration back from now (90m, 24h, 7d)")
+    p.add_argument("--limit", metavar="N", type=int, default=100, help="at most N events (default 100, max 1000)")
+    p.set_defaults(func=_cmd_events)
 
 
 # -- users -------------------------------------------------------------------------------------
@@ -621,11 +689,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings: --config FILE (TOML) or PACSBRIDGE_CONFIG, overridden by PACSBRIDGE_<KEY> environment "
         "variables; see deploy/pacsbridge.example.toml for every key.",
     )
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration file (default: $PACSBRIDGE_CONFIG)")
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file (default: $PACSBRIDGE_CONFIG, "
+                        "else /etc/pacsbridge/pacsbridge.toml when it exists)")
     parser.add_argument("--version", action="version", version=f"pacsbridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_serve, _add_worker, _add_db, _add_status, _add_predict, _add_worklist, _add_instances,
-                _add_users, _add_outbox):
+                _add_events, _add_users, _add_outbox):
         add(sub)
     _accept_config_anywhere(parser)
     return parser

@@ -1,8 +1,8 @@
 """Settings: one TOML file plus ``PACSBRIDGE_<KEY>`` environment overrides, validated once at start.
 
 Precedence (highest first): environment variables, the TOML file, built-in defaults.  The file
-comes from ``--config`` or ``PACSBRIDGE_CONFIG``; without one the defaults run the daemon with
-SQLite in ``./var`` and the shipped model.
+comes from ``--config`` or ``PACSBRIDGE_CONFIG``, else ``/etc/pacsbridge/pacsbridge.toml`` when it
+exists; without one the defaults run the daemon with SQLite in ``./var`` and the shipped model.
 """
 
 from __future__ import annotations
@@ -179,6 +179,8 @@ class Settings(BaseSettings):
         30.0, gt=0, le=24 * 60, description="A reader's claim on a worklist item lapses after this (HTTP and UPS).")
 
     log_level: str = Field("INFO")
+    viewer_url: str = Field("", description="Link that opens a study in the site's viewer: a URL with "
+                            "{study_instance_uid} and/or {accession_number}; empty = no link.")
 
     destinations: list[Destination] = Field(
         default_factory=list, description="Where results are forwarded ([[destinations]] tables; env: JSON list)."
@@ -187,6 +189,13 @@ class Settings(BaseSettings):
     outbox_retry_initial_s: float = Field(5.0, gt=0, description="First retry delay after a transient failure.")
     outbox_retry_max_s: float = Field(600.0, gt=0, description="Longest delay between retries (backoff cap).")
     outbox_max_age_hours: float = Field(24.0, gt=0, description="A result still failing after this is dead.")
+
+    @field_validator("viewer_url")
+    @classmethod
+    def _check_viewer_url(cls, v: str) -> str:
+        from .worklist.viewer import check_template
+
+        return check_template(v.strip())
 
     @field_validator("allowed_calling_aes", mode="before")
     @classmethod
@@ -338,6 +347,22 @@ def _check_toml_lists(data: dict[str, Any], path: Path) -> None:
                 "variable)")
 
 
+def _check_toml_booleans(data: dict[str, Any], path: Path) -> None:
+    """A boolean setting must be TOML true or false: "yes" or 1 is refused rather than guessed."""
+    def check(model: type[BaseModel], table: dict[str, Any], where: str) -> None:
+        for key, info in model.model_fields.items():
+            if info.annotation is bool and key in table and not isinstance(table[key], bool):
+                env = f" (PACSBRIDGE_{key.upper()})" if model is Settings else ""
+                raise ConfigError(f"invalid configuration: {where}{key}{env}: in {path} it must be true or false "
+                                  f"(without quotes), not {table[key]!r}")
+
+    check(Settings, data, "")
+    for i, entry in enumerate(data.get("destinations") or []):
+        if isinstance(entry, dict):
+            name = entry.get("name")
+            check(Destination, entry, f"destinations[{i}]" + (f" {name!r}" if isinstance(name, str) else "") + ".")
+
+
 def _relative_to_config(data: dict[str, Any], path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in PATH_KEYS:
@@ -348,9 +373,26 @@ def _relative_to_config(data: dict[str, Any], path: Path) -> dict[str, Any]:
     return out
 
 
+#: Read when neither --config nor PACSBRIDGE_CONFIG names a file and it exists (the systemd setup's
+#: file, so admin commands find the daemon's data without repeating its settings).
+DEFAULT_CONFIG_FILE = Path("/etc/pacsbridge/pacsbridge.toml")
+
+
+def config_path(config_file: str | Path | None = None) -> Path | None:
+    """The config file in use: ``--config``, else ``PACSBRIDGE_CONFIG``, else
+    :data:`DEFAULT_CONFIG_FILE` when it exists (``PACSBRIDGE_CONFIG=""`` turns that off), else None."""
+    if config_file:
+        return Path(config_file)
+    env = os.environ.get("PACSBRIDGE_CONFIG")
+    if env is not None:
+        return Path(env) if env else None
+    default = Path(os.environ.get("PACSBRIDGE_DEFAULT_CONFIG", DEFAULT_CONFIG_FILE))
+    return default if default.is_file() else None
+
+
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Read, merge and validate the settings; raises :class:`ConfigError` naming the bad key."""
-    path = config_file or os.environ.get("PACSBRIDGE_CONFIG") or None
+    path = config_path(config_file)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -362,6 +404,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         except Exception as exc:  # noqa: BLE001 - report any parse failure with the file name
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         _check_toml_lists(data, path)
+        _check_toml_booleans(data, path)
         overrides = {**_relative_to_config(data, path), **overrides}
     _CONFIG_FILE["path"] = path
     try:

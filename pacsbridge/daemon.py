@@ -136,7 +136,7 @@ class Daemon:
                 self.sessions, metrics, claim_timeout_s=s.claim_timeout_minutes * 60.0, spool_dir=Path(s.spool_dir),
                 # Heatmaps (when the model provides them) use their own copy, loaded on first use.
                 model=functools.partial(load_model, s.model_path, s.device),
-                ready=lambda: bool(self.components) and self._healthy(),
+                ready=lambda: bool(self.components) and self._healthy(), viewer_url=s.viewer_url,
                 max_decoded_bytes=s.max_decoded_bytes, max_concurrent_renders=s.max_concurrent_renders,
             ), s)
             components.append(HttpServer(app, s.http_host, s.http_port, tls_cert=s.http_tls_cert,

@@ -16,6 +16,7 @@ Every route but ``/healthz``, ``/readyz`` and the static web page needs ``Author
   GET  /api/instances                      radiologist, admin: received instances and their outcome
   GET  /api/instances/{id}/image.png       radiologist, admin: the image as the model saw it
   GET  /api/stats                          monitor, radiologist, admin: per-model statistics
+  GET  /api/events                         admin: the audit trail, newest first (kind, since, limit)
 
 Ids in paths are 1 to 2**63-1 (a larger or smaller one is 422, an unknown one 404), limits and offsets
 are bounded: a client error is a 4xx answer and one log line, never a 500 or a traceback.  Image
@@ -47,10 +48,12 @@ from .. import __version__
 from ..imaging import DEFAULT_MAX_DECODED_BYTES
 from ..auth.users import Principal
 from ..inference.metrics import PipelineMetrics
+from ..store import events as audit
 from ..store.models import Instance, InstanceState, utcnow
 from ..worklist import lifecycle as lc
 from ..worklist.items import ALL_STATUSES, list_worklist
 from ..worklist.reports import item_detail, list_instances, model_stats
+from ..worklist.viewer import viewer_link
 from . import render
 from .auth import ADMIN, ANYONE, MONITOR, READERS, Authenticator
 
@@ -92,6 +95,7 @@ class WorklistEntry(BaseModel):
     completed_by: str | None
     completed_at: str | None
     ups_uid: str
+    viewer_url: str | None = None
 
 
 class CompleteBody(BaseModel):
@@ -139,11 +143,12 @@ def create_app(
     claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S, spool_dir: Path | None = None,
     model: Any | None = None, clock: Callable[[], Any] = utcnow,
     ready: Callable[[], bool] | None = None, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
-    max_concurrent_renders: int = DEFAULT_MAX_CONCURRENT_RENDERS,
+    max_concurrent_renders: int = DEFAULT_MAX_CONCURRENT_RENDERS, viewer_url: str = "",
 ) -> FastAPI:
     """The API.  ``model`` (a LoadedModel, or a function that loads one on first use) is used only for
     heatmaps; ``ready`` adds a readiness check; ``max_decoded_bytes`` and ``max_concurrent_renders``
-    bound what image previews may cost."""
+    bound what image previews may cost; ``viewer_url`` is the site's viewer link template
+    (pacsbridge.worklist.viewer)."""
     # FastAPI's own /docs and /openapi.json are open to anyone: disabled, re-added behind admin below.
     app = FastAPI(title="pacsbridge", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
                   description="AI triage of chest radiographs: worklist, instances, statistics. "
@@ -189,13 +194,23 @@ def create_app(
             body["holder"] = holder
         return JSONResponse(body, status_code=_status_of(exc))
 
+    def with_viewer(item: dict[str, Any]) -> dict[str, Any]:
+        item["viewer_url"] = viewer_link(viewer_url, item["study_instance_uid"], item["accession_number"])
+        return item
+
+    def item_json(session: Session, item_id: int, now: Any) -> dict[str, Any]:
+        """The one item answer: GET /api/worklist/{id} and every write (claim, release, ...) alike."""
+        out = with_viewer(item_detail(session, item_id, now))
+        out["heatmap_available"] = heatmap_model.configured and render.heatmap_module() is not None
+        return out
+
     def transition(fn: Callable[..., Any], item_id: int, who: Principal, **kwargs: Any) -> dict[str, Any]:
         actor = lc.Actor(who.name, who.role)
         now = clock()
         with sessions.begin() as session:
             fn(session, item_id, actor, now=now, **kwargs)
         with sessions() as session:
-            return item_detail(session, item_id, now)
+            return item_json(session, item_id, now)
 
     # -- open --------------------------------------------------------------------------------------
     @app.get("/healthz", include_in_schema=True, tags=["health"])
@@ -226,6 +241,12 @@ def create_app(
             # Only our own script/style; images from blob: URLs made by the page after an authenticated fetch.
             "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; "
                                        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        # Browsers ask for /favicon.ico whatever the page says: answer with the page's icon, not a 404.
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml",
+                            headers={"Cache-Control": "public, max-age=86400"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -272,15 +293,13 @@ def create_app(
         """Items in reading order (highest priority first)."""
         if status != "open" and status != "all" and status not in ALL_STATUSES:
             raise HTTPException(422, f"status must be one of {', '.join(ALL_STATUSES)}, all or open")
-        return list_worklist(session, status=None if status == "open" else status, limit=limit, offset=offset,
-                             now=clock())
+        return [with_viewer(it) for it in list_worklist(
+            session, status=None if status == "open" else status, limit=limit, offset=offset, now=clock())]
 
     @app.get("/api/worklist/{item_id}", tags=["worklist"], dependencies=[Depends(reader)])
     def worklist_item(item_id: ItemId, session: Session = Depends(db_session)) -> dict[str, Any]:
         """One item with its instances, each prediction (probability, threshold, model), image links and history."""
-        out = item_detail(session, item_id, clock())
-        out["heatmap_available"] = heatmap_model.configured and render.heatmap_module() is not None
-        return out
+        return item_json(session, item_id, clock())
 
     @app.post("/api/worklist/{item_id}/claim", tags=["worklist"])
     def claim(item_id: ItemId, who: Principal = Depends(reader)) -> dict[str, Any]:
@@ -307,12 +326,20 @@ def create_app(
     def instances(
         study_instance_uid: str | None = Query(None, max_length=64), state: InstanceState | None = Query(None),
         limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET),
+        since: str | None = Query(None, max_length=40, description="received at or after: ISO date/time or 24h, 7d"),
+        until: str | None = Query(None, max_length=40, description="received before: ISO date/time"),
         session: Session = Depends(db_session),
     ) -> list[dict[str, Any]]:
         """Every received instance (newest first): state, probability, positive flag, reason when refused
         (``not_analysed``) or failed (with ``attempts``, ``next_attempt_at``, ``last_error``)."""
+        try:
+            after = audit.parse_since(since, clock()) if since else None
+            before = audit.parse_since(until, clock()) if until else None
+        except ValueError as exc:
+            raise HTTPException(422, f"since/until: {exc}") from None
         return list_instances(session, study_instance_uid=study_instance_uid,
-                              state=state.value if state else None, limit=limit, offset=offset)
+                              state=state.value if state else None, limit=limit, offset=offset,
+                              received_from=after, received_before=before)
 
     @app.get("/api/instances/{instance_id}/image.png", tags=["instances"], dependencies=[Depends(reader)],
              response_class=Response, responses={200: {"content": {"image/png": {}}}})
@@ -358,5 +385,20 @@ def create_app(
     def stats(session: Session = Depends(db_session)) -> dict[str, Any]:
         """Per model id: scored, flagged, completed per finding, PPV of confirmed flags, receipt-to-completion p50/p95."""
         return model_stats(session)
+
+    # -- audit trail -------------------------------------------------------------------------------
+    @app.get("/api/events", tags=["admin"], dependencies=[Depends(admin)])
+    def events(
+        kind: str | None = Query(None, max_length=32, description="only this kind, e.g. association_rejected"),
+        since: str | None = Query(None, max_length=40, description="ISO date/time or a duration back (24h, 7d)"),
+        limit: int = Query(audit.DEFAULT_LIMIT, ge=1, le=audit.MAX_LIMIT),
+        session: Session = Depends(db_session),
+    ) -> list[dict[str, Any]]:
+        """The audit trail, newest first: at, kind, level, actor, detail (admin)."""
+        try:
+            after = audit.parse_since(since, clock()) if since else None
+        except ValueError as exc:
+            raise HTTPException(422, f"since: {exc}") from None
+        return audit.list_events(session, kind=kind, since=after, limit=limit)
 
     return app
