@@ -16,11 +16,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from ..model.artifact import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
 
 FORMAT = "pacsbridge-site-calibration-1"
 MODEL = "model"
@@ -133,3 +136,25 @@ def calibration_summary(settings: Any) -> dict[str, Any]:
     return {"id": cal_id, "file": str(path), "threshold": data["threshold"], "ood_threshold": data.get("ood_threshold"),
             "model_id": data["model_id"], "target_sensitivity": data.get("target_sensitivity"),
             "created_at": (data.get("data") or {}).get("created_at"), "matches_model": card_sha == data["weights_sha256"]}
+
+
+def record_calibration(sessions: Any, model: LoadedModel, source: Path | str | None) -> bool:
+    """Record a ``calibration_changed`` event when the calibration in force differs from the last one
+    recorded (or none was recorded yet); True when one was written."""
+    from sqlalchemy import select
+
+    from ..store.models import Event
+
+    with sessions.begin() as session:
+        last = session.scalars(select(Event.detail).where(Event.kind == "calibration_changed")
+                               .order_by(Event.id.desc()).limit(1)).first()
+        previous = last.split(" ", 1)[0] if last else None
+        if previous == model.calibration_id:
+            return False
+        ood = model.ood.threshold if model.ood is not None else None
+        where = f"file {source}" if source else "the model card"
+        session.add(Event(kind="calibration_changed", level="warning" if previous else "info", detail=(
+            f"{model.calibration_id} (was {previous or 'not recorded'}; {where}; model {model.model_id}; "
+            f"threshold {model.threshold:.6g}; OOD cut {'none' if ood is None else f'{ood:.6g}'})")[:2000]))
+    log.info("calibration in force: %s (was %s)", model.calibration_id, previous or "not recorded")
+    return True
