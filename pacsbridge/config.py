@@ -177,6 +177,12 @@ class Settings(BaseSettings):
     outbox_retry_max_s: float = Field(600.0, gt=0, description="Longest delay between retries (backoff cap).")
     outbox_max_age_hours: float = Field(24.0, gt=0, description="A result still failing after this is dead.")
 
+    @field_validator("site_calibration", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        # PACSBRIDGE_SITE_CALIBRATION="" (or site_calibration = "") means none, not the current directory.
+        return None if isinstance(v, str) and not v.strip() else v
+
     @field_validator("allowed_calling_aes", mode="before")
     @classmethod
     def _split_aes(cls, v: Any) -> Any:

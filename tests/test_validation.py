@@ -317,3 +317,19 @@ def test_sr_and_hl7_carry_the_calibration() -> None:
         return out
 
     assert ("Algorithm Parameters", "calibration=site-0123456789ab") in texts(sr.ContentSequence)
+
+
+def test_site_calibration_setting(tmp_path: Path, monkeypatch) -> None:
+    from pacsbridge.config import load_settings
+
+    for key in list(__import__("os").environ):
+        if key.startswith("PACSBRIDGE_"):
+            monkeypatch.delenv(key)
+    assert load_settings().site_calibration is None
+    cfg = tmp_path / "etc" / "pacsbridge.toml"
+    cfg.parent.mkdir()
+    cfg.write_text('site_calibration = "site.json"\nvalidation_min_per_class = 80\n')
+    s = load_settings(cfg)
+    assert s.site_calibration == tmp_path / "etc" / "site.json" and s.validation_min_per_class == 80
+    monkeypatch.setenv("PACSBRIDGE_SITE_CALIBRATION", "")
+    assert load_settings().site_calibration is None

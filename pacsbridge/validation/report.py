@@ -62,7 +62,7 @@ def write_report(out_dir: Path, result: dict[str, Any], current: list[UnitOutcom
             thr = cur["threshold"] if name == "in force" else prop["threshold"]
             ax.plot(1 - point["specificity"], point["sensitivity"], marker=marker, markersize=9, linestyle="none",
                     markerfacecolor="white" if name == "in force" else style["color"], markeredgecolor=style["color"],
-                    markeredgewidth=2, label=f"{name}: threshold {_fmt(thr)} (sens {_fmt(point['sensitivity'], 2)}, "
+                    markeredgewidth=2, label=f"{name}: threshold {_fmt(thr)} (scored: sens {_fmt(point['sensitivity'], 2)}, "
                     f"spec {_fmt(point['specificity'], 2)})")
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="-.")
     if pos and neg and result["auc"] is not None and result["auc"] > 0.9:
