@@ -333,3 +333,24 @@ def test_site_calibration_setting(tmp_path: Path, monkeypatch) -> None:
     assert s.site_calibration == tmp_path / "etc" / "site.json" and s.validation_min_per_class == 80
     monkeypatch.setenv("PACSBRIDGE_SITE_CALIBRATION", "")
     assert load_settings().site_calibration is None
+
+
+def test_study_labels_apply_to_all_images_and_the_study_scores_its_highest(tmp_path: Path, small_model) -> None:
+    from pacsbridge.validation.run import evaluate_units
+    from pipeline_support import synthetic_chest
+
+    recs = []
+    for i, (study, acc, prob) in enumerate([("1.2.9.1", "ACC1", 0.2), ("1.2.9.1", "ACC1", 0.7), ("1.2.9.2", "ACC2", 0.4)]):
+        ds = synthetic_chest(i, rows=64, cols=64, study_uid=study)
+        ds.AccessionNumber = acc
+        p = tmp_path / f"{i}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        recs.append(ImageRecord(p, ds.SOPInstanceUID, prob, None, None))
+    recs.append(ImageRecord(tmp_path / "junk.txt", None, None, None, "not a DICOM file"))
+    (tmp_path / "junk.txt").write_text("x")
+    for column, keys in (("study_instance_uid", ("1.2.9.1", "1.2.9.2", "1.2.9.3")), ("accession_number", ("ACC1", "ACC2", "ACC3"))):
+        labels = read_labels(_csv(tmp_path, f"{column},label\n{keys[0]},pneumonia\n{keys[1]},normal\n{keys[2]},normal\n", f"{column}.csv"))
+        units, acc = join(labels, recs, [tmp_path])
+        assert [(u.key, len(u.images)) for u in units] == [(keys[0], 2), (keys[1], 1)]
+        assert acc["rows_unusable"] == 1 and acc["files_without_label"] == 1
+        assert [o.score for o in evaluate_units(units, small_model, None)] == [0.7, 0.4]
