@@ -126,25 +126,29 @@ def write_report(out_dir: Path, result: dict[str, Any], current: list[UnitOutcom
     probs = [o.score for o in current if o.score is not None]
     ys = [o.label for o in current if o.score is not None]
     rel = stats.reliability(probs, ys)
-    fig, ax = plt.subplots(figsize=(6, 5.4))
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(6, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="-.", label="perfect calibration")
     if rel:
         x = [b["mean_predicted"] for b in rel]
         y = [b["observed"] for b in rel]
-        ax.plot(x, y, color="black", marker="o", linewidth=1.4, label="observed share per bin")
+        ax.plot(x, y, color="black", marker="o", linewidth=1.4, label="observed share per bin (95 % Wilson)")
         for b in rel:
             ci = stats.wilson_interval(round(b["observed"] * b["n"]), b["n"])
             if ci:
                 ax.plot([b["mean_predicted"]] * 2, ci, color="black", linewidth=0.8)
-            ax.annotate(f"n={b['n']}", (b["mean_predicted"], b["observed"]), textcoords="offset points",
-                        xytext=(4, 6), fontsize=8)
-    ax.set_title("Reliability: predicted probability vs observed pneumonia share\n(10 bins, counts and 95 % Wilson "
-                 "intervals)", fontsize=11)
-    ax.set_xlabel("mean predicted probability in the bin")
+        counts.bar([(b["lo"] + b["hi"]) / 2 for b in rel], [b["n"] for b in rel], width=0.09, color="#bbbbbb",
+                   edgecolor="black", linewidth=0.5)
+        for b in rel:
+            counts.annotate(str(b["n"]), ((b["lo"] + b["hi"]) / 2, b["n"]), ha="center", va="bottom", fontsize=8)
+        counts.set_yscale("log")
+        counts.set_ylim(0.8, max(b["n"] for b in rel) * 4)
+    ax.set_title("Reliability: predicted probability vs observed pneumonia share (10 bins)", fontsize=11)
     ax.set_ylabel("share labelled pneumonia")
     ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
+    ax.set_ylim(-0.02, 1.02)
     ax.legend(loc="lower right", fontsize=9)
+    counts.set_ylabel("images")
+    counts.set_xlabel("predicted probability (bin mean above, bin counts below)")
     written.append(_save(fig, out_dir / "reliability.png"))
 
     path = out_dir / "report.html"
@@ -203,6 +207,7 @@ def render_html(result: dict[str, Any]) -> str:
  h1 {{ font-size: 1.5em; }} h2 {{ font-size: 1.15em; border-bottom: 1px solid #000; margin-top: 1.4em; }}
  table {{ border-collapse: collapse; margin: .5em 0; }}
  th, td {{ border: 1px solid #555; padding: .2em .5em; text-align: left; vertical-align: top; }}
+ td {{ white-space: nowrap; }}
  thead th {{ background: #eee; }}
  figure {{ margin: 1em 0; page-break-inside: avoid; break-inside: avoid; }}
  figure img {{ max-width: 100%; }} figcaption {{ font-size: .9em; font-style: italic; }}
