@@ -105,10 +105,17 @@ def test_refused_positives_count_as_misses_and_too_few_gives_none() -> None:
     assert stats.site_threshold([0.9, 0.9, 0.9], 0.99, 0.95) is None
 
 
-def test_quantile_keeps_the_stated_share() -> None:
-    v = list(range(1, 101))
-    assert stats.quantile_higher(v, 0.97) == 97
-    assert sum(x <= stats.quantile_higher(v, 0.97) for x in v) >= 97
+def test_ood_keep_cut_keeps_the_share_with_confidence() -> None:
+    v = list(range(1, 1001))
+    cut = stats.keep_cut(v, 0.97, 0.95)
+    k = sum(x <= cut for x in v)
+    assert stats.wilson_lower(k, 1000, 0.95) >= 0.97 > stats.wilson_lower(k - 1, 1000, 0.95)
+    assert 970 < k < 1000
+    assert stats.keep_cut([1.0, 2.0, 3.0], 0.97, 0.95) == 3.0  # too few: keep them all
+    # Future images from the same distribution (uniform): the share kept is >= 0.97 in most draws.
+    rng = np.random.default_rng(5)
+    ok = sum(stats.keep_cut(list(rng.uniform(0, 1, 400)), 0.97, 0.95) >= 0.97 for _ in range(300))
+    assert ok / 300 >= 0.90
 
 
 # -- labels CSV --------------------------------------------------------------------------------

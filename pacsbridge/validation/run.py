@@ -233,13 +233,13 @@ def validate(units: list[Unit], accounting: dict[str, Any], model: LoadedModel, 
     neg_scores = [o.score for o in current if o.label == 0 and o.score is not None]
     auc = stats.auc_delong(pos_scores, neg_scores)
 
-    # The site's OOD cut: keep `ood_keep` of the site's own images that reached the model, never looser
-    # than the model's ceiling.
+    # The site's OOD cut: keep `ood_keep` of the site's own images that reached the model (with the same
+    # one-sided confidence as the threshold), never looser than the model's ceiling.
     ceiling = ood_ceiling(model)
     site_oods = [im.ood_score for u in units for im in u.images
                  if im.ood_score is not None and math.isfinite(im.ood_score)]
     if ceiling is not None and site_oods:
-        local = stats.quantile_higher(site_oods, opts.ood_keep)
+        local = stats.keep_cut(site_oods, opts.ood_keep, opts.confidence)
         site_cut: float | None = min(local, ceiling)
     else:
         local, site_cut = None, current_cut
@@ -247,7 +247,7 @@ def validate(units: list[Unit], accounting: dict[str, Any], model: LoadedModel, 
     found = stats.site_threshold([o.score for o in site if o.label == 1], opts.target_sensitivity, opts.confidence)
     proposed_threshold = found[0] if found else None
     proposed = operating_point(site, proposed_threshold, site_cut)
-    proposed["ood_local_quantile"] = local
+    proposed["ood_local_cut"] = local
     proposed["ood_ceiling"] = ceiling
     proposed["rule"] = THRESHOLD_RULE.format(confidence=opts.confidence, target=opts.target_sensitivity)
     if found is None:

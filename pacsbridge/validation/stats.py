@@ -164,8 +164,17 @@ def roc_points(positives: Sequence[float], negatives: Sequence[float]) -> tuple[
     return np.asarray(fpr + [1.0]), np.asarray(tpr + [1.0])
 
 
-def quantile_higher(values: Sequence[float], q: float) -> float:
-    """The smallest value v with at least ``q`` of ``values`` <= v (so a cut at v keeps that share)."""
+def keep_cut(values: Sequence[float], keep: float, confidence: float = 0.95) -> float:
+    """The smallest cut (one of ``values``) at which the one-sided lower Wilson bound on the share of
+    values <= cut is at least ``keep``: the site's future images stay in scope at that share with that
+    confidence, where a plain quantile keeps it only about half the time.  The largest value when no
+    cut meets the bound (too few values)."""
     v = np.sort(np.asarray(values, dtype=np.float64))
-    k = max(1, math.ceil(q * len(v)))
-    return float(v[k - 1])
+    n = len(v)
+    for k in range(max(1, math.ceil(keep * n)), n + 1):
+        if k < n and v[k] == v[k - 1]:
+            continue  # ties: a cut at this value keeps all of them
+        if wilson_lower(k, n, confidence) >= keep:
+            return float(v[k - 1])
+    return float(v[-1])
+
