@@ -265,20 +265,30 @@ def _results_stream() -> Iterator[TextIO]:
         os.close(saved)
 
 
+def _load_site_model(settings: Settings, model: str | None, command: str):  # noqa: ANN202 - LoadedModel | None
+    """The model with the site calibration applied, or None after printing one line saying why not."""
+    from pacsbridge.model.artifact import ModelError
+    from pacsbridge.validation.calibration import CalibrationError, load_site_model
+
+    try:
+        return load_site_model(settings, Path(model) if model else None)
+    except ModelError as exc:
+        print(f"pacsbridge {command}: cannot load the model: {exc}", file=sys.stderr)
+    except CalibrationError as exc:
+        print(f"pacsbridge {command}: cannot use the site calibration: {exc}", file=sys.stderr)
+    return None
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from pacsbridge.inference.files import iter_input_files, score_files
-    from pacsbridge.model.artifact import ModelError, load_model
 
     missing = [p for p in args.paths if not os.path.lexists(p)]
     if missing:
         print(f"pacsbridge predict: error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return 2
     settings = _settings(args)
-    try:
-        model = load_model(Path(args.model) if args.model else settings.model_path, settings.device,
-                           age_gate=settings.age_gate, ood_gate=settings.ood_gate)
-    except ModelError as exc:
-        print(f"pacsbridge predict: cannot load the model: {exc}", file=sys.stderr)
+    model = _load_site_model(settings, args.model, "predict")
+    if model is None:
         return 1
     results = score_files(iter_input_files(Path(p) for p in args.paths), model,
                           batch_size=args.batch_size or max(settings.inference_batch_size, 16),
@@ -306,7 +316,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         description="Score each DICOM file (folders are searched recursively) with the configured model. "
         "Every file gives one line: its probability and verdict, or 'skipped' with the reason (not a chest "
         "radiograph, not DICOM, unreadable, outside the model's intended use, ...). --json prints one JSON "
-        "object per file: {path, sop_instance_uid, probability, positive, threshold, model, ood_score} or "
+        "object per file: {path, sop_instance_uid, probability, positive, threshold, model, calibration, ood_score} or "
         "{path, skipped: true, reason}. "
         "Exit status 2 only for usage errors (e.g. a PATH that does not exist).",
     )
@@ -317,6 +327,142 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heatmaps", metavar="DIR", help="write a Grad-CAM overlay PNG (not for diagnostic use) "
                    "for every scored image into DIR")
     p.set_defaults(func=_cmd_predict)
+
+
+# -- validate ----------------------------------------------------------------------------------
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pacsbridge.inference.files import iter_input_files
+    from pacsbridge.validation.calibration import write_calibration
+    from pacsbridge.validation.labels import LabelsError, read_labels
+    from pacsbridge.validation.run import (Options, Progress, ValidationInputError, calibration_content,
+                                           evaluate_units, join, score_for_validation, validate)
+
+    missing = [p for p in args.paths if not os.path.lexists(p)]
+    if missing:
+        print(f"pacsbridge validate: error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    settings = _settings(args)
+    try:
+        labels = read_labels(Path(args.labels))
+    except LabelsError as exc:
+        print(f"pacsbridge validate: labels: {exc}", file=sys.stderr)
+        return 2
+    model = _load_site_model(settings, args.model, "validate")
+    if model is None:
+        return 1
+    roots = [Path(p) for p in args.paths]
+    files = list(iter_input_files(roots))
+    progress = Progress(sys.stderr, every_s=3.0) if not args.quiet else None
+    records = score_for_validation(files, model, batch_size=args.batch_size or max(settings.inference_batch_size, 16),
+                                   progress=progress)
+    units, accounting = join(labels, records, roots)
+    opts = Options(target_sensitivity=args.target_sensitivity, ood_keep=args.ood_keep,
+                   confidence=args.confidence or settings.validation_confidence,
+                   min_per_class=settings.validation_min_per_class,
+                   max_unusable_share=settings.validation_max_unusable_share)
+    try:
+        result = validate(units, accounting, model, opts)
+    except ValidationInputError as exc:
+        print(f"pacsbridge validate: {exc}", file=sys.stderr)
+        return 2
+    status = 0
+    result["calibration_written"] = None
+    if args.write_calibration:
+        if result["calibration_refused"]:
+            print(f"pacsbridge validate: no calibration written: {result['calibration_refused']}", file=sys.stderr)
+            status = 1
+        else:
+            target = Path(args.write_calibration)
+            try:
+                cal_id = write_calibration(target, calibration_content(result))
+            except OSError as exc:
+                print(f"pacsbridge validate: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
+                return 1
+            result["calibration_written"] = {"file": str(target), "id": cal_id}
+    if args.report:
+        from pacsbridge.validation.report import write_report
+
+        oods = [im.ood_score for u in units for im in u.images if im.ood_score is not None]
+        try:
+            write_report(Path(args.report), result, evaluate_units(units, model, result["at_current"]["ood_threshold"]),
+                         evaluate_units(units, model, result["proposed"]["ood_threshold"]), oods)
+        except OSError as exc:
+            print(f"pacsbridge validate: cannot write the report into {args.report}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 1
+    with _results_stream() as out:
+        if args.json:
+            out.write(json.dumps(result) + "\n")
+        else:
+            out.write(_validation_summary(result))
+    return status
+
+
+def _validation_summary(r: dict) -> str:
+    def point(name: str, p: dict) -> str:
+        def v(key: str) -> str:
+            ci = p.get(key + "_ci")
+            return "n/a" if p[key] is None else f"{p[key]:.3f} ({ci[0]:.3f}-{ci[1]:.3f})"
+        thr = "none" if p["threshold"] is None else f"{p['threshold']:.4f}"
+        cut = "none" if p["ood_threshold"] is None else f"{p['ood_threshold']:.3f}"
+        return (f"{name}: threshold {thr}, OOD cut {cut}, refused {p['refused']}\n"
+                f"  sensitivity {v('sensitivity')}  specificity {v('specificity')}  PPV {v('ppv')}  NPV {v('npv')}\n")
+    auc = "n/a" if r["auc"] is None else f"{r['auc']:.3f} (95% CI {r['auc_ci'][0]:.3f}-{r['auc_ci'][1]:.3f}, DeLong)"
+    lab = r["labels"]
+    lines = (f"{r['n']} labelled {r['unit']}s ({r['n_pneumonia']} pneumonia, {r['n_normal']} normal), {r['scored']} "
+             f"scored; refused: {', '.join(f'{k} {v}' for k, v in r['refused'].items()) or 'none'}\n"
+             f"label rows: {lab['rows']}, unusable {lab['rows_unusable']}; files without a label "
+             f"{lab['files_without_label']}\nAUC {auc}\n"
+             + point(f"in force ({r['at_current']['calibration']})", r["at_current"])
+             + point(f"proposed (target sensitivity {r['target_sensitivity']})", r["proposed"]))
+    if r.get("calibration_written"):
+        lines += f"calibration written: {r['calibration_written']['file']} (id {r['calibration_written']['id']})\n"
+    elif r["calibration_refused"]:
+        lines += f"no calibration can be written: {r['calibration_refused']}\n"
+    return lines
+
+
+def _fraction(lo: float, hi: float):  # noqa: ANN202
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not lo < value < hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}")
+        return value
+    return parse
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate", help="validate the model on this site's labelled studies; propose a site calibration",
+        description="Score every DICOM file under PATH exactly as the daemon does (header and age gates, "
+        "out-of-distribution gate, model, the site calibration in force) and join the scores with --labels: a CSV "
+        "with a header, a 'label' column (pneumonia/normal or 1/0) and one key column, the first present of path, "
+        "sop_instance_uid, study_instance_uid, accession_number (a study's score is its highest image). Prints n, "
+        "refusals, AUC with a 95 % DeLong interval, and sensitivity, specificity, PPV, NPV with 95 % Wilson intervals "
+        "at the threshold in force and at the proposed site threshold (the highest whose one-sided lower Wilson bound "
+        "on sensitivity is at least the target); the proposed OOD cut keeps --ood-keep of the site's images, never "
+        "looser than the model allows. --json prints one object (keys n, scored, refused, auc, auc_ci, at_current, "
+        "proposed, ...). Exit status 2 when the labels cannot be used, 1 when a calibration was asked for but "
+        "cannot be written (too few labelled images: validation_min_per_class).",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM file or folder")
+    p.add_argument("--labels", required=True, metavar="FILE.csv", help="labels CSV (see above)")
+    p.add_argument("--target-sensitivity", type=_fraction(0.5, 1.0), default=0.95, metavar="S",
+                   help="sensitivity the proposed threshold must reach with confidence (default 0.95)")
+    p.add_argument("--ood-keep", type=_fraction(0.5, 1.0), default=0.97, metavar="Q",
+                   help="share of the site's images the proposed OOD cut keeps in scope (default 0.97)")
+    p.add_argument("--confidence", type=_fraction(0.5, 1.0), default=None, metavar="C",
+                   help="one-sided confidence of the sensitivity bound (default: validation_confidence, 0.95)")
+    p.add_argument("--write-calibration", metavar="OUT.json", help="write the proposed site calibration here")
+    p.add_argument("--report", metavar="DIR", help="write report.html and its PNG figures into DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--model", metavar="FILE", help="model artifact (.pt with its .json card); default: model_path")
+    p.add_argument("--batch-size", type=int, default=0, metavar="N", help="images per model call (default 16)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=_cmd_validate)
 
 
 # -- worklist ----------------------------------------------------------------------------------
@@ -693,8 +839,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "else /etc/pacsbridge/pacsbridge.toml when it exists)")
     parser.add_argument("--version", action="version", version=f"pacsbridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_serve, _add_worker, _add_db, _add_status, _add_predict, _add_worklist, _add_instances,
-                _add_events, _add_users, _add_outbox):
+    for add in (_add_serve, _add_worker, _add_db, _add_status, _add_predict, _add_validate, _add_worklist,
+                _add_instances, _add_events, _add_users, _add_outbox):
         add(sub)
     _accept_config_anywhere(parser)
     return parser

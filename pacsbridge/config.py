@@ -171,6 +171,18 @@ class Settings(BaseSettings):
         15.0, ge=0, le=3600, description="Wait before the 2nd attempt after a fault; doubles for each further one.")
     age_gate: bool = Field(True, description="Refuse patients outside the model card's intended-use age range.")
     ood_gate: bool = Field(True, description="Refuse images whose out-of-distribution score is over the model's threshold.")
+    # Site validation (`pacsbridge validate`) and the site calibration it writes.
+    site_calibration: Path | None = Field(
+        None, description="Site calibration file (from `pacsbridge validate --write-calibration`): its threshold "
+        "and out-of-distribution cut replace the model card's; unset = the model's own.")
+    validation_min_per_class: int = Field(
+        50, ge=1, description="A calibration is written only with at least this many pneumonia and normal labelled "
+        "images (or studies) scored.")
+    validation_max_unusable_share: float = Field(
+        0.1, ge=0, le=1, description="`validate` stops (exit 2) when more than this share of label rows is unusable.")
+    validation_confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="One-sided confidence that the proposed site threshold meets the target "
+        "sensitivity (lower Wilson bound).")
 
     scheduler_interval_s: float = Field(2.0, gt=0, description="How often positives become worklist items.")
     priority_max_wait_minutes: float = Field(240.0, gt=0, description="After this wait an item rises to the top.")
@@ -196,6 +208,12 @@ class Settings(BaseSettings):
         from .worklist.viewer import check_template
 
         return check_template(v.strip())
+
+    @field_validator("site_calibration", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        # PACSBRIDGE_SITE_CALIBRATION="" (or site_calibration = "") means none, not the current directory.
+        return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("allowed_calling_aes", mode="before")
     @classmethod
@@ -333,7 +351,7 @@ _CONFIG_FILE: dict[str, Path | None] = {}
 
 #: Settings naming files or folders: a relative value in a config file is relative to that file's folder
 #: (so every command given the same --config finds the same data, from any working directory).
-PATH_KEYS = ("data_dir", "model_path", "dicom_tls_cert", "dicom_tls_key", "dicom_tls_ca", "dicom_tls_client_cert",
+PATH_KEYS = ("data_dir", "model_path", "site_calibration", "dicom_tls_cert", "dicom_tls_key", "dicom_tls_ca", "dicom_tls_client_cert",
              "dicom_tls_client_key", "http_tls_cert", "http_tls_key")
 
 

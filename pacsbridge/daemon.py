@@ -166,14 +166,21 @@ class Daemon:
         (then ``after_batch``, e.g. waking the forwarder); results get their outbox entries."""
         from pacsbridge.forward.outbox import Outbox
         from pacsbridge.inference.worker import InferenceWorker, default_decoder
-        from pacsbridge.model.artifact import ModelError, load_model
+        from pacsbridge.model.artifact import ModelError
         from pacsbridge.store.queue import RetryPolicy
+        from pacsbridge.validation.calibration import CalibrationError, load_site_model, record_calibration
 
         s = self.settings
         try:
-            model = load_model(s.model_path, s.device, age_gate=s.age_gate, ood_gate=s.ood_gate)
+            model = load_site_model(s)  # the site calibration, if configured, applies from here on
         except ModelError as exc:
             raise ConfigError(f"model_path: {exc}{hint}") from None
+        except CalibrationError as exc:
+            raise ConfigError(str(exc)) from None
+        try:
+            record_calibration(self.sessions, model, s.site_calibration)
+        except Exception as exc:  # noqa: BLE001 - e.g. the database went away: the next start records it
+            log.warning("could not record the calibration in force: %s", _first_line(exc))
         # The card's age gate first, then decoding within max_decoded_bytes.
         decode, refusals = default_decoder(model, max_decoded_bytes=s.max_decoded_bytes)
         return InferenceWorker(

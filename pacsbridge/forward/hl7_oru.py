@@ -8,7 +8,8 @@
          result status P (preliminary: a machine result, not a report)
     OBX  1 finding (SCT 233604007 Pneumonia = Present/Absent, abnormal flag A/N), 2 probability,
          3 threshold, 4 priority flag (URGENT/ROUTINE), 5 algorithm name, 6 algorithm version
-         (model id + weights hash), 7 Study Instance UID
+         (model id + weights hash), 7 Study Instance UID, 8 algorithm parameters (``calibration=<id>``:
+         the model card's operating point or the site calibration that decided)
 
 Values come from the DICOM header through :mod:`.header_values` (decoded with the image's Specific
 Character Set, control characters removed, invalid dates/sexes left out).  A multi-valued Patient ID
@@ -132,6 +133,7 @@ def build_oru(result: Result, source: Dataset | HeaderValues | None, *, control_
         _obx(5, "ST", "111001^Algorithm Name^DCM", _esc(result.model_id), "", "", status),
         _obx(6, "ST", "111003^Algorithm Version^DCM", _esc(result.model_version), "", "", status),
         _obx(7, "ST", "113014^Study Instance UID^DCM", _esc(result.study_instance_uid), "", "", status),
+        _obx(8, "ST", "111002^Algorithm Parameters^DCM", _esc(f"calibration={result.calibration}"), "", "", status),
     ]
     return hl7.parse("\r".join(segments))
 

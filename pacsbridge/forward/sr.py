@@ -68,7 +68,8 @@ def build_sr(result: Result, source: Dataset, *, ae_title: str) -> hd.sr.Compreh
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=result.derived_uid("tracking"), identifier=f"pneumonia AI result {result.prediction_id}",
         ),
-        algorithm_id=hd.sr.AlgorithmIdentification(name=result.model_id, version=result.model_version),
+        algorithm_id=hd.sr.AlgorithmIdentification(name=result.model_id, version=result.model_version,
+                                                   parameters=[f"calibration={result.calibration}"]),
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(PNEUMONIA, PRESENT if result.positive else ABSENT),
             hd.sr.QualitativeEvaluation(AI_POSITIVE, YES if result.positive else NO),

@@ -366,6 +366,7 @@ class InferenceWorker:
                     threshold=m.threshold, model_id=m.model_id, weights_sha256=m.weights_sha256,
                     decode_ms=round(s.decode_ms, 3), inference_ms=round(s.inference_ms, 3), created_at=now,
                     ood_score=None if s.ood_score is None else float(s.ood_score),
+                    calibration=m.calibration_id,
                 )
                 session.add(prediction)
                 if self._outbox is not None:

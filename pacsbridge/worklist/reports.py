@@ -41,6 +41,7 @@ def instance_row(inst: Instance, series: Series, study: Study, pred: Prediction 
         "positive": pred.positive if pred else None,
         "threshold": pred.threshold if pred else None,
         "model_id": pred.model_id if pred else None,
+        "calibration": pred.calibration if pred else None,
         "predicted_at": _iso(pred.created_at) if pred else None,
         "file_kept": inst.spool_deleted_at is None,
         "image_url": f"/api/instances/{inst.id}/image.png",

@@ -322,7 +322,8 @@ function renderItem() {
     const label = "Image " + (i + 1) + ": " + (inst.probability !== null ? Math.round(inst.probability * 100) + "%"
       : inst.state.replace("_", " "));
     const b = el("button", { type: "button", class: inst.id === state.instance ? "active" : "", text: label,
-      title: inst.reason || (inst.model_id ? "model " + inst.model_id + ", threshold " + inst.threshold : "") });
+      title: inst.reason || (inst.model_id ? "model " + inst.model_id + ", threshold " + inst.threshold +
+        ", calibration " + (inst.calibration || "model") : "") });
     b.addEventListener("click", () => { state.instance = inst.id; renderItem(); loadImage(); });
     list.append(b);
   });
