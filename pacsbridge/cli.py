@@ -1,6 +1,7 @@
 """The ``pacsbridge`` command.  Each subcommand is registered by an ``_add_<name>`` function.
 
-Settings come from ``--config FILE`` (or PACSBRIDGE_CONFIG) plus PACSBRIDGE_* environment
+Settings come from ``--config FILE`` (or PACSBRIDGE_CONFIG, else /etc/pacsbridge/pacsbridge.toml when
+it exists) plus PACSBRIDGE_* environment
 variables; an invalid value stops the command with a message naming the key (exit status 2).
 """
 
@@ -33,6 +34,11 @@ def setup_logging(level: str, log_format: str = "text") -> None:
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     # APScheduler logs every job run at INFO (every few seconds): keep that for DEBUG runs too.
     logging.getLogger("apscheduler").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    # Alembic logs each migration step and its context at INFO on every command that opens the
+    # database; highdicom logs several "copy attributes" lines per SR built.  Both are library
+    # detail: shown at DEBUG, their warnings always.
+    for chatty in ("alembic", "highdicom"):
+        logging.getLogger(chatty).setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     # pydicom warns (and logs) about every odd value in bad input; a hostile peer could fill the journal.
     # Those go to DEBUG: the receiver logs one WARNING line per rejected instance instead.
     logging.getLogger("pydicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
@@ -157,7 +163,7 @@ def _cmd_db(args: argparse.Namespace) -> int:
 
 def _add_db(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("db", help="database schema: upgrade (to the latest), downgrade, current",
-                       description="Manage the database schema with the Alembic migrations shipped in alembic/.")
+                       description="Manage the database schema with the Alembic migrations shipped in the package.")
     dbsub = p.add_subparsers(dest="db_command", required=True, metavar="{upgrade,downgrade,current}")
     up = dbsub.add_parser("upgrade", help="apply migrations up to REVISION (default: head, the latest)")
     up.add_argument("revision", nargs="?", default="head")
@@ -264,20 +270,30 @@ def _results_stream() -> Iterator[TextIO]:
         os.close(saved)
 
 
+def _load_site_model(settings: Settings, model: str | None, command: str):  # noqa: ANN202 - LoadedModel | None
+    """The model with the site calibration applied, or None after printing one line saying why not."""
+    from pacsbridge.model.artifact import ModelError
+    from pacsbridge.validation.calibration import CalibrationError, load_site_model
+
+    try:
+        return load_site_model(settings, Path(model) if model else None)
+    except ModelError as exc:
+        print(f"pacsbridge {command}: cannot load the model: {exc}", file=sys.stderr)
+    except CalibrationError as exc:
+        print(f"pacsbridge {command}: cannot use the site calibration: {exc}", file=sys.stderr)
+    return None
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from pacsbridge.inference.files import iter_input_files, score_files
-    from pacsbridge.model.artifact import ModelError, load_model
 
     missing = [p for p in args.paths if not os.path.lexists(p)]
     if missing:
         print(f"pacsbridge predict: error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return 2
     settings = _settings(args)
-    try:
-        model = load_model(Path(args.model) if args.model else settings.model_path, settings.device,
-                           age_gate=settings.age_gate, ood_gate=settings.ood_gate)
-    except ModelError as exc:
-        print(f"pacsbridge predict: cannot load the model: {exc}", file=sys.stderr)
+    model = _load_site_model(settings, args.model, "predict")
+    if model is None:
         return 1
     results = score_files(iter_input_files(Path(p) for p in args.paths), model,
                           batch_size=args.batch_size or max(settings.inference_batch_size, 16),
@@ -305,7 +321,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         description="Score each DICOM file (folders are searched recursively) with the configured model. "
         "Every file gives one line: its probability and verdict, or 'skipped' with the reason (not a chest "
         "radiograph, not DICOM, unreadable, outside the model's intended use, ...). --json prints one JSON "
-        "object per file: {path, sop_instance_uid, probability, positive, threshold, model, ood_score} or "
+        "object per file: {path, sop_instance_uid, probability, positive, threshold, model, calibration, ood_score} or "
         "{path, skipped: true, reason}. "
         "Exit status 2 only for usage errors (e.g. a PATH that does not exist).",
     )
@@ -316,6 +332,142 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heatmaps", metavar="DIR", help="write a Grad-CAM overlay PNG (not for diagnostic use) "
                    "for every scored image into DIR")
     p.set_defaults(func=_cmd_predict)
+
+
+# -- validate ----------------------------------------------------------------------------------
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pacsbridge.inference.files import iter_input_files
+    from pacsbridge.validation.calibration import write_calibration
+    from pacsbridge.validation.labels import LabelsError, read_labels
+    from pacsbridge.validation.run import (Options, Progress, ValidationInputError, calibration_content,
+                                           evaluate_units, join, score_for_validation, validate)
+
+    missing = [p for p in args.paths if not os.path.lexists(p)]
+    if missing:
+        print(f"pacsbridge validate: error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    settings = _settings(args)
+    try:
+        labels = read_labels(Path(args.labels))
+    except LabelsError as exc:
+        print(f"pacsbridge validate: labels: {exc}", file=sys.stderr)
+        return 2
+    model = _load_site_model(settings, args.model, "validate")
+    if model is None:
+        return 1
+    roots = [Path(p) for p in args.paths]
+    files = list(iter_input_files(roots))
+    progress = Progress(sys.stderr, every_s=3.0) if not args.quiet else None
+    records = score_for_validation(files, model, batch_size=args.batch_size or max(settings.inference_batch_size, 16),
+                                   progress=progress)
+    units, accounting = join(labels, records, roots)
+    opts = Options(target_sensitivity=args.target_sensitivity, ood_keep=args.ood_keep,
+                   confidence=args.confidence or settings.validation_confidence,
+                   min_per_class=settings.validation_min_per_class,
+                   max_unusable_share=settings.validation_max_unusable_share)
+    try:
+        result = validate(units, accounting, model, opts)
+    except ValidationInputError as exc:
+        print(f"pacsbridge validate: {exc}", file=sys.stderr)
+        return 2
+    status = 0
+    result["calibration_written"] = None
+    if args.write_calibration:
+        if result["calibration_refused"]:
+            print(f"pacsbridge validate: no calibration written: {result['calibration_refused']}", file=sys.stderr)
+            status = 1
+        else:
+            target = Path(args.write_calibration)
+            try:
+                cal_id = write_calibration(target, calibration_content(result))
+            except OSError as exc:
+                print(f"pacsbridge validate: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
+                return 1
+            result["calibration_written"] = {"file": str(target), "id": cal_id}
+    if args.report:
+        from pacsbridge.validation.report import write_report
+
+        oods = [im.ood_score for u in units for im in u.images if im.ood_score is not None]
+        try:
+            write_report(Path(args.report), result, evaluate_units(units, model, result["at_current"]["ood_threshold"]),
+                         evaluate_units(units, model, result["proposed"]["ood_threshold"]), oods)
+        except OSError as exc:
+            print(f"pacsbridge validate: cannot write the report into {args.report}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 1
+    with _results_stream() as out:
+        if args.json:
+            out.write(json.dumps(result) + "\n")
+        else:
+            out.write(_validation_summary(result))
+    return status
+
+
+def _validation_summary(r: dict) -> str:
+    def point(name: str, p: dict) -> str:
+        def v(key: str) -> str:
+            ci = p.get(key + "_ci")
+            return "n/a" if p[key] is None else f"{p[key]:.3f} ({ci[0]:.3f}-{ci[1]:.3f})"
+        thr = "none" if p["threshold"] is None else f"{p['threshold']:.4f}"
+        cut = "none" if p["ood_threshold"] is None else f"{p['ood_threshold']:.3f}"
+        return (f"{name}: threshold {thr}, OOD cut {cut}, refused {p['refused']}\n"
+                f"  sensitivity {v('sensitivity')}  specificity {v('specificity')}  PPV {v('ppv')}  NPV {v('npv')}\n")
+    auc = "n/a" if r["auc"] is None else f"{r['auc']:.3f} (95% CI {r['auc_ci'][0]:.3f}-{r['auc_ci'][1]:.3f}, DeLong)"
+    lab = r["labels"]
+    lines = (f"{r['n']} labelled {r['unit']}s ({r['n_pneumonia']} pneumonia, {r['n_normal']} normal), {r['scored']} "
+             f"scored; refused: {', '.join(f'{k} {v}' for k, v in r['refused'].items()) or 'none'}\n"
+             f"label rows: {lab['rows']}, unusable {lab['rows_unusable']}; files without a label "
+             f"{lab['files_without_label']}\nAUC {auc}\n"
+             + point(f"in force ({r['at_current']['calibration']})", r["at_current"])
+             + point(f"proposed (target sensitivity {r['target_sensitivity']})", r["proposed"]))
+    if r.get("calibration_written"):
+        lines += f"calibration written: {r['calibration_written']['file']} (id {r['calibration_written']['id']})\n"
+    elif r["calibration_refused"]:
+        lines += f"no calibration can be written: {r['calibration_refused']}\n"
+    return lines
+
+
+def _fraction(lo: float, hi: float):  # noqa: ANN202
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not lo < value < hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}")
+        return value
+    return parse
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate", help="validate the model on this site's labelled studies; propose a site calibration",
+        description="Score every DICOM file under PATH exactly as the daemon does (header and age gates, "
+        "out-of-distribution gate, model, the site calibration in force) and join the scores with --labels: a CSV "
+        "with a header, a 'label' column (pneumonia/normal or 1/0) and one key column, the first present of path, "
+        "sop_instance_uid, study_instance_uid, accession_number (a study's score is its highest image). Prints n, "
+        "refusals, AUC with a 95 % DeLong interval, and sensitivity, specificity, PPV, NPV with 95 % Wilson intervals "
+        "at the threshold in force and at the proposed site threshold (the highest whose one-sided lower Wilson bound "
+        "on sensitivity is at least the target); the proposed OOD cut keeps --ood-keep of the site's images, never "
+        "looser than the model allows. --json prints one object (keys n, scored, refused, auc, auc_ci, at_current, "
+        "proposed, ...). Exit status 2 when the labels cannot be used, 1 when a calibration was asked for but "
+        "cannot be written (too few labelled images: validation_min_per_class).",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM file or folder")
+    p.add_argument("--labels", required=True, metavar="FILE.csv", help="labels CSV (see above)")
+    p.add_argument("--target-sensitivity", type=_fraction(0.5, 1.0), default=0.95, metavar="S",
+                   help="sensitivity the proposed threshold must reach with confidence (default 0.95)")
+    p.add_argument("--ood-keep", type=_fraction(0.5, 1.0), default=0.97, metavar="Q",
+                   help="share of the site's images the proposed OOD cut keeps in scope (default 0.97)")
+    p.add_argument("--confidence", type=_fraction(0.5, 1.0), default=None, metavar="C",
+                   help="one-sided confidence of the sensitivity bound (default: validation_confidence, 0.95)")
+    p.add_argument("--write-calibration", metavar="OUT.json", help="write the proposed site calibration here")
+    p.add_argument("--report", metavar="DIR", help="write report.html and its PNG figures into DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--model", metavar="FILE", help="model artifact (.pt with its .json card); default: model_path")
+    p.add_argument("--batch-size", type=int, default=0, metavar="N", help="images per model call (default 16)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=_cmd_validate)
 
 
 # -- worklist ----------------------------------------------------------------------------------
@@ -344,21 +496,39 @@ class _CommandError(Exception):
 
 def _cmd_worklist(args: argparse.Namespace) -> int:
     from pacsbridge.worklist.items import list_worklist
+    from pacsbridge.worklist.viewer import viewer_link
 
     with _db_session(args, "the worklist") as session:
         rows = list_worklist(session, status="all" if args.all else None)
+    template = load_settings(args.config).viewer_url  # the same link as GET /api/worklist gives
+    for r in rows:
+        r["viewer_url"] = viewer_link(template, r["study_instance_uid"], r["accession_number"])
     if args.json:
         print(json.dumps(rows))
     elif not rows:
         print("worklist is empty")
     else:
-        print(f"{'id':>5}  {'priority':>8}  {'prob':>5}  {'status':<11}  {'waiting':>8}  {'claimed_by':<12}  "
-              f"{'accession':<12}  {'finding':<12}  study_instance_uid")
+        # The reader's view at a terminal: who (patient, age), which order (accession), how urgent.
+        print(f"{'id':>5}  {'priority':>8}  {'prob':>5}  {'status':<11}  {'waiting':>8}  {'patient':<24}  "
+              f"{'age':>4}  {'accession':<16}  {'req':<7}  {'claimed_by':<12}  {'finding':<12}  study_instance_uid")
         for r in rows:
             print(f"{r['id']:>5}  {r['priority']:8.3f}  {r['probability']:5.3f}  {r['status']:<11}  "
-                  f"{_age(r['waiting_s']):>8}  {r['claimed_by'] or '-':<12}  {r['accession_number'] or '-':<12}  "
-                  f"{r['finding'] or '-':<12}  {r['study_instance_uid']}")
+                  f"{_age(r['waiting_s']):>8}  {_person(r['patient_name']):<24.24}  {_years(r['patient_age']):>4}  "
+                  f"{r['accession_number'] or '-':<16}  {r['requested_priority'] or '-':<7}  "
+                  f"{r['claimed_by'] or '-':<12}  {r['finding'] or '-':<12}  {r['study_instance_uid']}")
     return 0
+
+
+def _person(name: str | None) -> str:
+    """DICOM PN ``Doe^Jane`` as ``Doe Jane``; ``-`` when absent."""
+    return " ".join(p for p in (name or "").split("^") if p) or "-"
+
+
+def _years(age: str | None) -> str:
+    """DICOM AS ``045Y`` as ``45y`` (``8mo``, ``3wk``, ``10d``); ``-`` when absent."""
+    if not age or len(age) != 4 or not age[:3].isdigit():
+        return age or "-"
+    return f"{int(age[:3])}{ {'Y': 'y', 'M': 'mo', 'W': 'wk', 'D': 'd'}.get(age[3].upper(), age[3])}"
 
 
 def _age(seconds: float) -> str:
@@ -373,7 +543,7 @@ def _add_worklist(sub: argparse._SubParsersAction) -> None:
         "completed and canceled ones. --json prints one JSON list with the fields of GET /api/worklist "
         "(id, status, priority, probability, study_instance_uid, accession_number, patient_name, patient_id, "
         "patient_age, study_date, study_description, modality, received_at, waiting_s, claimed_by, "
-        "claim_expires_at, finding, ...).",
+        "claim_expires_at, finding, viewer_url, ...).",
     )
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.add_argument("--all", action="store_true", help="every state (also completed and canceled)")
@@ -394,6 +564,8 @@ def _cmd_instances(args: argparse.Namespace) -> int:
         return 0
     if not rows:
         print("no instances" + (f" ({args.state})" if args.state else ""))
+    else:
+        print(f"{'id':>6}  {'received (UTC)':<19}  {'state':<12}  outcome (probability, or why not analysed)  study")
     for r in rows:
         outcome = (f"{r['probability']:.4f} {'POSITIVE' if r['positive'] else 'negative'} (threshold "
                    f"{r['threshold']:.4f}, {r['model_id']})" if r["probability"] is not None else (r["reason"] or ""))
@@ -449,6 +621,48 @@ def _add_instances(sub: argparse._SubParsersAction) -> None:
     rt.add_argument("ids", nargs="*", type=int, metavar="ID")
     rt.add_argument("--all-failed", action="store_true", help="every failed instance")
     p.set_defaults(func=_cmd_instances)
+
+
+# -- events ------------------------------------------------------------------------------------
+def _cmd_events(args: argparse.Namespace) -> int:
+    from pacsbridge.store.events import MAX_LIMIT, list_events, parse_since
+
+    if not 1 <= args.limit <= MAX_LIMIT:
+        raise _CommandError(f"events: --limit must be between 1 and {MAX_LIMIT}")
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        raise _CommandError(f"events: --since: {exc}") from None
+    with _db_session(args, "events") as session:
+        rows = list_events(session, kind=args.kind, since=since, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows))
+    elif not rows:
+        print("no events" + (f" of kind {args.kind}" if args.kind else "") + (" in that time" if since else ""))
+    else:
+        print(f"{'at (UTC)':<19}  {'level':<7}  {'kind':<22}  {'actor / peer':<24}  detail")
+        for r in rows:
+            who = r["actor"] or r["peer"] or "-"
+            print(f"{r['at'][:19]}  {r['level']:<7}  {r['kind']:<22}  {who:<24.24}  {r['detail'] or ''}")
+    return 0
+
+
+def _add_events(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "events", help="the audit trail: rejections, failures, claims, forwards (newest first)",
+        description="Print recorded events, newest first: rejected associations (association_rejected, "
+        "association_aborted), refused or failed C-STOREs (store_rejected, store_failed), images not analysed "
+        "(not_analysed), faults while scoring (analysis_failed), worklist claims and completions, dead forwards "
+        "(outbox_dead), users and tokens. "
+        "Reads the database only (creates nothing). --json prints one JSON list of objects with at, kind, "
+        "level, actor, detail (and peer, instance_id, worklist_item_id).",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON list")
+    p.add_argument("--kind", metavar="K", help="only this kind, e.g. store_rejected")
+    p.add_argument("--since", metavar="T", help="only from T on: an ISO date/time (2026-12-01, "
+                   "2026-12-01T20:00:00Z) or a duration back from now (90m, 24h, 7d)")
+    p.add_argument("--limit", metavar="N", type=int, default=100, help="at most N events (default 100, max 1000)")
+    p.set_defaults(func=_cmd_events)
 
 
 # -- users -------------------------------------------------------------------------------------
@@ -626,11 +840,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings: --config FILE (TOML) or PACSBRIDGE_CONFIG, overridden by PACSBRIDGE_<KEY> environment "
         "variables; see deploy/pacsbridge.example.toml for every key.",
     )
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration file (default: $PACSBRIDGE_CONFIG)")
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file (default: $PACSBRIDGE_CONFIG, "
+                        "else /etc/pacsbridge/pacsbridge.toml when it exists)")
     parser.add_argument("--version", action="version", version=f"pacsbridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_serve, _add_worker, _add_db, _add_status, _add_predict, _add_worklist, _add_instances,
-                _add_users, _add_outbox, _add_doctor):
+    for add in (_add_serve, _add_worker, _add_db, _add_status, _add_predict, _add_validate, _add_worklist,
+                _add_instances, _add_events, _add_users, _add_outbox, _add_doctor):
         add(sub)
     _accept_config_anywhere(parser)
     return parser
@@ -643,7 +858,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True)
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # a failed echo is a check line, not a log line
-    source = str(args.config or os.environ.get("PACSBRIDGE_CONFIG") or "") or None
+    from pacsbridge.config import config_path
+
+    source = config_path(args.config)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

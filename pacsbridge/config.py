@@ -1,8 +1,8 @@
 """Settings: one TOML file plus ``PACSBRIDGE_<KEY>`` environment overrides, validated once at start.
 
 Precedence (highest first): environment variables, the TOML file, built-in defaults.  The file
-comes from ``--config`` or ``PACSBRIDGE_CONFIG``; without one the defaults run the daemon with
-SQLite in ``./var`` and the shipped model.
+comes from ``--config`` or ``PACSBRIDGE_CONFIG``, else ``/etc/pacsbridge/pacsbridge.toml`` when it
+exists; without one the defaults run the daemon with SQLite in ``./var`` and the shipped model.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ class Destination(BaseModel):
     receiving_facility: str = ""
     sending_application: str = "PACSBRIDGE"
     sending_facility: str = ""
+    # HL7: MSH-18 and the matching encoding of the bytes on the wire (UTF-8, Latin-1 or ASCII).
+    hl7_encoding: Literal["UNICODE UTF-8", "8859/1", "ASCII"] = "UNICODE UTF-8"
     timeout_s: float = Field(30.0, gt=0, le=600, description="Connect/association/DIMSE/ACK timeout.")
     max_per_association: int = Field(20, ge=1, le=1000, description="Objects sent over one association/connection.")
     # DICOM TLS for this destination (SECURITY.md): the server is verified against tls_ca_file (or the
@@ -143,7 +145,10 @@ class Settings(BaseSettings):
                                           "length a PDU may take, when that is more than pdu_deadline_floor_s.")
     max_dataset_bytes: int = Field(134_217_728, ge=65_536, description="Largest data set of one C-STORE.")
     max_inflated_bytes: int = Field(134_217_728, ge=65_536, description="Largest inflated deflate data set.")
-    max_decoded_bytes: int = Field(134_217_728, ge=65_536, description="Rows x Columns x frames x samples x bits/8 limit.")
+    max_decoded_bytes: int = Field(134_217_728, ge=65_536, description="Largest decoded image (header and codestream: "
+                                   "Rows x Columns x frames x samples x bytes), for the worker, previews and heatmaps.")
+    max_concurrent_renders: int = Field(2, ge=1, le=64, description="Image previews (image.png) rendered at once; "
+                                        "more get 503.")
     dicom_tls_port: int = Field(0, ge=0, le=65535, description="DICOM TLS listener port; 0 = no TLS listener.")
     dicom_tls_only: bool = Field(False, description="Listen only with TLS (no plain dicom_port).")
     dicom_tls_cert: str = Field("", description="PEM certificate (chain) of our DICOM TLS listener.")
@@ -166,6 +171,18 @@ class Settings(BaseSettings):
         15.0, ge=0, le=3600, description="Wait before the 2nd attempt after a fault; doubles for each further one.")
     age_gate: bool = Field(True, description="Refuse patients outside the model card's intended-use age range.")
     ood_gate: bool = Field(True, description="Refuse images whose out-of-distribution score is over the model's threshold.")
+    # Site validation (`pacsbridge validate`) and the site calibration it writes.
+    site_calibration: Path | None = Field(
+        None, description="Site calibration file (from `pacsbridge validate --write-calibration`): its threshold "
+        "and out-of-distribution cut replace the model card's; unset = the model's own.")
+    validation_min_per_class: int = Field(
+        50, ge=1, description="A calibration is written only with at least this many pneumonia and normal labelled "
+        "images (or studies) scored.")
+    validation_max_unusable_share: float = Field(
+        0.1, ge=0, le=1, description="`validate` stops (exit 2) when more than this share of label rows is unusable.")
+    validation_confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="One-sided confidence that the proposed site threshold meets the target "
+        "sensitivity (lower Wilson bound).")
 
     scheduler_interval_s: float = Field(2.0, gt=0, description="How often positives become worklist items.")
     priority_max_wait_minutes: float = Field(240.0, gt=0, description="After this wait an item rises to the top.")
@@ -181,6 +198,8 @@ class Settings(BaseSettings):
     loop_stall_s: float = Field(
         300.0, gt=0, le=86_400, description="A work loop (inference worker, scheduler) that has not gone round for "
         "this long fails /readyz and stops the systemd watchdog pings.")
+    viewer_url: str = Field("", description="Link that opens a study in the site's viewer: a URL with "
+                            "{study_instance_uid} and/or {accession_number}; empty = no link.")
 
     destinations: list[Destination] = Field(
         default_factory=list, description="Where results are forwarded ([[destinations]] tables; env: JSON list)."
@@ -189,6 +208,19 @@ class Settings(BaseSettings):
     outbox_retry_initial_s: float = Field(5.0, gt=0, description="First retry delay after a transient failure.")
     outbox_retry_max_s: float = Field(600.0, gt=0, description="Longest delay between retries (backoff cap).")
     outbox_max_age_hours: float = Field(24.0, gt=0, description="A result still failing after this is dead.")
+
+    @field_validator("viewer_url")
+    @classmethod
+    def _check_viewer_url(cls, v: str) -> str:
+        from .worklist.viewer import check_template
+
+        return check_template(v.strip())
+
+    @field_validator("site_calibration", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        # PACSBRIDGE_SITE_CALIBRATION="" (or site_calibration = "") means none, not the current directory.
+        return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("allowed_calling_aes", mode="before")
     @classmethod
@@ -334,7 +366,7 @@ _CONFIG_FILE: dict[str, Path | None] = {}
 
 #: Settings naming files or folders: a relative value in a config file is relative to that file's folder
 #: (so every command given the same --config finds the same data, from any working directory).
-PATH_KEYS = ("data_dir", "model_path", "dicom_tls_cert", "dicom_tls_key", "dicom_tls_ca", "dicom_tls_client_cert",
+PATH_KEYS = ("data_dir", "model_path", "site_calibration", "dicom_tls_cert", "dicom_tls_key", "dicom_tls_ca", "dicom_tls_client_cert",
              "dicom_tls_client_key", "http_tls_cert", "http_tls_key")
 
 
@@ -348,6 +380,22 @@ def _check_toml_lists(data: dict[str, Any], path: Path) -> None:
                 "variable)")
 
 
+def _check_toml_booleans(data: dict[str, Any], path: Path) -> None:
+    """A boolean setting must be TOML true or false: "yes" or 1 is refused rather than guessed."""
+    def check(model: type[BaseModel], table: dict[str, Any], where: str) -> None:
+        for key, info in model.model_fields.items():
+            if info.annotation is bool and key in table and not isinstance(table[key], bool):
+                env = f" (PACSBRIDGE_{key.upper()})" if model is Settings else ""
+                raise ConfigError(f"invalid configuration: {where}{key}{env}: in {path} it must be true or false "
+                                  f"(without quotes), not {table[key]!r}")
+
+    check(Settings, data, "")
+    for i, entry in enumerate(data.get("destinations") or []):
+        if isinstance(entry, dict):
+            name = entry.get("name")
+            check(Destination, entry, f"destinations[{i}]" + (f" {name!r}" if isinstance(name, str) else "") + ".")
+
+
 def _relative_to_config(data: dict[str, Any], path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in PATH_KEYS:
@@ -358,9 +406,26 @@ def _relative_to_config(data: dict[str, Any], path: Path) -> dict[str, Any]:
     return out
 
 
+#: Read when neither --config nor PACSBRIDGE_CONFIG names a file and it exists (the systemd setup's
+#: file, so admin commands find the daemon's data without repeating its settings).
+DEFAULT_CONFIG_FILE = Path("/etc/pacsbridge/pacsbridge.toml")
+
+
+def config_path(config_file: str | Path | None = None) -> Path | None:
+    """The config file in use: ``--config``, else ``PACSBRIDGE_CONFIG``, else
+    :data:`DEFAULT_CONFIG_FILE` when it exists (``PACSBRIDGE_CONFIG=""`` turns that off), else None."""
+    if config_file:
+        return Path(config_file)
+    env = os.environ.get("PACSBRIDGE_CONFIG")
+    if env is not None:
+        return Path(env) if env else None
+    default = Path(os.environ.get("PACSBRIDGE_DEFAULT_CONFIG", DEFAULT_CONFIG_FILE))
+    return default if default.is_file() else None
+
+
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Read, merge and validate the settings; raises :class:`ConfigError` naming the bad key."""
-    path = config_file or os.environ.get("PACSBRIDGE_CONFIG") or None
+    path = config_path(config_file)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -372,6 +437,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         except Exception as exc:  # noqa: BLE001 - report any parse failure with the file name
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         _check_toml_lists(data, path)
+        _check_toml_booleans(data, path)
         overrides = {**_relative_to_config(data, path), **overrides}
     _CONFIG_FILE["path"] = path
     try:

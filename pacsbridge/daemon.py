@@ -141,7 +141,8 @@ class Daemon:
                 self.sessions, metrics, claim_timeout_s=s.claim_timeout_minutes * 60.0, spool_dir=Path(s.spool_dir),
                 # Heatmaps (when the model provides them) use their own copy, loaded on first use.
                 model=functools.partial(load_model, s.model_path, s.device),
-                ready=lambda: bool(self.components) and self._healthy(),
+                ready=lambda: bool(self.components) and self._healthy(), viewer_url=s.viewer_url,
+                max_decoded_bytes=s.max_decoded_bytes, max_concurrent_renders=s.max_concurrent_renders,
                 readiness=self.readiness,
             ), s)
             components.append(HttpServer(app, s.http_host, s.http_port, tls_cert=s.http_tls_cert,
@@ -160,7 +161,7 @@ class Daemon:
         ctx = ForwardContext(ae_title=s.ae_title, spool_dir=Path(s.spool_dir),
                              load_model=lambda: load_model(s.model_path, s.device), tls_min_version=s.tls_min_version,
                              tls_ca=s.dicom_tls_ca, tls_client_cert=s.dicom_tls_client_cert,
-                             tls_client_key=s.dicom_tls_client_key)
+                             tls_client_key=s.dicom_tls_client_key, max_decoded_bytes=s.max_decoded_bytes)
         policy = RetryPolicy(initial_s=s.outbox_retry_initial_s, max_s=s.outbox_retry_max_s,
                              max_age=timedelta(hours=s.outbox_max_age_hours))
         return Forwarder(self.sessions, s.destinations, ctx, policy=policy, interval_s=s.outbox_interval_s,
@@ -171,14 +172,21 @@ class Daemon:
         (then ``after_batch``, e.g. waking the forwarder); results get their outbox entries."""
         from pacsbridge.forward.outbox import Outbox
         from pacsbridge.inference.worker import InferenceWorker, default_decoder
-        from pacsbridge.model.artifact import ModelError, load_model
+        from pacsbridge.model.artifact import ModelError
         from pacsbridge.store.queue import RetryPolicy
+        from pacsbridge.validation.calibration import CalibrationError, load_site_model, record_calibration
 
         s = self.settings
         try:
-            model = load_model(s.model_path, s.device, age_gate=s.age_gate, ood_gate=s.ood_gate)
+            model = load_site_model(s)  # the site calibration, if configured, applies from here on
         except ModelError as exc:
             raise ConfigError(f"model_path: {exc}{hint}") from None
+        except CalibrationError as exc:
+            raise ConfigError(str(exc)) from None
+        try:
+            record_calibration(self.sessions, model, s.site_calibration)
+        except Exception as exc:  # noqa: BLE001 - e.g. the database went away: the next start records it
+            log.warning("could not record the calibration in force: %s", _first_line(exc))
         # The card's age gate first, then decoding within max_decoded_bytes.
         decode, refusals = default_decoder(model, max_decoded_bytes=s.max_decoded_bytes)
         return InferenceWorker(

@@ -108,19 +108,25 @@ def check_model(settings: Settings) -> Check:
 
 
 def check_site_calibration(settings: Settings) -> Check:
-    # `site_calibration` belongs to the site-validation feature; before it exists this reports "not configured".
-    value = getattr(settings, "site_calibration", None)
-    if not value:
-        return Check("site calibration", True, "not configured (the model card's calibration is used)")
-    path = Path(value)
-    if not path.is_file():
-        return Check("site calibration", False, f"{path} does not exist")
+    """The configured site calibration file reads, and was made for the configured model's weights."""
+    from pacsbridge.model.artifact import sha256_file
+    from pacsbridge.validation.calibration import CalibrationError, read_calibration
+
+    path = settings.site_calibration
+    if path is None:
+        return Check("site calibration", True, "not configured (the model card's threshold decides)")
     try:
-        json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        return Check("site calibration", False, f"{path} is not valid JSON: {exc}")
-    # TODO: check it against the model (same weights hash) once the calibration module is on main.
-    return Check("site calibration", True, f"{path} readable")
+        data, cal_id = read_calibration(Path(path))
+    except CalibrationError as exc:
+        return Check("site calibration", False, str(exc))
+    try:
+        weights = sha256_file(Path(settings.model_path))
+    except OSError:
+        return Check("site calibration", False, f"{path}: cannot compare with the model (model file unreadable)")
+    if data["weights_sha256"] != weights:
+        return Check("site calibration", False, f"{path} was made for other weights (sha256 "
+                     f"{data['weights_sha256'][:12]}..., model {weights[:12]}...): validate again with this model")
+    return Check("site calibration", True, f"{path} ({cal_id}, threshold {data['threshold']:.4g}) matches the model")
 
 
 # -- ports -----------------------------------------------------------------------------------------

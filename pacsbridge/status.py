@@ -52,7 +52,14 @@ def outbox(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any
         return {"outbox": state_counts(session)}
 
 
-SECTIONS: list[Section] = [general, instances, worklist_and_timings, outbox]
+def calibration(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any]:
+    """The site calibration in force (``id`` ``model``: the model card's operating point)."""
+    from pacsbridge.validation.calibration import calibration_summary
+
+    return {"calibration": calibration_summary(settings)}
+
+
+SECTIONS: list[Section] = [general, instances, worklist_and_timings, outbox, calibration]
 
 
 def collect_status(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any]:

@@ -50,3 +50,9 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _fail_if_real_part_missing(outcome.get_result())
+
+
+# A host with pacsbridge installed has /etc/pacsbridge/pacsbridge.toml, which every command reads when
+# no --config / PACSBRIDGE_CONFIG is given: the suite must never pick up that site's settings.
+# (Subprocesses inherit this; tests of the default path set it to a file of their own.)
+os.environ.setdefault("PACSBRIDGE_DEFAULT_CONFIG", "/nonexistent/pacsbridge-tests/pacsbridge.toml")

@@ -203,8 +203,9 @@ def sr_items(ds: Dataset) -> list[tuple[str, str, Any]]:
 class MllpListener:
     """A RIS stand-in: answers each message with the next scripted code (AA, AE, AR or "silent")."""
 
-    def __init__(self, script: list[str]) -> None:
+    def __init__(self, script: list[str], encoding: str = "utf-8") -> None:
         self.script = list(script)
+        self.encoding = encoding
         self.received: list[hl7.Message] = []
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
@@ -230,7 +231,7 @@ class MllpListener:
         asyncio.set_event_loop(self._loop)
 
         async def main() -> None:
-            self._server = await start_hl7_server(self._handle, "127.0.0.1", self.port)
+            self._server = await start_hl7_server(self._handle, "127.0.0.1", self.port, encoding=self.encoding)
             self._ready.set()
             await self._server.serve_forever()
 

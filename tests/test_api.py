@@ -28,7 +28,7 @@ from pacsbridge.store import migrations
 from pacsbridge.store.db import make_engine, make_sessionmaker
 from pipeline_support import add_instance, sample_file, sqlite_sessions
 
-OPEN_ROUTES = {"/healthz", "/readyz", "/", "/static"}
+OPEN_ROUTES = {"/healthz", "/readyz", "/", "/static", "/favicon.ico"}
 
 
 class Clock:

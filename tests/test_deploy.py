@@ -33,3 +33,19 @@ def test_systemd_unit():
         assert re.search(rf"^{re.escape(line)}$", unit, flags=re.M), line
     assert re.search(r"^WatchdogSec=\d+", unit, flags=re.M)
     assert re.search(r"^ExecStart=\S+/pacsbridge --config /etc/pacsbridge/pacsbridge.toml serve$", unit, flags=re.M)
+
+
+def test_site_config_holds_the_data_dir_and_the_unit_uses_it(monkeypatch):
+    """Admin commands find the daemon's data: the unit takes its settings from the file every command
+    reads by default (/etc/pacsbridge/pacsbridge.toml), not from its own environment."""
+    for key in [k for k in __import__("os").environ if k.startswith("PACSBRIDGE_")]:
+        monkeypatch.delenv(key)
+    site = DEPLOY / "pacsbridge.toml"
+    assert tomllib.loads(site.read_text())["data_dir"] == "/var/lib/pacsbridge"
+    assert str(load_settings(site).data_dir) == "/var/lib/pacsbridge"
+    unit = (DEPLOY / "pacsbridge.service").read_text()
+    assert "PACSBRIDGE_DATA_DIR" not in unit
+    assert "install -D -m 0644 deploy/pacsbridge.toml /etc/pacsbridge/pacsbridge.toml" in unit
+    assert "sudo -u pacsbridge pacsbridge" in unit
+    from pacsbridge.config import DEFAULT_CONFIG_FILE
+    assert str(DEFAULT_CONFIG_FILE) == "/etc/pacsbridge/pacsbridge.toml"

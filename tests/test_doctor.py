@@ -189,3 +189,23 @@ def test_bad_configuration_is_one_failed_check(tmp_path):
     res = text_doctor(env)
     assert res.returncode == 1
     assert res.stdout.startswith("FAIL config: invalid configuration: min_free_bytes") and "Traceback" not in res.stderr
+
+
+def test_site_calibration_for_other_weights_fails(tmp_path):
+    from pacsbridge.model.artifact import sha256_file
+    from pacsbridge.validation.calibration import write_calibration
+
+    other = tmp_path / "other.json"
+    write_calibration(other, {"threshold": 0.4, "ood_threshold": None, "model_id": "someone-else",
+                              "weights_sha256": "0" * 64})
+    env = upgraded_env(tmp_path, PACSBRIDGE_SITE_CALIBRATION=str(other))
+    rc, checks, _ = doctor(env)
+    assert rc == 1 and failing(checks) == {"site calibration"}
+    assert "made for other weights" in checks["site calibration"]["detail"]
+
+    ours = tmp_path / "ours.json"
+    write_calibration(ours, {"threshold": 0.4, "ood_threshold": None, "model_id": "pneumonia-v3",
+                             "weights_sha256": sha256_file(SHIPPED_MODEL)})
+    env["PACSBRIDGE_SITE_CALIBRATION"] = str(ours)
+    rc, checks, _ = doctor(env)
+    assert rc == 0 and "matches the model" in checks["site calibration"]["detail"], checks

@@ -58,13 +58,14 @@ def test_oru_sent_and_acknowledged(tmp_path):
     assert [(r.object, r.state, r.attempts) for r in rows] == [("oru", "sent", 1)] * 2
     assert [str(m.segment("OBR")[3]) for m in ris.received] == ["ACC1", "ACC2"]
     m = ris.received[0]
-    assert [str(seg[0]) for seg in m] == ["MSH", "PID", "PV1", "OBR"] + ["OBX"] * 7
+    assert [str(seg[0]) for seg in m] == ["MSH", "PID", "PV1", "OBR"] + ["OBX"] * 8
     assert str(m.segment("MSH")[5]) == "RIS" and str(m.segment("MSH")[6]) == "HOSP"
     assert str(m.segment("MSH")[10]) == rows[0].object_uid
     assert str(m.segment("PID")[3]) == "9RG1" and str(m.segment("PID")[5]) == "CompressedSamples^RG1"
     obx = {str(s[3][0][0]): str(s[5]) for s in m.segments("OBX")}
     assert obx["233604007"] == "52101004^Present^SCT" and float(obx["122157"]) == pytest.approx(0.9)
     assert obx["AIPRIORITY"] == "URGENT" and obx["111003"] == "test-model sha256:abababababababab"
+    assert obx["111002"] == "calibration=model"  # the predictions row's calibration (the card's own here)
     with sessions() as s:
         assert outbox.state_counts(s) == {"pending": 0, "sent": 2, "dead": 0}
 

@@ -142,7 +142,7 @@ def test_model_crash_and_non_finite_score_fail_and_are_retried_once_the_model_is
     ids = [add_instance(db, spool, sample_file(CHEST), sop_uid=f"3.{i}", study_uid=f"4.{i}") for i in range(2)]
     last = model.module.head[-1]
     weight, bias = last.weight.data.clone(), last.bias.data.clone()
-    worker = InferenceWorker(db, model, spool, max_wait_ms=0, retry_policy=RetryPolicy(5, base_s=0.0))
+    worker = InferenceWorker(db, model, spool, max_wait_ms=0, retry_policy=RetryPolicy(5, base_s=1.0))
 
     last.weight.data = torch.zeros(1, 3)  # a broken model: every forward pass raises
     out = worker.run_once(wait=False)
@@ -153,12 +153,14 @@ def test_model_crash_and_non_finite_score_fail_and_are_retried_once_the_model_is
 
     last.weight.data = weight
     last.bias.data = torch.full_like(bias, float("nan"))  # a model that answers NaN
-    out = worker.run_once(wait=False)
-    assert (out.predicted, out.failed) == (0, 2)
+    time.sleep(1.1)  # both due again (1 s after the first failure); retries are scored one at a time
+    outs = [worker.run_once(wait=False) for _ in ids]
+    assert [(o.predicted, o.failed) for o in outs] == [(0, 1), (0, 1)]
     assert {(_row(db, i).state, _row(db, i).state_reason, _row(db, i).attempts) for i in ids} == {
         ("failed", "the model produced a non-finite score", 2)}
 
     last.bias.data = bias  # restored
+    time.sleep(2.1)  # the third attempt is due 2 s after the second
     out = worker.drain()
     assert (out.predicted, out.failed, out.not_analysed) == (2, 0, 0)
     assert {_row(db, i).state for i in ids} == {"predicted"}
@@ -246,6 +248,8 @@ def test_claims_take_received_and_due_failed_rows_never_future_ones(any_db, tmp_
     with any_db.begin() as s:
         s.get(Instance, ids[1]).next_attempt_at = now + timedelta(hours=1)
     got = queue.claim(any_db, "h:2", 10, later)
+    assert [c.id for c in got] == [ids[0]]  # a retry is scored alone
+    got += queue.claim(any_db, "h:2", 10, later)
     assert [c.id for c in got] == [ids[0], ids[2], ids[3]]
     assert got[0].attempts == 1 and got[1].attempts == 0
     with any_db() as s:
@@ -291,16 +295,40 @@ def test_concurrent_claims_of_due_failed_rows_are_disjoint(any_db, tmp_path) -> 
     assert len(claimed) == n and len(set(claimed)) == n
 
 
-def test_stale_claim_during_a_retry_goes_back_with_its_attempts(any_db, tmp_path) -> None:
+def test_a_lost_claim_counts_as_an_attempt_so_an_image_that_kills_workers_cannot_stall_the_queue(any_db, tmp_path) -> None:
+    """A claim lost with its worker (SIGKILL, a decoder that crashes the process) is a failed attempt:
+    due again at once while attempts are left, claimed alone (its batch-mates are not charged again),
+    and left ``failed`` when none are left."""
+    old = utcnow() - timedelta(hours=2)
     iid = add_instance(any_db, tmp_path, None, sop_uid="9.1", state="processing", claimed_by="gone-host:1",
-                       claimed_at=utcnow() - timedelta(hours=2))
-    with any_db.begin() as s:
-        s.get(Instance, iid).attempts = 2
-    assert queue.recover_stale_claims(any_db, "here:5", timedelta(minutes=10)) == 1
+                       claimed_at=old, received_at=old)
+    mate = add_instance(any_db, tmp_path, None, sop_uid="9.2", state="processing", claimed_by="gone-host:1",
+                        claimed_at=old, received_at=old + timedelta(seconds=1))
+    fresh = add_instance(any_db, tmp_path, None, sop_uid="9.3", received_at=old + timedelta(seconds=2))
+    policy = RetryPolicy(3, base_s=60)
+    assert queue.recover_stale_claims(any_db, "here:5", timedelta(minutes=10), policy=policy) == 2
     row = _row(any_db, iid)
-    assert (row.state, row.attempts, row.claimed_by) == ("received", 2, None)
-    [c] = queue.claim(any_db, "here:5", 5)
-    assert c.attempts == 2  # the next failure is the last one with max_attempts 3
+    assert (row.state, row.attempts, row.claimed_by) == ("failed", 1, None)
+    assert row.next_attempt_at is not None and "stopped" in row.last_error
+    [c] = queue.claim(any_db, "here:6", 5)  # alone, although three are due
+    assert (c.id, c.attempts) == (iid, 1)
+    with any_db.begin() as s:
+        s.get(Instance, iid).claimed_at = old  # its second worker dies too
+    assert queue.recover_stale_claims(any_db, "here:5", timedelta(minutes=10), policy=policy) == 1
+    [c] = queue.claim(any_db, "here:7", 5)
+    assert (c.id, c.attempts) == (iid, 2)
+    with any_db.begin() as s:
+        s.get(Instance, iid).claimed_at = old  # and a third: no attempt left
+    assert queue.recover_stale_claims(any_db, "here:5", timedelta(minutes=10), policy=policy) == 1
+    row = _row(any_db, iid)
+    assert (row.state, row.attempts, row.next_attempt_at) == ("failed", 3, None)
+    [c] = queue.claim(any_db, "here:8", 5)  # the batch-mate, charged once, alone
+    assert (c.id, c.attempts) == (mate, 1)
+    assert [c.id for c in queue.claim(any_db, "here:8", 5)] == [fresh]
+    with any_db() as s:
+        events = [e.detail for e in s.scalars(select(Event).where(Event.instance_id == iid,
+                                                                Event.kind == "claim_released"))]
+    assert len(events) == 3 and "no retry left" in events[-1]
 
 
 def test_metrics_show_failed_instances_and_failed_attempts(db, tmp_path, model) -> None:

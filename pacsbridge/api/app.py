@@ -16,6 +16,12 @@ Every route but ``/healthz``, ``/readyz`` and the static web page needs ``Author
   GET  /api/instances                      radiologist, admin: received instances and their outcome
   GET  /api/instances/{id}/image.png       radiologist, admin: the image as the model saw it
   GET  /api/stats                          monitor, radiologist, admin: per-model statistics
+  GET  /api/events                         admin: the audit trail, newest first (kind, since, limit)
+
+Ids in paths are 1 to 2**63-1 (a larger or smaller one is 422, an unknown one 404), limits and offsets
+are bounded: a client error is a 4xx answer and one log line, never a 500 or a traceback.  Image
+previews decode through the same size guard as the worker (``max_decoded_bytes``) and at most
+``max_concurrent_renders`` run at once (503 with a reason beyond that).
 """
 
 from __future__ import annotations
@@ -24,23 +30,30 @@ import html
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Annotated, Any, Callable, Iterator, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..imaging import DEFAULT_MAX_DECODED_BYTES
 from ..auth.users import Principal
 from ..inference.metrics import PipelineMetrics
+from ..store import events as audit
 from ..store.models import Instance, InstanceState, utcnow
 from ..worklist import lifecycle as lc
 from ..worklist.items import ALL_STATUSES, list_worklist
 from ..worklist.reports import item_detail, list_instances, model_stats
+from ..worklist.viewer import viewer_link
 from . import render
 from .auth import ADMIN, ANYONE, MONITOR, READERS, Authenticator
 
@@ -48,6 +61,15 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_CLAIM_TIMEOUT_S = 1800.0
+#: Image previews rendered at once (each decodes an image: up to max_decoded_bytes of memory).
+DEFAULT_MAX_CONCURRENT_RENDERS = 2
+#: Database ids are 64-bit signed integers.
+MAX_ID = 2**63 - 1
+#: No list is that long; a larger offset is a client error, not a database overflow.
+MAX_OFFSET = 1_000_000_000
+
+ItemId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="worklist item id")]
+InstanceId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="instance id")]
 
 
 class WorklistEntry(BaseModel):
@@ -73,6 +95,7 @@ class WorklistEntry(BaseModel):
     completed_by: str | None
     completed_at: str | None
     ups_uid: str
+    viewer_url: str | None = None
 
 
 class CompleteBody(BaseModel):
@@ -119,12 +142,15 @@ def create_app(
     sessions: sessionmaker[Session], metrics: PipelineMetrics | None = None, *,
     claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S, spool_dir: Path | None = None,
     model: Any | None = None, clock: Callable[[], Any] = utcnow,
-    ready: Callable[[], bool] | None = None,
+    ready: Callable[[], bool] | None = None, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    max_concurrent_renders: int = DEFAULT_MAX_CONCURRENT_RENDERS, viewer_url: str = "",
     readiness: Callable[[], list[Any]] | None = None,
 ) -> FastAPI:
     """The API.  ``model`` (a LoadedModel, or a function that loads one on first use) is used only for
-    heatmaps; ``ready`` adds a readiness check; ``readiness`` (pacsbridge.health.Check objects, from the
-    daemon) replaces it with named checks on ``/readyz``."""
+    heatmaps; ``ready`` adds a readiness check; ``max_decoded_bytes`` and ``max_concurrent_renders``
+    bound what image previews may cost; ``viewer_url`` is the site's viewer link template
+    (pacsbridge.worklist.viewer); ``readiness`` (pacsbridge.health.Check objects, from the daemon)
+    replaces ``ready`` with named checks on ``/readyz``."""
     # FastAPI's own /docs and /openapi.json are open to anyone: disabled, re-added behind admin below.
     app = FastAPI(title="pacsbridge", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
                   description="AI triage of chest radiographs: worklist, instances, statistics. "
@@ -136,18 +162,49 @@ def create_app(
     reader = auth.require(*READERS)
     anyone = auth.require(*ANYONE)
     watcher = auth.require(MONITOR, ADMIN)
+    render_slots = threading.BoundedSemaphore(max_concurrent_renders)
+    app.state.render_slots = render_slots  # tests and operators can see how full it is
+
+    # Client errors: the usual answer, and one line in the log (no traceback, no query string).
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        where = "; ".join(".".join(str(p) for p in e.get("loc", ())) + ": " + str(e.get("msg", ""))
+                          for e in exc.errors()[:3])
+        log.info("client error 422 %s %s: %s", request.method, request.url.path, where[:300])
+        return await request_validation_exception_handler(request, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code < 500:
+            log.info("client error %d %s %s: %s", exc.status_code, request.method, request.url.path,
+                     str(exc.detail)[:300])
+        else:
+            log.warning("error %d %s %s: %s", exc.status_code, request.method, request.url.path,
+                        str(exc.detail)[:300])
+        return await http_exception_handler(request, exc)
 
     def db_session() -> Iterator[Session]:
         with sessions() as session:
             yield session
 
     @app.exception_handler(lc.LifecycleError)
-    def lifecycle_error(_request: Request, exc: lc.LifecycleError) -> JSONResponse:
+    def lifecycle_error(request: Request, exc: lc.LifecycleError) -> JSONResponse:
+        log.info("client error %d %s %s: %s", _status_of(exc), request.method, request.url.path, str(exc)[:300])
         body: dict[str, Any] = {"detail": str(exc), "current": exc.current}
         holder = getattr(exc, "holder", None)
         if holder is not None:
             body["holder"] = holder
         return JSONResponse(body, status_code=_status_of(exc))
+
+    def with_viewer(item: dict[str, Any]) -> dict[str, Any]:
+        item["viewer_url"] = viewer_link(viewer_url, item["study_instance_uid"], item["accession_number"])
+        return item
+
+    def item_json(session: Session, item_id: int, now: Any) -> dict[str, Any]:
+        """The one item answer: GET /api/worklist/{id} and every write (claim, release, ...) alike."""
+        out = with_viewer(item_detail(session, item_id, now))
+        out["heatmap_available"] = heatmap_model.configured and render.heatmap_module() is not None
+        return out
 
     def transition(fn: Callable[..., Any], item_id: int, who: Principal, **kwargs: Any) -> dict[str, Any]:
         actor = lc.Actor(who.name, who.role)
@@ -155,7 +212,7 @@ def create_app(
         with sessions.begin() as session:
             fn(session, item_id, actor, now=now, **kwargs)
         with sessions() as session:
-            return item_detail(session, item_id, now)
+            return item_json(session, item_id, now)
 
     # -- open --------------------------------------------------------------------------------------
     @app.get("/healthz", include_in_schema=True, tags=["health"])
@@ -197,6 +254,12 @@ def create_app(
             "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; "
                                        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"})
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        # Browsers ask for /favicon.ico whatever the page says: answer with the page's icon, not a 404.
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml",
+                            headers={"Cache-Control": "public, max-age=86400"})
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     # -- admin and monitoring ----------------------------------------------------------------------
@@ -234,41 +297,39 @@ def create_app(
     # -- worklist ----------------------------------------------------------------------------------
     @app.get("/api/worklist", response_model=list[WorklistEntry], tags=["worklist"], dependencies=[Depends(reader)])
     def worklist(
-        status: str = Query("open", description="scheduled|in_progress|completed|canceled|all; "
+        status: str = Query("open", max_length=16, description="scheduled|in_progress|completed|canceled|all; "
                             "default open = scheduled + in_progress"),
-        limit: int = Query(200, ge=1, le=5000), offset: int = Query(0, ge=0),
+        limit: int = Query(200, ge=1, le=5000), offset: int = Query(0, ge=0, le=MAX_OFFSET),
         session: Session = Depends(db_session),
     ) -> list[dict[str, Any]]:
         """Items in reading order (highest priority first)."""
         if status != "open" and status != "all" and status not in ALL_STATUSES:
             raise HTTPException(422, f"status must be one of {', '.join(ALL_STATUSES)}, all or open")
-        return list_worklist(session, status=None if status == "open" else status, limit=limit, offset=offset,
-                             now=clock())
+        return [with_viewer(it) for it in list_worklist(
+            session, status=None if status == "open" else status, limit=limit, offset=offset, now=clock())]
 
     @app.get("/api/worklist/{item_id}", tags=["worklist"], dependencies=[Depends(reader)])
-    def worklist_item(item_id: int, session: Session = Depends(db_session)) -> dict[str, Any]:
+    def worklist_item(item_id: ItemId, session: Session = Depends(db_session)) -> dict[str, Any]:
         """One item with its instances, each prediction (probability, threshold, model), image links and history."""
-        out = item_detail(session, item_id, clock())
-        out["heatmap_available"] = heatmap_model.configured and render.heatmap_module() is not None
-        return out
+        return item_json(session, item_id, clock())
 
     @app.post("/api/worklist/{item_id}/claim", tags=["worklist"])
-    def claim(item_id: int, who: Principal = Depends(reader)) -> dict[str, Any]:
+    def claim(item_id: ItemId, who: Principal = Depends(reader)) -> dict[str, Any]:
         """Claim the item for reading (409 with the holder when someone else has it; again = renew)."""
         return transition(lc.claim, item_id, who, claim_timeout_s=claim_timeout_s)
 
     @app.post("/api/worklist/{item_id}/release", tags=["worklist"])
-    def release(item_id: int, who: Principal = Depends(reader)) -> dict[str, Any]:
+    def release(item_id: ItemId, who: Principal = Depends(reader)) -> dict[str, Any]:
         """Give the item back to the queue (the claimant or an admin)."""
         return transition(lc.release, item_id, who)
 
     @app.post("/api/worklist/{item_id}/complete", tags=["worklist"])
-    def complete(item_id: int, body: CompleteBody, who: Principal = Depends(reader)) -> dict[str, Any]:
+    def complete(item_id: ItemId, body: CompleteBody, who: Principal = Depends(reader)) -> dict[str, Any]:
         """Record the finding (the claimant or an admin; 409 otherwise)."""
         return transition(lc.complete, item_id, who, finding=body.finding, comment=body.comment)
 
     @app.post("/api/worklist/{item_id}/cancel", tags=["worklist"])
-    def cancel(item_id: int, body: CancelBody, who: Principal = Depends(admin)) -> dict[str, Any]:
+    def cancel(item_id: ItemId, body: CancelBody, who: Principal = Depends(admin)) -> dict[str, Any]:
         """Withdraw the item with a reason (admin)."""
         return transition(lc.cancel, item_id, who, reason=body.reason)
 
@@ -276,20 +337,30 @@ def create_app(
     @app.get("/api/instances", tags=["instances"], dependencies=[Depends(reader)])
     def instances(
         study_instance_uid: str | None = Query(None, max_length=64), state: InstanceState | None = Query(None),
-        limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0),
+        limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET),
+        since: str | None = Query(None, max_length=40, description="received at or after: ISO date/time or 24h, 7d"),
+        until: str | None = Query(None, max_length=40, description="received before: ISO date/time"),
         session: Session = Depends(db_session),
     ) -> list[dict[str, Any]]:
         """Every received instance (newest first): state, probability, positive flag, reason when refused
         (``not_analysed``) or failed (with ``attempts``, ``next_attempt_at``, ``last_error``)."""
+        try:
+            after = audit.parse_since(since, clock()) if since else None
+            before = audit.parse_since(until, clock()) if until else None
+        except ValueError as exc:
+            raise HTTPException(422, f"since/until: {exc}") from None
         return list_instances(session, study_instance_uid=study_instance_uid,
-                              state=state.value if state else None, limit=limit, offset=offset)
+                              state=state.value if state else None, limit=limit, offset=offset,
+                              received_from=after, received_before=before)
 
     @app.get("/api/instances/{instance_id}/image.png", tags=["instances"], dependencies=[Depends(reader)],
              response_class=Response, responses={200: {"content": {"image/png": {}}}})
-    def image(instance_id: int, size: int = Query(512, ge=64, le=2048),
+    def image(instance_id: InstanceId, size: int = Query(512, ge=64, le=2048),
               overlay: Literal["heatmap"] | None = Query(None)) -> Response:
         """The image as the model saw it (same decoder and window), labelled NOT FOR DIAGNOSTIC USE;
-        ``overlay=heatmap`` adds the model's attention map when the model provides one."""
+        ``overlay=heatmap`` adds the model's attention map when the model provides one.  The image is
+        decoded within ``max_decoded_bytes`` (422 with the reason beyond it); 503 when
+        ``max_concurrent_renders`` previews are already being made."""
         if spool_dir is None:
             raise HTTPException(404, "this server has no spool folder configured")
         with sessions() as session:
@@ -305,14 +376,20 @@ def create_app(
                 raise HTTPException(404, "heatmap not available: this model provides no attention heatmap yet")
             if not heatmap_model.configured:
                 raise HTTPException(404, "heatmap not available: no model is loaded in this server process")
+        if not render_slots.acquire(blocking=False):
+            raise HTTPException(503, f"{max_concurrent_renders} image preview(s) are being made already "
+                                "(max_concurrent_renders); try again in a moment", headers={"Retry-After": "2"})
         try:
             path = render.spool_file(spool_dir, inst.file_path)
             # The heatmap needs the model's own input; the plain picture may use more resolution.
-            pixels = render.decoded_image(path) if heat_mod is not None else render.decoded_image(path, size)
+            pixels = (render.decoded_image(path, max_decoded_bytes=max_decoded_bytes) if heat_mod is not None
+                      else render.decoded_image(path, size, max_decoded_bytes=max_decoded_bytes))
             heat = heatmap_model.grad_cam(heat_mod, pixels) if heat_mod is not None else None
             png = render.to_png(pixels, size, heat=heat, overlay=getattr(heat_mod, "overlay_rgb", None))
         except render.RenderError as exc:
             raise HTTPException(exc.status, str(exc)) from None
+        finally:
+            render_slots.release()
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
     # -- statistics --------------------------------------------------------------------------------
@@ -320,5 +397,20 @@ def create_app(
     def stats(session: Session = Depends(db_session)) -> dict[str, Any]:
         """Per model id: scored, flagged, completed per finding, PPV of confirmed flags, receipt-to-completion p50/p95."""
         return model_stats(session)
+
+    # -- audit trail -------------------------------------------------------------------------------
+    @app.get("/api/events", tags=["admin"], dependencies=[Depends(admin)])
+    def events(
+        kind: str | None = Query(None, max_length=32, description="only this kind, e.g. association_rejected"),
+        since: str | None = Query(None, max_length=40, description="ISO date/time or a duration back (24h, 7d)"),
+        limit: int = Query(audit.DEFAULT_LIMIT, ge=1, le=audit.MAX_LIMIT),
+        session: Session = Depends(db_session),
+    ) -> list[dict[str, Any]]:
+        """The audit trail, newest first: at, kind, level, actor, detail (admin)."""
+        try:
+            after = audit.parse_since(since, clock()) if since else None
+        except ValueError as exc:
+            raise HTTPException(422, f"since: {exc}") from None
+        return audit.list_events(session, kind=kind, since=after, limit=limit)
 
     return app

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..imaging import NotAnalysable, decode_display, read_dataset
+from ..imaging import DEFAULT_MAX_DECODED_BYTES, NotAnalysable, decode_display, read_dataset
 
 LABEL = "NOT FOR DIAGNOSTIC USE"
 
@@ -42,12 +42,17 @@ def spool_file(spool_dir: Path, rel: str) -> Path:
     return path
 
 
-def decoded_image(path: Path, min_side: int | None = None) -> np.ndarray:
-    """The display-ready 2-D image in [0, 1] the model is given (same decoder and window); with
-    ``min_side`` decoded at a resolution of at least that many pixels (the model's own is smaller)."""
+def decoded_image(path: Path, min_side: int | None = None, *,
+                  max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> np.ndarray:
+    """The display-ready 2-D image in [0, 1] the model is given (same decoder, window and size guard
+    as the worker); with ``min_side`` decoded at a resolution of at least that many pixels (the
+    model's own is smaller).  An image over ``max_decoded_bytes`` is a 422, never decoded."""
     try:
         ds = read_dataset(path)
-        return (decode_display(ds, min_side=min_side) if min_side else decode_display(ds)).image
+        kwargs: dict[str, Any] = {"max_decoded_bytes": max_decoded_bytes}
+        if min_side:
+            kwargs["min_side"] = min_side
+        return decode_display(ds, **kwargs).image
     except NotAnalysable as exc:
         raise RenderError(422, f"the image cannot be decoded: {exc.reason}") from None
 

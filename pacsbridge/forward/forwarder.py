@@ -55,6 +55,9 @@ class ForwardMetrics:
         self.registry = registry or CollectorRegistry()
         self.outcomes = Counter("pacsbridge_forward_outcomes", "Send attempts by destination and outcome.",
                                 ["destination", "outcome"], registry=self.registry)
+        # outcome: sent | retry (a transient failure, tried again later) | dead (given up).
+        self.forwards = Counter("pacsbridge_forwards", "Results forwarded, by destination and outcome.",
+                                ["destination", "outcome"], registry=self.registry)
         self.batch_seconds = Histogram("pacsbridge_forward_batch_seconds", "Time to send one batch to a destination.",
                                        ["destination"], registry=self.registry)
         if sessions is not None:
@@ -111,9 +114,10 @@ class Forwarder:
     def _send_destination(self, dest: Destination, entries: list[DueEntry], totals: dict[str, int],
                           lock: threading.Lock) -> None:
         sender = self._senders[dest.kind]
+        objects = {e.id: e.object for e in entries}
 
         def report(o: Outcome) -> None:
-            self._record(dest, o)
+            self._record(dest, o, objects.get(o.entry_id, "result"))
             with lock:
                 totals[o.state] += 1
 
@@ -129,10 +133,13 @@ class Forwarder:
             if self._metrics is not None:
                 self._metrics.batch_seconds.labels(dest.name).observe(time.perf_counter() - t0)
 
-    def _record(self, dest: Destination, o: Outcome) -> None:
+    def _record(self, dest: Destination, o: Outcome, what: str = "result") -> None:
+        new: str | None = "sent"
         if o.state == "sent":
             outbox.mark_sent(self._sessions, o.entry_id, o.object_uid)
-            log.debug("outbox %d sent to %s", o.entry_id, dest.name)
+            # One line per result delivered: no patient data, only the outbox id, object and peer.
+            log.info("forwarded %s (outbox %d) to %s (%s)", what, o.entry_id,
+                     dest.name, dest.kind)
         else:
             new = outbox.mark_failed(self._sessions, o.entry_id, o.detail, permanent=o.state == "permanent",
                                      policy=self._policy, object_uid=o.object_uid)
@@ -141,6 +148,8 @@ class Forwarder:
                     "dead" if new == outbox.DEAD else "will retry")
         if self._metrics is not None:
             self._metrics.outcomes.labels(dest.name, o.state).inc()
+            if new is not None:
+                self._metrics.forwards.labels(dest.name, {outbox.PENDING: "retry"}.get(new, new)).inc()
 
     # component -------------------------------------------------------------------------------
     def _job(self) -> None:

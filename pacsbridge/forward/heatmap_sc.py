@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
 
 from .results import Result
-from .sr import MANUFACTURER
+from .sr import MANUFACTURER, clean_source
 
 WARNING_TEXT = "AI result - not for diagnostic use"
 SC_SERIES_NUMBER = 9902
@@ -47,6 +47,7 @@ def build_heatmap_sc(result: Result, source: Dataset, overlay_rgb: np.ndarray) -
     rgb = np.asarray(overlay_rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"overlay must be an H x W x 3 uint8 array, not {rgb.dtype} {rgb.shape}")
+    source = clean_source(source, f"heatmap for prediction {result.prediction_id}")  # valid values only
     with warnings.catch_warnings():  # e.g. a one-component referring physician name copied from the source
         warnings.simplefilter("ignore", UserWarning)
         sc = _from_ref(result, source, rgb)

@@ -100,7 +100,7 @@ def _result(p: Prediction, inst: Instance, series_uid: str, study_uid: str) -> R
         prediction_id=p.id, probability=p.probability, positive=p.positive, threshold=p.threshold,
         model_id=p.model_id, weights_sha256=p.weights_sha256, sop_instance_uid=inst.sop_instance_uid,
         sop_class_uid=inst.sop_class_uid, series_instance_uid=series_uid, study_instance_uid=study_uid,
-        file_path=inst.file_path, spool_deleted=inst.spool_deleted_at is not None,
+        file_path=inst.file_path, spool_deleted=inst.spool_deleted_at is not None, calibration=p.calibration,
     )
 
 

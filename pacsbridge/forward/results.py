@@ -32,6 +32,8 @@ class Result:
     study_instance_uid: str
     file_path: str  # relative to the spool
     spool_deleted: bool = False
+    #: The operating point that decided: ``model`` or a site calibration id.
+    calibration: str = "model"
 
     @property
     def model_version(self) -> str:

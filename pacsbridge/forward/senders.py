@@ -25,6 +25,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..config import Destination
+from ..imaging.limits import DEFAULT_MAX_DECODED_BYTES
 from .outbox import DueEntry
 from .results import Result
 
@@ -67,6 +68,8 @@ class ForwardContext:
     tls_ca: str = ""
     tls_client_cert: str = ""
     tls_client_key: str = ""
+    #: Heatmaps decode the source within this (the worker's max_decoded_bytes).
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
     _model: Any = field(default=None, repr=False)
 
     def source_path(self, result: Result) -> Path:
@@ -154,12 +157,13 @@ class DicomSender:
         if getattr(model, "weights_sha256", r.weights_sha256) != r.weights_sha256:
             raise PermanentError("the model that scored this image is no longer the configured model")
         try:
-            image = load_for_model(path, min_side=512).image  # enough detail for a heatmap view
+            # enough detail for a heatmap view, through the same size guard as the worker
+            image = load_for_model(path, min_side=512, max_decoded_bytes=self.ctx.max_decoded_bytes).image
             label = f"AI: pneumonia {'POSITIVE' if r.positive else 'negative'}, p={r.probability:.2f} ({r.model_id})"
             overlay = heatmap_overlay(model, image, label)
         except (HeatmapUnavailable, NotAnalysable) as exc:
             raise PermanentError(str(exc)) from None
-        return build_heatmap_sc(r, dcmread(path), overlay)
+        return build_heatmap_sc(r, dcmread(path, stop_before_pixels=True), overlay)  # header values only
 
     # sending -----------------------------------------------------------------------------------
     def _tls_args(self, destination: Destination) -> tuple[Any, str] | None:
@@ -326,6 +330,7 @@ class Hl7Sender:
         self.ctx = ctx
 
     def build(self, destination: Destination, entry: DueEntry) -> tuple[str, Any]:
+        from .header_values import header_values
         from .hl7_oru import build_oru
 
         r = entry.result
@@ -333,11 +338,14 @@ class Hl7Sender:
             source = dcmread(self.ctx.source_path(r), stop_before_pixels=True)
         except PermanentError:
             source = None  # the RIS still gets the result, without demographics
+        values = header_values(source)
+        for note in values.notes:
+            log.info("ORU for prediction %d: %s", r.prediction_id, note)
         control_id = r.message_control_id(destination.name)
-        msg = build_oru(r, source, control_id=control_id, sending_application=destination.sending_application,
+        msg = build_oru(r, values, control_id=control_id, sending_application=destination.sending_application,
                         sending_facility=destination.sending_facility,
                         receiving_application=destination.receiving_application,
-                        receiving_facility=destination.receiving_facility)
+                        receiving_facility=destination.receiving_facility, charset=destination.hl7_encoding)
         return control_id, msg
 
     def send(self, destination: Destination, entries: list[DueEntry], report: Report) -> None:
@@ -354,10 +362,13 @@ class Hl7Sender:
     async def _send(self, destination: Destination, messages: list, report: Report) -> None:
         from hl7.mllp import open_hl7_connection
 
+        from .hl7_oru import wire_encoding
+
         timeout = destination.timeout_s
         try:
-            reader, writer = await asyncio.wait_for(
-                open_hl7_connection(destination.host, destination.port, encoding="utf-8"), timeout)
+            reader, writer = await asyncio.wait_for(  # bytes on the wire in the encoding MSH-18 names
+                open_hl7_connection(destination.host, destination.port,
+                                    encoding=wire_encoding(destination.hl7_encoding)), timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             why = f"cannot connect to {destination.host}:{destination.port}: {type(exc).__name__}: {exc}"
             for entry, control_id, _ in messages:

@@ -19,13 +19,18 @@ the source) in a series of its own, with UIDs derived from the result (see resul
 
 from __future__ import annotations
 
+import logging
+
 import highdicom as hd
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from .. import __version__
+from .header_values import header_values
 from .results import Result, device_uid
+
+log = logging.getLogger(__name__)
 
 PNEUMONIA = CodedConcept("233604007", "SCT", "Pneumonia")
 PRESENT = CodedConcept("52101004", "SCT", "Present")
@@ -46,8 +51,10 @@ def build_sr(result: Result, source: Dataset, *, ae_title: str) -> hd.sr.Compreh
     """The SR for ``result``; ``source`` is the scored image's dataset (header is enough).
 
     highdicom validates the content tree and the IODs on construction (it raises on a violation).
+    Only the source's patient/study values and UIDs are used, normalised per VR first
+    (:mod:`.header_values`), so any header the receiver accepted gives a valid SR.
     """
-    source = with_type2_patient_study(source)
+    source = with_type2_patient_study(clean_source(source, f"SR for prediction {result.prediction_id}"))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=device_uid(ae_title), name=ae_title, manufacturer_name=MANUFACTURER,
         model_name=f"pacsbridge {__version__}",
@@ -61,7 +68,8 @@ def build_sr(result: Result, source: Dataset, *, ae_title: str) -> hd.sr.Compreh
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=result.derived_uid("tracking"), identifier=f"pneumonia AI result {result.prediction_id}",
         ),
-        algorithm_id=hd.sr.AlgorithmIdentification(name=result.model_id, version=result.model_version),
+        algorithm_id=hd.sr.AlgorithmIdentification(name=result.model_id, version=result.model_version,
+                                                   parameters=[f"calibration={result.calibration}"]),
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(PNEUMONIA, PRESENT if result.positive else ABSENT),
             hd.sr.QualitativeEvaluation(AI_POSITIVE, YES if result.positive else NO),
@@ -93,6 +101,15 @@ def build_sr(result: Result, source: Dataset, *, ae_title: str) -> hd.sr.Compreh
 #: image may lack some of them (they are then present and empty in the SR, as the standard allows).
 TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def clean_source(source: Dataset, what: str) -> Dataset:
+    """The values of ``source`` the result objects copy, normalised (notes logged, never the values)."""
+    values = header_values(source)
+    ds = values.dataset()
+    for note in values.notes:
+        log.info("%s: %s", what, note)
+    return ds
 
 
 def with_type2_patient_study(source: Dataset) -> Dataset:

@@ -21,8 +21,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .display import to_display
-from .frames import DEFAULT_MIN_SIDE, ColourImage, number_of_frames, read_stored_frame
-from .limits import DEFAULT_MAX_DECODED_BYTES, check_decoded_size
+from .frames import DEFAULT_MIN_SIDE, ColourImage, DecodeRefused, number_of_frames, read_stored_frame
+from .limits import DEFAULT_MAX_DECODED_BYTES, check_decodable
 from .quality import check_header, check_image
 
 
@@ -57,12 +57,18 @@ def _short(exc: BaseException, limit: int = 200) -> str:
 
 
 def decode_display(ds: Dataset, *, full_resolution: bool = False,
-                   min_side: int = DEFAULT_MIN_SIDE) -> ImageResult:
+                   min_side: int = DEFAULT_MIN_SIDE,
+                   max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> ImageResult:
     """Decode frame 0 of ``ds`` into a display-ready image (no quality gate).
 
-    Raises :class:`NotAnalysable` when the pixel data cannot be decoded.
+    The size guard (:func:`~.limits.check_decodable`: header and codestream within
+    ``max_decoded_bytes``) runs first, so no caller can decode without it.  Raises
+    :class:`NotAnalysable` when the pixel data cannot or may not be decoded.
     """
     start = time.perf_counter()
+    reason = check_decodable(ds, max_decoded_bytes)  # decompression bombs: before any pixel is decoded
+    if reason:
+        raise NotAnalysable(reason)
     notes: list[str] = []
     frames = number_of_frames(ds)
     if frames > 1:
@@ -72,6 +78,8 @@ def decode_display(ds: Dataset, *, full_resolution: bool = False,
         if int(ds.get("SamplesPerPixel") or 1) == 3:
             notes.append(f"grey picture stored as {ds.get('PhotometricInterpretation')}: channels equal, read as grey")
         image = to_display(ds, stored.pixels, notes)
+    except DecodeRefused as exc:
+        raise NotAnalysable(f"compressed pixel data refused without decoding: {exc}") from None
     except ColourImage as exc:
         raise NotAnalysable(f"colour image ({ds.get('PhotometricInterpretation')}): {exc}; "
                             "the model reads greyscale radiographs") from None
@@ -135,10 +143,8 @@ def load_for_model(source: str | os.PathLike | BinaryIO | Dataset, *,
         reason = f"unreadable image header: {_short(exc)}"
     if reason:
         raise NotAnalysable(reason)
-    reason = check_decoded_size(ds, max_decoded_bytes)  # decompression bombs: before any pixel is decoded
-    if reason:
-        raise NotAnalysable(reason)
-    result = decode_display(ds, full_resolution=full_resolution, min_side=min_side)
+    result = decode_display(ds, full_resolution=full_resolution, min_side=min_side,
+                            max_decoded_bytes=max_decoded_bytes)
     reason = check_image(result.image)
     if reason:
         raise NotAnalysable(reason)

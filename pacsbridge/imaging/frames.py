@@ -38,6 +38,10 @@ from pydicom.uid import JPEG2000TransferSyntaxes, JPEGBaseline8Bit, UID
 DEFAULT_MIN_SIDE = 224
 
 
+class DecodeRefused(ValueError):
+    """The decoder found the codestream disagrees with the header: refused, never tried another way."""
+
+
 @dataclass
 class StoredFrame:
     """Stored (pre-LUT) integer values of one frame, possibly reduced."""
@@ -165,6 +169,9 @@ def decode_j2k_reduced(ds: Dataset, min_side: int) -> StoredFrame:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # glymur warns about harmless header oddities
             jp2 = glymur.Jp2kr(tmp.name)
+            if tuple(jp2.shape[:2]) != (rows, cols):  # the guard checked SIZ; this is OpenJPEG's own view
+                raise DecodeRefused(f"JPEG 2000 codestream is {jp2.shape[0]} x {jp2.shape[1]} pixels, "
+                                    f"the header says {rows} x {cols}")
             levels = min(_decomposition_levels(jp2), 31)
             rlevel = 0
             while rlevel < levels and 2 ** (rlevel + 1) <= wanted:
@@ -207,6 +214,9 @@ def decode_jpeg_draft(ds: Dataset, min_side: int) -> StoredFrame:
     while step < 8 and 2 * step <= box_factor(rows, cols, min_side):
         step *= 2
     with Image.open(io.BytesIO(data)) as im:
+        if im.size != (cols, rows):  # Pillow read the SOF; nothing is decoded yet
+            raise DecodeRefused(f"JPEG codestream is {im.size[1]} x {im.size[0]} pixels, the header says "
+                                f"{rows} x {cols}")
         if step > 1:
             im.draft("L", (cols // step, rows // step))  # Pillow picks scale = size // request
         arr = np.asarray(im)
@@ -287,6 +297,8 @@ def read_stored_frame(ds: Dataset, *, full_resolution: bool = False,
             continue
         try:
             return dec.decode(ds, min_side)
+        except DecodeRefused:
+            raise  # a codestream that disagrees with its header is never decoded another way
         except Exception as exc:  # noqa: BLE001 - any codec failure: try the next decoder
             last_error = exc
             if notes is not None:

@@ -168,7 +168,7 @@ def _write_heatmaps(model: LoadedModel, items: list[_Pending], out_dir: Path, st
 def score_files(files: Iterable[Path], model: LoadedModel, batch_size: int = 16,
                 heatmaps: Path | None = None) -> Iterator[dict[str, Any]]:
     """One result dict per file, in order (batches of up to ``batch_size`` files go through the model
-    together).  Keys: ``path, sop_instance_uid, probability, positive, threshold, model, ood_score``
+    together).  Keys: ``path, sop_instance_uid, probability, positive, threshold, model, calibration, ood_score``
     (``ood_score`` None when the model has no OOD statistics; ``heatmap``: the PNG written into
     ``heatmaps`` when given) or ``path, skipped, reason`` (plus ``failed: True`` for a fault of the
     system, ``sop_instance_uid`` when the file had one, ``ood_score`` when the model scored it before
@@ -207,7 +207,7 @@ def _finish(model: LoadedModel, chunk: list[_Pending], heatmaps: Path | None, st
             out = {
                 "path": str(p.path), "sop_instance_uid": p.sop_instance_uid, "probability": prob,
                 "positive": model.is_positive(prob), "threshold": model.threshold, "model": model.model_id,
-                "ood_score": p.ood_score,
+                "calibration": model.calibration_id, "ood_score": p.ood_score,
             }
             if p.heatmap is not None:
                 out["heatmap"] = p.heatmap

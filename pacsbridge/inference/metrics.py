@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..store import events as event_counts
 from ..store import queue
 from ..store.records import instance_state_counts
 from ..worklist.items import count_items
@@ -27,6 +28,7 @@ _MS_BUCKETS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 class _DatabaseCollector(Collector):
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
+        self._event_counts = event_counts.EventCounts()
 
     def collect(self) -> Iterator:
         try:
@@ -53,6 +55,30 @@ class _DatabaseCollector(Collector):
                                   "Scoring attempts that ended in a fault of the system (each is retried while "
                                   "attempts are left).", value=failed_attempts)
         yield GaugeMetricFamily("pacsbridge_worklist_items", "Open worklist items.", value=items)
+        yield from _event_counters(self._sessions, self._event_counts)
+
+
+_EVENT_COUNTERS = (
+    ("associations_rejected", "pacsbridge_associations_rejected", "Associations rejected, by reason class.", "reason"),
+    ("stores_rejected", "pacsbridge_stores_rejected", "C-STOREs answered with a failure status, by status.",
+     "status"),
+    ("refusals", "pacsbridge_refusals", "Images not analysed, by reason class.", "reason"),
+)
+
+
+def _event_counters(sessions: sessionmaker[Session], counts: event_counts.EventCounts) -> Iterator:
+    """Counters of what was refused, from the audit trail (pacsbridge.store.events.EventCounts)."""
+    try:
+        with sessions() as session:
+            read = counts.read(session)
+    except Exception as exc:  # noqa: BLE001 - a scrape must not fail because the DB is down
+        log.warning("metrics: cannot read event counts: %s", type(exc).__name__)
+        return
+    for key, name, doc, label in _EVENT_COUNTERS:
+        family = CounterMetricFamily(name, doc, labels=[label])
+        for value, n in sorted(read[key].items()):
+            family.add_metric([value], n)
+        yield family
 
 
 class PipelineMetrics:

@@ -191,12 +191,13 @@ class InferenceWorker:
     # ----------------------------------------------------------------- claims
 
     def recover_stale_claims(self, now: datetime | None = None) -> int:
-        """Put instances claimed by a dead or stuck worker back to ``received``; returns how many.
+        """Take back instances claimed by a dead or stuck worker (a failed attempt each); returns how many.
 
         Runs only between batches (at start and from the worker's own loop), so a claim under this
         worker's own id is a leftover too (a batch that failed to record, e.g. the database went away).
         """
-        return queue.recover_stale_claims(self._sessions, self.worker_id, self._stale_after, now)
+        return queue.recover_stale_claims(self._sessions, self.worker_id, self._stale_after, now,
+                                           self._retry)
 
     def claim(self, limit: int) -> list[Claimed]:
         """Claim up to ``limit`` due instances (received, or failed and due for a retry) in arrival order."""
@@ -367,6 +368,7 @@ class InferenceWorker:
                     threshold=m.threshold, model_id=m.model_id, weights_sha256=m.weights_sha256,
                     decode_ms=round(s.decode_ms, 3), inference_ms=round(s.inference_ms, 3), created_at=now,
                     ood_score=None if s.ood_score is None else float(s.ood_score),
+                    calibration=m.calibration_id,
                 )
                 session.add(prediction)
                 if self._outbox is not None:

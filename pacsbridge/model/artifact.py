@@ -65,6 +65,9 @@ class LoadedModel:
     ood_gate: bool = True
     #: Refuse patients outside the card's intended-use age range (setting ``age_gate``).
     age_gate: bool = True
+    #: Which operating point decides: ``model`` (the card's) or a site calibration's short id
+    #: (set by ``pacsbridge.validation.calibration.apply_calibration``).
+    calibration_id: str = "model"
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Schema migrations (Alembic), usable from any working directory.
 
-The migration scripts live in ``alembic/`` at the repository root, beside the ``pacsbridge``
-package (the project is installed with ``pip install -e .``).  The database URL always comes from
-the settings, never from alembic.ini.
+The migration scripts ship inside the package (``pacsbridge/migrations/``, package data), so an
+installed wheel migrates as well as a checkout.  The database URL always comes from the settings,
+never from alembic.ini.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import pacsbridge
 
 
 def script_location() -> Path:
-    """The ``alembic/`` folder; PACSBRIDGE_ALEMBIC_DIR overrides it for unusual installs."""
+    """The ``pacsbridge/migrations/`` folder; PACSBRIDGE_ALEMBIC_DIR overrides it for unusual installs."""
     override = os.environ.get("PACSBRIDGE_ALEMBIC_DIR")
-    path = Path(override) if override else Path(pacsbridge.__file__).resolve().parent.parent / "alembic"
+    path = Path(override) if override else Path(pacsbridge.__file__).resolve().parent / "migrations"
     if not (path / "env.py").is_file():
         raise FileNotFoundError(
-            f"Alembic migrations not found at {path}; install pacsbridge from its repository "
-            "(`pip install -e .`) or set PACSBRIDGE_ALEMBIC_DIR"
+            f"Alembic migrations not found at {path}; the installation is incomplete "
+            "(reinstall pacsbridge) or set PACSBRIDGE_ALEMBIC_DIR"
         )
     return path
 

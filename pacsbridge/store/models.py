@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 models.  One migration in ``alembic/versions`` per change here."""
+"""SQLAlchemy 2 models.  One migration in ``pacsbridge/migrations/versions`` per change here."""
 
 from __future__ import annotations
 
@@ -142,6 +142,8 @@ class Prediction(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     #: The model's out-of-distribution score (pacsbridge.model.ood); NULL when the model has none.
     ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Which operating point decided: ``model`` (the card's) or a site calibration id (pacsbridge.validation).
+    calibration: Mapped[str] = mapped_column(String(32), default="model", server_default="model")
 
     instance: Mapped[Instance] = relationship(back_populates="prediction")
 

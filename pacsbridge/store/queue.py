@@ -101,7 +101,7 @@ def claim(sessions: sessionmaker[Session], worker_id: str, limit: int, now: date
         return []
     now = now or utcnow()
     oldest = (
-        select(Instance.id)
+        select(Instance.id, Instance.attempts)
         .where(_due(now))
         .order_by(Instance.received_at, Instance.id)
         .limit(limit)
@@ -110,9 +110,12 @@ def claim(sessions: sessionmaker[Session], worker_id: str, limit: int, now: date
     with sessions.begin() as session:
         # Two statements on purpose: PostgreSQL may run an ``IN (SELECT ... LIMIT n FOR UPDATE)``
         # subquery more than once inside an UPDATE and so claim more than ``n`` rows.
-        candidates = session.scalars(oldest).all()
-        if not candidates:
+        due = session.execute(oldest).all()
+        if not due:
             return []
+        # An instance with failed attempts behind it is scored alone: if it is what crashes the worker,
+        # it must not take a batch of other images down with it again.
+        candidates = [due[0].id] if due[0].attempts else [r.id for r in due if not r.attempts]
         # The due guard matters on SQLite, where the SELECT took no lock.
         ids = session.scalars(
             update(Instance)
@@ -160,32 +163,44 @@ def stale_reason(owner: str | None, claimed_at: datetime | None, worker_id: str,
 
 
 def recover_stale_claims(sessions: sessionmaker[Session], worker_id: str, stale_after: timedelta,
-                         now: datetime | None = None) -> int:
-    """Put instances claimed by a dead or stuck worker back to ``received``; returns how many.
+                         now: datetime | None = None, policy: RetryPolicy | None = None) -> int:
+    """Take back instances claimed by a dead or stuck worker; returns how many.
 
-    ``attempts`` is kept: a claim lost in a crash does not count as an attempt, and the failures
-    before it still do.
+    A lost claim counts as a failed attempt: the worker may have died *because* of one of the images
+    (a decoder that crashes the process), and an image that kills every worker that takes it must not
+    stall the queue for ever.  Such rows go to ``failed``, due at once while attempts are left; a row
+    with attempts behind it is then claimed alone (see :func:`claim`), so only the image that kills
+    the worker runs out of attempts, not the rest of its batch.
     """
+    policy = policy or RetryPolicy()
     now = _utc(now or utcnow())
     released = 0
     with sessions.begin() as session:
         rows = session.execute(
-            select(Instance.id, Instance.sop_instance_uid, Instance.claimed_by, Instance.claimed_at)
+            select(Instance.id, Instance.sop_instance_uid, Instance.claimed_by, Instance.claimed_at,
+                   Instance.attempts)
             .where(Instance.state == PROCESSING)
         ).all()
-        for iid, sop, owner, claimed_at in rows:
+        for iid, sop, owner, claimed_at, attempts in rows:
             why = stale_reason(owner, claimed_at, worker_id, stale_after, now)
             if why is None:
                 continue
+            attempts = (attempts or 0) + 1
+            last = attempts >= policy.max_attempts
+            reason = f"the worker scoring this image stopped ({why})"
             res = session.execute(
                 update(Instance)
                 .where(Instance.id == iid, Instance.state == PROCESSING, Instance.claimed_by == owner)
-                .values(state=RECEIVED, claimed_by=None, claimed_at=None, updated_at=now)
+                .values(state=FAILED, claimed_by=None, claimed_at=None, updated_at=now, attempts=attempts,
+                        state_reason=reason, last_error=reason, next_attempt_at=None if last else now)
                 .execution_options(synchronize_session=False)
             )
             if res.rowcount == 1:
                 released += 1
-                _event(session, "claim_released", "warning", iid, sop, f"claim by {owner} released: {why}")
+                plan = ("no retry left; `pacsbridge instances retry` queues it again" if last
+                        else "retried at once, alone")
+                _event(session, "claim_released", "warning", iid, sop,
+                       f"claim by {owner} released: {why}; attempt {attempts} of {policy.max_attempts}: {plan}")
     if released:
         log.warning("worker %s: released %d stale claims", worker_id, released)
     return released

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..store.models import Event, Instance, Prediction, Series, Study, WorklistItem, WorklistStatus, utcnow
+from .history import study_history
 from .items import fetch_rows, item_row, row_query
 from .lifecycle import ItemNotFound, as_utc
 
@@ -40,6 +41,7 @@ def instance_row(inst: Instance, series: Series, study: Study, pred: Prediction 
         "positive": pred.positive if pred else None,
         "threshold": pred.threshold if pred else None,
         "model_id": pred.model_id if pred else None,
+        "calibration": pred.calibration if pred else None,
         "predicted_at": _iso(pred.created_at) if pred else None,
         "file_kept": inst.spool_deleted_at is None,
         "image_url": f"/api/instances/{inst.id}/image.png",
@@ -47,8 +49,10 @@ def instance_row(inst: Instance, series: Series, study: Study, pred: Prediction 
 
 
 def list_instances(session: Session, *, study_instance_uid: str | None = None, state: str | None = None,
-                   limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-    """Received instances, newest first, with their state and prediction (or refusal reason)."""
+                   limit: int = 100, offset: int = 0, received_from: datetime | None = None,
+                   received_before: datetime | None = None) -> list[dict[str, Any]]:
+    """Received instances, newest first, with their state and prediction (or refusal reason);
+    ``received_from`` / ``received_before``: only those received in [from, before)."""
     q = (select(Instance, Series, Study, Prediction)
          .join(Series, Series.id == Instance.series_id).join(Study, Study.id == Series.study_id)
          .outerjoin(Prediction, Prediction.instance_id == Instance.id)
@@ -58,6 +62,10 @@ def list_instances(session: Session, *, study_instance_uid: str | None = None, s
         q = q.where(Study.study_instance_uid == study_instance_uid)
     if state:
         q = q.where(Instance.state == state)
+    if received_from is not None:
+        q = q.where(Instance.received_at >= received_from)
+    if received_before is not None:
+        q = q.where(Instance.received_at < received_before)
     return [instance_row(*row) for row in session.execute(q)]
 
 
@@ -80,6 +88,7 @@ def item_detail(session: Session, item_id: int, now: datetime | None = None) -> 
         {"at": _iso(e.at), "kind": e.kind, "actor": e.actor, "detail": e.detail}
         for e in session.scalars(select(Event).where(Event.worklist_item_id == r["id"]).order_by(Event.id))
     ]
+    out["history"] = study_history(session, r["id"])
     return out
 
 

@@ -5,9 +5,14 @@
 
 const REFRESH_MS = 5000;
 const TOKEN_KEY = "pacsbridge.token";
+const MUTE_KEY = "pacsbridge.mute";          // localStorage: this reader's choice, kept across sessions
+const OVERDUE_S = 4 * 3600;                   // same limit as the red "waiting" column
+const TITLE = "pacsbridge worklist";
 const $ = (id) => document.getElementById(id);
 const state = { view: null, items: [], selected: 0, item: null, instance: null, timer: null, me: null,
-                imageUrl: null };
+                imageUrl: null, seenUrgent: null, alertItem: null, audio: null, receivedOffset: 0,
+                receivedUrl: null };
+const RECEIVED_PAGE = 100;
 
 // -- API ------------------------------------------------------------------------------------------
 class ApiError extends Error {
@@ -86,18 +91,26 @@ function el(tag, attrs = {}, ...children) {
 // -- views ----------------------------------------------------------------------------------------
 function show(view) {
   state.view = view;
-  for (const v of ["signin", "worklist", "item", "stats"]) $(v + "-view").hidden = v !== view;
+  for (const v of ["signin", "worklist", "item", "stats", "received", "events"]) $(v + "-view").hidden = v !== view;
   $("nav").hidden = view === "signin";
   $("nav-worklist").classList.toggle("active", view === "worklist" || view === "item");
   $("nav-stats").classList.toggle("active", view === "stats");
-  clearInterval(state.timer);
-  state.timer = null;
-  if (view === "signin") { $("token").value = ""; $("token").focus(); }
-  if (view === "worklist") {
-    loadWorklist();
-    state.timer = setInterval(loadWorklist, REFRESH_MS);
+  $("nav-received").classList.toggle("active", view === "received");
+  $("nav-events").classList.toggle("active", view === "events");
+  if (view === "signin") {
+    // The worklist poll (which also raises the alerts) runs in every view while signed in.
+    clearInterval(state.timer);
+    state.timer = null;
+    state.seenUrgent = null;
+    setAlert(null);
+    document.title = TITLE;
+    $("token").value = "";
+    $("token").focus();
   }
+  if (view === "worklist") loadWorklist();
   if (view === "stats") loadStats();
+  if (view === "received") { state.receivedOffset = 0; loadReceived(); }
+  if (view === "events") loadEvents();
 }
 
 async function signIn(token) {
@@ -106,8 +119,18 @@ async function signIn(token) {
     state.me = await api("/api/me");
     $("who").textContent = state.me.name + " (" + state.me.role + ")";
     message("");
+    const admin = state.me.role === "admin";
+    for (const b of document.querySelectorAll(".admin-only")) b.hidden = !admin;
     if (state.me.role === "monitor") { show("stats"); $("nav-worklist").hidden = true; }
-    else { $("nav-worklist").hidden = false; show("worklist"); }
+    else {
+      $("nav-worklist").hidden = false;
+      $("mute-box").hidden = false;
+      $("mute").checked = localStorage.getItem(MUTE_KEY) === "1";
+      $("alerts-enable").hidden = !("Notification" in window) || Notification.permission !== "default";
+      show("worklist");
+      clearInterval(state.timer);
+      state.timer = setInterval(loadWorklist, REFRESH_MS);
+    }
   } catch (err) {
     sessionStorage.removeItem(TOKEN_KEY);
     if (err instanceof ApiError && err.status === 401) {
@@ -121,6 +144,7 @@ async function loadWorklist() {
   try {
     const status = $("show-closed").checked ? "all" : "open";
     state.items = await api("/api/worklist?status=" + status + "&limit=500");
+    checkAlerts(state.items);
     if (state.view !== "worklist") return;
     renderWorklist();
     $("updated").textContent = "updated " + new Date().toLocaleTimeString();
@@ -148,7 +172,7 @@ function renderWorklist() {
       el("td", { class: "rank", text: String(i + 1) }), el("td", {}, score), who,
       el("td", { text: patientAge(it.patient_age) }), el("td", { text: it.accession_number || "" }),
       el("td", { text: [it.modality, it.study_description].filter(Boolean).join(" · ") }), wait,
-      el("td", { class: "status " + it.status, text: statusText(it) }));
+      el("td", { class: "status " + it.status, text: statusText(it) }), el("td", { class: "viewer-col" }, viewerLink(it, "open")));
     if (i === state.selected) row.classList.add("selected");
     row.addEventListener("click", () => openItem(it.id));
     row.addEventListener("keydown", (e) => { if (e.key === "Enter") openItem(it.id); });
@@ -158,6 +182,89 @@ function renderWorklist() {
   $("count").textContent = "(" + state.items.length + ")";
   $("empty").hidden = state.items.length > 0;
   $("worklist").hidden = state.items.length === 0;
+}
+
+function viewerLink(it, text) {
+  if (!it.viewer_url) return "";
+  const a = el("a", { href: it.viewer_url, target: "_blank", rel: "noopener noreferrer", class: "viewer-link",
+                      title: "Open this study in the image viewer (new tab)" },
+                el("span", { class: "wide-only", text: text + " " }), "\u2197");
+  a.addEventListener("click", (e) => e.stopPropagation());  // the link, not the row, takes the click
+  a.addEventListener("keydown", (e) => e.stopPropagation());
+  return a;
+}
+
+// -- alerts: a new STAT/HIGH or overdue study -------------------------------------------------------
+function isUrgent(it) {
+  return it.status === "scheduled" && (it.requested_priority === "STAT" || it.requested_priority === "HIGH"
+    || it.waiting_s > OVERDUE_S);
+}
+function urgentWhy(it) {
+  return it.requested_priority === "STAT" || it.requested_priority === "HIGH" ? it.requested_priority : "overdue";
+}
+
+function checkAlerts(items) {
+  const urgent = items.filter(isUrgent);
+  document.title = urgent.length ? "(" + urgent.length + ") urgent · " + TITLE : TITLE;
+  const ids = new Set(urgent.map((it) => it.id));
+  const first = state.seenUrgent === null;
+  const fresh = urgent.filter((it) => !first && !state.seenUrgent.has(it.id));
+  state.seenUrgent = ids;
+  if (state.alertItem !== null && !ids.has(state.alertItem)) setAlert(null);  // claimed or done meanwhile
+  if (first && urgent.length) { setAlert(urgent[0], urgent.length, false); return; }
+  if (!fresh.length) return;
+  setAlert(fresh[0], urgent.length, true);
+  if (localStorage.getItem(MUTE_KEY) === "1") return;
+  beep();
+  if ("Notification" in window && Notification.permission === "granted") {
+    // No patient name in a desktop notification: it can show on a shared screen. Accession only.
+    const it = fresh[0];
+    const n = new Notification("pacsbridge: new " + urgentWhy(it) + " study", {
+      body: (it.accession_number ? "Accession " + it.accession_number + ", " : "") + "AI score "
+        + Math.round(it.probability * 100) + "%" + (fresh.length > 1 ? " (+" + (fresh.length - 1) + " more)" : ""),
+      tag: "pacsbridge-urgent" });
+    n.onclick = () => { window.focus(); openItem(it.id); };
+  }
+}
+
+function setAlert(it, count = 0, isNew = false) {
+  state.alertItem = it ? it.id : null;
+  $("alert").hidden = !it;
+  if (!it) return;
+  $("alert-text").textContent = (isNew ? "New " + urgentWhy(it) + " study: " : urgentWhy(it) + " study waiting: ")
+    + patientName(it.patient_name) + (it.accession_number ? " · " + it.accession_number : "") + " · AI score "
+    + Math.round(it.probability * 100) + "%" + (count > 1 ? " (" + count + " urgent in all)" : "");
+}
+
+function beep() {
+  // A short tone made here (WebAudio): nothing is downloaded. Browsers allow sound only after the
+  // reader has interacted with the page (e.g. "Enable alerts"); otherwise this stays silent.
+  try {
+    const Ctx = window.AudioContext || window.webkitAudioContext;
+    if (!Ctx) return;
+    state.audio = state.audio || new Ctx();
+    const ctx = state.audio, osc = ctx.createOscillator(), gain = ctx.createGain();
+    osc.type = "sine";
+    osc.frequency.value = 880;
+    gain.gain.setValueAtTime(0.0001, ctx.currentTime);
+    gain.gain.exponentialRampToValueAtTime(0.25, ctx.currentTime + 0.02);
+    gain.gain.exponentialRampToValueAtTime(0.0001, ctx.currentTime + 0.35);
+    osc.connect(gain).connect(ctx.destination);
+    osc.start();
+    osc.stop(ctx.currentTime + 0.4);
+  } catch (e) { /* no sound device: the notice and the title still show */ }
+}
+
+async function enableAlerts() {
+  try {
+    const Ctx = window.AudioContext || window.webkitAudioContext;
+    if (Ctx) { state.audio = state.audio || new Ctx(); await state.audio.resume(); }
+    if ("Notification" in window && Notification.permission === "default") await Notification.requestPermission();
+  } catch (e) { /* refused: the page notice and the title still work */ }
+  $("alerts-enable").hidden = !("Notification" in window) || Notification.permission !== "default";
+  message("Alerts on: a new STAT, HIGH or overdue study shows here, in the tab title"
+    + ("Notification" in window && Notification.permission === "granted" ? ", as a desktop notification" : "")
+    + " and with a short sound (mute turns sound and notification off).", "info");
 }
 
 function moveSelection(delta) {
@@ -205,6 +312,8 @@ function renderItem() {
   $("claim").hidden = !(it.status === "scheduled" || mine);
   $("claim").firstChild.textContent = mine ? "Renew claim " : "Claim ";
   $("release").hidden = !(mine || (admin && it.status === "in_progress"));
+  $("open-viewer").hidden = !it.viewer_url;
+  if (it.viewer_url) $("open-viewer").href = it.viewer_url;
   $("complete-form").hidden = !(mine || (admin && it.status === "in_progress"));
 
   const list = $("instances");
@@ -213,15 +322,18 @@ function renderItem() {
     const label = "Image " + (i + 1) + ": " + (inst.probability !== null ? Math.round(inst.probability * 100) + "%"
       : inst.state.replace("_", " "));
     const b = el("button", { type: "button", class: inst.id === state.instance ? "active" : "", text: label,
-      title: inst.reason || (inst.model_id ? "model " + inst.model_id + ", threshold " + inst.threshold : "") });
+      title: inst.reason || (inst.model_id ? "model " + inst.model_id + ", threshold " + inst.threshold +
+        ", calibration " + (inst.calibration || "model") : "") });
     b.addEventListener("click", () => { state.instance = inst.id; renderItem(); loadImage(); });
     list.append(b);
   });
   $("heatmap").disabled = !it.heatmap_available;
   $("heatmap-note").textContent = it.heatmap_available ? "" : "(this model provides no heatmap)";
-  const events = $("events");
-  events.replaceChildren();
-  for (const e of it.events) events.append(el("li", { text: new Date(e.at).toLocaleString() + " · " + e.actor + " · " + e.detail }));
+  const history = $("history");
+  history.replaceChildren();
+  for (const h of it.history || []) {
+    history.append(el("li", {}, el("time", { datetime: h.at || "", text: h.at ? localTime(h.at) : "" }), " " + h.text));
+  }
 }
 
 async function loadImage() {
@@ -261,6 +373,86 @@ async function openItemQuiet(id) {
   try { state.item = await api("/api/worklist/" + id); renderItem(); } catch (e) { /* shown already */ }
 }
 
+function localTime(iso) {
+  const d = new Date(iso);
+  const today = new Date().toDateString() === d.toDateString();
+  return today ? d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+    : d.toLocaleString([], { year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
+}
+
+// -- admin: everything received --------------------------------------------------------------------
+function dayStart(value) { return value ? new Date(value + "T00:00:00").toISOString() : null; }  // local midnight
+
+async function loadReceived() {
+  const q = new URLSearchParams({ limit: String(RECEIVED_PAGE), offset: String(state.receivedOffset) });
+  if ($("received-state").value) q.set("state", $("received-state").value);
+  if ($("received-from").value) q.set("since", dayStart($("received-from").value));
+  if ($("received-to").value) {
+    const end = new Date($("received-to").value + "T00:00:00");
+    end.setDate(end.getDate() + 1);  // "to" includes that whole day
+    q.set("until", end.toISOString());
+  }
+  try {
+    const rows = await api("/api/instances?" + q.toString());
+    const body = $("received").querySelector("tbody");
+    body.replaceChildren();
+    for (const r of rows) {
+      const outcome = r.probability !== null
+        ? Math.round(r.probability * 100) + "% " + (r.positive ? "flagged" : "not flagged")
+        : (r.reason || (r.state === "received" || r.state === "processing" ? "waiting for the AI" : ""));
+      const row = el("tr", { "data-id": String(r.id), tabindex: "0", title: r.sop_instance_uid },
+        el("td", { text: localTime(r.received_at) }), el("td", { text: r.calling_ae || "" }),
+        el("td", { class: "state-" + r.state, text: r.state.replace("_", " ") }),
+        el("td", { class: "outcome" + (r.positive ? " flagged" : ""), text: outcome }),
+        el("td", { class: "uid", text: r.study_instance_uid }));
+      row.addEventListener("click", () => previewReceived(r, row));
+      row.addEventListener("keydown", (e) => { if (e.key === "Enter") previewReceived(r, row); });
+      body.append(row);
+    }
+    $("received-count").textContent = "(" + (rows.length ? (state.receivedOffset + 1) + "–" + (state.receivedOffset + rows.length) : "0") + ")";
+    $("received-empty").hidden = rows.length > 0;
+    $("received-prev").disabled = state.receivedOffset === 0;
+    $("received-next").disabled = rows.length < RECEIVED_PAGE;
+  } catch (err) { handleError(err); }
+}
+
+async function previewReceived(r, row) {
+  for (const tr of $("received").querySelectorAll("tbody tr")) tr.classList.toggle("selected", tr === row);
+  $("received-preview").hidden = false;
+  const img = $("received-image");
+  if (state.receivedUrl) { URL.revokeObjectURL(state.receivedUrl); state.receivedUrl = null; }
+  img.removeAttribute("src");
+  $("received-note").textContent = [r.modality, r.calling_ae ? "from " + r.calling_ae : "", r.model_id].filter(Boolean).join(" · ");
+  if (!r.file_kept) { $("received-note").textContent = "The file was deleted by retention."; return; }
+  try {
+    const res = await api(r.image_url + "?size=768", { raw: true });
+    state.receivedUrl = URL.createObjectURL(await res.blob());
+    img.src = state.receivedUrl;
+  } catch (err) {
+    if (err instanceof ApiError && err.status !== 401) $("received-note").textContent = err.message;
+    else handleError(err);
+  }
+}
+
+// -- admin: the audit trail ------------------------------------------------------------------------
+async function loadEvents() {
+  const q = new URLSearchParams({ limit: "500" });
+  if ($("events-kind").value) q.set("kind", $("events-kind").value);
+  if ($("events-since").value) q.set("since", $("events-since").value);
+  try {
+    const rows = await api("/api/events?" + q.toString());
+    const body = $("events-table").querySelector("tbody");
+    body.replaceChildren();
+    for (const e of rows) {
+      body.append(el("tr", { class: "level-" + e.level },
+        el("td", { text: localTime(e.at) }), el("td", { class: "level", text: e.level }), el("td", { text: e.kind }),
+        el("td", { text: e.actor || e.peer || "" }), el("td", { class: "detail", text: e.detail || "" })));
+    }
+    $("events-count").textContent = "(" + rows.length + ")";
+    $("events-empty").hidden = rows.length > 0;
+  } catch (err) { handleError(err); }
+}
+
 async function loadStats() {
   try {
     const data = await api("/api/stats");
@@ -281,6 +473,19 @@ document.addEventListener("DOMContentLoaded", () => {
   $("signout").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); message(""); show("signin"); });
   $("nav-worklist").addEventListener("click", () => { message(""); show("worklist"); });
   $("nav-stats").addEventListener("click", () => { message(""); show("stats"); });
+  $("nav-received").addEventListener("click", () => { message(""); show("received"); });
+  $("nav-events").addEventListener("click", () => { message(""); show("events"); });
+  for (const id of ["received-state", "received-from", "received-to"]) {
+    $(id).addEventListener("change", () => { state.receivedOffset = 0; loadReceived(); });
+  }
+  $("received-prev").addEventListener("click", () => { state.receivedOffset = Math.max(0, state.receivedOffset - RECEIVED_PAGE); loadReceived(); });
+  $("received-next").addEventListener("click", () => { state.receivedOffset += RECEIVED_PAGE; loadReceived(); });
+  $("events-kind").addEventListener("change", loadEvents);
+  $("events-since").addEventListener("change", loadEvents);
+  $("alerts-enable").addEventListener("click", enableAlerts);
+  $("mute").addEventListener("change", () => localStorage.setItem(MUTE_KEY, $("mute").checked ? "1" : "0"));
+  $("alert-open").addEventListener("click", () => { if (state.alertItem !== null) openItem(state.alertItem); setAlert(null); });
+  $("alert-dismiss").addEventListener("click", () => setAlert(null));
   $("back").addEventListener("click", () => { message(""); show("worklist"); });
   $("show-closed").addEventListener("change", loadWorklist);
   $("claim").addEventListener("click", () => act("claim"));

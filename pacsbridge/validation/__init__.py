@@ -1,0 +1,1 @@
+"""Site validation: labels, statistics, the site calibration and the report (`pacsbridge validate`)."""
