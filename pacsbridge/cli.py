@@ -101,7 +101,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     try:
         return WorkerDaemon(settings).run()
     except StartupError as exc:
-        print(f"pacsbridge worker: cannot start: {exc}", file=sys.stderr)
+        from pacsbridge.logs import operator_line
+
+        print(operator_line(f"pacsbridge worker: cannot start: {exc}", settings.log_format), file=sys.stderr)
         return 1
 
 

@@ -85,7 +85,7 @@ class Daemon:
         # The receiver notifies it after each new instance; the worker waits on it (instead of polling).
         self.notifier = StoreNotifier()
         # The receiver refuses C-STORE below the free-space floor; /readyz and /metrics read the same guard.
-        self.disk_guard = DiskGuard(Path(settings.spool_dir), settings.min_free_bytes)
+        self.disk_guard = DiskGuard(Path(settings.spool_dir), settings.min_free_bytes, on_change=self._disk_event)
         self.components: list[Component] = []
         self._stop = threading.Event()
         self._tmp_removed = 0  # leftovers Spool.prepare removed; reported by the orphan sweep
@@ -271,6 +271,12 @@ class Daemon:
                 log.error("component %s is unhealthy; withholding the systemd watchdog ping", component.name)
                 return False
         return True
+
+    def _disk_event(self, low: bool, message: str) -> None:
+        """One event per fall under the free-space floor and one per recovery (``pacsbridge events``)."""
+        from pacsbridge.store.records import record_event
+
+        record_event(self.sessions, "disk_low" if low else "disk_ok", message, level="warning" if low else "info")
 
     def _stalled(self, log_it: bool = False) -> list[str]:
         """Components whose work loop has not gone round for ``loop_stall_s`` (``stalled_for()``)."""

@@ -155,8 +155,11 @@ def test_serve_refuses_below_the_floor_and_resumes(tmpfs, tmp_path):
     engine = create_engine(f"sqlite:///{db}")
     with engine.connect() as conn:
         stored = {row[0]: row[1] for row in conn.execute(text("SELECT sop_instance_uid, file_path FROM instances"))}
+        kinds = [row[0] for row in conn.execute(text(
+            "SELECT kind FROM events WHERE kind IN ('disk_low', 'disk_ok') ORDER BY id"))]
     engine.dispose()
     assert set(stored) == {str(d.SOPInstanceUID) for d in before + after}
+    assert kinds == ["disk_low", "disk_ok"]  # one event per fall and per recovery, not per refusal
     spool = tmpfs / "data" / "spool"
     assert all((spool / p).is_file() for p in stored.values())
     assert list((spool / "tmp").iterdir()) == []

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +44,12 @@ def human_bytes(n: float) -> str:
 class DiskGuard:
     """Says whether the spool has room for another instance; thread-safe (one per process)."""
 
-    def __init__(self, root: Path, min_free_bytes: int = DEFAULT_MIN_FREE_BYTES, cache_s: float = 1.0) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = DEFAULT_MIN_FREE_BYTES, cache_s: float = 1.0,
+                 on_change: Callable[[bool, str], None] | None = None) -> None:
+        """``on_change(low, message)`` is called once per fall under the floor and once per recovery
+        (outside the guard's lock; e.g. to record an event)."""
         self.root = Path(root)
+        self.on_change = on_change
         self.min_free_bytes = int(min_free_bytes)
         self.cache_s = cache_s
         self.refused = 0  # C-STOREs refused for lack of space (counted in /metrics)
@@ -57,36 +62,51 @@ class DiskGuard:
     def check(self) -> str | None:
         """None when there is room; else the reason (one line, with the free space)."""
         now = time.monotonic()
+        change = None
         with self._lock:
             if now - self._checked_at >= self.cache_s:
                 self._checked_at = now
-                self._measure()
+                change = self._measure()
             if self._error is not None:
-                return self._error
-            if self._low:
-                return (f"spool free space {human_bytes(self.last_free or 0)} is below min_free_bytes "
-                        f"({human_bytes(self.min_free_bytes)})")
-            return None
+                reason: str | None = self._error
+            elif self._low:
+                reason = (f"spool free space {human_bytes(self.last_free or 0)} is below min_free_bytes "
+                          f"({human_bytes(self.min_free_bytes)})")
+            else:
+                reason = None
+        if change is not None and self.on_change is not None:
+            try:
+                self.on_change(*change)
+            except Exception:  # noqa: BLE001 - recording the change must not fail a C-STORE
+                log.warning("disk guard: on_change failed", exc_info=True)
+        return reason
 
     def refuse(self) -> None:
         with self._lock:
             self.refused += 1
 
-    def _measure(self) -> None:
+    def _measure(self) -> tuple[bool, str] | None:
+        """Read the free space; returns (low, message) when the state changed."""
         try:
             space = free_space(self.root)
         except OSError as exc:
             if self._error is None:
                 log.warning("cannot read the spool's free space (%s): %s", self.root, exc.strerror or exc)
             self._error = f"cannot read the spool's free space: {exc.strerror or exc}"
-            return
+            return None
         self._error = None
         self.last_free = space.free_bytes
         low = space.free_bytes < self.min_free_bytes
+        change = None
         if low and not self._low:
-            log.warning("spool free space %s is below min_free_bytes (%s): refusing C-STORE (0xA700) until "
-                        "space is freed", human_bytes(space.free_bytes), human_bytes(self.min_free_bytes))
+            message = (f"spool free space {human_bytes(space.free_bytes)} is below min_free_bytes "
+                       f"({human_bytes(self.min_free_bytes)}): refusing C-STORE (0xA700) until space is freed")
+            log.warning("%s", message)
+            change = (True, message)
         elif self._low and not low:
-            log.info("spool free space %s is above min_free_bytes again: receiving resumes",
-                     human_bytes(space.free_bytes))
+            message = (f"spool free space {human_bytes(space.free_bytes)} is above min_free_bytes again: "
+                       "receiving resumes")
+            log.info("%s", message)
+            change = (False, message)
         self._low = low
+        return change
