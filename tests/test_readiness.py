@@ -181,8 +181,10 @@ def test_stalled_scheduler_fails_readiness_and_stops_watchdog(tmp_path, monkeypa
         pings(0.3)  # drain a ping sent just before the check
         assert pings(1.0) == 0
         sched._scheduler.resume()
-        time.sleep(0.6)
-        assert httpx.get(url, timeout=10).status_code == 200
+        deadline = time.monotonic() + 15
+        while httpx.get(url, timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "not ready again after the scheduler resumed"
+            time.sleep(0.2)
         assert pings(1.0) >= 3
     finally:
         daemon.request_stop()
