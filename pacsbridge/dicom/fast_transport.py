@@ -32,7 +32,8 @@ with a length a peer announces.
 
 The classes replace pynetdicom's in place (``__class__`` swaps of objects pynetdicom made) because
 pynetdicom has no factory hooks for them; they only override methods and add no state of their own
-beyond what is set here.
+beyond what is set here.  Every pynetdicom internal they need is reached through
+:mod:`pacsbridge.dicom.compat`.
 """
 
 from __future__ import annotations
@@ -47,14 +48,13 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, Callable
 
-from pynetdicom import evt
-from pynetdicom.acse import ACSE
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+
+from pacsbridge.dicom import compat
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class FastAssociationSocket(AssociationSocket):
 
         ``deadline`` (``time.monotonic()`` value): raise :class:`DeadlinePassed` once it passes, however
         the peer spaces its bytes; each read then waits at most ``read_timeout`` or until the deadline."""
-        sock = self.socket
+        sock = compat.socket_of(self)
         assert sock is not None
         view = memoryview(buf)
         got, total = start, len(buf)
@@ -179,14 +179,14 @@ def _peer(dul: DULServiceProvider) -> str:
 
 
 def _limits(assoc: Any) -> TransportLimits:  # noqa: ANN401 - pynetdicom Association
-    return getattr(getattr(assoc, "_server", None), "pb_limits", None) or TransportLimits()
+    return getattr(compat.server_of(assoc), "pb_limits", None) or TransportLimits()
 
 
-class BoundedDUL(DULServiceProvider):
-    """pynetdicom's DUL with a bounded, single-buffer PDU read (replaces ``_read_pdu_data``)."""
+class BoundedDUL(compat.DULHooks):
+    """pynetdicom's DUL with a bounded, single-buffer PDU read (replaces pynetdicom's PDU read)."""
 
-    def _read_pdu_data(self) -> None:
-        sock = self.socket
+    def read_pdu(self) -> None:
+        sock = self.transport
         assert isinstance(sock, FastAssociationSocket)
         limits = _limits(self.assoc)
         started = time.monotonic()
@@ -234,22 +234,20 @@ class BoundedDUL(DULServiceProvider):
         if got < 6 + length:
             self._drop(f"connection closed after {got} of {6 + length} bytes of a PDU")
             return
+        if pdu_type == 0x01:
+            self.pb_rq_received = True  # the ARTIM deadline from connect is met
         try:
-            decoded, event = self._decode_pdu(pdu)
+            self.deliver(pdu)
         except Exception as exc:  # noqa: BLE001 - malformed PDU content
             self._refuse(_ABORT_INVALID_PARAMETER, f"undecodable PDU type 0x{pdu_type:02X}: {type(exc).__name__}")
             return
-        if pdu_type == 0x01:
-            self.pb_rq_received = True  # the ARTIM deadline from connect is met
-        self.event_queue.put(event)
-        self._recv_pdu.put(decoded)
 
     def _artim_deadline(self) -> float | None:
         """Until the A-ASSOCIATE-RQ has arrived: the TCP connect time plus the ARTIM timeout, as a
         ``time.monotonic()`` value (pynetdicom starts its own ARTIM timer only once its reactor has run,
         which a peer sending at once can get ahead of); None afterwards."""
         connected = getattr(self, "pb_connected_at", None)
-        timeout = self.artim_timer.timeout
+        timeout = self.artim_timeout
         if connected is None or timeout is None or getattr(self, "pb_rq_received", False) or self.assoc.is_established:
             return None
         return connected + timeout
@@ -258,7 +256,7 @@ class BoundedDUL(DULServiceProvider):
         limits = _limits(self.assoc)
         took = time.monotonic() - started
         if artim:
-            why = (f"no complete A-ASSOCIATE-RQ within the ARTIM timeout ({self.artim_timer.timeout:g} s from "
+            why = (f"no complete A-ASSOCIATE-RQ within the ARTIM timeout ({self.artim_timeout:g} s from "
                    f"connect; {got} of {expected} bytes of a PDU after {took:.1f} s)")
         else:
             why = (f"PDU not received within its deadline ({got} of {expected} bytes after {took:.1f} s; "
@@ -289,25 +287,26 @@ class BoundedDUL(DULServiceProvider):
         limits = _limits(self.assoc)
         if limits.on_refused is not None:
             limits.on_refused("association_aborted", why, peer)
-        sock = self.socket
-        if sock is not None and sock.socket is not None:
+        sock = self.transport
+        raw = compat.socket_of(sock) if sock is not None else None
+        if raw is not None:
             abort = A_ABORT_RQ()
             abort.source = 0x02
             abort.reason_diagnostic = reason
             try:
-                sock.socket.sendall(abort.encode())
+                raw.sendall(abort.encode())
             except OSError:
                 pass
         self._close_transport()
 
     def _close_transport(self) -> None:
-        sock = self.socket
-        if sock is not None and sock.socket is not None:
+        sock = self.transport
+        if sock is not None and compat.socket_of(sock) is not None:
             sock.close()  # queues Evt17: the state machine ends the association
         else:
-            self.event_queue.put("Evt17")
+            self.queue_event("Evt17")
         if not self.assoc.is_established:
-            self.to_user_queue.put(None)  # an acceptor waiting for its A-ASSOCIATE-RQ gives up now
+            self.wake_acceptor()  # an acceptor waiting for its A-ASSOCIATE-RQ gives up now
 
 
 class BoundedDIMSE(DIMSEServiceProvider):
@@ -315,18 +314,16 @@ class BoundedDIMSE(DIMSEServiceProvider):
 
     def receive_primitive(self, primitive: Any) -> None:  # noqa: ANN401 - P_DATA
         limits = _limits(self.assoc)
-        if self.message is None:
-            self.message = DIMSEMessage()
-            self.message.data_set = CappedBuffer(limits.max_dataset_bytes)
+        compat.start_message(self, CappedBuffer(limits.max_dataset_bytes))
         for _, data in primitive.presentation_data_value_list:
-            if data and data[0] & 1 and self.message.encoded_command_set.tell() + len(data) > limits.max_command_bytes:
+            if data and data[0] & 1 and compat.command_bytes(self) + len(data) > limits.max_command_bytes:
                 peer = _peer(self.dul)
                 log.warning("DICOM association with %s aborted: DIMSE command set longer than %d bytes",
                             peer, limits.max_command_bytes)
                 if limits.on_refused is not None:
                     limits.on_refused("association_aborted", "DIMSE command set too long", peer)
-                self.message = None
-                self.dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT and end the association
+                compat.drop_message(self)
+                compat.queue_event(self.dul, "Evt19")  # invalid PDU: A-ABORT and end the association
                 return
         try:
             super().receive_primitive(primitive)
@@ -337,31 +334,26 @@ class BoundedDIMSE(DIMSEServiceProvider):
             log.warning("DICOM association with %s aborted: %s", peer, why)
             if limits.on_refused is not None:
                 limits.on_refused("association_aborted", why, peer)
-            self.message = None
-            self.dul.event_queue.put("Evt19")
+            compat.drop_message(self)
+            compat.queue_event(self.dul, "Evt19")
 
 
-class BoundedACSE(ACSE):
+class BoundedACSE(compat.ACSEHooks):
     """Rejects an A-ASSOCIATE-RQ beyond ``max_associations_per_peer`` (transient, local limit exceeded)."""
 
-    def _negotiate_as_acceptor(self) -> None:
+    def negotiate_as_acceptor(self) -> None:
         limits = _limits(self.assoc)
         address = self.assoc.requestor.address
         same_peer = [a for a in self.assoc.ae.active_associations
                      if a is not self.assoc and a.is_acceptor and a.requestor.address == address]
         if len(same_peer) >= limits.max_associations_per_peer:
-            self.requestor.ae_title = self.requestor.primitive.calling_ae_title
-            self.assoc.pb_reject_reason = (
-                f"too many associations from {address} (max_associations_per_peer = "
-                f"{limits.max_associations_per_peer})")
-            self.send_reject(0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local-limit
-            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-            self.assoc.kill()
+            self.reject_local_limit(f"too many associations from {address} (max_associations_per_peer = "
+                                    f"{limits.max_associations_per_peer})")
             return
-        super()._negotiate_as_acceptor()
+        super().negotiate_as_acceptor()
 
 
-class FastRequestHandler(RequestHandler):
+class FastRequestHandler(compat.RequestHandlerHooks):
     """pynetdicom's request handler with the fast and bounded classes above for each association."""
 
     def handle(self) -> None:
@@ -390,23 +382,15 @@ class FastRequestHandler(RequestHandler):
             self.server.shutdown_request(sock)  # pynetdicom closes it only on an exception
             return False
 
-    def _create_association(self):  # noqa: ANN202 - returns pynetdicom's Association
-        assoc = super()._create_association()
+    def upgrade_association(self, assoc: Any) -> None:  # noqa: ANN401 - pynetdicom Association
         limits: TransportLimits = getattr(self.server, "pb_limits", None) or TransportLimits()
         # The socket is already wired into the association (and has queued its connection event), so
         # upgrade the objects in place: the subclasses only replace methods.
-        if type(assoc.dul.socket) is AssociationSocket:
-            assoc.dul.socket.__class__ = FastAssociationSocket
-        if type(assoc.dul) is DULServiceProvider:
-            assoc.dul.__class__ = BoundedDUL
+        compat.upgrade_association(assoc, socket_class=FastAssociationSocket, dul_class=BoundedDUL,
+                                   dimse_class=BoundedDIMSE, acse_class=BoundedACSE)
+        if isinstance(assoc.dul, BoundedDUL):
             assoc.dul.pb_connected_at = time.monotonic()  # the A-ASSOCIATE-RQ must be complete by ARTIM from here
-            assoc.dul._target = assoc.dul.run_reactor  # the thread captured the original bound method
-        if type(assoc.dimse) is DIMSEServiceProvider:
-            assoc.dimse.__class__ = BoundedDIMSE
-        if type(assoc.acse) is ACSE:
-            assoc.acse.__class__ = BoundedACSE
         self.request.settimeout(limits.read_timeout)  # pynetdicom leaves accepted sockets blocking forever
-        return assoc
 
 
 #: Short names of certificate subject attributes (RFC 4514 section 3, plus the usual OpenSSL ones).
@@ -418,7 +402,7 @@ _SUBJECT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUn
 def peer_certificate_subject(assoc: Any) -> str | None:  # noqa: ANN401 - pynetdicom Association
     """The verified client certificate subject of the association's connection (``CN=..,O=..``, most
     specific first), or None: plain DICOM, or TLS without a client certificate."""
-    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    sock = compat.raw_socket(assoc)
     if not isinstance(sock, ssl.SSLSocket):
         return None
     try:
@@ -513,7 +497,7 @@ def _evict_unassociated(acceptors: list[Any], count: int) -> list[Any]:
     waiting.sort(key=lambda pair: pair[0])
     evicted = []
     for _, assoc in waiting[:max(count, 0)]:
-        sock = getattr(assoc.dul.socket, "socket", None)
+        sock = compat.raw_socket(assoc)
         if sock is None:
             continue
         log.warning("DICOM connection from %s dropped: no A-ASSOCIATE-RQ after %.1f s and the listener is "
