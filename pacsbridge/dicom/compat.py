@@ -22,7 +22,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from typing import Any, Callable
 
 from pynetdicom import _config, evt
 from pynetdicom.acse import ACSE
@@ -200,11 +200,11 @@ def dul_socket(dul: Any) -> Any:  # noqa: ANN401 - pynetdicom DULServiceProvider
 
 
 # DIMSE -------------------------------------------------------------------------------------------
-def start_message(dimse: Any, data_set: BytesIO) -> None:  # noqa: ANN401 - pynetdicom DIMSEServiceProvider
-    """Begin receiving a DIMSE message (when none is under way) with ``data_set`` as its data set buffer."""
+def start_message(dimse: Any, new_buffer: Callable[[], BytesIO]) -> None:  # noqa: ANN401 - DIMSEServiceProvider
+    """Begin receiving a DIMSE message, when none is under way, into a data set buffer from ``new_buffer``."""
     if dimse.message is None:
         dimse.message = DIMSEMessage()
-        dimse.message.data_set = data_set
+        dimse.message.data_set = new_buffer()
 
 
 def command_bytes(dimse: Any) -> int:  # noqa: ANN401 - pynetdicom DIMSEServiceProvider

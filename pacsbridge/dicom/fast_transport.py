@@ -314,7 +314,7 @@ class BoundedDIMSE(DIMSEServiceProvider):
 
     def receive_primitive(self, primitive: Any) -> None:  # noqa: ANN401 - P_DATA
         limits = _limits(self.assoc)
-        compat.start_message(self, CappedBuffer(limits.max_dataset_bytes))
+        compat.start_message(self, lambda: CappedBuffer(limits.max_dataset_bytes))
         for _, data in primitive.presentation_data_value_list:
             if data and data[0] & 1 and compat.command_bytes(self) + len(data) > limits.max_command_bytes:
                 peer = _peer(self.dul)
