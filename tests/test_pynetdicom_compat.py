@@ -25,7 +25,6 @@ from pacsbridge.dicom import compat
 from pynetdicom import AE, _config
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
-from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket, RequestHandler

@@ -32,7 +32,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacsbridge import __version__
 from pacsbridge.dicom import compat
-from pacsbridge.dicom.fast_transport import BoundedAssociationServer, FastRequestHandler, TransportLimits
+from pacsbridge.dicom.fast_transport import TransportLimits
+from pacsbridge.dicom.listener import BoundedAssociationServer, FastRequestHandler
 from pacsbridge.dicom.metadata import (
     DEFAULT_MAX_INFLATED_BYTES, STATUS_DATASET_TOO_LARGE, STATUS_OUT_OF_RESOURCES, STATUS_OUT_OF_RESOURCES_DB,
     RejectedDataset, read_metadata,

@@ -54,7 +54,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacsbridge.auth.users import WORKLIST_ROLES, principal_for_ae
 from pacsbridge.dicom import compat
-from pacsbridge.dicom.fast_transport import peer_certificate_subject
+from pacsbridge.dicom.listener import peer_certificate_subject
 from pacsbridge.dicom.matching import matches, response_identifier
 from pacsbridge.dicom.ups_dataset import (
     UPS_HIGH_AT, UPS_MEDIUM_AT, UPS_TAGS, InvalidPerformedData, PerformedData, ReferencedSeries, UpsRecord,
