@@ -173,6 +173,20 @@ def test_internal_is_still_there(internal: compat.Internal):
                     f"changed: {exc}; pacsbridge/dicom/compat.py must be adapted")
 
 
+@pytest.mark.parametrize("override", compat.OVERRIDES, ids=lambda o: f"{o[0]}.{o[1]}")
+def test_overridden_method_keeps_its_signature(override: tuple[str, str, tuple[str, ...]]):
+    import importlib
+
+    owner, name, params = override
+    module, cls_name = owner.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), cls_name)
+    try:
+        _method(cls, name, list(params))
+    except AssertionError as exc:
+        pytest.fail(f"pynetdicom {pynetdicom.__version__}: {owner}.{name} changed: {exc}; "
+                    "pacsbridge/dicom/fast_transport.py overrides or calls it")
+
+
 def test_no_pynetdicom_internal_outside_compat():
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -215,11 +229,20 @@ def test_hooks_take_effect_on_a_real_association(tmp_path):
             assoc.release()
 
 
-def test_configure_once_sets_the_process_values_and_is_idempotent():
-    compat.configure_pynetdicom()
-    assert compat.settings() == {"STORE_SEND_CHUNKED_DATASET": True, "STORE_RECV_CHUNKED_DATASET": False}
-    compat.configure_pynetdicom()
-    assert compat.settings() == {"STORE_SEND_CHUNKED_DATASET": True, "STORE_RECV_CHUNKED_DATASET": False}
+def test_the_daemon_and_the_dicom_sender_set_the_process_values(tmp_path, monkeypatch):
+    from pacsbridge.config import Settings
+    from pacsbridge.daemon import Daemon
+    from pacsbridge.forward.senders import DicomSender, ForwardContext
+
+    expected = {"STORE_SEND_CHUNKED_DATASET": True, "STORE_RECV_CHUNKED_DATASET": False}
+    for make in (lambda: Daemon(Settings(data_dir=str(tmp_path))), lambda: DicomSender(ForwardContext("X", tmp_path))):
+        monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", False)
+        monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
+        made = make()
+        assert compat.settings() == expected, made
+        engine = getattr(made, "engine", None)
+        if engine is not None:
+            engine.dispose()
 
 
 def test_receiving_and_forwarding_in_one_process_with_the_values_set_once(tmp_path):

@@ -19,7 +19,6 @@ The hook classes override pynetdicom's private methods and call a public-named m
 from __future__ import annotations
 
 import socket
-import threading
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, Callable
@@ -65,26 +64,30 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("pynetdicom.association.Association", "pb_ups_refused", "ours: a UPS refusal was logged"),
 )
 
+#: Public-named but undocumented methods the bounded transport overrides or calls, with the parameters
+#: it relies on: allowed in fast_transport.py, but each has a canary too (a rename would silently
+#: bypass an override).
+OVERRIDES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("pynetdicom.dul.DULServiceProvider", "run_reactor", ("self",)),
+    ("pynetdicom.dul.DULServiceProvider", "kill_dul", ("self",)),
+    ("pynetdicom.dimse.DIMSEServiceProvider", "receive_primitive", ("self", "primitive")),
+    ("pynetdicom.transport.AssociationSocket", "recv", ("self", "nr_bytes")),
+    ("pynetdicom.transport.AssociationSocket", "close", ("self",)),
+    ("pynetdicom.transport.RequestHandler", "handle", ("self",)),
+    ("pynetdicom.acse.ACSE", "send_reject", ("self", "result", "source", "diagnostic")),
+)
+
 
 # process-wide settings ---------------------------------------------------------------------------
-_configured = threading.Lock()
-_done = False
-
-
 def configure_pynetdicom() -> None:
-    """Set pynetdicom's process-wide settings, once (later calls do nothing).
+    """Set pynetdicom's process-wide settings (the same fixed values on every call).
 
-    Called where a process starts (``pacsbridge`` command) and by the parts that depend on the values
-    (the DICOM sender, the Storage SCP) so that embedding code gets them too; never per send.  They
-    hold for every AE in the process: the forwarder sends an original file path as its bytes (never
+    Called where the daemon starts and where the parts that depend on the values are made (the DICOM
+    sender, the Storage SCP's start), so that embedding code gets them too; never per send.  They hold
+    for every AE in the process: the forwarder sends an original file path as its bytes (never
     re-encoded), and the Storage SCP receives into memory, where its capped buffer bounds it."""
-    global _done
-    with _configured:
-        if _done:
-            return
-        _config.STORE_SEND_CHUNKED_DATASET = True
-        _config.STORE_RECV_CHUNKED_DATASET = False
-        _done = True
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    _config.STORE_RECV_CHUNKED_DATASET = False
 
 
 def settings() -> dict[str, bool]:
