@@ -239,7 +239,7 @@ def test_the_daemon_and_the_dicom_sender_set_the_process_values(tmp_path, monkey
         monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", False)
         monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)
         made = make()
-        assert compat.settings() == expected, made
+        assert compat.process_settings() == expected, made
         engine = getattr(made, "engine", None)
         if engine is not None:
             engine.dispose()
@@ -256,7 +256,7 @@ def test_receiving_and_forwarding_in_one_process_with_the_values_set_once(tmp_pa
     from pipeline_support import reuid, sample_file
 
     compat.configure_pynetdicom()
-    before = compat.settings()
+    before = compat.process_settings()
     src = reuid(sample_file("RG1_J2KR.dcm"), tmp_path / "in" / "a.dcm")
     other = [reuid(sample_file("RG1_UNCR.dcm"), tmp_path / "in" / f"b{i}.dcm") for i in range(2)]
     with running_receiver(tmp_path / "peer", allowed=("PACSBRIDGE", "TESTSCU")) as peer:
@@ -271,7 +271,7 @@ def test_receiving_and_forwarding_in_one_process_with_the_values_set_once(tmp_pa
         finally:
             fwd.stop()
         assert send_datasets(peer.scp.port, [other[1]]) == [0x0000]
-        assert compat.settings() == before  # nothing flipped a process-wide value while sending
+        assert compat.process_settings() == before  # nothing flipped a process-wide value while sending
         with peer.sessions() as s:
             got = {i.sop_instance_uid: i for i in s.scalars(select(Instance))}
         uids = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (src, *other)]

@@ -90,8 +90,8 @@ def configure_pynetdicom() -> None:
     _config.STORE_RECV_CHUNKED_DATASET = False
 
 
-def settings() -> dict[str, bool]:
-    """The values :func:`configure_pynetdicom` sets, as they are now (for tests and ``doctor``)."""
+def process_settings() -> dict[str, bool]:
+    """The values :func:`configure_pynetdicom` sets, as they are now (for tests and diagnostics)."""
     return {"STORE_SEND_CHUNKED_DATASET": bool(_config.STORE_SEND_CHUNKED_DATASET),
             "STORE_RECV_CHUNKED_DATASET": bool(_config.STORE_RECV_CHUNKED_DATASET)}
 
