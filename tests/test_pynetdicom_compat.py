@@ -289,3 +289,26 @@ def _dataset_bytes(path: Path) -> bytes:
         read_preamble(f, False)
         _read_file_meta_info(f)
         return f.read()
+
+
+def test_stop_ends_a_connection_that_never_sent_a_request(tmp_path):
+    # compat.end_idle (dul.socket, dul.to_user_queue): stopping does not wait out ARTIM or the grace period.
+    import time
+
+    with running_receiver(tmp_path, acse_timeout=60, stop_timeout=30) as r:
+        probe = socket.create_connection(("127.0.0.1", r.port), timeout=30)
+        try:
+            deadline = time.monotonic() + 10
+            while not r.scp._server.ae.active_associations:  # wait for its association thread
+                assert time.monotonic() < deadline, "the probe's association thread never started"
+                time.sleep(0.02)
+            [waiting] = r.scp._server.ae.active_associations
+            started = time.monotonic()
+            r.scp.stop()
+            took = time.monotonic() - started
+            assert took < 10, f"stop took {took:.1f} s with an idle connection (ARTIM 60 s, grace 30 s)"
+            waiting.join(10)
+            assert not waiting.is_alive(), "the idle connection's thread still runs after stop (waits for ARTIM)"
+            assert probe.recv(1) == b""  # closed on our side
+        finally:
+            probe.close()
