@@ -31,7 +31,9 @@ from pynetdicom.sop_class import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacsbridge import __version__
-from pacsbridge.dicom.fast_transport import BoundedAssociationServer, FastRequestHandler, TransportLimits
+from pacsbridge.dicom import compat
+from pacsbridge.dicom.fast_transport import TransportLimits
+from pacsbridge.dicom.listener import BoundedAssociationServer, FastRequestHandler
 from pacsbridge.dicom.metadata import (
     DEFAULT_MAX_INFLATED_BYTES, STATUS_DATASET_TOO_LARGE, STATUS_OUT_OF_RESOURCES, STATUS_OUT_OF_RESOURCES_DB,
     RejectedDataset, read_metadata,
@@ -179,7 +181,7 @@ def handle_accepted(event: DicomEvent) -> None:
 def rejection_reason(assoc, allowed: tuple[str, ...], check_called_ae: bool) -> str:  # noqa: ANN001
     """Why pynetdicom (or fast_transport.BoundedACSE) rejected ``assoc``, in the order pynetdicom decides
     (a later check overrides an earlier one): limits, then called AE title, then calling AE title."""
-    own = getattr(assoc, "pb_reject_reason", None)
+    own = compat.reject_reason(assoc)
     if own:
         return own
     acceptors = [a for a in assoc.ae.active_associations if a.is_acceptor]
@@ -270,6 +272,7 @@ class StorageSCP:
         return ae
 
     def start(self) -> None:
+        compat.configure_pynetdicom()  # once per process (the receive path relies on in-memory data sets)
         ctx = StoreContext(spool=self.spool, sessions=self.sessions, our_ae_title=self.ae_title,
                            notifier=self.notifier, max_inflated_bytes=self.max_inflated_bytes)
         handlers = [
@@ -309,7 +312,7 @@ class StorageSCP:
         server.pb_limits = self.limits
         name = f"{self.name}-{'tls-' if context else ''}listener"
         threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
-        ae._servers.append(server)  # as start_server does, so ae.shutdown() would see it
+        compat.register_server(ae, server)
         return server
 
     @property
@@ -349,7 +352,7 @@ class StorageSCP:
         while active and time.monotonic() < deadline:
             for assoc in active:
                 if not assoc.is_established:
-                    _end_idle(assoc)
+                    compat.end_idle(assoc)
             time.sleep(0.05)
             active = [a for a in active if a.is_alive() and a.is_established]
         for assoc in active:
@@ -357,15 +360,6 @@ class StorageSCP:
                         f"{assoc.requestor.ae_title}@{assoc.requestor.address}", self.stop_timeout)
             assoc.abort()
         log.info("DICOM Storage SCP stopped")
-
-
-def _end_idle(assoc) -> None:  # noqa: ANN001 - pynetdicom Association
-    """End an association thread that has nothing in flight (released, or a connection that never sent an
-    A-ASSOCIATE-RQ, e.g. a port probe) instead of waiting out pynetdicom's ACSE/ARTIM timers."""
-    sock = getattr(assoc.dul, "socket", None)
-    if sock is not None and sock.socket is not None:
-        sock.close()  # Evt17: the DUL state machine goes idle
-    assoc.dul.to_user_queue.put(None)  # wakes an acceptor still waiting for its A-ASSOCIATE-RQ
 
 
 def storage_scp_from_settings(  # noqa: ANN001 - settings: pacsbridge.config.Settings
