@@ -462,7 +462,7 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ood-keep", type=_fraction(0.5, 1.0), default=0.97, metavar="Q",
                    help="share of the site's images the proposed OOD cut keeps in scope (default 0.97)")
     p.add_argument("--confidence", type=_fraction(0.5, 1.0), default=None, metavar="C",
-                   help="one-sided confidence of the sensitivity bound (default: validation_confidence, 0.95)")
+                   help="one-sided confidence of the sensitivity bound (default: validation_confidence, 0.80)")
     p.add_argument("--write-calibration", metavar="OUT.json", help="write the proposed site calibration here")
     p.add_argument("--report", metavar="DIR", help="write report.html and its PNG figures into DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -181,8 +181,8 @@ class Settings(BaseSettings):
     validation_max_unusable_share: float = Field(
         0.1, ge=0, le=1, description="`validate` stops (exit 2) when more than this share of label rows is unusable.")
     validation_confidence: float = Field(
-        0.95, gt=0.5, lt=1, description="One-sided confidence that the proposed site threshold meets the target "
-        "sensitivity (lower Wilson bound).")
+        0.80, gt=0.5, lt=1, description="One-sided confidence that the proposed site threshold meets the target "
+        "sensitivity (lower Wilson bound). Higher buys certainty about sensitivity with flagged normals.")
 
     scheduler_interval_s: float = Field(2.0, gt=0, description="How often positives become worklist items.")
     priority_max_wait_minutes: float = Field(240.0, gt=0, description="After this wait an item rises to the top.")

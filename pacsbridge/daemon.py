@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from pacsbridge.config import ConfigError, Settings
+from pacsbridge.dicom.compat import configure_pynetdicom
 from pacsbridge.dicom.storage_scp import storage_scp_from_settings
 from pacsbridge.store import migrations
 from pacsbridge.store.diskguard import DiskGuard
@@ -76,6 +77,7 @@ class Daemon:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        configure_pynetdicom()  # pynetdicom's process-wide settings, once, before any AE exists
         try:
             self.engine = make_engine(settings.database_url)
         except OSError as exc:  # SQLite: the data dir cannot be created

@@ -173,7 +173,7 @@ def test_a_new_peer_evicts_the_oldest_unassociated_sockets_when_the_listener_is_
     """With the default ARTIM (30 s) 32 trickling sockets would hold every slot for 30 s: once they are
     older than EVICT_MIN_AGE, a real peer's connection evicts the oldest of them and its C-ECHO succeeds at
     once (pynetdicom and DCMTK), while the tricklers that were not evicted stay connected."""
-    from pacsbridge.dicom.fast_transport import EVICT_MIN_AGE
+    from pacsbridge.dicom.listener import EVICT_MIN_AGE
 
     with running_receiver(tmp_path, acse_timeout=30, network_timeout=30, max_associations=16,
                           max_associations_per_peer=8) as r:

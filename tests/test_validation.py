@@ -202,7 +202,8 @@ def test_validate_refuses_a_calibration_below_the_floor(small_model) -> None:
     r = validate(units, _acc(len(units)), small_model, Options(min_per_class=40, target_sensitivity=0.9))
     assert r["calibration_refused"] is None
     # 40 positives cannot show 0.95 with 95 % confidence even if all are found (40/40: lower bound 0.937)
-    r = validate(units, _acc(len(units)), small_model, Options(min_per_class=40, target_sensitivity=0.95))
+    r = validate(units, _acc(len(units)), small_model, Options(min_per_class=40, target_sensitivity=0.95,
+                                                               confidence=0.95))
     assert r["proposed"]["threshold"] is None and "no threshold reaches" in r["calibration_refused"]
 
 
@@ -216,7 +217,7 @@ def test_validate_result_keys_and_the_proposed_point_meets_the_bound(small_model
                     "ood_threshold"):
             assert key in point
     p = r["proposed"]
-    assert stats.wilson_lower(p["tp"], p["tp"] + p["fn"], 0.95) >= 0.9
+    assert stats.wilson_lower(p["tp"], p["tp"] + p["fn"], r["confidence"]) >= 0.9
     assert r["at_current"]["threshold"] == 0.5 and r["n"] == 270 and r["scored"] == 270
     assert json.loads(json.dumps(r)) == r  # plain JSON
 

@@ -22,39 +22,33 @@ with a length a peer announces.
   (``max_dataset_bytes``): past the cap the fragments are read and dropped, and the handler gets
   a :class:`CappedBuffer` marked ``overflowed`` so it answers a 0xA7xx status.
 * :class:`BoundedACSE` rejects an association beyond ``max_associations_per_peer`` (transient,
-  local limit exceeded), and :class:`BoundedServerMixin` closes TCP connections beyond twice the
-  limits before a thread is spent on them.
-* Eviction: when the listener is full, a new connection makes room by shutting down the oldest
-  connections (at least ``EVICT_MIN_AGE`` old) that have not sent their A-ASSOCIATE-RQ, so sockets that
-  trickle or idle cannot keep real senders out for as long as ARTIM allows.
-* TLS: the handshake runs in the connection's own thread with a timeout (pynetdicom does it in the
-  listener thread, where one silent TLS client would stall every other connection).
+  local limit exceeded).
+
+The listening side (connection flood guard, eviction, TLS handshake, the request handler that
+installs these classes) is :mod:`pacsbridge.dicom.listener`.
 
 The classes replace pynetdicom's in place (``__class__`` swaps of objects pynetdicom made) because
 pynetdicom has no factory hooks for them; they only override methods and add no state of their own
-beyond what is set here.
+beyond what is set here.  Every pynetdicom internal they need is reached through
+:mod:`pacsbridge.dicom.compat`.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
-import ssl
 import struct
-import threading
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, Callable
 
-from pynetdicom import evt
-from pynetdicom.acse import ACSE
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket
+
+from pacsbridge.dicom import compat
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +111,7 @@ class FastAssociationSocket(AssociationSocket):
 
         ``deadline`` (``time.monotonic()`` value): raise :class:`DeadlinePassed` once it passes, however
         the peer spaces its bytes; each read then waits at most ``read_timeout`` or until the deadline."""
-        sock = self.socket
+        sock = compat.socket_of(self)
         assert sock is not None
         view = memoryview(buf)
         got, total = start, len(buf)
@@ -170,7 +164,8 @@ class CappedBuffer(BytesIO):
         return super().write(data)
 
 
-def _peer(dul: DULServiceProvider) -> str:
+def dul_peer(dul: DULServiceProvider) -> str:
+    """``address:port`` of the peer of a DUL (for log lines)."""
     try:
         rq = dul.assoc.requestor
         return f"{rq.address}:{rq.port}"
@@ -178,17 +173,18 @@ def _peer(dul: DULServiceProvider) -> str:
         return "?"
 
 
-def _limits(assoc: Any) -> TransportLimits:  # noqa: ANN401 - pynetdicom Association
-    return getattr(getattr(assoc, "_server", None), "pb_limits", None) or TransportLimits()
+def association_limits(assoc: Any) -> TransportLimits:  # noqa: ANN401 - pynetdicom Association
+    """The limits of the listener that accepted ``assoc`` (defaults otherwise)."""
+    return getattr(compat.server_of(assoc), "pb_limits", None) or TransportLimits()
 
 
-class BoundedDUL(DULServiceProvider):
-    """pynetdicom's DUL with a bounded, single-buffer PDU read (replaces ``_read_pdu_data``)."""
+class BoundedDUL(compat.DULHooks):
+    """pynetdicom's DUL with a bounded, single-buffer PDU read (replaces pynetdicom's PDU read)."""
 
-    def _read_pdu_data(self) -> None:
-        sock = self.socket
+    def read_pdu(self) -> None:
+        sock = self.transport
         assert isinstance(sock, FastAssociationSocket)
-        limits = _limits(self.assoc)
+        limits = association_limits(self.assoc)
         started = time.monotonic()
         artim = self._artim_deadline()
         deadline = started + limits.pdu_deadline_floor
@@ -234,31 +230,29 @@ class BoundedDUL(DULServiceProvider):
         if got < 6 + length:
             self._drop(f"connection closed after {got} of {6 + length} bytes of a PDU")
             return
+        if pdu_type == 0x01:
+            self.pb_rq_received = True  # the ARTIM deadline from connect is met
         try:
-            decoded, event = self._decode_pdu(pdu)
+            self.deliver(pdu)
         except Exception as exc:  # noqa: BLE001 - malformed PDU content
             self._refuse(_ABORT_INVALID_PARAMETER, f"undecodable PDU type 0x{pdu_type:02X}: {type(exc).__name__}")
             return
-        if pdu_type == 0x01:
-            self.pb_rq_received = True  # the ARTIM deadline from connect is met
-        self.event_queue.put(event)
-        self._recv_pdu.put(decoded)
 
     def _artim_deadline(self) -> float | None:
         """Until the A-ASSOCIATE-RQ has arrived: the TCP connect time plus the ARTIM timeout, as a
         ``time.monotonic()`` value (pynetdicom starts its own ARTIM timer only once its reactor has run,
         which a peer sending at once can get ahead of); None afterwards."""
         connected = getattr(self, "pb_connected_at", None)
-        timeout = self.artim_timer.timeout
+        timeout = self.artim_timeout
         if connected is None or timeout is None or getattr(self, "pb_rq_received", False) or self.assoc.is_established:
             return None
         return connected + timeout
 
     def _too_slow(self, got: int, expected: int, started: float, artim: bool) -> None:
-        limits = _limits(self.assoc)
+        limits = association_limits(self.assoc)
         took = time.monotonic() - started
         if artim:
-            why = (f"no complete A-ASSOCIATE-RQ within the ARTIM timeout ({self.artim_timer.timeout:g} s from "
+            why = (f"no complete A-ASSOCIATE-RQ within the ARTIM timeout ({self.artim_timeout:g} s from "
                    f"connect; {got} of {expected} bytes of a PDU after {took:.1f} s)")
         else:
             why = (f"PDU not received within its deadline ({got} of {expected} bytes after {took:.1f} s; "
@@ -279,267 +273,77 @@ class BoundedDUL(DULServiceProvider):
     def _drop(self, why: str | None) -> None:
         """The transport is gone or useless: close it (Evt17) and wake an acceptor still waiting."""
         if why:
-            log.warning("DICOM connection from %s dropped: %s", _peer(self), why)
+            log.warning("DICOM connection from %s dropped: %s", dul_peer(self), why)
         self._close_transport()
 
     def _refuse(self, reason: int, why: str) -> None:
         """A-ABORT (source: service provider) then close, without reading what the peer announced."""
-        peer = _peer(self)
+        peer = dul_peer(self)
         log.warning("DICOM connection from %s aborted: %s", peer, why)
-        limits = _limits(self.assoc)
+        limits = association_limits(self.assoc)
         if limits.on_refused is not None:
             limits.on_refused("association_aborted", why, peer)
-        sock = self.socket
-        if sock is not None and sock.socket is not None:
+        sock = self.transport
+        raw = compat.socket_of(sock) if sock is not None else None
+        if raw is not None:
             abort = A_ABORT_RQ()
             abort.source = 0x02
             abort.reason_diagnostic = reason
             try:
-                sock.socket.sendall(abort.encode())
+                raw.sendall(abort.encode())
             except OSError:
                 pass
         self._close_transport()
 
     def _close_transport(self) -> None:
-        sock = self.socket
-        if sock is not None and sock.socket is not None:
+        sock = self.transport
+        if sock is not None and compat.socket_of(sock) is not None:
             sock.close()  # queues Evt17: the state machine ends the association
         else:
-            self.event_queue.put("Evt17")
+            self.queue_event("Evt17")
         if not self.assoc.is_established:
-            self.to_user_queue.put(None)  # an acceptor waiting for its A-ASSOCIATE-RQ gives up now
+            self.wake_acceptor()  # an acceptor waiting for its A-ASSOCIATE-RQ gives up now
 
 
 class BoundedDIMSE(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider with a capped command set and data set per message."""
 
     def receive_primitive(self, primitive: Any) -> None:  # noqa: ANN401 - P_DATA
-        limits = _limits(self.assoc)
-        if self.message is None:
-            self.message = DIMSEMessage()
-            self.message.data_set = CappedBuffer(limits.max_dataset_bytes)
+        limits = association_limits(self.assoc)
+        compat.start_message(self, lambda: CappedBuffer(limits.max_dataset_bytes))
         for _, data in primitive.presentation_data_value_list:
-            if data and data[0] & 1 and self.message.encoded_command_set.tell() + len(data) > limits.max_command_bytes:
-                peer = _peer(self.dul)
+            if data and data[0] & 1 and compat.command_bytes(self) + len(data) > limits.max_command_bytes:
+                peer = dul_peer(self.dul)
                 log.warning("DICOM association with %s aborted: DIMSE command set longer than %d bytes",
                             peer, limits.max_command_bytes)
                 if limits.on_refused is not None:
                     limits.on_refused("association_aborted", "DIMSE command set too long", peer)
-                self.message = None
-                self.dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT and end the association
+                compat.drop_message(self)
+                compat.queue_event(self.dul, "Evt19")  # invalid PDU: A-ABORT and end the association
                 return
         try:
             super().receive_primitive(primitive)
         except Exception as exc:  # noqa: BLE001 - e.g. a command set without Command Field (found by fuzzing)
             # pynetdicom would log a traceback and abort; do the same with one line naming the peer.
-            peer = _peer(self.dul)
+            peer = dul_peer(self.dul)
             why = f"undecodable DIMSE message: {type(exc).__name__}: {str(exc)[:200]}"
             log.warning("DICOM association with %s aborted: %s", peer, why)
             if limits.on_refused is not None:
                 limits.on_refused("association_aborted", why, peer)
-            self.message = None
-            self.dul.event_queue.put("Evt19")
+            compat.drop_message(self)
+            compat.queue_event(self.dul, "Evt19")
 
 
-class BoundedACSE(ACSE):
+class BoundedACSE(compat.ACSEHooks):
     """Rejects an A-ASSOCIATE-RQ beyond ``max_associations_per_peer`` (transient, local limit exceeded)."""
 
-    def _negotiate_as_acceptor(self) -> None:
-        limits = _limits(self.assoc)
+    def negotiate_as_acceptor(self) -> None:
+        limits = association_limits(self.assoc)
         address = self.assoc.requestor.address
         same_peer = [a for a in self.assoc.ae.active_associations
                      if a is not self.assoc and a.is_acceptor and a.requestor.address == address]
         if len(same_peer) >= limits.max_associations_per_peer:
-            self.requestor.ae_title = self.requestor.primitive.calling_ae_title
-            self.assoc.pb_reject_reason = (
-                f"too many associations from {address} (max_associations_per_peer = "
-                f"{limits.max_associations_per_peer})")
-            self.send_reject(0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local-limit
-            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-            self.assoc.kill()
+            self.reject_local_limit(f"too many associations from {address} (max_associations_per_peer = "
+                                    f"{limits.max_associations_per_peer})")
             return
-        super()._negotiate_as_acceptor()
-
-
-class FastRequestHandler(RequestHandler):
-    """pynetdicom's request handler with the fast and bounded classes above for each association."""
-
-    def handle(self) -> None:
-        try:
-            if isinstance(self.request, ssl.SSLSocket) and not self._tls_handshake():
-                return
-            super().handle()  # starts the association thread, which from now on counts as a connection
-        finally:
-            handed_over = getattr(self.server, "pb_handed_over", None)
-            if handed_over is not None:
-                handed_over(self.client_address)
-
-    def _tls_handshake(self) -> bool:
-        limits: TransportLimits = getattr(self.server, "pb_limits", None) or TransportLimits()
-        sock: ssl.SSLSocket = self.request  # type: ignore[assignment]
-        peer = f"{self.client_address[0]}:{self.client_address[1]}"
-        try:
-            sock.settimeout(limits.tls_handshake_timeout)
-            sock.do_handshake()
-            return True
-        except (ssl.SSLError, OSError) as exc:
-            why = f"TLS handshake failed: {getattr(exc, 'reason', None) or type(exc).__name__}"
-            log.warning("DICOM connection from %s refused: %s", peer, why)
-            if limits.on_refused is not None:
-                limits.on_refused("association_rejected", why, peer)
-            self.server.shutdown_request(sock)  # pynetdicom closes it only on an exception
-            return False
-
-    def _create_association(self):  # noqa: ANN202 - returns pynetdicom's Association
-        assoc = super()._create_association()
-        limits: TransportLimits = getattr(self.server, "pb_limits", None) or TransportLimits()
-        # The socket is already wired into the association (and has queued its connection event), so
-        # upgrade the objects in place: the subclasses only replace methods.
-        if type(assoc.dul.socket) is AssociationSocket:
-            assoc.dul.socket.__class__ = FastAssociationSocket
-        if type(assoc.dul) is DULServiceProvider:
-            assoc.dul.__class__ = BoundedDUL
-            assoc.dul.pb_connected_at = time.monotonic()  # the A-ASSOCIATE-RQ must be complete by ARTIM from here
-            assoc.dul._target = assoc.dul.run_reactor  # the thread captured the original bound method
-        if type(assoc.dimse) is DIMSEServiceProvider:
-            assoc.dimse.__class__ = BoundedDIMSE
-        if type(assoc.acse) is ACSE:
-            assoc.acse.__class__ = BoundedACSE
-        self.request.settimeout(limits.read_timeout)  # pynetdicom leaves accepted sockets blocking forever
-        return assoc
-
-
-#: Short names of certificate subject attributes (RFC 4514 section 3, plus the usual OpenSSL ones).
-_SUBJECT_NAMES = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
-                  "localityName": "L", "stateOrProvinceName": "ST", "emailAddress": "EMAILADDRESS",
-                  "domainComponent": "DC", "userId": "UID", "serialNumber": "SERIALNUMBER"}
-
-
-def peer_certificate_subject(assoc: Any) -> str | None:  # noqa: ANN401 - pynetdicom Association
-    """The verified client certificate subject of the association's connection (``CN=..,O=..``, most
-    specific first), or None: plain DICOM, or TLS without a client certificate."""
-    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
-    if not isinstance(sock, ssl.SSLSocket):
-        return None
-    try:
-        cert = sock.getpeercert()  # only verified certificates are returned as a dict
-    except (ValueError, OSError):
-        return None
-    if not cert or not cert.get("subject"):
-        return None
-    parts = [f"{_SUBJECT_NAMES.get(k, k)}={v}" for rdn in cert["subject"] for k, v in rdn]
-    return ",".join(reversed(parts))
-
-
-class BoundedServerMixin:
-    """Listener side: TLS without a handshake in the accept loop, and a connection flood guard."""
-
-    pb_limits: TransportLimits
-    #: listen() backlog (socketserver's default is 5: a burst of connects would wait for SYN retries).
-    request_queue_size = 128
-    _pb_last_warning = 0.0
-    #: Connections accepted whose association thread has not started yet (so not in active_associations).
-    _pb_pending: list[tuple[str, int]] | None = None
-    _pb_lock = threading.Lock()
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, address = self.socket.accept()  # type: ignore[attr-defined]
-        context = getattr(self, "ssl_context", None)
-        if context is not None:
-            # Handshake later, in the connection's thread, with a timeout (FastRequestHandler.handle).
-            sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, address
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:  # noqa: ANN401
-        """Close a connection beyond twice the association limits before a thread is spent on it (within
-        them, pynetdicom and :class:`BoundedACSE` answer the A-ASSOCIATE-RQ with a proper rejection)."""
-        limits = self.pb_limits
-        with self._pb_lock:
-            if self._pb_pending is None:
-                self._pb_pending = []
-            # Both listeners (plain and TLS) share one AE, so count its acceptors, not this server's.  A
-            # connection is pending until its thread runs, and briefly both: count each (address, port) once.
-            acceptors = [a for a in self.ae.active_associations if a.is_acceptor]  # type: ignore[attr-defined]
-            active = {(a.requestor.address, a.requestor.port) for a in acceptors} | set(self._pb_pending)
-            same = sum(1 for address, _ in active if address == client_address[0])
-            evicted: list[Any] = []
-            if same < 2 * limits.max_associations_per_peer and len(active) >= limits.max_associations:
-                # Full: make room by dropping the oldest connections that still have not sent their
-                # A-ASSOCIATE-RQ, so idle or trickling sockets cannot keep a real sender out for as long
-                # as ARTIM lets them (a real peer sends its request within milliseconds of connecting).
-                evicted = _evict_unassociated(acceptors, len(active) - limits.max_associations + 1)
-                active = active - {(a.requestor.address, a.requestor.port) for a in evicted}
-            if len(active) < 2 * limits.max_associations and same < 2 * limits.max_associations_per_peer:
-                self._pb_pending.append((client_address[0], client_address[1]))
-                admitted = True
-            else:
-                admitted = False
-        if evicted:
-            _wait_gone(evicted, EVICT_WAIT)
-        if admitted:
-            return True
-        now = time.monotonic()
-        if now - self._pb_last_warning > 1.0:  # a flood must not flood the log too
-            self._pb_last_warning = now
-            log.warning("DICOM connection from %s:%s closed: %d connections open (%d from this address)",
-                        client_address[0], client_address[1], len(active), same)
-        return False
-
-    def pb_handed_over(self, client_address: Any) -> None:  # noqa: ANN401
-        with self._pb_lock:
-            key = (client_address[0], client_address[1])
-            if self._pb_pending and key in self._pb_pending:
-                self._pb_pending.remove(key)
-
-
-#: A connection must be this old (seconds, since connect) before a newcomer may evict it.
-EVICT_MIN_AGE = 1.0
-#: How long the accept loop waits for evicted connections' threads to end (only while evicting).
-EVICT_WAIT = 0.5
-
-
-def _evict_unassociated(acceptors: list[Any], count: int) -> list[Any]:
-    """Shut down the ``count`` oldest acceptor connections (at least :data:`EVICT_MIN_AGE` old) whose
-    A-ASSOCIATE-RQ has not arrived; their reactor threads then see end-of-file and end.  Returns them."""
-    now = time.monotonic()
-    waiting = []
-    for assoc in acceptors:
-        dul = assoc.dul
-        connected = getattr(dul, "pb_connected_at", None)
-        if connected is None or getattr(dul, "pb_rq_received", False) or assoc.is_established:
-            continue
-        if now - connected >= EVICT_MIN_AGE:
-            waiting.append((connected, assoc))
-    waiting.sort(key=lambda pair: pair[0])
-    evicted = []
-    for _, assoc in waiting[:max(count, 0)]:
-        sock = getattr(assoc.dul.socket, "socket", None)
-        if sock is None:
-            continue
-        log.warning("DICOM connection from %s dropped: no A-ASSOCIATE-RQ after %.1f s and the listener is "
-                    "full (oldest unassociated connection evicted for a new one)",
-                    _peer(assoc.dul), now - assoc.dul.pb_connected_at)
-        limits = _limits(assoc)
-        if limits.on_refused is not None:
-            limits.on_refused("association_aborted", "evicted: no A-ASSOCIATE-RQ while the listener was full",
-                              _peer(assoc.dul))
-        try:
-            sock.shutdown(socket.SHUT_RDWR)  # thread-safe: wakes the reactor's blocked read with EOF
-        except OSError:
-            pass
-        evicted.append(assoc)
-    return evicted
-
-
-def _wait_gone(assocs: list[Any], timeout: float) -> None:
-    """Give evicted associations' threads up to ``timeout`` seconds in all to end (so a newcomer's
-    A-ASSOCIATE-RQ is not counted against slots that are already free)."""
-    end = time.monotonic() + timeout
-    for assoc in assocs:
-        assoc.join(max(0.0, end - time.monotonic()))
-
-
-class BoundedAssociationServer(BoundedServerMixin, ThreadedAssociationServer):
-    """The threaded pynetdicom server with the bounds above; ``pb_limits`` is set right after creation."""
-
-    pb_limits = TransportLimits()
+        super().negotiate_as_acceptor()

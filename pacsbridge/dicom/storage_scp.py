@@ -11,7 +11,6 @@ import logging
 import ssl
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -32,7 +31,9 @@ from pynetdicom.sop_class import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacsbridge import __version__, logs
-from pacsbridge.dicom.fast_transport import BoundedAssociationServer, FastRequestHandler, TransportLimits
+from pacsbridge.dicom import compat
+from pacsbridge.dicom.fast_transport import TransportLimits
+from pacsbridge.dicom.listener import BoundedAssociationServer, FastRequestHandler
 from pacsbridge.dicom.metadata import (
     DEFAULT_MAX_INFLATED_BYTES, STATUS_DATASET_TOO_LARGE, STATUS_OUT_OF_RESOURCES, STATUS_OUT_OF_RESOURCES_DB,
     RejectedDataset, read_metadata,
@@ -120,7 +121,7 @@ def handle_store(event: DicomEvent, ctx: StoreContext) -> int | Dataset:
     sop_class = str(req.AffectedSOPClassUID or "")
     sop_instance = str(req.AffectedSOPInstanceUID or "")
     transfer_syntax = str(event.context.transfer_syntax)
-    if getattr(event.assoc, "pb_log_id", None) is None:
+    if not compat.has_log_id(event.assoc):
         bind_association(event)
     if ctx.disk_guard is not None:
         low = ctx.disk_guard.check()  # before parsing or writing anything; logged once by the guard
@@ -197,10 +198,7 @@ def bind_association(event: DicomEvent) -> None:
     """Tag this association thread's log lines (log_format = "json") with a short association id, the
     calling AE and the peer."""
     assoc = event.assoc
-    assoc_id = getattr(assoc, "pb_log_id", None)
-    if assoc_id is None:
-        assoc_id = assoc.pb_log_id = uuid.uuid4().hex[:12]
-    logs.bind(association=assoc_id, calling_ae=(assoc.requestor.ae_title or "").strip(),
+    logs.bind(association=compat.log_id(assoc), calling_ae=(assoc.requestor.ae_title or "").strip(),
               peer=f"{assoc.requestor.address}:{assoc.requestor.port}")
 
 
@@ -212,7 +210,7 @@ def handle_accepted(event: DicomEvent) -> None:
 def rejection_reason(assoc, allowed: tuple[str, ...], check_called_ae: bool) -> str:  # noqa: ANN001
     """Why pynetdicom (or fast_transport.BoundedACSE) rejected ``assoc``, in the order pynetdicom decides
     (a later check overrides an earlier one): limits, then called AE title, then calling AE title."""
-    own = getattr(assoc, "pb_reject_reason", None)
+    own = compat.reject_reason(assoc)
     if own:
         return own
     acceptors = [a for a in assoc.ae.active_associations if a.is_acceptor]
@@ -307,6 +305,7 @@ class StorageSCP:
         return ae
 
     def start(self) -> None:
+        compat.configure_pynetdicom()  # once per process (the receive path relies on in-memory data sets)
         ctx = StoreContext(spool=self.spool, sessions=self.sessions, our_ae_title=self.ae_title,
                            notifier=self.notifier, max_inflated_bytes=self.max_inflated_bytes,
                            disk_guard=self.disk_guard)
@@ -347,7 +346,7 @@ class StorageSCP:
         server.pb_limits = self.limits
         name = f"{self.name}-{'tls-' if context else ''}listener"
         threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
-        ae._servers.append(server)  # as start_server does, so ae.shutdown() would see it
+        compat.register_server(ae, server)
         return server
 
     @property
@@ -387,7 +386,7 @@ class StorageSCP:
         while active and time.monotonic() < deadline:
             for assoc in active:
                 if not assoc.is_established:
-                    _end_idle(assoc)
+                    compat.end_idle(assoc)
             time.sleep(0.05)
             active = [a for a in active if a.is_alive() and a.is_established]
         for assoc in active:
@@ -395,15 +394,6 @@ class StorageSCP:
                         f"{assoc.requestor.ae_title}@{assoc.requestor.address}", self.stop_timeout)
             assoc.abort()
         log.info("DICOM Storage SCP stopped")
-
-
-def _end_idle(assoc) -> None:  # noqa: ANN001 - pynetdicom Association
-    """End an association thread that has nothing in flight (released, or a connection that never sent an
-    A-ASSOCIATE-RQ, e.g. a port probe) instead of waiting out pynetdicom's ACSE/ARTIM timers."""
-    sock = getattr(assoc.dul, "socket", None)
-    if sock is not None and sock.socket is not None:
-        sock.close()  # Evt17: the DUL state machine goes idle
-    assoc.dul.to_user_queue.put(None)  # wakes an acceptor still waiting for its A-ASSOCIATE-RQ
 
 
 def storage_scp_from_settings(  # noqa: ANN001 - settings: pacsbridge.config.Settings

@@ -53,7 +53,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacsbridge.auth.users import WORKLIST_ROLES, principal_for_ae
-from pacsbridge.dicom.fast_transport import peer_certificate_subject
+from pacsbridge.dicom import compat
+from pacsbridge.dicom.listener import peer_certificate_subject
 from pacsbridge.dicom.matching import matches, response_identifier
 from pacsbridge.dicom.ups_dataset import (
     UPS_HIGH_AT, UPS_MEDIUM_AT, UPS_TAGS, InvalidPerformedData, PerformedData, ReferencedSeries, UpsRecord,
@@ -181,11 +182,9 @@ def performer_of(event: DicomEvent, ctx: UpsContext, what: str, failure: int = P
 
 def _record_refusal(event: DicomEvent, ctx: UpsContext, what: str, why: str) -> None:
     """One WARNING and one event per association (a polling station must not flood the log or the table)."""
-    assoc = event.assoc
-    if getattr(assoc, "pb_ups_refused", False):
+    if not compat.first_ups_refusal(event.assoc):
         log.debug("UPS %s from %s refused (0x0124): %s", what, _peer(event), why)
         return
-    assoc.pb_ups_refused = True
     log.warning("UPS %s from %s refused (0x0124 not authorised): %s; bind it with `pacsbridge users bind "
                 "NAME --ae-title AE`", what, _peer(event), why)
     record_event(ctx.sessions, "ups_refused", f"UPS {what} refused: {why}"[:2000], level="warning",

@@ -118,6 +118,9 @@ class DicomSender:
     kind = "dicom"
 
     def __init__(self, ctx: ForwardContext) -> None:
+        from pacsbridge.dicom.compat import configure_pynetdicom
+
+        configure_pynetdicom()  # once per process: an original file is sent as its bytes, never re-encoded
         self.ctx = ctx
 
     # planning and building ---------------------------------------------------------------------
@@ -182,9 +185,8 @@ class DicomSender:
         return ctx, destination.host
 
     def send(self, destination: Destination, entries: list[DueEntry], report: Report) -> None:
-        from pynetdicom import AE, _config, evt
+        from pynetdicom import AE, evt
 
-        _config.STORE_SEND_CHUNKED_DATASET = True  # a file path is sent as its bytes, never re-encoded
         items: list[_Item] = []
         for entry in entries:
             try:

@@ -242,7 +242,7 @@ normal as not flagged. <em>Scored only</em>: refused {unit}s left out.</p>
 {_rows(prop)}
 </table>
 <p>Proposed threshold rule: {e(prop['rule'])}; target sensitivity {result['target_sensitivity']}.
-Site OOD cut: the lowest cut at which the one-sided lower Wilson bound (confidence {result['confidence']}) on
+Site OOD cut: the lowest cut at which the one-sided lower Wilson bound (confidence {result.get('ood_confidence', result['confidence'])}) on
 the share of the site's images kept in scope is at least {result['ood_keep']:.0%}
 ({_fmt(prop['ood_local_cut'], 2)}), capped at the model's ceiling ({_fmt(prop['ood_ceiling'], 2)}).</p>
 {cal_text}

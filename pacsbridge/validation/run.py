@@ -61,7 +61,10 @@ class Unit:
 class Options:
     target_sensitivity: float = 0.95
     ood_keep: float = 0.97
-    confidence: float = 0.95
+    confidence: float = 0.80
+    #: Confidence of the bound on the share of the site's images kept in scope (a refused pneumonia is a
+    #: miss, so this one is kept high whatever ``confidence`` is).
+    ood_confidence: float = 0.95
     min_per_class: int = 50
     max_unusable_share: float = 0.1
     batch_size: int = 16
@@ -233,13 +236,13 @@ def validate(units: list[Unit], accounting: dict[str, Any], model: LoadedModel, 
     neg_scores = [o.score for o in current if o.label == 0 and o.score is not None]
     auc = stats.auc_delong(pos_scores, neg_scores)
 
-    # The site's OOD cut: keep `ood_keep` of the site's own images that reached the model (with the same
-    # one-sided confidence as the threshold), never looser than the model's ceiling.
+    # The site's OOD cut: keep `ood_keep` of the site's own images that reached the model (with one-sided
+    # confidence `ood_confidence`), never looser than the model's ceiling.
     ceiling = ood_ceiling(model)
     site_oods = [im.ood_score for u in units for im in u.images
                  if im.ood_score is not None and math.isfinite(im.ood_score)]
     if ceiling is not None and site_oods:
-        local = stats.keep_cut(site_oods, opts.ood_keep, opts.confidence)
+        local = stats.keep_cut(site_oods, opts.ood_keep, opts.ood_confidence)
         site_cut: float | None = min(local, ceiling)
     else:
         local, site_cut = None, current_cut
@@ -275,7 +278,7 @@ def validate(units: list[Unit], accounting: dict[str, Any], model: LoadedModel, 
         "at_current": {**operating_point(current, model.threshold, current_cut), "calibration": model.calibration_id},
         "proposed": proposed,
         "target_sensitivity": opts.target_sensitivity, "confidence": opts.confidence, "ood_keep": opts.ood_keep,
-        "min_per_class": opts.min_per_class, "calibration_refused": refusal,
+        "ood_confidence": opts.ood_confidence, "min_per_class": opts.min_per_class, "calibration_refused": refusal,
         "model": {"model_id": model.model_id, "weights_sha256": model.weights_sha256,
                   "calibration": model.calibration_id},
         "labels": accounting, "data_sha256": data_hash(units),

@@ -3,7 +3,7 @@
 Pure functions on plain numbers and numpy arrays; nothing here knows DICOM or the model.
 
 The site threshold rule (:func:`site_threshold`): the highest threshold at which the one-sided
-lower Wilson bound (confidence ``confidence``, default 0.95) on the sensitivity is still at least
+lower Wilson bound (confidence ``confidence``; `validate` uses 0.80 unless told otherwise) on the sensitivity is still at least
 the target.  Why: the sensitivity measured on a site's few hundred positives is itself an
 estimate.  Choosing the threshold where the *measured* sensitivity just reaches the target (the
 plain empirical quantile) gives a threshold whose true sensitivity is below the target about half
