@@ -23,10 +23,13 @@ from pacsbridge.config import ConfigError, Settings, load_settings
 log = logging.getLogger("pacsbridge")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
-    )
+def setup_logging(level: str, log_format: str = "text") -> None:
+    from pacsbridge.logs import TEXT_FORMAT, formatter
+
+    logging.basicConfig(level=level, format=TEXT_FORMAT, stream=sys.stderr, force=True)
+    if log_format != "text":  # log_format = "json": one JSON object per line (pacsbridge/logs.py)
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(formatter(log_format))
     # pynetdicom is chatty at INFO (every PDU/DIMSE message); keep it for DEBUG runs.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     # APScheduler logs every job run at INFO (every few seconds): keep that for DEBUG runs too.
@@ -71,7 +74,7 @@ class _WarningsToDebug(logging.Filter):
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     return settings
 
 
@@ -84,7 +87,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         return Daemon(settings).run()
     except StartupError as exc:
-        print(f"pacsbridge serve: cannot start: {exc}", file=sys.stderr)
+        from pacsbridge.logs import operator_line
+
+        print(operator_line(f"pacsbridge serve: cannot start: {exc}", settings.log_format), file=sys.stderr)
         return 1
 
 
@@ -96,7 +101,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     try:
         return WorkerDaemon(settings).run()
     except StartupError as exc:
-        print(f"pacsbridge worker: cannot start: {exc}", file=sys.stderr)
+        from pacsbridge.logs import operator_line
+
+        print(operator_line(f"pacsbridge worker: cannot start: {exc}", settings.log_format), file=sys.stderr)
         return 1
 
 
@@ -840,10 +847,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pacsbridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_serve, _add_worker, _add_db, _add_status, _add_predict, _add_validate, _add_worklist,
-                _add_instances, _add_events, _add_users, _add_outbox):
+                _add_instances, _add_events, _add_users, _add_outbox, _add_doctor):
         add(sub)
     _accept_config_anywhere(parser)
     return parser
+
+
+# -- doctor ------------------------------------------------------------------------------------
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from pacsbridge.doctor import run_checks
+    from pacsbridge.health import Check
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True)
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # a failed echo is a check line, not a log line
+    from pacsbridge.config import config_path
+
+    source = config_path(args.config)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        checks = [Check("config", False, str(exc))]
+    else:
+        checks = run_checks(settings, f"config file {source}" if source else "no config file (defaults and "
+                            "PACSBRIDGE_* environment)")
+    if args.json:
+        print(json.dumps([{**c.as_dict(), "status": c.word.lower()} for c in checks], indent=2))
+    else:
+        for c in checks:
+            print(f"{c.word:<4} {c.name}: {c.detail}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "doctor", help="check the installation: config, database, spool, model, ports, destinations, certificates",
+        description="One line per check (ok, warn or FAIL, and why); exit status 1 when a check fails.  "
+                    "Changes nothing.")
+    p.add_argument("--json", action="store_true", help="a JSON list of {name, ok, detail, status}")
+    p.set_defaults(func=_cmd_doctor)
 
 
 def _accept_config_anywhere(parser: argparse.ArgumentParser) -> None:

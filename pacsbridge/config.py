@@ -191,6 +191,13 @@ class Settings(BaseSettings):
         30.0, gt=0, le=24 * 60, description="A reader's claim on a worklist item lapses after this (HTTP and UPS).")
 
     log_level: str = Field("INFO")
+    log_format: str = Field("text", description="'text' (one readable line) or 'json' (one JSON object per line).")
+    min_free_bytes: int = Field(
+        2 * 1024**3, ge=0, description="Refuse C-STORE (0xA700) while the spool's file system has less free "
+        "space than this (bytes); 0 = no floor.")
+    loop_stall_s: float = Field(
+        300.0, gt=0, le=86_400, description="A work loop (inference worker, scheduler) that has not gone round for "
+        "this long fails /readyz and stops the systemd watchdog pings.")
     viewer_url: str = Field("", description="Link that opens a study in the site's viewer: a URL with "
                             "{study_instance_uid} and/or {accession_number}; empty = no link.")
 
@@ -265,6 +272,14 @@ class Settings(BaseSettings):
         v = v.upper()
         if v not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return v
+
+    @field_validator("log_format")
+    @classmethod
+    def _check_log_format(cls, v: str) -> str:
+        v = v.lower()
+        if v not in {"text", "json"}:
+            raise ValueError("must be 'text' or 'json'")
         return v
 
     @field_validator("device")

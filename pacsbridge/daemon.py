@@ -22,6 +22,7 @@ from pacsbridge.config import ConfigError, Settings
 from pacsbridge.dicom.compat import configure_pynetdicom
 from pacsbridge.dicom.storage_scp import storage_scp_from_settings
 from pacsbridge.store import migrations
+from pacsbridge.store.diskguard import DiskGuard
 from pacsbridge.store.db import make_engine, make_sessionmaker
 from pacsbridge.store.notifier import StoreNotifier
 from pacsbridge.store.spool import Spool
@@ -85,6 +86,8 @@ class Daemon:
         self.spool = Spool(Path(settings.spool_dir), fsync=settings.fsync)
         # The receiver notifies it after each new instance; the worker waits on it (instead of polling).
         self.notifier = StoreNotifier()
+        # The receiver refuses C-STORE below the free-space floor; /readyz and /metrics read the same guard.
+        self.disk_guard = DiskGuard(Path(settings.spool_dir), settings.min_free_bytes, on_change=self._disk_event)
         self.components: list[Component] = []
         self._stop = threading.Event()
         self._tmp_removed = 0  # leftovers Spool.prepare removed; reported by the orphan sweep
@@ -97,7 +100,8 @@ class Daemon:
         from pacsbridge.dicom.tls import TLSConfigError
 
         try:
-            scp = storage_scp_from_settings(self.settings, self.sessions, self.spool, notifier=self.notifier)
+            scp = storage_scp_from_settings(self.settings, self.sessions, self.spool, notifier=self.notifier,
+                                            disk_guard=self.disk_guard)
         except TLSConfigError as exc:
             raise ConfigError(str(exc)) from None
         components: list[Component] = [
@@ -118,6 +122,7 @@ class Daemon:
 
         s = self.settings
         metrics = PipelineMetrics(self.sessions)
+        metrics.registry.register(_DiskGuardCollector(self.disk_guard))
         updater = WorklistUpdater(self.sessions, s.priority_max_wait_minutes)
         forwarder = self.forwarder(metrics.registry) if s.destinations else None
         components: list[Component] = []
@@ -140,6 +145,7 @@ class Daemon:
                 model=functools.partial(load_model, s.model_path, s.device),
                 ready=lambda: bool(self.components) and self._healthy(), viewer_url=s.viewer_url,
                 max_decoded_bytes=s.max_decoded_bytes, max_concurrent_renders=s.max_concurrent_renders,
+                readiness=self.readiness,
             ), s)
             components.append(HttpServer(app, s.http_host, s.http_port, tls_cert=s.http_tls_cert,
                                          tls_key=s.http_tls_key, tls_min_version=s.tls_min_version,
@@ -245,7 +251,9 @@ class Daemon:
                  ", ".join(c.name for c in self.components))
         interval = watchdog_interval()
         while not self._stop.wait(interval if interval else 1.0):
-            if interval and self._healthy():
+            # Ping only while every component is up and its work loop still goes round: a stuck loop
+            # (a hung database call, a deadlock) lets systemd's watchdog restart us.
+            if interval and self._healthy() and not self._stalled(log_it=True):
                 sd_notify("WATCHDOG=1")
         sd_notify("STOPPING=1")
         self.stop()
@@ -266,12 +274,86 @@ class Daemon:
                 return False
         return True
 
+    def _disk_event(self, low: bool, message: str) -> None:
+        """One event per fall under the free-space floor and one per recovery (``pacsbridge events``)."""
+        from pacsbridge.store.records import record_event
+
+        record_event(self.sessions, "disk_low" if low else "disk_ok", message, level="warning" if low else "info")
+
+    def _stalled(self, log_it: bool = False) -> list[str]:
+        """Components whose work loop has not gone round for ``loop_stall_s`` (``stalled_for()``)."""
+        stuck = []
+        for component in self.components:
+            since = getattr(component, "stalled_for", None)
+            if since is not None and since() > self.settings.loop_stall_s:
+                stuck.append(component.name)
+                if log_it:
+                    log.error("component %s has not advanced for %.0f s (loop_stall_s = %.0f); withholding the "
+                              "systemd watchdog ping", component.name, since(), self.settings.loop_stall_s)
+        return stuck
+
+    def readiness(self) -> list:
+        """The checks of ``/readyz`` (pacsbridge.health.Check), in a fixed order."""
+        from pacsbridge import health
+
+        # Open route: no database URL or file path in the details.
+        checks = [health.check_database(self.engine, show_url=False), health.check_migrations(self.engine),
+                  health.check_spool(Path(self.settings.spool_dir), self.settings.min_free_bytes, self.disk_guard,
+                                     show_path=False)]
+        worker = next((c for c in self.components if hasattr(c, "worker_id")), None)
+        if worker is not None:
+            model = getattr(worker, "_model", None)
+            checks.append(health.Check("model", True, f"loaded {Path(self.settings.model_path).name}"
+                                       f" (sha256 {getattr(model, 'weights_sha256', '?')[:12]}...)"))
+        elif self.settings.worker_enabled and not self.components:
+            checks.append(health.Check("model", False, "loading (the daemon is starting)"))
+        else:
+            checks.append(health.Check("model", True, "not used here (worker_enabled = false)"))
+        down = [c.name for c in self.components
+                if getattr(c, "healthy", None) is not None and not c.healthy()]
+        stuck = self._stalled()
+        if not self.components:
+            checks.append(health.Check("components", False, "starting"))
+        elif down or stuck:
+            checks.append(health.Check("components", False, "; ".join(
+                [f"{n} is not running" for n in down] + [f"{n} has not advanced for over "
+                                                         f"{self.settings.loop_stall_s:.0f} s" for n in stuck])))
+        else:
+            checks.append(health.Check("components", True, ", ".join(c.name for c in self.components)))
+        sched = next((c for c in self.components if c.name == "worklist scheduler"), None)
+        if sched is None:
+            checks.append(health.Check("scheduler", False, "no scheduler in this process"))
+        else:
+            ok = bool(getattr(sched, "healthy", lambda: True)()) and sched.name not in stuck
+            checks.append(health.Check("scheduler", ok, f"this process (pid {os.getpid()})"
+                                       + ("" if ok else ": not running")))
+        return checks
+
     def _stop_all(self, components: list[Component]) -> None:
         for component in reversed(components):
             try:
                 component.stop()
             except Exception:  # noqa: BLE001 - keep stopping the others
                 log.exception("error while stopping %s", component.name)
+
+
+class _DiskGuardCollector:
+    """``/metrics``: C-STOREs refused below the free-space floor, and the spool's last measured free space."""
+
+    def __init__(self, guard: DiskGuard) -> None:
+        self.guard = guard
+
+    def collect(self):  # noqa: ANN201 - prometheus_client Collector protocol
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        yield CounterMetricFamily("pacsbridge_store_refused_low_disk",
+                                  "C-STOREs refused (0xA700) because spool free space was below min_free_bytes.",
+                                  value=self.guard.refused)
+        if self.guard.last_free is not None:
+            yield GaugeMetricFamily("pacsbridge_spool_free_bytes", "Free bytes of the spool's file system "
+                                    "(last measured by the disk guard).", value=self.guard.last_free)
+        yield GaugeMetricFamily("pacsbridge_spool_min_free_bytes", "The free-space floor (min_free_bytes).",
+                                value=self.guard.min_free_bytes)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -120,6 +120,7 @@ CHECKS: dict[tuple[str, str], Callable[[], None]] = {
         lambda: _method(RequestHandler, "_create_association", ["self"]),
     ("pynetdicom.association.Association", "pb_reject_reason"): lambda: _ours("pb_reject_reason"),
     ("pynetdicom.association.Association", "pb_ups_refused"): lambda: _ours("pb_ups_refused"),
+    ("pynetdicom.association.Association", "pb_log_id"): lambda: _ours("pb_log_id"),
 }
 
 #: What finds a use of each internal in source text (compat.py excepted).
@@ -144,6 +145,7 @@ PATTERNS: dict[tuple[str, str], str] = {
     ("pynetdicom.transport.RequestHandler", "_create_association"): r"\b_create_association\b",
     ("pynetdicom.association.Association", "pb_reject_reason"): r"\bpb_reject_reason\b",
     ("pynetdicom.association.Association", "pb_ups_refused"): r"\bpb_ups_refused\b",
+    ("pynetdicom.association.Association", "pb_log_id"): r"\bpb_log_id\b",
 }
 
 

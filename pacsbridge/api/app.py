@@ -144,11 +144,13 @@ def create_app(
     model: Any | None = None, clock: Callable[[], Any] = utcnow,
     ready: Callable[[], bool] | None = None, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
     max_concurrent_renders: int = DEFAULT_MAX_CONCURRENT_RENDERS, viewer_url: str = "",
+    readiness: Callable[[], list[Any]] | None = None,
 ) -> FastAPI:
     """The API.  ``model`` (a LoadedModel, or a function that loads one on first use) is used only for
     heatmaps; ``ready`` adds a readiness check; ``max_decoded_bytes`` and ``max_concurrent_renders``
     bound what image previews may cost; ``viewer_url`` is the site's viewer link template
-    (pacsbridge.worklist.viewer)."""
+    (pacsbridge.worklist.viewer); ``readiness`` (pacsbridge.health.Check objects, from the daemon)
+    replaces ``ready`` with named checks on ``/readyz``."""
     # FastAPI's own /docs and /openapi.json are open to anyone: disabled, re-added behind admin below.
     app = FastAPI(title="pacsbridge", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
                   description="AI triage of chest radiographs: worklist, instances, statistics. "
@@ -226,7 +228,17 @@ def create_app(
 
     @app.get("/readyz", tags=["health"])
     def readyz() -> Response:
-        """Readiness: the database responds and every component is healthy (no token needed)."""
+        """Readiness: every named check passes (no token needed); 503 lists the failing ones."""
+        if readiness is not None:
+            try:
+                checks = readiness()
+            except Exception as exc:  # noqa: BLE001 - a check that cannot run is not ready
+                log.warning("readyz: checks failed to run: %s", type(exc).__name__)
+                return JSONResponse({"status": "not ready", "failing": ["readiness"], "checks": {}}, status_code=503)
+            failing = [c.name for c in checks if not c.ok]
+            body = {"status": "not ready" if failing else "ready", "failing": failing,
+                    "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks}}
+            return JSONResponse(body, status_code=503 if failing else 200)
         res = healthz()
         if res.status_code != 200:
             return res

@@ -160,6 +160,7 @@ class HttpServer:
         self.guard = ConnectionGuard(self.limits)
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+            log_config=None,  # uvicorn's lines go through our handlers (and log_format), not its own
             server_header=False, ssl_certfile=tls_cert or None, ssl_keyfile=tls_key or None,
             http=guarded_protocol(self.guard),
             # Connections are capped by the guard; uvicorn's own cap would count idle sockets and answer 503.

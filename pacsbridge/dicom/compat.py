@@ -62,6 +62,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("pynetdicom.transport.RequestHandler", "_create_association", "overridden: our transport classes"),
     Internal("pynetdicom.association.Association", "pb_reject_reason", "ours: why we rejected an association"),
     Internal("pynetdicom.association.Association", "pb_ups_refused", "ours: a UPS refusal was logged"),
+    Internal("pynetdicom.association.Association", "pb_log_id", "ours: the association id on its log lines"),
 )
 
 #: Public-named but undocumented methods the bounded transport overrides or calls, with the parameters
@@ -129,6 +130,20 @@ def set_reject_reason(assoc: Any, why: str) -> None:  # noqa: ANN401 - pynetdico
 def reject_reason(assoc: Any) -> str | None:  # noqa: ANN401 - pynetdicom Association
     """What :func:`set_reject_reason` kept, or None."""
     return getattr(assoc, "pb_reject_reason", None)
+
+
+def log_id(assoc: Any) -> str:  # noqa: ANN401 - pynetdicom Association
+    """A short id for ``assoc`` on its log lines (log_format = "json"), made on first use."""
+    value = getattr(assoc, "pb_log_id", None)
+    if value is None:
+        import uuid
+
+        value = assoc.pb_log_id = uuid.uuid4().hex[:12]
+    return value
+
+
+def has_log_id(assoc: Any) -> bool:  # noqa: ANN401 - pynetdicom Association
+    return getattr(assoc, "pb_log_id", None) is not None
 
 
 def first_ups_refusal(assoc: Any) -> bool:  # noqa: ANN401 - pynetdicom Association

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
@@ -30,7 +30,7 @@ from pynetdicom.sop_class import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacsbridge import __version__
+from pacsbridge import __version__, logs
 from pacsbridge.dicom import compat
 from pacsbridge.dicom.fast_transport import TransportLimits
 from pacsbridge.dicom.listener import BoundedAssociationServer, FastRequestHandler
@@ -39,6 +39,7 @@ from pacsbridge.dicom.metadata import (
     RejectedDataset, read_metadata,
 )
 from pacsbridge.dicom.ups_scp import UpsContext, add_ups_contexts, log_access, ups_handlers
+from pacsbridge.store.diskguard import DiskGuard
 from pacsbridge.store.notifier import StoreNotifier
 from pacsbridge.store.records import ReceivedInstance, record_event, record_received
 from pacsbridge.store.spool import Spool, spool_relpath
@@ -82,6 +83,7 @@ class StoreContext:
     our_ae_title: str
     notifier: StoreNotifier | None = None  # told after each new instance is committed (wakes the worker)
     max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES
+    disk_guard: DiskGuard | None = None  # free-space floor of the spool (None: not checked)
 
 
 def peer_of(event: DicomEvent) -> str:
@@ -110,7 +112,7 @@ def handle_echo(event: DicomEvent) -> int:
     return 0x0000
 
 
-def handle_store(event: DicomEvent, ctx: StoreContext) -> int:
+def handle_store(event: DicomEvent, ctx: StoreContext) -> int | Dataset:
     """Store one instance durably, then (and only then) answer success."""
     started = time.perf_counter()
     req = event.request
@@ -119,6 +121,14 @@ def handle_store(event: DicomEvent, ctx: StoreContext) -> int:
     sop_class = str(req.AffectedSOPClassUID or "")
     sop_instance = str(req.AffectedSOPInstanceUID or "")
     transfer_syntax = str(event.context.transfer_syntax)
+    if not compat.has_log_id(event.assoc):
+        bind_association(event)
+    if ctx.disk_guard is not None:
+        low = ctx.disk_guard.check()  # before parsing or writing anything; logged once by the guard
+        if low is not None:
+            ctx.disk_guard.refuse()
+            log.debug("refused C-STORE from %s: 0x%04X, %s", peer, STATUS_OUT_OF_RESOURCES, low)
+            return _refused(STATUS_OUT_OF_RESOURCES, low)
     try:
         if getattr(req.DataSet, "overflowed", False):  # fast_transport.CappedBuffer dropped it past the cap
             raise RejectedDataset(STATUS_DATASET_TOO_LARGE, f"data set of {req.DataSet.received} bytes exceeds "
@@ -161,20 +171,39 @@ def handle_store(event: DicomEvent, ctx: StoreContext) -> int:
         ctx.notifier.notify()
     if created:
         log.info("stored %s instance %s (%.1f MB, %s) from %s in %.0f ms", meta.modality or "?", relpath[6:18],
-                 size / 1e6, UID(transfer_syntax).name, peer, elapsed_ms)
+                 size / 1e6, UID(transfer_syntax).name, peer, elapsed_ms, extra={"instance": relpath[6:18]})
     else:
-        log.info("duplicate instance %s from %s acknowledged (already stored)", relpath[6:18], peer)
+        log.info("duplicate instance %s from %s acknowledged (already stored)", relpath[6:18], peer,
+                 extra={"instance": relpath[6:18]})
     return 0x0000
 
 
+def _refused(status: int, reason: str) -> Dataset:
+    """A failure status with its reason in Error Comment (0000,0902), which storescu and most PACS log."""
+    rsp = Dataset()
+    rsp.Status = status
+    rsp.ErrorComment = reason[:64]
+    return rsp
+
+
 def _failed(ctx: StoreContext, status: int, what: str, exc: Exception, peer: str, sop_instance_uid: str) -> int:
-    log.error("C-STORE from %s failed, answering 0x%04X: %s: %s: %s", peer, status, what, type(exc).__name__, exc)
+    log.error("C-STORE from %s failed, answering 0x%04X: %s: %s: %s", peer, status, what, type(exc).__name__, exc,
+              extra={"instance": spool_relpath(sop_instance_uid)[6:18]})
     record_event(ctx.sessions, "store_failed", f"status 0x{status:04X}: {what}: {type(exc).__name__}: {exc}"[:2000],
                  level="error", peer=peer, sop_instance_uid=sop_instance_uid)
     return status
 
 
+def bind_association(event: DicomEvent) -> None:
+    """Tag this association thread's log lines (log_format = "json") with a short association id, the
+    calling AE and the peer."""
+    assoc = event.assoc
+    logs.bind(association=compat.log_id(assoc), calling_ae=(assoc.requestor.ae_title or "").strip(),
+              peer=f"{assoc.requestor.address}:{assoc.requestor.port}")
+
+
 def handle_accepted(event: DicomEvent) -> None:
+    bind_association(event)
     log.info("association from %s accepted", peer_of(event))
 
 
@@ -203,7 +232,9 @@ def handle_rejected(event: DicomEvent, sessions: sessionmaker[Session], allowed:
     """Log and record every rejected association with the peer's address."""
     peer = peer_of(event)
     reason = rejection_reason(event.assoc, allowed, check_called_ae)
-    log.warning("association from %s rejected: %s", peer, reason)
+    rq = event.assoc.requestor
+    log.warning("association from %s rejected: %s", peer, reason,
+                extra={"calling_ae": (rq.ae_title or "").strip(), "peer": f"{rq.address}:{rq.port}"})
     record_event(sessions, "association_rejected", reason, level="warning", peer=peer)
 
 
@@ -221,7 +252,9 @@ class StorageSCP:
         max_dataset_bytes: int = 134_217_728, max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
         tls_context: ssl.SSLContext | None = None, tls_port: int | None = None, tls_only: bool = False,
         ups: UpsContext | None = None, pdu_deadline_floor: float = 5.0, pdu_deadline_per_mib: float = 10.0,
+        disk_guard: DiskGuard | None = None,
     ) -> None:
+        self.disk_guard = disk_guard
         self.ae_title = ae_title
         self.bind_address = bind_address
         self.requested_port = port
@@ -274,7 +307,8 @@ class StorageSCP:
     def start(self) -> None:
         compat.configure_pynetdicom()  # once per process (the receive path relies on in-memory data sets)
         ctx = StoreContext(spool=self.spool, sessions=self.sessions, our_ae_title=self.ae_title,
-                           notifier=self.notifier, max_inflated_bytes=self.max_inflated_bytes)
+                           notifier=self.notifier, max_inflated_bytes=self.max_inflated_bytes,
+                           disk_guard=self.disk_guard)
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [ctx]),
@@ -364,6 +398,7 @@ class StorageSCP:
 
 def storage_scp_from_settings(  # noqa: ANN001 - settings: pacsbridge.config.Settings
     settings, sessions: sessionmaker[Session], spool: Spool | None = None, notifier: StoreNotifier | None = None,
+    disk_guard: DiskGuard | None = None,
 ) -> StorageSCP:
     from pacsbridge.dicom.tls import server_context
 
@@ -380,6 +415,7 @@ def storage_scp_from_settings(  # noqa: ANN001 - settings: pacsbridge.config.Set
         tls_context=tls, tls_port=settings.dicom_tls_port, tls_only=settings.dicom_tls_only,
         ups=ups_context_from_settings(settings, sessions),
         pdu_deadline_floor=settings.pdu_deadline_floor_s, pdu_deadline_per_mib=settings.pdu_deadline_per_mib_s,
+        disk_guard=disk_guard,
     )
 
 

@@ -183,6 +183,8 @@ class InferenceWorker:
         self._outbox = outbox
         self._last_recovery = 0.0
         self.last_error: str | None = None
+        #: time.monotonic() when the loop last went round (the daemon's watchdog checks it advances).
+        self.last_beat = time.monotonic()
         #: Idle waits ended by a notification rather than by the poll timeout (tests, debugging).
         self.wakeups = 0
 
@@ -417,6 +419,7 @@ class InferenceWorker:
         self.recover_stale_claims()
         self._last_recovery = time.monotonic()
         self._stop.clear()
+        self.last_beat = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
         self._thread.start()
         log.info(
@@ -439,9 +442,14 @@ class InferenceWorker:
         """The thread is alive (it keeps retrying through database outages; see ``last_error``)."""
         return self._thread is not None and self._thread.is_alive()
 
+    def stalled_for(self) -> float:
+        """Seconds since the loop last went round (one batch, or one idle wait of at most idle_poll_s)."""
+        return time.monotonic() - self.last_beat
+
     def _run(self) -> None:
         backoff = 0.5
         while not self._stop.is_set():
+            self.last_beat = time.monotonic()
             try:
                 if time.monotonic() - self._last_recovery > 60:
                     self._last_recovery = time.monotonic()

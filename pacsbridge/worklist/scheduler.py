@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -74,8 +76,20 @@ class WorklistScheduler:
         self._scheduler = make_scheduler(
             updater, sessions, spool_dir, interval_s=interval_s, retention_days=retention_days,
         )
+        self.interval_s = interval_s
+        #: time.monotonic() when a job last finished (the daemon's watchdog checks it advances).
+        self.last_beat = time.monotonic()
+        self._scheduler.add_listener(self._beat, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
+
+    def _beat(self, _event: object) -> None:
+        self.last_beat = time.monotonic()
+
+    def stalled_for(self) -> float:
+        """Seconds since a job last finished, beyond the worklist interval (0 while on time)."""
+        return max(0.0, time.monotonic() - self.last_beat - self.interval_s)
 
     def start(self) -> None:
+        self.last_beat = time.monotonic()
         self._scheduler.start()
         log.info("worklist scheduler started (%d jobs)", len(self._scheduler.get_jobs()))
 
