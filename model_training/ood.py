@@ -217,6 +217,23 @@ def load_paths(paths: list[Path]) -> torch.Tensor:
     return load_images([Sample(p, 0, p.parent.name) for p in paths])
 
 
+def cached_pooled(model, paths: list[Path], cache: Path | None, what: str) -> list[torch.Tensor]:  # noqa: ANN001
+    """:func:`extract_pooled` features of image files, kept in ``cache`` (a scratch folder, never the
+    repository) under a key of the weights and the file list, so refits with other settings are quick."""
+    import hashlib
+
+    key = hashlib.sha256((model.weights_sha256 + "\n" + "\n".join(str(p) for p in paths)).encode()).hexdigest()[:16]
+    if cache is not None:
+        f = Path(cache) / f"{what}-{key}.pt"
+        if f.is_file():
+            return torch.load(f, weights_only=True)
+    _, pooled = extract_pooled(model.module, load_paths(paths), model.device)
+    if cache is not None:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        torch.save(pooled, f)
+    return pooled
+
+
 def fit_logistic(x_in: torch.Tensor, x_out: torch.Tensor, lam: float, iters: int = 300) -> tuple[torch.Tensor, float]:
     """L2-penalised logistic regression (out = 1), both classes weighted equally; float64 L-BFGS."""
     x = torch.cat([x_in, x_out]).double()
@@ -262,7 +279,7 @@ def fit_oe_stats(module: torch.nn.Module, train_pooled: list[torch.Tensor], trai
         maha=maha, feat_mean=mean.float(), feat_std=std.float(), weight=w.float(), bias=b,
         logit_centre=float(z_tr.mean()), logit_scale=float(z_tr.std().clamp_min(1e-9)),
         maha_centre=float(m_tr.mean()), maha_scale=float(m_tr.std().clamp_min(1e-9)), maha_offset=maha_offset,
-        threshold=float("inf"))
+        threshold=0.0)  # set below, once the stored (float32) statistics have scored validation
     # The stored float32 vectors are what inference uses: score with them, not the float64 fit.
     stats = OutlierExposureStats.from_blob(stats.to_blob())
     val = stats.score_pooled(module, val_pooled).numpy()
@@ -284,7 +301,7 @@ def fit_oe_stats(module: torch.nn.Module, train_pooled: list[torch.Tensor], trai
 
 def write_oe_artifact(model_path: Path, data_dir: Path, adult_dir: Path, out_dir: Path, version: str, *,
                       use: list[int], keep: float = 0.98, lam: float = 0.01, maha_offset: float = 2.0,
-                      adult_seed: int = ADULT_SEED) -> Path:
+                      adult_seed: int = ADULT_SEED, cache: Path | None = None) -> Path:
     """A copy of ``model_path`` with ``outlier-exposure-v2`` statistics; returns the new .pt."""
     from .export import model_card_markdown
 
@@ -294,10 +311,13 @@ def write_oe_artifact(model_path: Path, data_dir: Path, adult_dir: Path, out_dir
     adults = split_adults(adult_dir, adult_seed)
     log.info("features of %d training, %d validation, %d adult fit and %d adult tuning images",
              len(train_s), len(val_s), len(adults["fit"]), len(adults["tune"]))
-    _, tr = extract_pooled(model.module, load_images(train_s), model.device)
-    _, va = extract_pooled(model.module, load_images(val_s), model.device)
-    _, fit = extract_pooled(model.module, load_paths(adults["fit"]), model.device)
-    _, tune = extract_pooled(model.module, load_paths(adults["tune"]), model.device)
+    def feats(paths: list[Path], what: str) -> list[torch.Tensor]:
+        return cached_pooled(model, paths, cache, what)
+
+    tr = feats([s.path for s in train_s], "train")
+    va = feats([s.path for s in val_s], "val")
+    fit = feats(adults["fit"], "adult-fit")
+    tune = feats(adults["tune"], "adult-tune")
     stats, report = fit_oe_stats(model.module, tr, labels_of(train_s), va, fit, tune, use=use, keep=keep,
                                  lam=lam, maha_offset=maha_offset)
 
@@ -323,7 +343,13 @@ def write_oe_artifact(model_path: Path, data_dir: Path, adult_dir: Path, out_dir
                         f"--adult-dir {adult_dir} --version {version} --keep {keep} --l2 {lam} "
                         f"--maha-offset {maha_offset} --blocks {','.join(map(str, use))}"},
     )
-    card.setdefault("derived_from", {})
+    previous = card.get("derived_from") or {}
+    card["derived_from"] = {
+        "artifact": model_path.name, "weights_sha256": model.weights_sha256,
+        "note": f"same weights as {model.model_id} (state_dict copied unchanged); OOD statistics refitted "
+                f"({METHOD}) and the threshold/ceiling set",
+        "build_commands": [*previous.get("build_commands", []), card["ood"]["command"]],
+    }
     (out_dir / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
     (out_dir / f"{name}.md").write_text(model_card_markdown(card))
     print(json.dumps(card["ood"], indent=2))
