@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--l2", type=float, default=0.01, help="oe: L2 penalty of the logistic head")
     o.add_argument("--maha-offset", type=float, default=2.0,
                    help="oe: the Mahalanobis component counts from this many training stds beyond its mean")
+    o.add_argument("--no-variants", action="store_true",
+                   help="oe: fit the logistic head without shifted copies of the training images on the in side")
     o.add_argument("--feature-cache", type=Path, default=None,
                    help="oe: scratch folder for extracted features (e.g. /tmp/ood-cache), reused across refits")
     o.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             write_oe_artifact(args.model, args.data_dir, args.adult_dir, args.out, args.version, use=use,
                               keep=args.keep, lam=args.l2, maha_offset=args.maha_offset,
                               adult_seed=ADULT_SEED if args.adult_seed is None else args.adult_seed,
-                              cache=args.feature_cache)
+                              cache=args.feature_cache, variants=not args.no_variants)
         else:
             write_ood_artifact(args.model, args.data_dir, args.out, args.version, use=use, keep=args.keep)
     elif args.command == "ood-eval":

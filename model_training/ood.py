@@ -217,7 +217,31 @@ def load_paths(paths: list[Path]) -> torch.Tensor:
     return load_images([Sample(p, 0, p.parent.name) for p in paths])
 
 
-def cached_pooled(model, paths: list[Path], cache: Path | None, what: str) -> list[torch.Tensor]:  # noqa: ANN001
+def in_scope_variants(images_u8: torch.Tensor, seed: int = 7, batch: int = 64) -> torch.Tensor:
+    """Mildly shifted copies of pediatric images (float, [0, 1]) that the logistic head is told are
+    in scope, so that the adult direction it learns is not "tighter framing" or "other grey levels":
+    per batch of ``batch`` images one zoom-in 1.0-1.2, one gamma 0.6-1.6, and a quarter each blurred
+    (sigma 1-2) or JPEG-compressed (q25).  Seeded, so a refit gives the same copies."""
+    from .stress import _blur, _jpeg, _zoom
+
+    base = images_u8.float() / 255.0
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty_like(base)
+    for i in range(0, len(base), batch):
+        x = _zoom(base[i : i + batch], 1.0 + 0.2 * float(torch.rand(1, generator=g)))
+        gamma = float(torch.exp(torch.empty(1).uniform_(float(np.log(0.6)), float(np.log(1.6)), generator=g)))
+        x = x.clamp(1e-4, 1) ** gamma
+        r = float(torch.rand(1, generator=g))
+        if r < 0.25:
+            x = _blur(x, 1.0 + float(torch.rand(1, generator=g)))
+        elif r < 0.5:
+            x = _jpeg(x.clamp(0, 1))
+        out[i : i + len(x)] = x.clamp(0, 1)
+    return out
+
+
+def cached_pooled(model, paths: list[Path], cache: Path | None, what: str,  # noqa: ANN001
+                  variants: bool = False) -> list[torch.Tensor]:
     """:func:`extract_pooled` features of image files, kept in ``cache`` (a scratch folder, never the
     repository) under a key of the weights and the file list, so refits with other settings are quick."""
     import hashlib
@@ -227,7 +251,8 @@ def cached_pooled(model, paths: list[Path], cache: Path | None, what: str) -> li
         f = Path(cache) / f"{what}-{key}.pt"
         if f.is_file():
             return torch.load(f, weights_only=True)
-    _, pooled = extract_pooled(model.module, load_paths(paths), model.device)
+    images = load_paths(paths)
+    _, pooled = extract_pooled(model.module, in_scope_variants(images) if variants else images, model.device)
     if cache is not None:
         Path(cache).mkdir(parents=True, exist_ok=True)
         torch.save(pooled, f)
@@ -265,14 +290,17 @@ def ceiling_of(tune_scores: np.ndarray, refusal: float = CEILING_REFUSAL) -> flo
 
 def fit_oe_stats(module: torch.nn.Module, train_pooled: list[torch.Tensor], train_labels: torch.Tensor,
                  val_pooled: list[torch.Tensor], fit_pooled: list[torch.Tensor], tune_pooled: list[torch.Tensor], *,
-                 use: list[int], keep: float, lam: float, maha_offset: float) -> tuple[OutlierExposureStats, dict]:
-    """Fit ``outlier-exposure-v2``: logistic head (training split vs adult fit part) + v1 Mahalanobis."""
+                 use: list[int], keep: float, lam: float, maha_offset: float,
+                 variant_pooled: list[torch.Tensor] | None = None) -> tuple[OutlierExposureStats, dict]:
+    """Fit ``outlier-exposure-v2``: logistic head (training split, plus ``variant_pooled``: shifted
+    copies of it, vs the adult fit part) + v1 Mahalanobis.  Standardisation is on the training split."""
     maha, _ = fit_stats(stage_features(module, train_pooled), train_labels, stage_features(module, val_pooled),
                         use, keep)
     x_tr = torch.cat([p.double() for p in train_pooled], 1)
     mean, std = x_tr.mean(0), x_tr.std(0).clamp_min(1e-6)
     x_out = torch.cat([p.double() for p in fit_pooled], 1)
-    w, b = fit_logistic((x_tr - mean) / std, (x_out - mean) / std, lam)
+    x_in = x_tr if variant_pooled is None else torch.cat([x_tr, torch.cat([p.double() for p in variant_pooled], 1)])
+    w, b = fit_logistic((x_in - mean) / std, (x_out - mean) / std, lam)
     z_tr = ((x_tr - mean) / std) @ w + b
     m_tr = maha.score_pooled(module, train_pooled)
     stats = OutlierExposureStats(
@@ -289,6 +317,7 @@ def fit_oe_stats(module: torch.nn.Module, train_pooled: list[torch.Tensor], trai
     stats.threshold = min(quantile_cut, stats.ceiling)
     report = {
         "method": METHOD, "blocks_used": use, "keep_quantile": keep, "l2": lam, "maha_offset": maha_offset,
+        "in_scope_variants": variant_pooled is not None,
         "threshold": stats.threshold, "validation_quantile_cut": quantile_cut, "ceiling": stats.ceiling,
         "ceiling_rule": f"largest cut refusing >= {CEILING_REFUSAL:.0%} of the adult tuning part",
         "validation_refusal_rate": float((val > stats.threshold).mean()),
@@ -301,7 +330,7 @@ def fit_oe_stats(module: torch.nn.Module, train_pooled: list[torch.Tensor], trai
 
 def write_oe_artifact(model_path: Path, data_dir: Path, adult_dir: Path, out_dir: Path, version: str, *,
                       use: list[int], keep: float = 0.98, lam: float = 0.01, maha_offset: float = 2.0,
-                      adult_seed: int = ADULT_SEED, cache: Path | None = None) -> Path:
+                      adult_seed: int = ADULT_SEED, cache: Path | None = None, variants: bool = True) -> Path:
     """A copy of ``model_path`` with ``outlier-exposure-v2`` statistics; returns the new .pt."""
     from .export import model_card_markdown
 
@@ -318,8 +347,9 @@ def write_oe_artifact(model_path: Path, data_dir: Path, adult_dir: Path, out_dir
     va = feats([s.path for s in val_s], "val")
     fit = feats(adults["fit"], "adult-fit")
     tune = feats(adults["tune"], "adult-tune")
+    shifted = cached_pooled(model, [s.path for s in train_s], cache, "train-variants", variants=True) if variants else None
     stats, report = fit_oe_stats(model.module, tr, labels_of(train_s), va, fit, tune, use=use, keep=keep,
-                                 lam=lam, maha_offset=maha_offset)
+                                 lam=lam, maha_offset=maha_offset, variant_pooled=shifted)
 
     blob = torch.load(model_path, map_location="cpu", weights_only=True)
     blob["ood"] = stats.to_blob()
@@ -333,7 +363,8 @@ def write_oe_artifact(model_path: Path, data_dir: Path, adult_dir: Path, out_dir
     card.update(
         model_id=name, version=version, weights_file=dest.name, weights_sha256=sha256_file(dest),
         intended_use=INTENDED_USE,
-        ood={**report, "fitted_on": f"training split ({len(train_s)} images) vs adult fit part "
+        ood={**report, "fitted_on": f"training split ({len(train_s)} images"
+                                    f"{' and one shifted copy of each' if variants else ''}) vs adult fit part "
                                     f"({len(adults['fit'])} images)",
              "calibrated_on": f"validation split ({len(val_s)} images); ceiling on the adult tuning part "
                               f"({len(adults['tune'])} images)",
@@ -341,7 +372,8 @@ def write_oe_artifact(model_path: Path, data_dir: Path, adult_dir: Path, out_dir
                              "shares": dict(ADULT_PARTS), "counts": counts},
              "command": f"python -m model_training ood --method oe --model {model_path} --data-dir {data_dir} "
                         f"--adult-dir {adult_dir} --version {version} --keep {keep} --l2 {lam} "
-                        f"--maha-offset {maha_offset} --blocks {','.join(map(str, use))}"},
+                        f"--maha-offset {maha_offset} --blocks {','.join(map(str, use))}"
+                        + ("" if variants else " --no-variants")},
     )
     previous = card.get("derived_from") or {}
     card["derived_from"] = {
