@@ -294,6 +294,9 @@ def fit_oe_stats(module: torch.nn.Module, train_pooled: list[torch.Tensor], trai
                  variant_pooled: list[torch.Tensor] | None = None) -> tuple[OutlierExposureStats, dict]:
     """Fit ``outlier-exposure-v2``: logistic head (training split, plus ``variant_pooled``: shifted
     copies of it, vs the adult fit part) + v1 Mahalanobis.  Standardisation is on the training split."""
+    n_blocks = len(stage_features(module, [p[:1] for p in train_pooled]))
+    if not use or not all(0 <= u < n_blocks for u in use):
+        raise ValueError(f"--blocks {use}: this model has blocks 0..{n_blocks - 1}")
     maha, _ = fit_stats(stage_features(module, train_pooled), train_labels, stage_features(module, val_pooled),
                         use, keep)
     x_tr = torch.cat([p.double() for p in train_pooled], 1)
