@@ -157,8 +157,9 @@ def _ood_lines(ood: dict | None) -> list[str]:
             f"Mahalanobis score (blocks {ood['blocks_used']}, standardised, lowered by {ood['maha_offset']}) and the "
             "larger is the score.",
             "",
-            f"Threshold {ood['threshold']:.3f}: the {ood['keep_quantile']} quantile of the {ood['calibrated_on']} "
-            f"(quantile cut {ood['validation_quantile_cut']:.3f}, ceiling {ood['ceiling']:.3f} = {ood['ceiling_rule']}). "
+            f"Threshold {ood['threshold']:.3f}: the {ood['keep_quantile']} quantile of the pediatric validation "
+            f"split's scores ({ood['validation_quantile_cut']:.3f}), capped at the ceiling {ood['ceiling']:.3f} "
+            f"({ood['ceiling_rule']}; {ood['calibrated_on']}). "
             f"Validation refusal rate {ood['validation_refusal_rate']:.4f} (training {ood['train_refusal_rate']:.4f}; "
             f"adult fit part {ood['adult_fit_refusal_rate']:.4f}, adult tuning part "
             f"{ood['adult_tune_refusal_rate']:.4f}). A site calibration may lower the cut, never raise it above the "
