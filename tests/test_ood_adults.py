@@ -40,6 +40,7 @@ def _scores(model, images: torch.Tensor) -> np.ndarray:
 
 def test_shipped_artifact_uses_outlier_exposure_with_a_ceiling(shipped) -> None:
     assert isinstance(shipped.ood, OutlierExposureStats) and shipped.ood.method == METHOD
+    assert SHIPPED_MODEL.stat().st_size < 20 * 1024 * 1024  # the artifact limit, OOD statistics included
     assert shipped.ood.ceiling is not None and shipped.ood.threshold <= shipped.ood.ceiling
     card = json.loads(SHIPPED_MODEL.with_suffix(".json").read_text())
     assert card["ood"]["ceiling"] == pytest.approx(shipped.ood.ceiling)
