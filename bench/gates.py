@@ -1,6 +1,6 @@
 """Cost of the OOD score and the heatmap next to plain scoring, as ratios measured in this process.
 
-    .venv/bin/python bench/gates.py [--model pacsbridge/models/pneumonia-v3.pt] [--batch 8] [--threads 2]
+    .venv/bin/python bench/gates.py [--model pacsbridge/models/pneumonia-v4.pt] [--batch 8] [--threads 2]
 
 Prints the median time of ``probabilities_from_inputs`` (logits only) and ``score_inputs`` (logits +
 OOD score, one forward pass) on the same random batch, their ratio, and the Grad-CAM time per image.
@@ -34,7 +34,7 @@ def _median_ms(fn, repeats: int) -> float:  # noqa: ANN001
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=REPO / "pacsbridge" / "models" / "pneumonia-v3.pt")
+    ap.add_argument("--model", type=Path, default=REPO / "pacsbridge" / "models" / "pneumonia-v4.pt")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)

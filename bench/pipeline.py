@@ -63,7 +63,7 @@ from pacsbridge.model.artifact import load_model, sha256_file  # noqa: E402
 from pacsbridge.store.db import make_engine, make_sessionmaker  # noqa: E402
 from pacsbridge.store.models import Instance, Prediction, Series, WorklistItem  # noqa: E402
 
-SHIPPED = REPO / "pacsbridge" / "models" / "pneumonia-v3.pt"
+SHIPPED = REPO / "pacsbridge" / "models" / "pneumonia-v4.pt"
 
 
 def free_port() -> int:

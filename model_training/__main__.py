@@ -1,4 +1,4 @@
-"""``python -m model_training {train,evaluate,export,ensemble,ood}``."""
+"""``python -m model_training {train,evaluate,export,ensemble,compare,ood,ood-eval}``."""
 
 from __future__ import annotations
 
@@ -72,7 +72,28 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--keep", type=float, default=0.99, help="validation quantile kept below the threshold")
     o.add_argument("--blocks", default="0,1,2,3,4,5,6,7",
                    help="feature blocks (member-major: member m stage s = 4*m+s) averaged into the score")
+    o.add_argument("--method", choices=["v1", "oe"], default="v1",
+                   help="v1: Mahalanobis only; oe: outlier exposure with the adult set's fit part (needs --adult-dir)")
+    o.add_argument("--adult-dir", type=Path, default=None, help="adult chest radiographs, one sub-folder per source")
+    o.add_argument("--adult-seed", type=int, default=None, help="seed of the adult fit/tune/held split (default 15)")
+    o.add_argument("--l2", type=float, default=0.01, help="oe: L2 penalty of the logistic head")
+    o.add_argument("--maha-offset", type=float, default=2.0,
+                   help="oe: the Mahalanobis component counts from this many training stds beyond its mean")
+    o.add_argument("--no-variants", action="store_true",
+                   help="oe: fit the logistic head without shifted copies of the training images on the in side")
+    o.add_argument("--feature-cache", type=Path, default=None,
+                   help="oe: scratch folder for extracted features (e.g. /tmp/ood-cache), reused across refits")
     o.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    oe = sub.add_parser("ood-eval", help="OOD refusal of the held-aside adults and in-scope rate of pediatric "
+                        "validation, at the artifact's own cut")
+    oe.add_argument("--model", type=Path, required=True)
+    oe.add_argument("--data-dir", type=Path, required=True)
+    oe.add_argument("--adult-dir", type=Path, required=True)
+    oe.add_argument("--adult-seed", type=int, default=None)
+    oe.add_argument("--parts", default="held", help="adult parts to score: any of fit,tune,held")
+    oe.add_argument("--no-external", action="store_true", help="skip the pydicom-data images")
+    oe.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -104,10 +125,26 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "ood":
         if args.threads:
             torch.set_num_threads(args.threads)
-        from .ood import write_ood_artifact
+        from .ood import ADULT_SEED, write_oe_artifact, write_ood_artifact
 
-        write_ood_artifact(args.model, args.data_dir, args.out, args.version,
-                           use=[int(b) for b in args.blocks.split(",")], keep=args.keep)
+        use = [int(b) for b in args.blocks.split(",")]
+        if args.method == "oe":
+            if args.adult_dir is None:
+                parser.error("--method oe needs --adult-dir")
+            write_oe_artifact(args.model, args.data_dir, args.adult_dir, args.out, args.version, use=use,
+                              keep=args.keep, lam=args.l2, maha_offset=args.maha_offset,
+                              adult_seed=ADULT_SEED if args.adult_seed is None else args.adult_seed,
+                              cache=args.feature_cache, variants=not args.no_variants)
+        else:
+            write_ood_artifact(args.model, args.data_dir, args.out, args.version, use=use, keep=args.keep)
+    elif args.command == "ood-eval":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        from .ood import ADULT_SEED, evaluate_refusal
+
+        evaluate_refusal(args.model, args.data_dir, args.adult_dir,
+                         adult_seed=ADULT_SEED if args.adult_seed is None else args.adult_seed,
+                         parts=tuple(p for p in args.parts.split(",") if p), external=not args.no_external)
     elif args.command == "export":
         from .export import export
 

@@ -12,7 +12,7 @@ from pacsbridge.model.artifact import load_model
 
 from . import metrics
 from .data import labels_of, list_samples, load_images, split_by_patient
-from .ood import extract
+from .ood import extract_pooled
 
 
 def evaluate(model_path: Path, data_dir: Path, *, subset: str = "all", plots: Path | None = None,
@@ -32,8 +32,8 @@ def evaluate(model_path: Path, data_dir: Path, *, subset: str = "all", plots: Pa
 
     def score(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """Calibrated probabilities and OOD scores (None without OOD statistics), one forward pass."""
-        logits, feats = extract(model.module, x, model.device)
-        ood = model.ood.score(feats).numpy() if model.ood is not None else None
+        logits, pooled = extract_pooled(model.module, x, model.device)
+        ood = model.ood.score_pooled(model.module, pooled).numpy() if model.ood is not None else None
         return metrics.sigmoid(logits / model.temperature), ood
 
     prob, ood = score(images)

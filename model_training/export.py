@@ -144,6 +144,34 @@ def _intended_use_lines(use: str | dict) -> list[str]:
 def _ood_lines(ood: dict | None) -> list[str]:
     if not ood:
         return []
+    if ood.get("method") == "outlier-exposure-v2":
+        split = ood.get("adult_split", {})
+        counts = "; ".join(f"{part}: " + ", ".join(f"{src} {n}" for src, n in by.items())
+                           for part, by in split.get("counts", {}).items())
+        return [
+            "## Out-of-distribution refusal",
+            "",
+            f"Method `{ood['method']}` (see `pacsbridge/model/ood.py`), outlier exposure: a logistic regression "
+            f"(L2 {ood['l2']}) on the mean- and std-pooled features of the stem and every ResNet block of every "
+            f"member, {ood['fitted_on']}; its logit, standardised on the training split, is compared with the v1 "
+            f"Mahalanobis score (blocks {ood['blocks_used']}, standardised, lowered by {ood['maha_offset']}) and the "
+            "larger is the score.",
+            "",
+            f"Threshold {ood['threshold']:.3f}: the {ood['keep_quantile']} quantile of the pediatric validation "
+            f"split's scores ({ood['validation_quantile_cut']:.3f}), capped at the ceiling {ood['ceiling']:.3f} "
+            f"({ood['ceiling_rule']}; {ood['calibrated_on']}). "
+            f"Validation refusal rate {ood['validation_refusal_rate']:.4f} (training {ood['train_refusal_rate']:.4f}; "
+            f"adult fit part {ood['adult_fit_refusal_rate']:.4f}, adult tuning part "
+            f"{ood['adult_tune_refusal_rate']:.4f}). A site calibration may lower the cut, never raise it above the "
+            "ceiling. The daemon refuses an image above the cut as not analysed (`ood_gate`) and records the score "
+            "with every prediction.",
+            "",
+            f"Adult split (seed {split.get('seed')}, by {split.get('by')}): {counts}. The held part is never fitted "
+            "on nor used to choose anything.",
+            "",
+            f"Reproduce: `{ood['command']}`",
+            "",
+        ]
     return [
         "## Out-of-distribution refusal",
         "",

@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsError, PydanticBas
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 1-16 chars, no backslash/control
 
-DEFAULT_MODEL = Path(__file__).parent / "models" / "pneumonia-v3.pt"
+DEFAULT_MODEL = Path(__file__).parent / "models" / "pneumonia-v4.pt"
 
 
 class ConfigError(Exception):

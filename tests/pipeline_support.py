@@ -22,7 +22,7 @@ from pacsbridge.store.models import Base, Instance, InstanceState, Series, Study
 from pacsbridge.store.spool import spool_relpath
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_MODEL = REPO / "pacsbridge" / "models" / "pneumonia-v3.pt"
+SHIPPED_MODEL = REPO / "pacsbridge" / "models" / "pneumonia-v4.pt"
 
 
 def sample_file(name: str) -> Path:

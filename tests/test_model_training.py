@@ -241,6 +241,60 @@ def test_ood_command_keeps_weights_adds_stats_and_evaluate_reports_refusals(tmp_
     assert all(0.0 <= r["ood_refused_rate"] <= 1.0 for r in out["stress"])
 
 
+def _fake_adults(root: Path, per_source: int = 10) -> Path:
+    """Two 'sources' of out-of-scope images: smooth gradients and stripes, unlike the fake children."""
+    yy, xx = np.mgrid[0:224, 0:224]
+    for s, src in enumerate(("alpha", "beta")):
+        (root / src).mkdir(parents=True)
+        for i in range(per_source):
+            img = ((np.sin(xx / (8 + i + 5 * s)) + 1) * 100 + yy / 4).astype(np.uint8)
+            Image.fromarray(img).convert("RGB").save(root / src / f"{i:03d}.jpeg")
+    return root
+
+
+def test_ood_oe_command_fits_a_ceiling_keeps_weights_and_ood_eval_reports(tmp_path: Path, capsys) -> None:
+    """`ood --method oe` writes outlier-exposure statistics with threshold <= ceiling (same weights);
+    `ood-eval` reports held-aside refusal per source and the validation in-scope rate."""
+    from model_training.ood import ceiling_of, split_adults
+    from pacsbridge.model.ood import METHOD, OutlierExposureStats
+
+    data = _fake_folder(tmp_path / "data", n_per_class=12)
+    adults = _fake_adults(tmp_path / "adults")
+    parts = split_adults(adults)
+    assert [len(parts[k]) for k in ("fit", "tune", "held")] == [8, 4, 8]
+    run = tmp_path / "run"
+    assert train_main(["train", "--data-dir", str(data), "--out", str(run), "--epochs", "1", "--val-fraction", "0.3"]) == 0
+    assert train_main(["export", "--run", str(run), "--out", str(tmp_path / "m"), "--version", "a"]) == 0
+    cache = tmp_path / "cache"
+    args = ["ood", "--method", "oe", "--model", str(tmp_path / "m" / "pneumonia-a.pt"), "--data-dir", str(data),
+            "--adult-dir", str(adults), "--out", str(tmp_path / "m"), "--keep", "0.9", "--feature-cache", str(cache),
+            "--blocks", "0,1,2,3"]  # one member: 4 stage blocks
+    assert train_main([*args, "--version", "b"]) == 0
+    assert len(list(cache.glob("*.pt"))) == 5  # train, val, adult fit, adult tune, shifted training copies
+    assert train_main([*args, "--version", "c"]) == 0  # from the cache: the same statistics
+    old, new = load_model(tmp_path / "m" / "pneumonia-a.pt", "cpu"), load_model(tmp_path / "m" / "pneumonia-b.pt", "cpu")
+    again = load_model(tmp_path / "m" / "pneumonia-c.pt", "cpu")
+    assert isinstance(new.ood, OutlierExposureStats) and new.ood.method == METHOD
+    assert new.ood.ceiling is not None and new.ood.threshold <= new.ood.ceiling
+    assert again.ood.threshold == pytest.approx(new.ood.threshold) and again.ood.ceiling == pytest.approx(new.ood.ceiling)
+    card = json.loads((tmp_path / "m" / "pneumonia-b.json").read_text())
+    assert card["ood"]["ceiling"] == pytest.approx(new.ood.ceiling)
+    assert card["ood"]["adult_split"]["counts"]["held"] == {"alpha": 4, "beta": 4}
+    assert "outlier exposure" in (tmp_path / "m" / "pneumonia-b.md").read_text()
+    x = preprocess_batch(torch.rand(3, 224, 224))
+    assert torch.equal(old.logits(x), new.logits(x))  # the weights are untouched
+    assert all(math.isfinite(s) for s in new.score_inputs(x)[1])
+    capsys.readouterr()
+    assert train_main(["ood-eval", "--model", str(tmp_path / "m" / "pneumonia-b.pt"), "--data-dir", str(data),
+                       "--adult-dir", str(adults), "--parts", "tune,held", "--no-external"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["adult_held"]["by_source"]) == {"alpha", "beta"} and out["adult_held"]["images"] == 8
+    assert 0.0 <= out["validation"]["in_scope_rate"] <= 1.0
+    assert out["adult_tune"]["refused_rate"] >= 0.9  # the cut never sits above the ceiling
+    # the ceiling rule on known scores: the loosest cut refusing >= 90 % of 10 scores is the 1st one
+    assert ceiling_of(np.arange(10.0)) == 0.0 and ceiling_of(np.arange(20.0)) == 1.0
+
+
 def test_frame_augmentation_shrinks_into_black_border_and_collimates() -> None:
     from model_training.augment import _frame, augment
 

@@ -25,7 +25,7 @@ from pacsbridge.model.preprocess import preprocess, preprocess_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT.parent / "shared" / "data" / "chest_xray" / "train"
-SHIPPED = ROOT / "pacsbridge" / "models" / "pneumonia-v3.pt"
+SHIPPED = ROOT / "pacsbridge" / "models" / "pneumonia-v4.pt"
 
 pytestmark = pytest.mark.skipif(
     not TRAIN.is_dir(), reason=f"real training images not present at {TRAIN} (only in the project's workspace)")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .architecture import build_model
-from .ood import OodStats, forward_with_features
+from .ood import AnyOodStats, forward_pooled, stats_from_blob
 from .preprocess import preprocess
 
 
@@ -60,7 +60,7 @@ class LoadedModel:
     module: torch.nn.Module
     card: dict = field(repr=False, default_factory=dict)
     #: Out-of-distribution statistics from the artifact (None: the artifact has none).
-    ood: OodStats | None = field(repr=False, default=None)
+    ood: AnyOodStats | None = field(repr=False, default=None)
     #: Refuse images whose OOD score is above ``ood.threshold`` (setting ``ood_gate``).
     ood_gate: bool = True
     #: Refuse patients outside the card's intended-use age range (setting ``age_gate``).
@@ -91,11 +91,11 @@ class LoadedModel:
         x = batch.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.float16):
-                z, feats = forward_with_features(self.module, x)
+                z, pooled = forward_pooled(self.module, x)
         else:
-            z, feats = forward_with_features(self.module, x)
+            z, pooled = forward_pooled(self.module, x)
         probs = torch.sigmoid(z.float().cpu() / self.temperature).tolist()
-        scores = self.ood.score([f.float().cpu() for f in feats]).tolist()
+        scores = self.ood.score_pooled(self.module, [p.float().cpu() for p in pooled]).tolist()
         return probs, scores
 
     def is_out_of_distribution(self, score: float | None) -> bool:
@@ -138,7 +138,7 @@ def load_model(path: str | Path, device: str = "auto", *, age_gate: bool = True,
         blob = torch.load(path, map_location="cpu", weights_only=True)
         module = build_model(blob["architecture"])
         module.load_state_dict(blob["state_dict"])
-        ood = OodStats.from_blob(blob["ood"]) if blob.get("ood") is not None else None
+        ood = stats_from_blob(blob["ood"]) if blob.get("ood") is not None else None
     except Exception as exc:  # noqa: BLE001 - any load failure is a bad artifact
         raise ModelError(f"cannot load {path}: {exc}") from None
     temperature = float(card["temperature"])
