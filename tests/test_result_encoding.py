@@ -169,4 +169,4 @@ def test_oru_control_characters_and_unencodable_text() -> None:
     assert str(msg.segment("PID")[5][0][1]) == "Jo e"
     assert str(msg.segment("PV1")[19]) == "V 1"
     assert str(msg.segment("OBR")[2]) == "??"  # ASCII cannot hold it: replaced, never escaped by code point
-    assert [str(s[0]) for s in msg] == ["MSH", "PID", "PV1", "OBR"] + ["OBX"] * 7  # no segment broken by CR
+    assert [str(s[0]) for s in msg] == ["MSH", "PID", "PV1", "OBR"] + ["OBX"] * 8  # no segment broken by CR
