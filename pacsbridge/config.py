@@ -165,6 +165,9 @@ class Settings(BaseSettings):
     inference_batch_size: int = Field(8, ge=1, le=256)
     inference_max_wait_ms: int = Field(20, ge=0, le=10_000)
     worker_enabled: bool = Field(True, description="Run the inference worker inside `pacsbridge serve`.")
+    mode: Literal["live", "shadow"] = Field(
+        "live", description="'shadow': every image is received, scored and recorded, but nothing goes on the "
+        "worklist or to the destinations (a silent trial before go-live); 'live': results are acted on.")
     inference_max_attempts: int = Field(
         3, ge=1, le=100, description="Attempts at an instance that hits a fault of the system before it is left failed.")
     inference_retry_base_s: float = Field(

@@ -138,6 +138,7 @@ class Daemon:
                 model=functools.partial(load_model, s.model_path, s.device),
                 ready=lambda: bool(self.components) and self._healthy(), viewer_url=s.viewer_url,
                 max_decoded_bytes=s.max_decoded_bytes, max_concurrent_renders=s.max_concurrent_renders,
+                mode=s.mode,
             ), s)
             components.append(HttpServer(app, s.http_host, s.http_port, tls_cert=s.http_tls_cert,
                                          tls_key=s.http_tls_key, tls_min_version=s.tls_min_version,
@@ -189,6 +190,7 @@ class Daemon:
             max_wait_ms=s.inference_max_wait_ms, on_recorded=_then(updater.refresh, after_batch), metrics=metrics,
             notifier=self.notifier, outbox=Outbox(s.destinations) if s.destinations else None,
             retry_policy=RetryPolicy(max_attempts=s.inference_max_attempts, base_s=s.inference_retry_base_s),
+            shadow=s.mode == "shadow",
         )
 
     def request_stop(self, signum: int | None = None, _frame: object = None) -> None:
@@ -209,6 +211,9 @@ class Daemon:
                                f"{exc.strerror or exc}") from None
         if not self.settings.allowed_calling_aes:
             log.warning("allowed_calling_aes is empty: accepting associations from ANY calling AE title")
+        if self.settings.mode == "shadow":
+            log.warning("shadow mode: images are scored and recorded; nothing goes on the worklist or to "
+                        "the destinations (set mode = \"live\" to act on results)")
         if self.settings.bind_address:
             log.warning("bind_address is deprecated: set dicom_host (now %s) and http_host (now %s) instead",
                         self.settings.dicom_host, self.settings.http_host)

@@ -144,6 +144,7 @@ def create_app(
     model: Any | None = None, clock: Callable[[], Any] = utcnow,
     ready: Callable[[], bool] | None = None, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
     max_concurrent_renders: int = DEFAULT_MAX_CONCURRENT_RENDERS, viewer_url: str = "",
+    mode: str = "live",
 ) -> FastAPI:
     """The API.  ``model`` (a LoadedModel, or a function that loads one on first use) is used only for
     heatmaps; ``ready`` adds a readiness check; ``max_decoded_bytes`` and ``max_concurrent_renders``
@@ -279,8 +280,8 @@ def create_app(
 
     @app.get("/api/me", tags=["accounts"])
     def me(who: Principal = Depends(anyone)) -> dict[str, str]:
-        """Who the token belongs to (name and role)."""
-        return {"name": who.name, "role": who.role}
+        """Who the token belongs to (name and role), and the mode (``live`` or ``shadow``) for the page's banner."""
+        return {"name": who.name, "role": who.role, "mode": mode}
 
     # -- worklist ----------------------------------------------------------------------------------
     @app.get("/api/worklist", response_model=list[WorklistEntry], tags=["worklist"], dependencies=[Depends(reader)])
@@ -384,7 +385,7 @@ def create_app(
     @app.get("/api/stats", tags=["stats"], dependencies=[Depends(anyone)])
     def stats(session: Session = Depends(db_session)) -> dict[str, Any]:
         """Per model id: scored, flagged, completed per finding, PPV of confirmed flags, receipt-to-completion p50/p95."""
-        return model_stats(session)
+        return {**model_stats(session), "mode": mode}
 
     # -- audit trail -------------------------------------------------------------------------------
     @app.get("/api/events", tags=["admin"], dependencies=[Depends(admin)])

@@ -118,6 +118,7 @@ async function signIn(token) {
   try {
     state.me = await api("/api/me");
     $("who").textContent = state.me.name + " (" + state.me.role + ")";
+    $("mode-banner").hidden = state.me.mode !== "shadow";
     message("");
     const admin = state.me.role === "admin";
     for (const b of document.querySelectorAll(".admin-only")) b.hidden = !admin;
