@@ -52,7 +52,7 @@ from ..store import events as audit
 from ..store.models import Instance, InstanceState, utcnow
 from ..worklist import lifecycle as lc
 from ..worklist.items import ALL_STATUSES, list_worklist
-from ..worklist.reports import item_detail, list_instances, model_stats
+from ..worklist.reports import item_detail, list_instances
 from ..worklist.viewer import viewer_link
 from . import render
 from .auth import ADMIN, ANYONE, MONITOR, READERS, Authenticator
@@ -383,9 +383,21 @@ def create_app(
 
     # -- statistics --------------------------------------------------------------------------------
     @app.get("/api/stats", tags=["stats"], dependencies=[Depends(anyone)])
-    def stats(session: Session = Depends(db_session)) -> dict[str, Any]:
-        """Per model id: scored, flagged, completed per finding, PPV of confirmed flags, receipt-to-completion p50/p95."""
-        return {**model_stats(session), "mode": mode}
+    def stats(
+        session: Session = Depends(db_session),
+        since: str | None = Query(None, max_length=40, description="start of the window: ISO date/time or 90m, "
+                                  "24h, 7d (default: the last 30 days); the figures in total are always there"),
+    ) -> dict[str, Any]:
+        """Per model and calibration, in total and over the window: scored, flagged, completed per finding,
+        PPV with its Wilson 95 % interval, sensitivity and NPV from RIS labels, receipt-to-completion p50/p95;
+        refusals by reason; label counts; the mode (live or shadow)."""
+        from ..validation.live import live_stats
+
+        try:
+            start = audit.parse_since(since, clock()) if since else None
+        except ValueError as exc:
+            raise HTTPException(422, f"since: {exc}") from None
+        return {**live_stats(session, start, clock()), "mode": mode}
 
     # -- audit trail -------------------------------------------------------------------------------
     @app.get("/api/events", tags=["admin"], dependencies=[Depends(admin)])
