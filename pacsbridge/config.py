@@ -187,6 +187,14 @@ class Settings(BaseSettings):
         0.80, gt=0.5, lt=1, description="One-sided confidence that the proposed site threshold meets the target "
         "sensitivity (lower Wilson bound). Higher buys certainty about sensitivity with flagged normals.")
 
+    # Live monitoring (pacsbridge.validation.drift): the recent window and its binomial control limits.
+    drift_window_images: int = Field(200, ge=10, le=100_000, description="Drift window: at most this many most "
+                                     "recent images (scored or refused)...")
+    drift_window_days: float = Field(7.0, gt=0, le=365, description="... and none older than this many days.")
+    drift_min_images: int = Field(50, ge=1, le=100_000, description="No drift judgement on fewer images than this.")
+    drift_z: float = Field(3.0, gt=0, le=10, description="Control limits: reference ± this many standard errors.")
+    monitor_interval_s: float = Field(60.0, gt=0, le=86_400, description="How often drift is checked and RIS "
+                                      "labels are matched to studies that arrived.")
     scheduler_interval_s: float = Field(2.0, gt=0, description="How often positives become worklist items.")
     priority_max_wait_minutes: float = Field(240.0, gt=0, description="After this wait an item rises to the top.")
     retention_days: float = Field(30.0, ge=0, description="Delete spooled files older than this; 0 = keep forever.")

@@ -144,7 +144,7 @@ def create_app(
     model: Any | None = None, clock: Callable[[], Any] = utcnow,
     ready: Callable[[], bool] | None = None, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
     max_concurrent_renders: int = DEFAULT_MAX_CONCURRENT_RENDERS, viewer_url: str = "",
-    mode: str = "live",
+    mode: str = "live", drift: Any | None = None,
 ) -> FastAPI:
     """The API.  ``model`` (a LoadedModel, or a function that loads one on first use) is used only for
     heatmaps; ``ready`` adds a readiness check; ``max_decoded_bytes`` and ``max_concurrent_renders``
@@ -397,7 +397,11 @@ def create_app(
             start = audit.parse_since(since, clock()) if since else None
         except ValueError as exc:
             raise HTTPException(422, f"since: {exc}") from None
-        return {**live_stats(session, start, clock()), "mode": mode}
+        out = {**live_stats(session, start, clock()), "mode": mode}
+        # drift: a pacsbridge.validation.drift.DriftMonitor (the daemon's); none in bare test apps.
+        out["drift"] = drift.status(session, clock()) if drift is not None else \
+            {"alarm": False, "reference": None, "signals": []}
+        return out
 
     # -- audit trail -------------------------------------------------------------------------------
     @app.get("/api/events", tags=["admin"], dependencies=[Depends(admin)])

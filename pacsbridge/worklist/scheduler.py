@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
@@ -44,8 +45,10 @@ def worklist_job(updater: WorklistUpdater, sessions: sessionmaker[Session], now:
 def make_scheduler(
     updater: WorklistUpdater, sessions: sessionmaker[Session], spool_dir: Path, *,
     interval_s: float, retention_days: float, retention_interval_s: float = RETENTION_INTERVAL_S,
+    extra_jobs: list[tuple[str, Callable[[], object], float]] | None = None,
 ) -> BackgroundScheduler:
-    """A (not yet started) scheduler with the worklist and retention jobs; ``start()``/``shutdown()`` it."""
+    """A (not yet started) scheduler with the worklist and retention jobs, and ``extra_jobs``
+    ``(name, function, interval_s)`` (e.g. live monitoring); ``start()``/``shutdown()`` it."""
     scheduler = BackgroundScheduler(
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
     )
@@ -59,6 +62,9 @@ def make_scheduler(
             "interval", seconds=retention_interval_s, id="retention", name="spool retention",
             next_run_time=datetime.now(timezone.utc),
         )
+    for name, fn, every_s in extra_jobs or ():
+        scheduler.add_job(_safe(name, fn), "interval", seconds=every_s, id=name, name=name,
+                          next_run_time=datetime.now(timezone.utc))
     return scheduler
 
 
@@ -70,9 +76,11 @@ class WorklistScheduler:
     def __init__(
         self, updater: WorklistUpdater, sessions: sessionmaker[Session], spool_dir: Path, *,
         interval_s: float, retention_days: float,
+        extra_jobs: list[tuple[str, Callable[[], object], float]] | None = None,
     ) -> None:
         self._scheduler = make_scheduler(
             updater, sessions, spool_dir, interval_s=interval_s, retention_days=retention_days,
+            extra_jobs=extra_jobs,
         )
 
     def start(self) -> None:
