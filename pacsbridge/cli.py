@@ -692,8 +692,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         for label, e in (("total", m), ("window", m["window"])):
             ppv = {"value": e["ppv"], "ci": e["ppv_ci"], "n": e["completed_total"]}
             t = e["receipt_to_completion_s"]
-            print(f"{m['model_id']} ({m['calibration']}) {label}: {e['scored']} images scored, {e['flagged']} flagged "
-                  f"({e['studies']['scored']} studies, {e['studies']['flagged']} flagged); PPV {_fmt_rate(ppv)}; "
+            print(f"{m['model_id']} ({m['calibration']}) {label}: {e['scored']} images scored, {e['flagged']} flagged; "
+                  f"PPV {_fmt_rate(ppv)}; "
                   f"sensitivity {_fmt_rate(e['sensitivity'])} ({e['sensitivity']['method']}); "
                   f"NPV {_fmt_rate(e['npv'])}; receipt to read p50 {t['p50'] if t['p50'] is not None else '-'} s")
     refused = out["refused"]["window"]

@@ -6,7 +6,8 @@ fetched as rows (their percentiles are computed here, SQLite has no percentile f
 
 What each figure is (studies, not images, unless it says images):
 
-- ``scored``/``flagged``: images scored, and scored positive (shadow-mode predictions included).
+- ``scored``/``flagged``: images scored, and scored positive (shadow-mode predictions included;
+  ``shadow`` counts them).
 - ``completed``, ``ppv``, ``ppv_ci``: flagged studies a reader completed, by finding; PPV is
   completed-as-pneumonia / completed, with a Wilson 95 % interval.
 - ``sensitivity``: from RIS labels (``pacsbridge labels import``) of scored studies: flagged /
@@ -15,7 +16,8 @@ What each figure is (studies, not images, unless it says images):
   findings are not used here: readers only see flagged studies, so they cannot reveal a miss.
   ``value`` null and ``method`` ``none`` when no scored study has a RIS label.
 - ``npv``: RIS-labelled studies scored negative that are not pneumonia / RIS-labelled negatives.
-- ``receipt_to_completion_s``: receipt of the study to the reader's completion, p50/p95.
+- ``receipt_to_completion_s``: receipt of the study to the reader's completion, p50/p95 over the
+  latest :data:`TIMES_OF` completed items (``n`` says how many).
 - ``refused`` (top level): images not analysed, by reason (the reason's first words).
 
 A study's flag for a model and calibration: any of its images scored positive by it.  The truth
@@ -28,7 +30,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Integer, and_, case, func, select
+from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
 from ..store.models import (
@@ -38,6 +40,8 @@ from ..worklist.lifecycle import as_utc
 from .ris_labels import label_counts
 from .stats import wilson_interval
 
+#: Receipt-to-read percentiles are over at most this many most recent completed items.
+TIMES_OF = 1000
 #: Default window of the live figures.
 DEFAULT_WINDOW = timedelta(days=30)
 SENSITIVITY_METHOD = {
@@ -68,68 +72,80 @@ def _flag(expr: Any) -> Any:
 
 
 def _group_figures(session: Session, since: datetime | None) -> dict[tuple[str, str], dict[str, Any]]:
+    """The figures of each (model, calibration), predictions since ``since`` (None: all).
+
+    Each query is driven by the smaller side: the prediction counts scan predictions once (no
+    join); the RIS confusion starts from the labels, the reader figures from the closed items, and
+    both reach predictions through the indexed study -> series -> instance -> prediction keys."""
     P = Prediction
     window = [P.created_at >= since] if since is not None else []
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for mid, cal, n, flagged, shadow in session.execute(
         select(P.model_id, P.calibration, func.count(), _flag(P.positive.is_(True)), _flag(P.shadow.is_(True)))
         .where(*window).group_by(P.model_id, P.calibration)):
-        out[(mid, cal)] = {"model_id": mid, "calibration": cal, "scored": _i(n), "flagged": _i(flagged),
-                           "shadow": _i(shadow)}
+        out[(mid, cal)] = {**_empty(mid, cal), "scored": _i(n), "flagged": _i(flagged), "shadow": _i(shadow)}
     if not out:
         return out
-    # One row per (model, calibration, study): is the study flagged?
-    per_study = (
-        select(P.model_id.label("mid"), P.calibration.label("cal"), Series.study_id.label("sid"),
-               func.max(case((P.positive.is_(True), 1), else_=0)).label("flag"))
-        .join(Instance, Instance.id == P.instance_id).join(Series, Series.id == Instance.series_id)
-        .where(*window).group_by(P.model_id, P.calibration, Series.study_id).subquery())
-    ris = (select(Label.study_id.label("sid"),
-                  func.max(case((Label.finding == Finding.PNEUMONIA.value, 1), else_=0)).label("pos"))
-           .where(Label.study_id.is_not(None)).group_by(Label.study_id).subquery())
-    W = WorklistItem
-    items = (select(W.study_id.label("sid"),
-                    _flag(and_(W.status == WorklistStatus.COMPLETED.value,
-                               W.finding == Finding.PNEUMONIA.value)).label("pneumonia"),
-                    _flag(and_(W.status == WorklistStatus.COMPLETED.value,
-                               W.finding == Finding.NO_PNEUMONIA.value)).label("no_pneumonia"),
-                    _flag(and_(W.status == WorklistStatus.COMPLETED.value,
-                               W.finding == Finding.OTHER.value)).label("other"),
-                    _flag(W.status == WorklistStatus.CANCELED.value).label("canceled"))
-             .group_by(W.study_id).subquery())
-    flag = per_study.c.flag == 1
-    for row in session.execute(
-        select(per_study.c.mid, per_study.c.cal, func.count(), func.sum(per_study.c.flag.cast(Integer)),
-               _flag(and_(flag, ris.c.pos == 1)), _flag(and_(~flag, ris.c.pos == 1)),
-               _flag(and_(~flag, ris.c.pos == 0)), _flag(and_(flag, ris.c.pos == 0)),
-               func.sum(case((flag, items.c.pneumonia), else_=0)), func.sum(case((flag, items.c.no_pneumonia), else_=0)),
-               func.sum(case((flag, items.c.other), else_=0)), func.sum(case((flag, items.c.canceled), else_=0)))
-        .select_from(per_study).outerjoin(ris, ris.c.sid == per_study.c.sid)
-        .outerjoin(items, items.c.sid == per_study.c.sid)
-        .group_by(per_study.c.mid, per_study.c.cal)):
-        mid, cal, studies, sflag, tp, fn, tn, fp, pneu, nopneu, other, canceled = row
-        e = out.setdefault((mid, cal), {"model_id": mid, "calibration": cal, "scored": 0, "flagged": 0, "shadow": 0})
+    positive = func.max(case((P.positive.is_(True), 1), else_=0))
+
+    def via_study(study_id: Any):  # noqa: ANN202 - predictions of the study ``study_id`` names
+        return (Series.__table__.join(Instance.__table__, Instance.series_id == Series.id)
+                .join(P.__table__, P.instance_id == Instance.id)), Series.study_id == study_id
+
+    # RIS labels: one row per (model, calibration, labelled study): flagged? pneumonia?
+    ris_truth = (select(Label.study_id.label("sid"),
+                        func.max(case((Label.finding == Finding.PNEUMONIA.value, 1), else_=0)).label("pos"))
+                 .where(Label.study_id.is_not(None)).group_by(Label.study_id).subquery())
+    joined, on = via_study(ris_truth.c.sid)
+    per = (select(P.model_id.label("mid"), P.calibration.label("cal"), ris_truth.c.pos.label("pos"),
+                  positive.label("flag"))
+           .select_from(ris_truth).join(joined, on).where(*window)
+           .group_by(P.model_id, P.calibration, ris_truth.c.sid, ris_truth.c.pos).subquery())
+    flag, pos = per.c.flag == 1, per.c.pos == 1
+    for mid, cal, tp, fn, tn, fp in session.execute(
+        select(per.c.mid, per.c.cal, _flag(and_(flag, pos)), _flag(and_(~flag, pos)), _flag(and_(~flag, ~pos)),
+               _flag(and_(flag, ~pos))).group_by(per.c.mid, per.c.cal)):
+        e = out.get((mid, cal))
+        if e is None:
+            continue
         tp, fn, tn, fp = _i(tp), _i(fn), _i(tn), _i(fp)
-        completed = {"pneumonia": _i(pneu), "no_pneumonia": _i(nopneu), "other": _i(other)}
-        done = sum(completed.values())
-        method = "ris_labels" if tp + fn + tn + fp else "none"
-        e.update({
-            "studies": {"scored": _i(studies), "flagged": _i(sflag)},
-            "completed": completed, "canceled": _i(canceled), "completed_total": done,
-            "ppv": _ratio(completed["pneumonia"], done), "ppv_ci": _ci(completed["pneumonia"], done),
-            "sensitivity": {"value": _ratio(tp, tp + fn), "ci": _ci(tp, tp + fn), "n": tp + fn, "method": method,
-                            "estimator": SENSITIVITY_METHOD[method]},
-            "npv": {"value": _ratio(tn, tn + fn), "ci": _ci(tn, tn + fn), "n": tn + fn},
-            "ris_labelled": {"true_positive": tp, "false_negative": fn, "true_negative": tn, "false_positive": fp},
-        })
-    # Receipt to read: one row per completed flagged item (bounded by what readers did).
+        method = "ris_labels" if tp + fn else "none"
+        e["sensitivity"] = {"value": _ratio(tp, tp + fn), "ci": _ci(tp, tp + fn), "n": tp + fn, "method": method,
+                            "estimator": SENSITIVITY_METHOD[method]}
+        e["npv"] = {"value": _ratio(tn, tn + fn), "ci": _ci(tn, tn + fn), "n": tn + fn}
+        e["ris_labelled"] = {"true_positive": tp, "false_negative": fn, "true_negative": tn, "false_positive": fp}
+    # Readers: closed items of studies this (model, calibration) flagged; one row per item, counted in SQL.
+    W = WorklistItem
+    joined, on = via_study(W.study_id)
+    closed = W.status.in_((WorklistStatus.COMPLETED.value, WorklistStatus.CANCELED.value))
+    per_item = (select(P.model_id.label("mid"), P.calibration.label("cal"), W.id.label("iid"),
+                       W.status.label("status"), W.finding.label("finding"))
+                .select_from(W.__table__).join(joined, on).where(closed, P.positive.is_(True), *window)
+                .group_by(P.model_id, P.calibration, W.id, W.status, W.finding).subquery())
+    done = per_item.c.status == WorklistStatus.COMPLETED.value
+    for mid, cal, canceled, pneu, nopneu, total in session.execute(
+        select(per_item.c.mid, per_item.c.cal, _flag(~done),
+               _flag(and_(done, per_item.c.finding == Finding.PNEUMONIA.value)),
+               _flag(and_(done, per_item.c.finding == Finding.NO_PNEUMONIA.value)), _flag(done))
+        .group_by(per_item.c.mid, per_item.c.cal)):
+        e = out.get((mid, cal))
+        if e is not None:
+            e["canceled"] = _i(canceled)
+            e["completed"] = {"pneumonia": _i(pneu), "no_pneumonia": _i(nopneu),
+                              "other": _i(total) - _i(pneu) - _i(nopneu)}
+    # Receipt to read: the latest TIMES_OF completed items of each (bounded work, recent behaviour).
     times: dict[tuple[str, str], list[float]] = {}
-    for mid, cal, received, completed_at in session.execute(
-        select(per_study.c.mid, per_study.c.cal, Study.created_at, W.completed_at)
-        .select_from(per_study).join(W, W.study_id == per_study.c.sid).join(Study, Study.id == W.study_id)
-        .where(flag, W.status == WorklistStatus.COMPLETED.value, W.completed_at.is_not(None))):
-        times.setdefault((mid, cal), []).append((as_utc(completed_at) - as_utc(received)).total_seconds())
+    for mid, cal in out:
+        rows = session.execute(
+            select(Study.created_at, W.completed_at)
+            .select_from(W.__table__.join(Study.__table__, Study.id == W.study_id))
+            .where(W.id.in_(select(per_item.c.iid).where(per_item.c.mid == mid, per_item.c.cal == cal, done)),
+                   W.completed_at.is_not(None))
+            .order_by(W.completed_at.desc()).limit(TIMES_OF)).all()
+        times[(mid, cal)] = [(as_utc(c) - as_utc(r)).total_seconds() for r, c in rows]
     for key, e in out.items():
+        done = e["completed_total"] = sum(e["completed"].values())
+        e["ppv"], e["ppv_ci"] = _ratio(e["completed"]["pneumonia"], done), _ci(e["completed"]["pneumonia"], done)
         t = times.get(key, [])
         e["receipt_to_completion_s"] = {"p50": _pct(t, 50), "p95": _pct(t, 95), "n": len(t)}
     return out
@@ -151,7 +167,6 @@ def _refused(session: Session, since: datetime | None) -> dict[str, int]:
 
 def _empty(mid: str, cal: str) -> dict[str, Any]:
     return {"model_id": mid, "calibration": cal, "scored": 0, "flagged": 0, "shadow": 0,
-            "studies": {"scored": 0, "flagged": 0},
             "completed": {"pneumonia": 0, "no_pneumonia": 0, "other": 0}, "canceled": 0, "completed_total": 0,
             "ppv": None, "ppv_ci": None,
             "sensitivity": {"value": None, "ci": None, "n": 0, "method": "none", "estimator": SENSITIVITY_METHOD["none"]},
