@@ -155,11 +155,11 @@ class Daemon:
         s = self.settings
         try:
             reference = load_reference(s)
+            if reference is None:
+                log.warning("drift alarms are off: neither the model card nor a site calibration has validation rates")
         except Exception as exc:  # noqa: BLE001 - a calibration problem stops the worker with its own message
             log.warning("drift alarms are off: no reference (%s)", _first_line(exc))
             reference = None
-        if reference is None:
-            log.warning("drift alarms are off: neither the model card nor a site calibration has validation rates")
         return DriftMonitor(self.sessions, reference, DriftLimits(
             window_images=s.drift_window_images, window_days=s.drift_window_days, min_images=s.drift_min_images,
             z=s.drift_z))

@@ -52,13 +52,19 @@ def test_shadow_mode_records_but_queues_nothing_then_live_acts_on_new_images(tmp
         assert stats["mode"] == "shadow"
         assert stats["models"][0]["scored"] == 3 and stats["models"][0]["flagged"] == 3
         assert httpx.get(f"{daemon.url}/api/me", headers=auth, timeout=10).json()["mode"] == "shadow"
+        # This test model's card has no validation rates: drift alarms are off, and say so.
+        assert stats["drift"] == {"alarm": False, "reference": None, "signals": []}
+        metrics = httpx.get(f"{daemon.url}/metrics", headers=auth, timeout=10).text
+        assert 'pacsbridge_drift_alarm{signal="refusal_rate"} 0.0' in metrics
+        assert 'pacsbridge_live_scored_images{calibration="model",model="shadow-model"} 3.0' in metrics
         r = subprocess.run([sys.executable, "-m", "pacsbridge", "status", "--json"], env=daemon.env, cwd=REPO,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["mode"] == "shadow"
     finally:
         assert daemon.stop() == 0, daemon.logs()[-3000:]
-    assert "shadow mode" in Path(daemon.log.name).read_text()
+    logs = Path(daemon.log.name).read_text()
+    assert "shadow mode" in logs and "drift alarms are off" in logs
     with sessions() as s:
         flags = s.execute(select(Prediction.positive, Prediction.shadow)).all()
     assert flags == [(True, True)] * 3
