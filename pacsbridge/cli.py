@@ -625,6 +625,105 @@ def _add_instances(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_instances)
 
 
+# -- labels ------------------------------------------------------------------------------------
+def _cmd_labels(args: argparse.Namespace) -> int:
+    from pacsbridge.validation.ris_labels import LabelsImportError, import_labels
+
+    path = Path(args.file)
+    with _db_session(args, "labels") as session:
+        try:
+            result = import_labels(session, path, source=args.source)
+        except LabelsImportError as exc:
+            raise _CommandError(f"labels import: {exc}; nothing imported") from None
+        session.commit()
+    out = result.as_dict()
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{out['source']}: {out['rows']} rows: {out['added']} added, {out['updated']} updated, "
+              f"{out['unchanged']} unchanged, {len(out['bad'])} not usable; {out['matched']} labels of this "
+              "source match a received study (the others are matched when their study arrives)")
+    for b in out["bad"]:
+        print(f"pacsbridge: labels import: line {b['line']}: {b['key'] or '(no key)'}: {b['reason']}", file=sys.stderr)
+    return 1 if out["bad"] else 0
+
+
+def _add_labels(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("labels", help="ground truth from the RIS: import final report findings (CSV)",
+                       description="Labels are the final findings of studies, used for live sensitivity, NPV and "
+                       "site validation from the database.")
+    lsub = p.add_subparsers(dest="labels_command", required=True, metavar="{import}")
+    imp = lsub.add_parser(
+        "import", help="import a CSV of findings (idempotent)",
+        description="FILE.csv: a header row; a 'finding' column (pneumonia, no_pneumonia or other); a study key "
+        "column 'study_instance_uid' or 'accession_number'; optional 'reported_at' (ISO 8601). Each row is kept "
+        "with its source (the file name, or --source); importing the same file again changes nothing. A label for "
+        "a study not received yet is kept and matched when it arrives. Rows that cannot be used are named one "
+        "line each on stderr; the others are imported. Exit status 0 when every row was used, 1 when some rows "
+        "(or the whole file, then nothing is imported) could not be.")
+    imp.add_argument("file", metavar="FILE.csv")
+    imp.add_argument("--source", metavar="NAME", help="record the rows under this source (default: the file name)")
+    imp.add_argument("--json", action="store_true", help="print one JSON object: source, rows, added, updated, "
+                     "unchanged, matched, bad [{line, key, reason}]")
+    imp.set_defaults(func=_cmd_labels)
+
+
+# -- stats -------------------------------------------------------------------------------------
+def _fmt_rate(r: dict | None, value_key: str = "value") -> str:
+    if not r or r.get(value_key) is None:
+        return "-"
+    ci = r.get("ci")
+    return f"{r[value_key]:.1%}" + (f" [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else "") + f" n={r.get('n', 0)}"
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from pacsbridge.store.events import parse_since
+    from pacsbridge.validation.live import live_stats
+
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        raise _CommandError(f"stats: --since: {exc}") from None
+    settings = _settings(args)
+    with _db_session(args, "stats") as session:
+        out = {**live_stats(session, since), "mode": settings.mode}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"mode: {out['mode']}" + ("  (shadow mode: nothing goes on the worklist or to the destinations)"
+                                    if out["mode"] == "shadow" else ""))
+    print(f"window: since {out['window']['since'][:19]} UTC")
+    if not out["models"]:
+        print("no predictions recorded yet")
+    for m in out["models"]:
+        for label, e in (("total", m), ("window", m["window"])):
+            ppv = {"value": e["ppv"], "ci": e["ppv_ci"], "n": e["completed_total"]}
+            t = e["receipt_to_completion_s"]
+            print(f"{m['model_id']} ({m['calibration']}) {label}: {e['scored']} images scored, {e['flagged']} flagged; "
+                  f"PPV {_fmt_rate(ppv)}; "
+                  f"sensitivity {_fmt_rate(e['sensitivity'])} ({e['sensitivity']['method']}); "
+                  f"NPV {_fmt_rate(e['npv'])}; receipt to read p50 {t['p50'] if t['p50'] is not None else '-'} s")
+    refused = out["refused"]["window"]
+    print("refused in the window: " + (", ".join(f"{k}: {v}" for k, v in refused.items()) or "none"))
+    lab = out["labels"]
+    print(f"labels: {lab['ris']} from the RIS ({lab['ris_unmatched']} not matched to a received study yet), "
+          f"{lab['reader']} reader findings, {lab['disagreements']} studies where they disagree")
+    return 0
+
+
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stats", help="live performance per model and calibration: PPV, sensitivity, NPV, refusals",
+        description="Per model and calibration, in total and over a window: images and studies scored and flagged, "
+        "PPV of flags read by radiologists (Wilson 95 %% interval), sensitivity and NPV from RIS labels "
+        "(pacsbridge labels import), receipt-to-read time, refusals by reason, label counts. Reads the database "
+        "only. --json prints the object GET /api/stats serves.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--since", metavar="T", help="start of the window: an ISO date/time or a duration back from now "
+                   "(90m, 24h, 7d); default the last 30 days")
+    p.set_defaults(func=_cmd_stats)
+
+
 # -- events ------------------------------------------------------------------------------------
 def _cmd_events(args: argparse.Namespace) -> int:
     from pacsbridge.store.events import MAX_LIMIT, list_events, parse_since
@@ -847,7 +946,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pacsbridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_serve, _add_worker, _add_db, _add_status, _add_predict, _add_validate, _add_worklist,
-                _add_instances, _add_events, _add_users, _add_outbox, _add_doctor):
+                _add_instances, _add_events, _add_users, _add_outbox, _add_labels, _add_stats, _add_doctor):
         add(sub)
     _accept_config_anywhere(parser)
     return parser

@@ -165,6 +165,9 @@ class Settings(BaseSettings):
     inference_batch_size: int = Field(8, ge=1, le=256)
     inference_max_wait_ms: int = Field(20, ge=0, le=10_000)
     worker_enabled: bool = Field(True, description="Run the inference worker inside `pacsbridge serve`.")
+    mode: Literal["live", "shadow"] = Field(
+        "live", description="'shadow': every image is received, scored and recorded, but nothing goes on the "
+        "worklist or to the destinations (a silent trial before go-live); 'live': results are acted on.")
     inference_max_attempts: int = Field(
         3, ge=1, le=100, description="Attempts at an instance that hits a fault of the system before it is left failed.")
     inference_retry_base_s: float = Field(
@@ -184,6 +187,14 @@ class Settings(BaseSettings):
         0.80, gt=0.5, lt=1, description="One-sided confidence that the proposed site threshold meets the target "
         "sensitivity (lower Wilson bound). Higher buys certainty about sensitivity with flagged normals.")
 
+    # Live monitoring (pacsbridge.validation.drift): the recent window and its binomial control limits.
+    drift_window_images: int = Field(200, ge=10, le=100_000, description="Drift window: at most this many most "
+                                     "recent images (scored or refused)...")
+    drift_window_days: float = Field(7.0, gt=0, le=365, description="... and none older than this many days.")
+    drift_min_images: int = Field(50, ge=1, le=100_000, description="No drift judgement on fewer images than this.")
+    drift_z: float = Field(3.0, gt=0, le=10, description="Control limits: reference ± this many standard errors.")
+    monitor_interval_s: float = Field(60.0, gt=0, le=86_400, description="How often drift is checked and RIS "
+                                      "labels are matched to studies that arrived.")
     scheduler_interval_s: float = Field(2.0, gt=0, description="How often positives become worklist items.")
     priority_max_wait_minutes: float = Field(240.0, gt=0, description="After this wait an item rises to the top.")
     retention_days: float = Field(30.0, ge=0, description="Delete spooled files older than this; 0 = keep forever.")

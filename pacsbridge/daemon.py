@@ -130,9 +130,12 @@ class Daemon:
             components.append(self.inference_worker(
                 updater, metrics, hint=" (or set worker_enabled = false to only receive)",
                 after_batch=forwarder.wake if forwarder is not None else None))
+        drift = self.drift_monitor()
+        metrics.registry.register(_monitoring_collector(self.sessions, drift))
         components.append(WorklistScheduler(
             updater, self.sessions, Path(s.spool_dir), interval_s=s.scheduler_interval_s,
             retention_days=s.retention_days,
+            extra_jobs=[("monitoring", functools.partial(_monitoring_job, self.sessions, drift), s.monitor_interval_s)],
         ))
         if forwarder is not None:
             components.append(forwarder)
@@ -146,11 +149,28 @@ class Daemon:
                 ready=lambda: bool(self.components) and self._healthy(), viewer_url=s.viewer_url,
                 max_decoded_bytes=s.max_decoded_bytes, max_concurrent_renders=s.max_concurrent_renders,
                 readiness=self.readiness,
+                mode=s.mode, drift=drift,
             ), s)
             components.append(HttpServer(app, s.http_host, s.http_port, tls_cert=s.http_tls_cert,
                                          tls_key=s.http_tls_key, tls_min_version=s.tls_min_version,
                                          limits=http_limits_from_settings(s)))
         return components
+
+    def drift_monitor(self):  # noqa: ANN201 - DriftMonitor
+        """Live drift checks against the site calibration's (or the model card's) validation."""
+        from pacsbridge.validation.drift import DriftLimits, DriftMonitor, load_reference
+
+        s = self.settings
+        try:
+            reference = load_reference(s)
+            if reference is None:
+                log.warning("drift alarms are off: neither the model card nor a site calibration has validation rates")
+        except Exception as exc:  # noqa: BLE001 - a calibration problem stops the worker with its own message
+            log.warning("drift alarms are off: no reference (%s)", _first_line(exc))
+            reference = None
+        return DriftMonitor(self.sessions, reference, DriftLimits(
+            window_images=s.drift_window_images, window_days=s.drift_window_days, min_images=s.drift_min_images,
+            z=s.drift_z))
 
     def forwarder(self, registry=None) -> Component:  # noqa: ANN001
         """The outbox sender (pacsbridge/forward/) for the configured destinations."""
@@ -197,6 +217,7 @@ class Daemon:
             max_wait_ms=s.inference_max_wait_ms, on_recorded=_then(updater.refresh, after_batch), metrics=metrics,
             notifier=self.notifier, outbox=Outbox(s.destinations) if s.destinations else None,
             retry_policy=RetryPolicy(max_attempts=s.inference_max_attempts, base_s=s.inference_retry_base_s),
+            shadow=s.mode == "shadow",
         )
 
     def request_stop(self, signum: int | None = None, _frame: object = None) -> None:
@@ -217,6 +238,9 @@ class Daemon:
                                f"{exc.strerror or exc}") from None
         if not self.settings.allowed_calling_aes:
             log.warning("allowed_calling_aes is empty: accepting associations from ANY calling AE title")
+        if self.settings.mode == "shadow":
+            log.warning("shadow mode: images are scored and recorded; nothing goes on the worklist or to "
+                        "the destinations (set mode = \"live\" to act on results)")
         if self.settings.bind_address:
             log.warning("bind_address is deprecated: set dicom_host (now %s) and http_host (now %s) instead",
                         self.settings.dicom_host, self.settings.http_host)
@@ -360,6 +384,21 @@ def _first_line(exc: BaseException) -> str:
     """``Type: first line`` of an exception (SQLAlchemy appends SQL and a URL to its messages)."""
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return f"{type(getattr(exc, 'orig', None) or exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _monitoring_job(sessions, drift) -> None:  # noqa: ANN001
+    """The scheduler's monitoring job: link RIS labels to studies that arrived, then check drift."""
+    from pacsbridge.validation.ris_labels import match_labels
+
+    with sessions.begin() as session:
+        match_labels(session)
+    drift.check()
+
+
+def _monitoring_collector(sessions, drift):  # noqa: ANN001, ANN202
+    from pacsbridge.validation.monitor_metrics import MonitoringCollector
+
+    return MonitoringCollector(sessions, drift)
 
 
 def _then(first, second):  # noqa: ANN001, ANN202

@@ -25,6 +25,8 @@ def general(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, An
     return {
         "version": __version__,
         "ae_title": settings.ae_title,
+        # "shadow": images are scored and recorded, nothing goes on the worklist or to the destinations.
+        "mode": settings.mode,
         "dicom_port": settings.dicom_port,
         "data_dir": str(settings.data_dir.resolve()),
         "database": engine.url.render_as_string(hide_password=True),

@@ -111,7 +111,7 @@ def test_every_route_but_health_needs_a_valid_token(env) -> None:
 
 def test_revoking_stops_a_token_at_once(env) -> None:
     sessions, client, h, _, _ = env
-    assert client.get("/api/me", headers=h["anna"]).json() == {"name": "anna", "role": "radiologist"}
+    assert client.get("/api/me", headers=h["anna"]).json() == {"name": "anna", "role": "radiologist", "mode": "live"}
     with sessions.begin() as s:
         revoke_user(s, "anna")
     r = client.get("/api/me", headers=h["anna"])

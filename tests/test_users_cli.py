@@ -62,7 +62,7 @@ def test_users_lifecycle_from_the_cli(tmp_path: Path) -> None:
 
     client = TestClient(create_app(sessions))
     auth = {"Authorization": f"Bearer {token}"}
-    assert client.get("/api/me", headers=auth).json() == {"name": "anna", "role": "radiologist"}
+    assert client.get("/api/me", headers=auth).json() == {"name": "anna", "role": "radiologist", "mode": "live"}
 
     r = _run("users", "token", "anna", "--json", env=env)
     second = json.loads(r.stdout)["token"]

@@ -149,7 +149,9 @@ def test_sign_in_read_claim_complete(site, browser, tmp_path: Path) -> None:
     browser.find_element(By.ID, "nav-stats").click()
     wait.until(lambda d: "test-model" in d.find_element(By.ID, "stats").text)
     cells = [c.text for c in browser.find_elements(By.CSS_SELECTOR, "#stats tbody tr td")]
-    assert cells[:8] == ["test-model", "5", "4", "1", "0", "0", "0", "100%"]
+    assert cells[:7] == ["test-model", "5", "4", "1", "0", "0", "0"]
+    assert cells[7].startswith("100% (") and cells[7].endswith("n=1)")  # PPV with its Wilson interval
+    assert cells[8] == "–"  # no RIS labels: no sensitivity
     browser.save_screenshot(str(tmp_path / "stats.png"))
     browser.find_element(By.ID, "nav-worklist").click()
     wait.until(lambda d: len(_rows(d)) == 3)
@@ -160,3 +162,37 @@ def test_sign_in_read_claim_complete(site, browser, tmp_path: Path) -> None:
     wait.until(EC.visibility_of_element_located((By.ID, "signin-view")))
     assert "not accepted" in browser.find_element(By.ID, "message").text
     assert browser.execute_script("return sessionStorage.getItem('pacsbridge.token')") is None
+
+
+def test_shadow_mode_and_drift_alarm_banners(tmp_path: Path, browser) -> None:
+    """Shadow mode is said plainly to everyone; a drift alarm is shown to admins only."""
+    from pacsbridge.store.models import Event
+    from pacsbridge.validation.drift import DriftMonitor, Reference
+
+    sessions = sqlite_sessions(tmp_path)
+    with sessions.begin() as s:
+        admin_token = create_user(s, "root", "admin")[1]
+        reader_token = create_user(s, "dr.night", "radiologist")[1]
+        s.add(Event(kind="drift_alarm", level="warning", detail="refusal_rate: window 0.6 (n 200), reference 0.0094 "
+                    "(model m validation), limit 0.03"))
+    drift = DriftMonitor(sessions, Reference("model m validation", 0.0094, 0.0094, 0.69))
+    server = HttpServer(create_app(sessions, spool_dir=tmp_path, mode="shadow", drift=drift), "127.0.0.1", 0)
+    server.start()
+    try:
+        wait = WebDriverWait(browser, 20)
+        for token, admin in ((reader_token, False), (admin_token, True)):
+            browser.get(f"http://127.0.0.1:{server.port}/")
+            wait.until(EC.visibility_of_element_located((By.ID, "token"))).send_keys(token)
+            browser.find_element(By.ID, "signin").click()
+            wait.until(EC.visibility_of_element_located((By.ID, "mode-banner")))
+            assert "Shadow mode" in browser.find_element(By.ID, "mode-banner").text
+            if admin:
+                wait.until(EC.visibility_of_element_located((By.ID, "drift-banner")))
+                assert "refusal_rate" in browser.find_element(By.ID, "drift-banner").text
+                browser.save_screenshot(str(tmp_path / "drift-banner.png"))
+            else:
+                time.sleep(1.0)
+                assert not browser.find_element(By.ID, "drift-banner").is_displayed()
+            browser.find_element(By.ID, "signout").click()
+    finally:
+        server.stop()

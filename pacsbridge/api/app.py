@@ -29,6 +29,7 @@ from __future__ import annotations
 import html
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Literal
 
@@ -52,7 +53,7 @@ from ..store import events as audit
 from ..store.models import Instance, InstanceState, utcnow
 from ..worklist import lifecycle as lc
 from ..worklist.items import ALL_STATUSES, list_worklist
-from ..worklist.reports import item_detail, list_instances, model_stats
+from ..worklist.reports import item_detail, list_instances
 from ..worklist.viewer import viewer_link
 from . import render
 from .auth import ADMIN, ANYONE, MONITOR, READERS, Authenticator
@@ -145,6 +146,7 @@ def create_app(
     ready: Callable[[], bool] | None = None, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
     max_concurrent_renders: int = DEFAULT_MAX_CONCURRENT_RENDERS, viewer_url: str = "",
     readiness: Callable[[], list[Any]] | None = None,
+    mode: str = "live", drift: Any | None = None, stats_cache_s: float = 10.0,
 ) -> FastAPI:
     """The API.  ``model`` (a LoadedModel, or a function that loads one on first use) is used only for
     heatmaps; ``ready`` adds a readiness check; ``max_decoded_bytes`` and ``max_concurrent_renders``
@@ -291,8 +293,8 @@ def create_app(
 
     @app.get("/api/me", tags=["accounts"])
     def me(who: Principal = Depends(anyone)) -> dict[str, str]:
-        """Who the token belongs to (name and role)."""
-        return {"name": who.name, "role": who.role}
+        """Who the token belongs to (name and role), and the mode (``live`` or ``shadow``) for the page's banner."""
+        return {"name": who.name, "role": who.role, "mode": mode}
 
     # -- worklist ----------------------------------------------------------------------------------
     @app.get("/api/worklist", response_model=list[WorklistEntry], tags=["worklist"], dependencies=[Depends(reader)])
@@ -393,10 +395,44 @@ def create_app(
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
     # -- statistics --------------------------------------------------------------------------------
+    # The live figures aggregate the whole history (about 0.5 s with 100,000 predictions on SQLite):
+    # a dashboard polling every few seconds gets figures at most ``stats_cache_s`` old instead.
+    stats_cache: dict[str, tuple[float, dict[str, Any]]] = {}
+    stats_lock = threading.Lock()
+
+    def live_figures(session: Session, start: Any) -> dict[str, Any]:
+        from ..validation.live import live_stats
+
+        key = start.isoformat(timespec="minutes") if start is not None else ""
+        with stats_lock:
+            hit = stats_cache.get(key)
+            if hit is not None and time.monotonic() - hit[0] < stats_cache_s:
+                return hit[1]
+        fresh = live_stats(session, start, clock())
+        with stats_lock:
+            if len(stats_cache) > 32:
+                stats_cache.clear()
+            stats_cache[key] = (time.monotonic(), fresh)
+        return fresh
+
     @app.get("/api/stats", tags=["stats"], dependencies=[Depends(anyone)])
-    def stats(session: Session = Depends(db_session)) -> dict[str, Any]:
-        """Per model id: scored, flagged, completed per finding, PPV of confirmed flags, receipt-to-completion p50/p95."""
-        return model_stats(session)
+    def stats(
+        session: Session = Depends(db_session),
+        since: str | None = Query(None, max_length=40, description="start of the window: ISO date/time or 90m, "
+                                  "24h, 7d (default: the last 30 days); the figures in total are always there"),
+    ) -> dict[str, Any]:
+        """Per model and calibration, in total and over the window: scored, flagged, completed per finding,
+        PPV with its Wilson 95 % interval, sensitivity and NPV from RIS labels, receipt-to-completion p50/p95;
+        refusals by reason; label counts; the mode (live or shadow)."""
+        try:
+            start = audit.parse_since(since, clock()) if since else None
+        except ValueError as exc:
+            raise HTTPException(422, f"since: {exc}") from None
+        out = {**live_figures(session, start), "mode": mode}
+        # drift: a pacsbridge.validation.drift.DriftMonitor (the daemon's); none in bare test apps.
+        out["drift"] = drift.status(session, clock()) if drift is not None else \
+            {"alarm": False, "reference": None, "signals": []}
+        return out
 
     # -- audit trail -------------------------------------------------------------------------------
     @app.get("/api/events", tags=["admin"], dependencies=[Depends(admin)])

@@ -159,6 +159,7 @@ class InferenceWorker:
         notifier: StoreNotifier | None = None,
         outbox: Any | None = None,
         retry_policy: RetryPolicy | None = None,
+        shadow: bool = False,
     ) -> None:
         if decode is None:
             decode, default_refusals = default_decoder(model)
@@ -181,6 +182,8 @@ class InferenceWorker:
         self._thread: threading.Thread | None = None
         # pacsbridge.forward.outbox.Outbox: forwarding entries are written in the recording transaction.
         self._outbox = outbox
+        # Shadow mode: predictions are recorded (marked shadow) but never queued for reading or forwarding.
+        self.shadow = bool(shadow)
         self._last_recovery = 0.0
         self.last_error: str | None = None
         #: time.monotonic() when the loop last went round (the daemon's watchdog checks it advances).
@@ -368,17 +371,18 @@ class InferenceWorker:
                     threshold=m.threshold, model_id=m.model_id, weights_sha256=m.weights_sha256,
                     decode_ms=round(s.decode_ms, 3), inference_ms=round(s.inference_ms, 3), created_at=now,
                     ood_score=None if s.ood_score is None else float(s.ood_score),
-                    calibration=m.calibration_id,
+                    calibration=m.calibration_id, shadow=self.shadow,
                 )
                 session.add(prediction)
-                if self._outbox is not None:
+                if self._outbox is not None and not self.shadow:
                     session.flush()  # the prediction's id, for its outbox entries
                     self._outbox.enqueue(session, prediction.id, positive, now)
                 out.predicted += 1
                 # One line per image: the spool name (a hash, no patient data), the result.
-                log.info("predicted %s: probability %.4f %s (model %s)", Path(s.inst.file_path).stem[:12],
-                         s.probability, "POSITIVE" if positive else "negative", m.model_id)
-                if positive:
+                log.info("predicted %s: probability %.4f %s (model %s%s)", Path(s.inst.file_path).stem[:12],
+                         s.probability, "POSITIVE" if positive else "negative", m.model_id,
+                         ", shadow mode" if self.shadow else "")
+                if positive and not self.shadow:
                     out.positive_studies.add(s.inst.study_id)
             for r in refused:
                 if r.fault:

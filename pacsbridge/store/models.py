@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from sqlalchemy import (
     Boolean, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint,
 )
+from sqlalchemy import false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Deterministic constraint names so Alembic migrations are reproducible on SQLite and PostgreSQL.
@@ -69,7 +70,7 @@ class Study(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     patient_id: Mapped[str | None] = mapped_column(String(64))  # PHI: never log at INFO
-    accession_number: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(16), index=True)  # RIS labels match on it
     study_date: Mapped[str | None] = mapped_column(String(8))
     requested_priority: Mapped[str | None] = mapped_column(String(16))  # e.g. STAT, HIGH, ROUTINE
     # Shown to the reader on the worklist (PHI: never log at INFO); from the first instance received.
@@ -139,11 +140,13 @@ class Prediction(Base):
     weights_sha256: Mapped[str] = mapped_column(String(64))
     decode_ms: Mapped[float | None] = mapped_column(Float)
     inference_ms: Mapped[float | None] = mapped_column(Float)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     #: The model's out-of-distribution score (pacsbridge.model.ood); NULL when the model has none.
     ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
     #: Which operating point decided: ``model`` (the card's) or a site calibration id (pacsbridge.validation).
     calibration: Mapped[str] = mapped_column(String(32), default="model", server_default="model")
+    #: Made in shadow mode (``mode = "shadow"``): recorded and counted, never a worklist item or outbox entry.
+    shadow: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     instance: Mapped[Instance] = relationship(back_populates="prediction")
 
@@ -265,3 +268,25 @@ class OutboxEntry(Base):
     queued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Label(Base):
+    """Ground truth for a study from the RIS (``pacsbridge labels import``); owned by pacsbridge/monitoring/labels.py.
+
+    One row per study key (``uid:<Study Instance UID>`` or ``acc:<Accession Number>``) and source
+    file, so importing a file again changes nothing.  ``study_id`` is NULL until the study arrives.
+    Reader findings are not copied here: completed worklist items are labels where they are.
+    """
+
+    __tablename__ = "labels"
+    __table_args__ = (UniqueConstraint("source", "study_key", name="uq_labels_source_study_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(200))  # the file name it came from
+    study_key: Mapped[str] = mapped_column(String(80))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    finding: Mapped[str] = mapped_column(String(16))  # Finding values
+    reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="SET NULL"), index=True)
+    imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

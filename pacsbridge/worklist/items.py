@@ -9,6 +9,9 @@ looks only at studies with predictions recorded since the previous run, and ages
 A study has at most one open item.  A study that receives new positive images after its item was
 completed or canceled gets a NEW item (the closed one keeps its finding); its ``first_positive_at``
 is the first positive prediction recorded after the closure.
+
+Predictions made in shadow mode (``predictions.shadow``) never open or raise an item, also after
+the site switches to live: switching acts on images scored from then on.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ class WorklistUpdater:
         if scan_all:
             top = session.scalar(select(func.max(Prediction.id))) or 0
             changed = select(Series.study_id).join(Instance, Instance.series_id == Series.id).join(
-                Prediction, Prediction.instance_id == Instance.id).where(Prediction.positive.is_(True))
+                Prediction, Prediction.instance_id == Instance.id).where(
+                Prediction.positive.is_(True), Prediction.shadow.is_(False))
             if self._watermark is not None:
                 changed = changed.where(Prediction.id > self._watermark - LOOKBACK_IDS)
             ids = sorted(set(session.scalars(changed.distinct())))
@@ -106,7 +110,7 @@ class WorklistUpdater:
         for sid, p, at in session.execute(
             select(Series.study_id, Prediction.probability, Prediction.created_at)
             .join(Instance, Instance.series_id == Series.id).join(Prediction, Prediction.instance_id == Instance.id)
-            .where(Prediction.positive.is_(True), Series.study_id.in_(ids))
+            .where(Prediction.positive.is_(True), Prediction.shadow.is_(False), Series.study_id.in_(ids))
         ):
             positives.setdefault(sid, []).append((float(p), as_utc(at)))
         studies = {st.id: st for st in session.scalars(select(Study).where(Study.id.in_(list(positives))))}

@@ -1,16 +1,16 @@
 """Read-only views shared by the HTTP API and the CLI: one item with its evidence, received
-instances with their outcome (why a study was or was not flagged), and per-model statistics."""
+instances with their outcome (why a study was or was not flagged).  Per-model statistics are
+pacsbridge.validation.live."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..store.models import Event, Instance, Prediction, Series, Study, WorklistItem, WorklistStatus, utcnow
+from ..store.models import Event, Instance, Prediction, Series, Study, WorklistItem, utcnow
 from .history import study_history
 from .items import fetch_rows, item_row, row_query
 from .lifecycle import ItemNotFound, as_utc
@@ -90,56 +90,3 @@ def item_detail(session: Session, item_id: int, now: datetime | None = None) -> 
     ]
     out["history"] = study_history(session, r["id"])
     return out
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(np.asarray(values), q)), 1) if values else None
-
-
-def model_stats(session: Session) -> dict[str, Any]:
-    """Per model id: scored, flagged, completed per finding, PPV of flags confirmed by readers, and
-    receipt-to-completion time (p50/p95, seconds).  An item counts for the model whose positive
-    prediction with the highest probability flagged the study."""
-    models: dict[str, dict[str, Any]] = {}
-
-    def entry(mid: str) -> dict[str, Any]:
-        return models.setdefault(mid, {"model_id": mid, "scored": 0, "flagged": 0,
-                                       "completed": {"pneumonia": 0, "no_pneumonia": 0, "other": 0},
-                                       "canceled": 0, "_times": []})
-
-    from sqlalchemy import func
-
-    for mid, n, flagged in session.execute(
-        select(Prediction.model_id, func.count(), func.count().filter(Prediction.positive.is_(True)))
-        .group_by(Prediction.model_id)):
-        e = entry(mid)
-        e["scored"], e["flagged"] = int(n), int(flagged or 0)
-
-    closed = session.execute(
-        select(WorklistItem, Study.created_at).join(Study, Study.id == WorklistItem.study_id)
-        .where(WorklistItem.status.in_((WorklistStatus.COMPLETED.value, WorklistStatus.CANCELED.value)))).all()
-    if closed:
-        flagger: dict[int, tuple[float, str]] = {}
-        for sid, p, mid in session.execute(
-            select(Series.study_id, Prediction.probability, Prediction.model_id)
-            .join(Instance, Instance.series_id == Series.id).join(Prediction, Prediction.instance_id == Instance.id)
-            .where(Prediction.positive.is_(True), Series.study_id.in_({i.study_id for i, _ in closed}))):
-            if sid not in flagger or p > flagger[sid][0]:
-                flagger[sid] = (p, mid)
-        for item, received in closed:
-            e = entry(flagger.get(item.study_id, (0.0, "unknown"))[1])
-            if item.status == WorklistStatus.CANCELED.value:
-                e["canceled"] += 1
-                continue
-            e["completed"][item.finding or "other"] = e["completed"].get(item.finding or "other", 0) + 1
-            if item.completed_at is not None:
-                e["_times"].append((as_utc(item.completed_at) - as_utc(received)).total_seconds())
-    out = []
-    for e in sorted(models.values(), key=lambda m: m["model_id"]):
-        times = e.pop("_times")
-        done = sum(e["completed"].values())
-        e["completed_total"] = done
-        e["ppv"] = round(e["completed"]["pneumonia"] / done, 4) if done else None
-        e["receipt_to_completion_s"] = {"p50": _pct(times, 50), "p95": _pct(times, 95), "n": len(times)}
-        out.append(e)
-    return {"models": out}

@@ -6,6 +6,7 @@ import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -46,8 +47,10 @@ def worklist_job(updater: WorklistUpdater, sessions: sessionmaker[Session], now:
 def make_scheduler(
     updater: WorklistUpdater, sessions: sessionmaker[Session], spool_dir: Path, *,
     interval_s: float, retention_days: float, retention_interval_s: float = RETENTION_INTERVAL_S,
+    extra_jobs: list[tuple[str, Callable[[], object], float]] | None = None,
 ) -> BackgroundScheduler:
-    """A (not yet started) scheduler with the worklist and retention jobs; ``start()``/``shutdown()`` it."""
+    """A (not yet started) scheduler with the worklist and retention jobs, and ``extra_jobs``
+    ``(name, function, interval_s)`` (e.g. live monitoring); ``start()``/``shutdown()`` it."""
     scheduler = BackgroundScheduler(
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
     )
@@ -61,6 +64,9 @@ def make_scheduler(
             "interval", seconds=retention_interval_s, id="retention", name="spool retention",
             next_run_time=datetime.now(timezone.utc),
         )
+    for name, fn, every_s in extra_jobs or ():
+        scheduler.add_job(_safe(name, fn), "interval", seconds=every_s, id=name, name=name,
+                          next_run_time=datetime.now(timezone.utc))
     return scheduler
 
 
@@ -72,9 +78,11 @@ class WorklistScheduler:
     def __init__(
         self, updater: WorklistUpdater, sessions: sessionmaker[Session], spool_dir: Path, *,
         interval_s: float, retention_days: float,
+        extra_jobs: list[tuple[str, Callable[[], object], float]] | None = None,
     ) -> None:
         self._scheduler = make_scheduler(
             updater, sessions, spool_dir, interval_s=interval_s, retention_days=retention_days,
+            extra_jobs=extra_jobs,
         )
         self.interval_s = interval_s
         #: time.monotonic() when a job last finished (the daemon's watchdog checks it advances).

@@ -118,9 +118,12 @@ async function signIn(token) {
   try {
     state.me = await api("/api/me");
     $("who").textContent = state.me.name + " (" + state.me.role + ")";
+    $("mode-banner").hidden = state.me.mode !== "shadow";
     message("");
     const admin = state.me.role === "admin";
     for (const b of document.querySelectorAll(".admin-only")) b.hidden = !admin;
+    $("drift-banner").hidden = true;
+    if (admin) checkDrift();
     if (state.me.role === "monitor") { show("stats"); $("nav-worklist").hidden = true; }
     else {
       $("nav-worklist").hidden = false;
@@ -453,15 +456,43 @@ async function loadEvents() {
   } catch (err) { handleError(err); }
 }
 
+// A rate with its 95 % interval and n, e.g. "80% (61–91%, n=30)"; "–" while unknown.
+function rateText(value, ci, n) {
+  if (value === null || value === undefined) return "–";
+  const pct = (x) => Math.round(x * 100) + "%";
+  return pct(value) + (ci ? " (" + pct(ci[0]) + "–" + pct(ci[1]) + ", n=" + n + ")" : "");
+}
+
+// Admins: a banner while a drift alarm is on (the input no longer looks like the validation data).
+function showDrift(drift) {
+  const on = drift && drift.alarm && state.me && state.me.role === "admin";
+  $("drift-banner").hidden = !on;
+  if (on) {
+    const pct = (x) => (x === null || x === undefined ? "–" : Math.round(x * 1000) / 10 + "%");
+    const names = drift.signals.filter((s) => s.alarm).map((s) => s.name + " " + pct(s.value) +
+      " (reference " + pct(s.reference) + ", limit " + pct(s.limit) + ")");
+    $("drift-text").textContent = "Drift alarm: " + names.join("; ") + ". See Monitoring at your site in the README.";
+  }
+}
+
+async function checkDrift() {
+  try { showDrift((await api("/api/stats")).drift); } catch (err) { /* the banner is a hint; the page goes on */ }
+}
+
 async function loadStats() {
   try {
     const data = await api("/api/stats");
+    showDrift(data.drift);
+    $("stats-mode").hidden = data.mode !== "shadow";
     const body = $("stats").querySelector("tbody");
     body.replaceChildren();
     for (const m of data.models) {
       const t = m.receipt_to_completion_s;
-      body.append(el("tr", {}, ...[m.model_id, m.scored, m.flagged, m.completed.pneumonia, m.completed.no_pneumonia,
-        m.completed.other, m.canceled, m.ppv === null ? "–" : Math.round(m.ppv * 100) + "%",
+      const s = m.sensitivity;
+      body.append(el("tr", {}, ...[m.model_id + (m.calibration && m.calibration !== "model" ? " (" + m.calibration + ")" : ""),
+        m.scored, m.flagged, m.completed.pneumonia, m.completed.no_pneumonia,
+        m.completed.other, m.canceled, rateText(m.ppv, m.ppv_ci, m.completed_total),
+        rateText(s.value, s.ci, s.n), rateText(m.npv.value, m.npv.ci, m.npv.n),
         t.p50 === null ? "–" : age(t.p50), t.p95 === null ? "–" : age(t.p95)].map((v) => el("td", { text: String(v) }))));
     }
   } catch (err) { handleError(err); }
