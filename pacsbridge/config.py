@@ -193,7 +193,7 @@ class Settings(BaseSettings):
     drift_window_days: float = Field(7.0, gt=0, le=365, description="... and none older than this many days.")
     drift_min_images: int = Field(50, ge=1, le=100_000, description="No drift judgement on fewer images than this.")
     drift_z: float = Field(3.0, gt=0, le=10, description="Control limits: reference ± this many standard errors.")
-    monitor_interval_s: float = Field(60.0, gt=0, le=86_400, description="How often drift is checked and RIS "
+    monitor_interval_s: float = Field(20.0, gt=0, le=86_400, description="How often drift is checked and RIS "
                                       "labels are matched to studies that arrived.")
     scheduler_interval_s: float = Field(2.0, gt=0, description="How often positives become worklist items.")
     priority_max_wait_minutes: float = Field(240.0, gt=0, description="After this wait an item rises to the top.")
