@@ -289,11 +289,19 @@ def test_site_ood_cut_applies_and_may_not_be_looser_than_the_ceiling(tmp_path: P
     ceiling = ood_ceiling(shipped)
     assert ceiling is not None
     base = {"model_id": shipped.model_id, "weights_sha256": shipped.weights_sha256, "threshold": 0.2}
-    write_calibration(tmp_path / "ok.json", {**base, "ood_threshold": ceiling * 0.5})
+    own = shipped.ood.threshold
+    assert own <= ceiling
+    write_calibration(tmp_path / "ok.json", {**base, "ood_threshold": own * 0.8})  # stricter than the model's
     data, cal_id = read_calibration(tmp_path / "ok.json")
     applied = apply_calibration(shipped, data, cal_id)
-    assert applied.ood.threshold == pytest.approx(ceiling * 0.5) and shipped.ood.threshold >= ceiling * 0.5
-    assert applied.is_out_of_distribution(ceiling * 0.6) and not shipped.is_out_of_distribution(ceiling * 0.6)
+    assert applied.ood.threshold == pytest.approx(own * 0.8)
+    assert applied.is_out_of_distribution(own * 0.9) and not shipped.is_out_of_distribution(own * 0.9)
+    if ceiling > own:  # looser than the model's own cut, but within the ceiling: allowed
+        write_calibration(tmp_path / "wide.json", {**base, "ood_threshold": (own + ceiling) / 2})
+        data, cal_id = read_calibration(tmp_path / "wide.json")
+        wide = apply_calibration(shipped, data, cal_id)
+        between = (own + (own + ceiling) / 2) / 2
+        assert shipped.is_out_of_distribution(between) and not wide.is_out_of_distribution(between)
     write_calibration(tmp_path / "loose.json", {**base, "ood_threshold": ceiling * 2})
     data, cal_id = read_calibration(tmp_path / "loose.json")
     with pytest.raises(CalibrationError, match="looser than the model's ceiling"):

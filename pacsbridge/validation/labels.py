@@ -17,6 +17,7 @@ import csv
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 KEY_COLUMNS = ("path", "sop_instance_uid", "study_instance_uid", "accession_number")
 LABEL_VALUES = {"pneumonia": 1, "1": 1, "normal": 0, "0": 0}
@@ -45,29 +46,36 @@ class Labels:
     total_rows: int = 0
 
 
-def read_labels(path: Path) -> Labels:
-    """Parse the CSV; rows with an unknown label, an empty key or a duplicate key go to ``bad``."""
+def read_csv_table(path: Path, error: type[Exception], needed: str) -> tuple[list[str], Iterator[list[str]]]:
+    """The lower-cased header and a reader of the remaining rows of a UTF-8 CSV of at most
+    :data:`MAX_BYTES` (comma, semicolon or tab separated).  Every problem with the file itself is
+    ``error`` with one line; ``needed`` says what the header must hold."""
     try:
         size = path.stat().st_size
         if size > MAX_BYTES:
-            raise LabelsError(f"{path}: {size} bytes, more than the {MAX_BYTES} a labels file may have")
+            raise error(f"{path}: {size} bytes, more than the {MAX_BYTES} a labels file may have")
         text = path.read_bytes().decode("utf-8-sig")
     except OSError as exc:
-        raise LabelsError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
-        raise LabelsError(f"{path} is not UTF-8 text") from None
+        raise error(f"{path} is not UTF-8 text") from None
     try:
-        dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
+        dialect: Any = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
     except csv.Error:
         dialect = csv.excel
     reader = csv.reader(io.StringIO(text), dialect)
     try:
         header = next(reader)
     except StopIteration:
-        raise LabelsError(f"{path} is empty (a header row with 'label' and a key column is needed)") from None
+        raise error(f"{path} is empty (a header row with {needed} is needed)") from None
     except csv.Error as exc:
-        raise LabelsError(f"{path}: not a CSV file: {exc}") from None
-    names = [h.strip().lower() for h in header]
+        raise error(f"{path}: not a CSV file: {exc}") from None
+    return [h.strip().lower() for h in header], reader
+
+
+def read_labels(path: Path) -> Labels:
+    """Parse the CSV; rows with an unknown label, an empty key or a duplicate key go to ``bad``."""
+    names, reader = read_csv_table(path, LabelsError, "'label' and a key column")
     if "label" not in names:
         raise LabelsError(f"{path}: no 'label' column in the header ({', '.join(names) or 'empty'})")
     key_column = next((k for k in KEY_COLUMNS if k in names), None)

@@ -18,7 +18,6 @@ from the completed items where they are (:func:`label_counts`).
 from __future__ import annotations
 
 import csv
-import io
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,12 +27,12 @@ from typing import Any
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
+from .labels import read_csv_table
 from ..store.models import Finding, Label, Study, WorklistItem, WorklistStatus, utcnow
 
 KEY_COLUMNS = ("study_instance_uid", "accession_number")
 FINDINGS = tuple(f.value for f in Finding)
 #: Limits: a RIS export is thousands of rows, not millions; a huge file is a mistake.
-MAX_BYTES = 64 * 1024 * 1024
 MAX_ROWS = 1_000_000
 MAX_SOURCE = 200
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -78,27 +77,7 @@ def _parse_time(raw: str) -> datetime:
 
 def parse_labels(path: Path) -> tuple[list[ParsedRow], list[dict[str, Any]], int]:
     """(usable rows, bad rows, rows read).  Raises :class:`LabelsImportError` for an unusable file."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_BYTES:
-            raise LabelsImportError(f"{path}: {size} bytes, more than the {MAX_BYTES} a labels file may have")
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        raise LabelsImportError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise LabelsImportError(f"{path} is not UTF-8 text") from None
-    try:
-        dialect: Any = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
-    except csv.Error:
-        dialect = csv.excel
-    reader = csv.reader(io.StringIO(text), dialect)
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise LabelsImportError(f"{path} is empty (a header row with 'finding' and a study key is needed)") from None
-    except csv.Error as exc:
-        raise LabelsImportError(f"{path}: not a CSV file: {exc}") from None
-    names = [h.strip().lower() for h in header]
+    names, reader = read_csv_table(path, LabelsImportError, "'finding' and a study key")
     if "finding" not in names:
         raise LabelsImportError(f"{path}: no 'finding' column in the header ({', '.join(names) or 'empty'})")
     keys = [k for k in KEY_COLUMNS if k in names]
