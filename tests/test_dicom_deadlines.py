@@ -80,10 +80,14 @@ class Trickler:
             s.close()
 
 
-def test_32_trickling_peers_are_dropped_at_artim_and_echo_gets_through(tmp_path, caplog) -> None:
+def test_32_trickling_peers_are_dropped_at_artim_and_echo_gets_through(tmp_path, caplog, monkeypatch) -> None:
     """32 sockets from 4 addresses trickle an A-ASSOCIATE-RQ one byte a second: they fill every connection
     slot (a normal C-ECHO is turned away), are aborted when ARTIM (4 s from connect) runs out although each
-    read is well inside the 30 s read timeout, and a normal C-ECHO then succeeds at once."""
+    read is well inside the 30 s read timeout, and a normal C-ECHO then succeeds at once.  Eviction (the
+    next test) is put out of reach here, so that ARTIM alone is what drops them."""
+    import pacsbridge.dicom.listener as listener
+
+    monkeypatch.setattr(listener, "EVICT_MIN_AGE", 3600.0)
     with caplog.at_level(logging.WARNING, logger="pacsbridge.dicom.fast_transport"), \
             running_receiver(tmp_path, acse_timeout=ARTIM_S, network_timeout=30, max_associations=16,
                              max_associations_per_peer=8) as r:
