@@ -389,7 +389,8 @@ class InferenceWorker:
                     self._record_fault(session, r, now, out)
                 elif queue.mark_not_analysed(session, r.inst, self.worker_id, r.reason, r.level, now):
                     out.not_analysed += 1
-                    log.info("not_analysed %s: %s", Path(r.inst.file_path).stem[:12], r.reason)
+                    # The bracketed part names header values (e.g. a birth date): kept in the database, not the log.
+                    log.info("not_analysed %s: %s", Path(r.inst.file_path).stem[:12], r.reason.split(" [", 1)[0])
                 else:
                     out.lost_claims += 1
             for inst in already_predicted:
