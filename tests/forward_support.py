@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -70,7 +71,10 @@ class OrthancServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"Orthanc exited with {self.proc.returncode}:\n{self.log()}")
             with contextlib.suppress(OSError):
+                # HTTP answers before the DICOM listener is up: a forward sent in between is refused
+                # at TCP level (a transient fault) instead of getting Orthanc's A-ASSOCIATE-RJ.
                 if self.request("GET", "/system", timeout=2)[0] == 200:
+                    socket.create_connection(("127.0.0.1", self.dicom_port), timeout=2).close()
                     return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"Orthanc did not answer within {timeout} s:\n{self.log()}")
