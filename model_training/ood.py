@@ -60,35 +60,32 @@ INTENDED_USE = {
 
 
 @torch.inference_mode()
-def extract(module: torch.nn.Module, images: torch.Tensor, device: torch.device,
-            batch: int = 64) -> tuple[np.ndarray, list[torch.Tensor]]:
-    """Logits and pooled stage features of float images ``(N, H, W)`` in [0, 1] (or uint8)."""
+def _extract_with(forward, module: torch.nn.Module, images: torch.Tensor, device: torch.device,  # noqa: ANN001
+                  batch: int) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """Logits and the feature blocks ``forward(module, x)`` returns, batch by batch, each block
+    concatenated over the images."""
     module.eval()
     logits, blocks = [], None
     for i in range(0, len(images), batch):
         x = images[i : i + batch]
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        z, feats = forward_with_features(module, preprocess_batch(x).to(device))
+        z, feats = forward(module, preprocess_batch(x).to(device))
         logits.append(z.float().cpu())
         feats = [f.cpu() for f in feats]
         blocks = [[f] for f in feats] if blocks is None else [b + [f] for b, f in zip(blocks, feats)]
     return torch.cat(logits).numpy(), [torch.cat(b) for b in (blocks or [])]
 
 
-@torch.inference_mode()
+def extract(module: torch.nn.Module, images: torch.Tensor, device: torch.device,
+            batch: int = 64) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """Logits and pooled stage features of float images ``(N, H, W)`` in [0, 1] (or uint8)."""
+    return _extract_with(forward_with_features, module, images, device, batch)
+
+
 def extract_pooled(module: torch.nn.Module, images: torch.Tensor, device: torch.device,
                    batch: int = 64) -> tuple[np.ndarray, list[torch.Tensor]]:
     """Logits and :func:`forward_pooled` features (one ``(N, D)`` per member) of float images ``(N, H, W)``."""
-    module.eval()
-    logits, per_member = [], None
-    for i in range(0, len(images), batch):
-        x = images[i : i + batch]
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        z, pooled = forward_pooled(module, preprocess_batch(x).to(device))
-        logits.append(z.float().cpu())
-        pooled = [p.cpu() for p in pooled]
-        per_member = [[p] for p in pooled] if per_member is None else [a + [p] for a, p in zip(per_member, pooled)]
-    return torch.cat(logits).numpy(), [torch.cat(a) for a in (per_member or [])]
+    return _extract_with(forward_pooled, module, images, device, batch)
 
 
 def fit_stats(train_feats: list[torch.Tensor], train_labels: torch.Tensor, val_feats: list[torch.Tensor],
