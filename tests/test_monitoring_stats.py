@@ -10,51 +10,35 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
+from dicom_support import database_url_for
 from pacsbridge.store import migrations
 from pacsbridge.store.db import make_engine, make_sessionmaker
 from pacsbridge.store.models import (
-    Base, Instance, InstanceState, Label, Prediction, Series, Study, WorklistItem, WorklistStatus, utcnow,
+    Instance, InstanceState, Label, Prediction, Series, Study, WorklistItem, WorklistStatus, utcnow,
 )
 from pacsbridge.validation.live import live_stats
 from pacsbridge.validation.ris_labels import LabelsImportError, import_labels, match_labels
 from pacsbridge.validation.stats import wilson_interval
 
 REPO = Path(__file__).resolve().parents[1]
-PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def sessions(request, tmp_path: Path):
-    if request.param == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path / 'pb.db'}")
-        migrations.upgrade(engine)
-        yield make_sessionmaker(engine)
-        engine.dispose()
-        return
-    schema = f"pb_mon_{uuid.uuid4().hex[:10]}"
-    admin = make_engine(PG_URL, connect_args={"connect_timeout": 3})
-    try:
-        with admin.begin() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    except Exception as exc:  # noqa: BLE001
-        admin.dispose()
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432/test is unreachable: {type(exc).__name__}: {exc}")
-    engine = make_engine(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
-    try:
-        Base.metadata.create_all(engine)
-        yield make_sessionmaker(engine)
-    finally:
-        engine.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    """A migrated database: a SQLite file, or a fresh schema on the test PostgreSQL (dicom_support)."""
+    for url in database_url_for(request.param, tmp_path / "pb.db"):
+        engine = make_engine(url)
+        try:
+            migrations.upgrade(engine)
+            yield make_sessionmaker(engine)
+        finally:
+            engine.dispose()
 
 
 def _study(session, uid: str, *, accession: str | None = None, probability: float | None = None,
