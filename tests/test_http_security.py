@@ -105,9 +105,14 @@ def test_request_bodies_over_the_limit_get_413(tmp_path):
         # Chunked (no Content-Length): read up to the limit, then 413.
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
             s.sendall(b"POST /api/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
-            for _ in range(10):
-                s.sendall(b"400\r\n" + b"y" * 1024 + b"\r\n")
-            s.sendall(b"0\r\n\r\n")
+            try:
+                for _ in range(10):
+                    s.sendall(b"400\r\n" + b"y" * 1024 + b"\r\n")
+                s.sendall(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                # The server answered 413 and closed once the limit was passed: the rest of the body
+                # has nowhere to go. The answer is still in our receive queue.
+                pass
             answer = s.recv(65536)
         assert answer.startswith(b"HTTP/1.1 413")
         # A lying Content-Length larger than the limit is refused before anything is read.
