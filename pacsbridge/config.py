@@ -107,6 +107,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PACSBRIDGE_", extra="forbid", validate_default=True)
 
     data_dir: Path = Field(Path("./var"), description="Spool and the default SQLite database live here (logs go to stderr).")
+    spool_dir: Path | None = Field(None, description="Where received files are kept; default <data_dir>/spool. "
+                                   "Several nodes on one database share one spool (e.g. an NFS mount).")
     database_url: str = Field("", description="SQLAlchemy URL; empty = sqlite:///<data_dir>/pacsbridge.db")
     ae_title: str = Field("PACSBRIDGE", description="Our DICOM Application Entity title.")
     bind_address: str = Field("", description="Deprecated: sets dicom_host and http_host unless they are set.")
@@ -353,12 +355,9 @@ class Settings(BaseSettings):
     def _fill_defaults(self) -> "Settings":
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'pacsbridge.db').resolve()}"
+        if self.spool_dir is None:
+            self.spool_dir = self.data_dir / "spool"
         return self
-
-    # Where things live inside the data dir.
-    @property
-    def spool_dir(self) -> Path:
-        return self.data_dir / "spool"
 
     @classmethod
     def settings_customise_sources(
