@@ -81,9 +81,9 @@ def _frame(y: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
         y[shrink] = F.grid_sample(y[shrink], grid, padding_mode="zeros", align_corners=False)
     strips = torch.rand(n, generator=gen) < p
     for i in torch.nonzero(strips).flatten().tolist():
-        t, b, l, r = (torch.rand(4, generator=gen) * 0.12 * torch.tensor([h, h, w, w])).long().tolist()
+        t, b, left, r = (torch.rand(4, generator=gen) * 0.12 * torch.tensor([h, h, w, w])).long().tolist()
         y[i, :, :t] = 0
         y[i, :, h - b:] = 0
-        y[i, :, :, :l] = 0
+        y[i, :, :, :left] = 0
         y[i, :, :, w - r:] = 0
     return y

@@ -218,7 +218,7 @@ def open_existing_database(settings: Settings, command: str, require_head: bool 
 # -- status ------------------------------------------------------------------------------------
 def _cmd_status(args: argparse.Namespace) -> int:
     from pacsbridge.status import collect_status
-    from pacsbridge.store.db import make_engine, make_sessionmaker
+    from pacsbridge.store.db import make_sessionmaker
 
     settings = _settings(args)
     engine = open_existing_database(settings, "status")

@@ -16,7 +16,7 @@ import socket
 import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Iterator, Protocol, runtime_checkable
 
 from pacsbridge.config import ConfigError, Settings
 from pacsbridge.dicom.compat import configure_pynetdicom
@@ -367,7 +367,7 @@ class _DiskGuardCollector:
     def __init__(self, guard: DiskGuard) -> None:
         self.guard = guard
 
-    def collect(self):  # noqa: ANN201 - prometheus_client Collector protocol
+    def collect(self) -> Iterator:  # prometheus_client Collector protocol
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         yield CounterMetricFamily("pacsbridge_store_refused_low_disk",

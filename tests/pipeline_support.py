@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacsbridge.model.architecture import build_model
@@ -118,7 +119,7 @@ def free_port() -> int:
 
 
 def synthetic_chest(seed: int, *, rows: int = 512, cols: int = 512, study_uid: str | None = None,
-                    priority: str | None = None) -> "Dataset":
+                    priority: str | None = None) -> Dataset:
     """A frontal DX chest-like image (two dark lung fields in a brighter body, 12-bit, MONOCHROME2)."""
     import numpy as np
     from pydicom.dataset import Dataset, FileMetaDataset

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from dicom_support import data_file, make_image, run_dcmtk, running_receiver, scu_ae
 from hostile_support import env_for_tls, make_pki, running_serve
 from pacsbridge.config import ConfigError, load_settings
-from pacsbridge.dicom.tls import client_context, make_client_context, make_server_context
+from pacsbridge.dicom.tls import make_client_context, make_server_context
 from pacsbridge.store.models import Event, Instance
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="OPENSSL COMMAND MISSING: TLS tests SKIPPED")
@@ -46,7 +46,8 @@ def test_mutual_tls_store_with_settings_client_context(tmp_path, pki):
     settings = load_settings(data_dir=tmp_path / "cfg", dicom_tls_ca=str(pki.ca), dicom_tls_client_cert=str(pki.client_cert),
                              dicom_tls_client_key=str(pki.client_key))
     with tls_receiver(tmp_path, pki) as r:
-        assoc = associate_tls(r.scp.tls_port, client_context(settings))
+        assoc = associate_tls(r.scp.tls_port, make_client_context(
+            ca=settings.dicom_tls_ca, cert=settings.dicom_tls_client_cert, key=settings.dicom_tls_client_key))
         assert assoc.is_established
         assert isinstance(assoc.dul.socket.socket, ssl.SSLSocket)
         ds = make_image()

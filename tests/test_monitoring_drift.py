@@ -22,7 +22,7 @@ OOD = ("image unlike this model's training data (out-of-distribution score 5.10 
 HAND = "not a chest image (BodyPartExamined HAND)"
 
 
-def _traffic(sessions, start, n: int, *, flag_every: int = 3, refuse: str | None = None,  # noqa: ANN001
+def _traffic(sessions, start, n: int, *, flag_every: int = 3, refuse: str | None = None,  # noqa: F811
              refuse_every: int = 0, tag: int = 1) -> object:
     """``n`` one-image studies received one second apart from ``start``; returns the next start."""
     with sessions.begin() as s:

@@ -25,12 +25,9 @@ class RenderError(Exception):
         self.status = status
 
 
-def heatmap_module() -> Any | None:
-    """``pacsbridge.model.heatmap`` when this build has it (imported lazily), else None."""
-    try:
-        return importlib.import_module("pacsbridge.model.heatmap")
-    except ImportError:
-        return None
+def heatmap_module() -> Any:
+    """``pacsbridge.model.heatmap``, imported on first use (it pulls in torch)."""
+    return importlib.import_module("pacsbridge.model.heatmap")
 
 
 def spool_file(spool_dir: Path, rel: str) -> Path:

@@ -10,7 +10,6 @@ the value compares on that precision), any-of for several values of other VRs, a
 
 from __future__ import annotations
 
-from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
@@ -80,7 +81,6 @@ class StoreContext:
 
     spool: Spool
     sessions: sessionmaker[Session]
-    our_ae_title: str
     notifier: StoreNotifier | None = None  # told after each new instance is committed (wakes the worker)
     max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES
     disk_guard: DiskGuard | None = None  # free-space floor of the spool (None: not checked)
@@ -306,8 +306,7 @@ class StorageSCP:
 
     def start(self) -> None:
         compat.configure_pynetdicom()  # once per process (the receive path relies on in-memory data sets)
-        ctx = StoreContext(spool=self.spool, sessions=self.sessions, our_ae_title=self.ae_title,
-                           notifier=self.notifier, max_inflated_bytes=self.max_inflated_bytes,
+        ctx = StoreContext(spool=self.spool, sessions=self.sessions, notifier=self.notifier, max_inflated_bytes=self.max_inflated_bytes,
                            disk_guard=self.disk_guard)
         handlers = [
             (evt.EVT_C_ECHO, handle_echo),
@@ -396,8 +395,9 @@ class StorageSCP:
         log.info("DICOM Storage SCP stopped")
 
 
-def storage_scp_from_settings(  # noqa: ANN001 - settings: pacsbridge.config.Settings
-    settings, sessions: sessionmaker[Session], spool: Spool | None = None, notifier: StoreNotifier | None = None,
+def storage_scp_from_settings(
+    settings: Any,  # pacsbridge.config.Settings
+    sessions: sessionmaker[Session], spool: Spool | None = None, notifier: StoreNotifier | None = None,
     disk_guard: DiskGuard | None = None,
 ) -> StorageSCP:
     from pacsbridge.dicom.tls import server_context

@@ -1,8 +1,8 @@
 """TLS contexts for DICOM (PS3.15 Annex B.9 "Basic TLS Secure Transport Connection Profile" and later).
 
 ``server_context(settings)`` is what the Storage SCP wraps accepted connections with;
-``client_context(settings)`` is for outgoing associations (forwarding): pynetdicom takes it as
-``ae.associate(host, port, tls_args=(client_context(settings), server_hostname))``.
+``make_client_context(...)`` is for outgoing associations (forwarding, doctor): pynetdicom takes it as
+``ae.associate(host, port, tls_args=(make_client_context(...), server_hostname))``.
 
 Only modern TLS: the minimum version is ``tls_min_version`` (1.2 by default, or 1.3), with Python's
 default cipher selection (which excludes the broken ones).  Certificate verification:
@@ -83,11 +83,3 @@ def server_context(settings: Any) -> ssl.SSLContext:  # noqa: ANN401 - pacsbridg
     return make_server_context(settings.dicom_tls_cert, settings.dicom_tls_key, ca=settings.dicom_tls_ca,
                                verify_client=settings.dicom_tls_verify_client,
                                min_version=settings.tls_min_version)
-
-
-def client_context(settings: Any, *, check_hostname: bool = True) -> ssl.SSLContext:  # noqa: ANN401
-    """A context for outgoing DICOM TLS associations (forwarding) from the settings: verifies the called
-    server against ``dicom_tls_ca`` (or the system store) and presents ``dicom_tls_client_cert`` if set."""
-    return make_client_context(ca=settings.dicom_tls_ca, cert=settings.dicom_tls_client_cert,
-                               key=settings.dicom_tls_client_key, min_version=settings.tls_min_version,
-                               check_hostname=check_hostname)

@@ -42,7 +42,6 @@ UPS_PUSH_SOP_CLASS = UID("1.2.840.10008.5.1.4.34.6.1")
 
 UPS_STATE_OF: dict[str, str] = {
     "scheduled": "SCHEDULED",
-    "pending": "SCHEDULED",  # rows written before migration 0003 renamed the state
     "in_progress": "IN PROGRESS",
     "completed": "COMPLETED",
     "canceled": "CANCELED",

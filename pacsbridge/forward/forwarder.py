@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import Counter, Histogram
@@ -37,7 +37,7 @@ class OutboxCollector(Collector):
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
 
-    def collect(self):  # noqa: ANN201
+    def collect(self) -> Iterator:  # prometheus_client Collector protocol
         try:
             with self._sessions() as session:
                 counts = outbox.state_counts(session)

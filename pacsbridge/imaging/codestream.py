@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Iterator
 
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes, RLELossless
@@ -56,7 +57,7 @@ def _syntax(ds: Dataset) -> str | None:
     return None if uid is None else str(uid)
 
 
-def _fragments(data: bytes):
+def _fragments(data: bytes) -> Iterator[tuple[int, int]]:
     """Yield (offset, length) of each item of encapsulated pixel data, the Basic Offset Table first."""
     view = memoryview(data)
     i = 0

@@ -29,7 +29,7 @@ from .quality import check_header, check_image
 class NotAnalysable(Exception):
     """The image cannot be given to the model; ``reason`` says why in plain words."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 

@@ -33,7 +33,7 @@ def has_window(ds: Dataset) -> bool:
     return ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
 
 
-def _count(value) -> int:
+def _count(value: object) -> int:
     try:
         return len(value)
     except TypeError:

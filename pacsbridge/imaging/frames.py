@@ -229,7 +229,7 @@ def decode_jpeg_draft(ds: Dataset, min_side: int) -> StoredFrame:
     return StoredFrame(arr, step, "pillow-jpeg-draft")
 
 
-def _decomposition_levels(jp2) -> int:
+def _decomposition_levels(jp2: object) -> int:
     for segment in jp2.codestream.segment:
         if segment.marker_id == "COD":
             return int(segment.num_res)

@@ -414,10 +414,6 @@ class InferenceWorker:
 
     # ----------------------------------------------------------------- thread
 
-    def wake(self) -> None:
-        """Tell an idle worker that something arrived (the receiver does it through the shared notifier)."""
-        self._notifier.notify()
-
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("worker already started")

@@ -8,7 +8,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(url: str, **kwargs) -> Engine:
+def make_engine(url: str, **kwargs: object) -> Engine:
     """Create an engine; for SQLite, turn on WAL, foreign keys and a busy timeout per connection."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]

@@ -17,7 +17,6 @@ deleting, so a row committed during the sweep always keeps its file.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 

@@ -471,7 +471,7 @@ function showDrift(drift) {
     const pct = (x) => (x === null || x === undefined ? "–" : Math.round(x * 1000) / 10 + "%");
     const names = drift.signals.filter((s) => s.alarm).map((s) => s.name + " " + pct(s.value) +
       " (reference " + pct(s.reference) + ", limit " + pct(s.limit) + ")");
-    $("drift-text").textContent = "Drift alarm: " + names.join("; ") + ". See Monitoring at your site in the README.";
+    $("drift-text").textContent = "Drift alarm: " + names.join("; ") + ". See \"Monitoring at your site\" in docs/site-validation.md.";
   }
 }
 
