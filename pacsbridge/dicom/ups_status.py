@@ -24,7 +24,7 @@ from __future__ import annotations
 from pacsbridge.worklist.refusals import (
     AlreadyCanceled, AlreadyCompleted, CannotReschedule, ClaimConflict, ClaimExpired, FindingMissing,
     IllegalTransition, InvalidValue, ItemClosed, ItemNotFound, LifecycleError, NotClaimant, NotInProgress,
-    WrongTransaction,
+    NotPermitted, WrongTransaction,
 )
 
 # Status codes (PS3.4 CC.2, PS3.7 C)
@@ -64,6 +64,7 @@ UPS_STATUS_OF_REFUSAL: tuple[tuple[type[LifecycleError], int], ...] = (
     (IllegalTransition, MAY_NO_LONGER_BE_UPDATED),
     (ClaimConflict, ALREADY_IN_PROGRESS),
     (WrongTransaction, WRONG_TRANSACTION_UID),
+    (NotPermitted, NOT_AUTHORISED),  # not for this user's role
     (NotClaimant, NOT_AUTHORISED),  # the lock's Transaction UID, from another user
     (FindingMissing, FINAL_STATE_NOT_MET),
     (InvalidValue, INVALID_ATTRIBUTE_VALUE),

@@ -241,10 +241,10 @@ def ups_change_state(session: Session, item_id: int, actor: Actor, state: str, *
     (:class:`ClaimConflict`); nothing may go back to SCHEDULED (:class:`CannotReschedule`)."""
     if state not in UPS_STATES:
         raise InvalidValue(f"unknown Procedure Step State {state[:16]!r}", item_id)
-    if state == "SCHEDULED":
-        raise CannotReschedule(f"item {item_id} cannot be scheduled again; release it or let its claim expire",
-                               item_id)
     item = get_item(session, item_id, lock=True)
+    if state == "SCHEDULED":
+        raise CannotReschedule(f"item {item.id} is {item.status}; it cannot be scheduled again (release it or "
+                               "let its claim expire)", item.id, item.status)
     if state == "IN PROGRESS":
         if item.status == IN_PROGRESS and not claim_expired(item, as_utc(now)):
             raise _conflict(item)

@@ -2,8 +2,8 @@
 
 :mod:`pacsbridge.worklist.lifecycle` raises these; each face maps them to its own answer (the DICOM
 UPS face to a DIMSE status, the HTTP API to 403/404/409/422) and keeps no state rules of its own.
-Every refusal carries the item id and its current state (``None`` when there is no such item), and
-its message names both, never patient data.
+Every refusal carries the item id and its current state (``None`` when there is no such item, or for
+a value refused before the item was read), and its message names both, never patient data.
 
     LifecycleError                 a transition failed (also: the row kept changing under us)
     +-- ItemNotFound (NotFound)    no item with that id / UPS SOP Instance UID
