@@ -90,7 +90,9 @@ def downgrade() -> None:
                              'comment': r.draft_comment, 'cancel_reason': r.draft_cancel_reason})
         conn.execute(events.insert().values(at=r.draft_at, kind=DRAFT_EVENT, level='info', actor=r.draft_by,
                                             worklist_item_id=r.id, detail=detail))
-    with op.batch_alter_table('worklist_items', schema=None) as batch_op:
+    # Plain ALTER TABLE DROP COLUMN (SQLite >= 3.35): copying the table would make SQLite's ON DELETE
+    # SET NULL unlink every event from its item.
+    with op.batch_alter_table('worklist_items', schema=None, recreate='never') as batch_op:
         batch_op.drop_column('draft_at')
         batch_op.drop_column('draft_by')
         batch_op.drop_column('draft_cancel_reason')
