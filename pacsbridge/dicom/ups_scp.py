@@ -47,14 +47,14 @@ from pacsbridge.dicom.ups_dataset import (
     UPS_HIGH_AT, UPS_MEDIUM_AT, UPS_TAGS, InvalidPerformedData, PerformedData, ReferencedSeries, UpsRecord,
     build_ups_dataset, parse_performed_data,
 )
-from pacsbridge.store.models import WorklistItem, WorklistStatus, utcnow
-from pacsbridge.store.records import record_event
-from pacsbridge.worklist import lifecycle, ups_queries
 from pacsbridge.dicom.ups_status import (
     CANCEL, IDENTIFIER_DOES_NOT_MATCH, INVALID_ARGUMENT_VALUE, INVALID_ATTRIBUTE_VALUE, MISSING_ATTRIBUTE,
     NO_SUCH_ACTION, NO_SUCH_UPS, NOT_AUTHORISED, OPTIONAL_NOT_SUPPORTED, OUT_OF_RESOURCES, PENDING,
     PROCESSING_FAILURE, SOP_CLASS_NOT_SUPPORTED, SUCCESS, UNABLE_TO_PROCESS, ups_status_of,
 )
+from pacsbridge.store.models import WorklistItem, WorklistStatus, utcnow
+from pacsbridge.store.records import record_event
+from pacsbridge.worklist import lifecycle, ups_queries
 from pacsbridge.worklist.lifecycle import Actor, ItemNotFound, LifecycleError
 
 log = logging.getLogger(__name__)
@@ -340,18 +340,10 @@ def handle_action(event: DicomEvent, ctx: UpsContext) -> tuple[int, Dataset | No
     if event.action_type != CHANGE_UPS_STATE:
         return NO_SUCH_ACTION, None  # Request Cancel / Subscribe belong to UPS Push / Watch: not offered
     uid = str(req.RequestedSOPInstanceUID or "")
-    try:
-        info = event.action_information
-        requested = str(info.get("ProcedureStepState", "") or "").strip().upper()
-        transaction_uid = str(info.get("TransactionUID", "") or "").strip() or None
-    except Exception as exc:  # noqa: BLE001 - undecodable Action Information
-        log.warning("UPS N-ACTION from %s: undecodable Action Information (%s)", _peer(event), type(exc).__name__)
-        return INVALID_ARGUMENT_VALUE, None
-    if requested not in lifecycle.UPS_STATES:
-        return INVALID_ARGUMENT_VALUE, None
-    if transaction_uid is None:
-        return MISSING_ATTRIBUTE, None  # Transaction UID is 1/1 in Table CC.2.1-1
-
+    asked = _state_change(event)
+    if isinstance(asked, int):
+        return asked, None
+    requested, transaction_uid = asked
     now = ctx.clock()
     with ctx.sessions() as session:  # closing without commit rolls back whatever a refusal left
         try:
@@ -362,6 +354,22 @@ def handle_action(event: DicomEvent, ctx: UpsContext) -> tuple[int, Dataset | No
         except LifecycleError as exc:
             return _refused(event, f"N-ACTION {requested}", exc)
     return SUCCESS, None
+
+
+def _state_change(event: DicomEvent) -> tuple[str, str] | int:
+    """(Procedure Step State, Transaction UID) from the Action Information, or the status refusing it."""
+    try:
+        info = event.action_information
+        requested = str(info.get("ProcedureStepState", "") or "").strip().upper()
+        transaction_uid = str(info.get("TransactionUID", "") or "").strip() or None
+    except Exception as exc:  # noqa: BLE001 - undecodable Action Information
+        log.warning("UPS N-ACTION from %s: undecodable Action Information (%s)", _peer(event), type(exc).__name__)
+        return INVALID_ARGUMENT_VALUE
+    if requested not in lifecycle.UPS_STATES:
+        return INVALID_ARGUMENT_VALUE
+    if transaction_uid is None:
+        return MISSING_ATTRIBUTE  # Transaction UID is 1/1 in Table CC.2.1-1
+    return requested, transaction_uid
 
 
 def _refused(event: DicomEvent, what: str, exc: LifecycleError) -> tuple[int, None]:
