@@ -243,8 +243,8 @@ def ups_change_state(session: Session, item_id: int, actor: Actor, state: str, *
         raise InvalidValue(f"unknown Procedure Step State {state[:16]!r}", item_id)
     item = get_item(session, item_id, lock=True)
     if state == "SCHEDULED":
-        raise CannotReschedule(f"item {item.id} is {item.status}; it cannot be scheduled again (release it or "
-                               "let its claim expire)", item.id, item.status)
+        raise CannotReschedule(f"item {item.id} is {item.status}; it cannot be scheduled again (let its claim "
+                               "expire, or release it over HTTP)", item.id, item.status)
     if state == "IN PROGRESS":
         if item.status == IN_PROGRESS and not claim_expired(item, as_utc(now)):
             raise _conflict(item)
