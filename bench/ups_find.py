@@ -32,6 +32,7 @@ from pynetdicom.sop_class import UnifiedProcedureStepPull, UnifiedProcedureStepP
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from dicom_support import PG_BASE_URL, postgres_schema_url, postgres_unavailable_reason  # noqa: E402
 
+from pacsbridge.auth.users import bind_ae, create_user  # noqa: E402
 from pacsbridge.dicom.storage_scp import StorageSCP  # noqa: E402
 from pacsbridge.dicom.ups_scp import UpsContext  # noqa: E402
 from pacsbridge.store import migrations  # noqa: E402
@@ -79,6 +80,9 @@ def run(url: str, items: int, repeats: int, label: str) -> None:
     sessions = make_sessionmaker(engine)
     started = time.perf_counter()
     fill(sessions, items)
+    with sessions.begin() as s:  # only a bound AE title may use UPS
+        create_user(s, "bench", "radiologist")
+        bind_ae(s, "bench", "BENCH")
     print(f"[{label}] {items} worklist items written in {time.perf_counter() - started:.1f} s")
     with sessions() as s:
         some = s.query(WorklistItem.ups_uid, Study.patient_id).join(Study).limit(1).one()

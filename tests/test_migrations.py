@@ -197,3 +197,64 @@ def test_0007_moves_only_transient_not_analysed_rows_to_failed(database_url):
         assert states == {**{i: "not_analysed" for i in reasons}, 9: "predicted"}
     finally:
         engine.dispose()
+
+
+def test_0013_moves_the_draft_of_the_current_claim_from_events_into_columns(database_url):
+    """0009 kept N-SET drafts as JSON events tagged with a hash of the claim's Transaction UID; 0013 gives
+    each in-progress item the last draft of its current claim as columns and leaves only one plain line
+    in every such event; the downgrade writes the drafts back as events the old code reads."""
+    import hashlib
+    import json
+
+    from sqlalchemy import text
+
+    def tag(txn: str) -> str:
+        return hashlib.sha256(txn.encode()).hexdigest()[:16]
+
+    def draft(txn: str, finding, comment=None, reason=None) -> str:
+        return json.dumps({"txn": tag(txn), "finding": finding, "comment": comment, "cancel_reason": reason})
+
+    engine = make_engine(database_url)
+    try:
+        migrations.upgrade(engine, "0009")
+        t = "2026-01-02 03:04:05+00:00"
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO studies (id, study_instance_uid, created_at) VALUES (1, '1.2', :t), "
+                              "(2, '1.3', :t), (3, '1.4', :t)"), {"t": t})
+            for iid, status, txn in [(1, "in_progress", "9.1"), (2, "scheduled", None), (3, "completed", "9.3")]:
+                conn.execute(text(
+                    "INSERT INTO worklist_items (id, study_id, ups_uid, priority, probability, status, "
+                    "first_positive_at, claimed_by, transaction_uid, created_at, updated_at) VALUES (:id, :id, "
+                    ":uid, 1.0, 0.9, :status, :t, 'reader1', :txn, :t, :t)"),
+                    {"id": iid, "uid": f"2.25.{iid}", "status": status, "txn": txn, "t": t})
+            for n, (iid, actor, detail) in enumerate([
+                (1, "reader9", draft("9.0", "other", "an earlier claim's")),  # a claim that lapsed
+                (1, "reader1", draft("9.1", "no_pneumonia")),
+                (1, "reader1", draft("9.1", "pneumonia", "RLL consolidation")),  # the last one wins
+                (1, "reader1", "not json"),
+                (2, "reader2", draft("9.2", "other")),  # released since: no claim, no draft
+                (3, "reader1", draft("9.3", "pneumonia", "done")),  # completed: its finding is the item's
+            ]):
+                conn.execute(text("INSERT INTO events (at, kind, level, actor, worklist_item_id, detail) VALUES "
+                                  "(:at, 'ups_performed_data', 'info', :actor, :iid, :detail)"),
+                             {"at": f"2026-01-02 03:0{n}:00+00:00", "actor": actor, "iid": iid, "detail": detail})
+        migrations.upgrade(engine)
+        with engine.connect() as conn:
+            rows = {r[0]: r[1:] for r in conn.execute(text(
+                "SELECT id, draft_finding, draft_comment, draft_cancel_reason, draft_by, draft_at "
+                "FROM worklist_items"))}
+            details = conn.execute(text("SELECT detail FROM events ORDER BY id")).scalars().all()
+        assert rows[1][:4] == ("pneumonia", "RLL consolidation", None, "reader1")
+        at = rows[1][4] if isinstance(rows[1][4], str) else rows[1][4].isoformat(sep=" ")
+        assert at.startswith("2026-01-02 03:02:00")
+        assert rows[2] == rows[3] == (None,) * 5
+        assert details == ["item 1: draft saved, finding other", "item 1: draft saved, finding no_pneumonia",
+                           "item 1: draft saved, finding pneumonia", "not json",
+                           "item 2: draft saved, finding other", "item 3: draft saved, finding pneumonia"]
+        migrations.downgrade(engine, "0009")
+        with engine.connect() as conn:
+            back = conn.execute(text("SELECT worklist_item_id, actor, detail FROM events ORDER BY id DESC")).first()
+        assert back[:2] == (1, "reader1")
+        assert json.loads(back[2]) == json.loads(draft("9.1", "pneumonia", "RLL consolidation"))
+    finally:
+        engine.dispose()

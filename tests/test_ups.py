@@ -59,19 +59,21 @@ class Bridge:
         return self.scp.port
 
 
-@pytest.fixture
-def bridge(tmp_path: Path, database_url: str) -> Iterator[Bridge]:
+@contextlib.contextmanager
+def running_bridge(tmp_path: Path, database_url: str, first: bool = True) -> Iterator[Bridge]:
+    """A receiver with UPS on ``database_url``; ``first``: migrate it and bind the stations' AE titles."""
     engine = make_engine(database_url)
-    migrations.upgrade(engine)
     sessions = make_sessionmaker(engine)
     spool = Spool(tmp_path / "spool", fsync=False)
-    spool.prepare()
-    with sessions.begin() as s:
-        for user, ae in (("reader1", "READER1"), ("reader2", "READER2")):
-            create_user(s, user, "radiologist")
-            bind_ae(s, user, ae)
-        bind_ae(s, "reader1", "CLIREADER")  # pynetdicom's findscu below
-        bind_ae(s, "reader2", "WATCHER")  # a UPS Query SCU below
+    if first:
+        migrations.upgrade(engine)
+        spool.prepare()
+        with sessions.begin() as s:
+            for user, ae in (("reader1", "READER1"), ("reader2", "READER2")):
+                create_user(s, user, "radiologist")
+                bind_ae(s, user, ae)
+            bind_ae(s, "reader1", "CLIREADER")  # pynetdicom's findscu below
+            bind_ae(s, "reader2", "WATCHER")  # a UPS Query SCU below
     ups = UpsContext(sessions=sessions, claim_timeout_s=1800)
     scp = StorageSCP(ae_title="PACSBRIDGE", bind_address="127.0.0.1", port=0, spool=spool, sessions=sessions,
                      dimse_timeout=30, network_timeout=30, stop_timeout=10, ups=ups)
@@ -81,6 +83,12 @@ def bridge(tmp_path: Path, database_url: str) -> Iterator[Bridge]:
     finally:
         scp.stop()
         engine.dispose()
+
+
+@pytest.fixture
+def bridge(tmp_path: Path, database_url: str) -> Iterator[Bridge]:
+    with running_bridge(tmp_path, database_url) as running:
+        yield running
 
 
 # -- building the worklist through the receiver ---------------------------------------------------------
@@ -379,6 +387,35 @@ def test_claim_set_complete_through_ups(bridge: Bridge) -> None:
     assert ("worklist_claim", "reader1") in kinds and ("worklist_complete", "reader1") in kinds
     assert ("ups_performed_data", "reader1") in kinds
     assert not any(actor == "reader2" for _, actor in kinds)  # refusals change nothing
+
+
+def test_nset_draft_is_kept_in_columns_and_survives_a_restart(tmp_path: Path, database_url: str) -> None:
+    """What N-SET sends is the item's draft (draft_* columns, not event JSON); a new process on the same
+    database shows it over N-GET and completes the item with it; completing clears the draft."""
+    txn = generate_uid()
+    with running_bridge(tmp_path, database_url) as first:
+        item = add_studies(first, [StudyCase("Draft^Restart", "D1", "ROUTINE", 0.9)])["D1"]
+        with performer(first.port) as reader:
+            assert reader.change_state(item.ups_uid, "IN PROGRESS", txn) == 0x0000
+            assert reader.set(item.ups_uid, finding_mods(txn, "pneumonia", comment="LLL opacity")) == 0x0000
+        draft = item_state(first, item.id)
+        assert (draft.draft_finding, draft.draft_comment, draft.draft_by) == ("pneumonia", "LLL opacity", "reader1")
+        assert draft.draft_at is not None and draft.draft_cancel_reason is None and draft.finding is None
+        with first.sessions() as s:
+            details = s.scalars(select(Event.detail).where(Event.worklist_item_id == item.id)).all()
+        assert not any("LLL opacity" in (d or "") or "{" in (d or "") for d in details)  # the comment is no event
+    with running_bridge(tmp_path, database_url, first=False) as second:
+        with performer(second.port) as reader:
+            status, ds = reader.get(item.ups_uid)
+            assert status == 0x0000 and ds.ProcedureStepState == "IN PROGRESS"
+            (performed,) = ds.UnifiedProcedureStepPerformedProcedureSequence
+            assert performed.PerformedProcessingParametersSequence[0].ConceptCodeSequence[0].CodeValue == "pneumonia"
+            assert performed.CommentsOnThePerformedProcedureStep == "LLL opacity"
+            assert reader.change_state(item.ups_uid, "COMPLETED", txn) == 0x0000
+        done = item_state(second, item.id)
+    assert (done.status, done.finding, done.comment, done.completed_by) == (
+        "completed", "pneumonia", "LLL opacity", "reader1")
+    assert (done.draft_finding, done.draft_comment, done.draft_by, done.draft_at) == (None, None, None, None)
 
 
 def test_cancel_through_ups(bridge: Bridge) -> None:

@@ -108,12 +108,14 @@ class CancelBody(BaseModel):
     reason: str = Field(..., min_length=1, max_length=4000)
 
 
+#: The HTTP status of each refusal of the life cycle, most specific first; any other refusal is 409
+#: (illegal transition, someone else's claim, wrong Transaction UID, expired claim, no finding).
+HTTP_STATUS_OF_REFUSAL: tuple[tuple[type[lc.LifecycleError], int], ...] = (
+    (lc.ItemNotFound, 404), (lc.InvalidValue, 422), (lc.NotPermitted, 403))
+
+
 def _status_of(exc: lc.LifecycleError) -> int:
-    if isinstance(exc, lc.ItemNotFound):
-        return 404
-    if isinstance(exc, lc.InvalidValue):
-        return 422
-    return 409  # illegal transition, someone else's claim, not the claimant, wrong transaction
+    return next((code for cls, code in HTTP_STATUS_OF_REFUSAL if isinstance(exc, cls)), 409)
 
 
 class _HeatmapModel:

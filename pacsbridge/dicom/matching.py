@@ -148,3 +148,22 @@ def _reduced(keys: Dataset, item: Dataset) -> Dataset:
         if int(elem.tag) not in NEVER_RETURNED and elem.tag.group != 0x0000:
             out.add(_returned(elem, item))
     return out
+
+
+def exact_values(identifier: Dataset, keyword: str) -> list[str]:
+    """The key's values when it is single-value or list matching without wildcards; [] otherwise."""
+    elem = identifier[keyword] if keyword in identifier else None
+    if elem is None or elem.value in (None, ""):
+        return []
+    raw = elem.value
+    values = [str(v) for v in raw] if not isinstance(raw, str) and hasattr(raw, "__iter__") else str(raw).split("\\")
+    values = [v.strip() for v in values if v.strip()]
+    if any("*" in v or "?" in v for v in values):
+        return []
+    return values
+
+
+def single_value(identifier: Dataset, keyword: str) -> str | None:
+    """The key's one exact value (see :func:`exact_values`), else None."""
+    values = exact_values(identifier, keyword)
+    return values[0] if len(values) == 1 else None

@@ -125,12 +125,6 @@ class PerformedData:
     comment: str | None = None
     cancel_reason: str | None = None
 
-    def merged(self, newer: "PerformedData") -> "PerformedData":
-        return PerformedData(
-            finding=newer.finding or self.finding, comment=newer.comment if newer.comment is not None else self.comment,
-            cancel_reason=newer.cancel_reason or self.cancel_reason,
-        )
-
 
 @dataclass(frozen=True)
 class UpsRecord:

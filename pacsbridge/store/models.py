@@ -179,6 +179,12 @@ class WorklistItem(Base):
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # completed or canceled
     completed_by: Mapped[str | None] = mapped_column(String(64))
     cancel_reason: Mapped[str | None] = mapped_column(Text)
+    # The holder's draft (UPS N-SET) under the current claim; cleared when the claim ends.
+    draft_finding: Mapped[str | None] = mapped_column(String(16))
+    draft_comment: Mapped[str | None] = mapped_column(Text)
+    draft_cancel_reason: Mapped[str | None] = mapped_column(Text)
+    draft_by: Mapped[str | None] = mapped_column(String(64))
+    draft_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
