@@ -199,8 +199,8 @@ def test_0007_moves_only_transient_not_analysed_rows_to_failed(database_url):
         engine.dispose()
 
 
-def test_0013_moves_the_draft_of_the_current_claim_from_events_into_columns(database_url):
-    """0009 kept N-SET drafts as JSON events tagged with a hash of the claim's Transaction UID; 0013 gives
+def test_0010_moves_the_draft_of_the_current_claim_from_events_into_columns(database_url):
+    """0009 kept N-SET drafts as JSON events tagged with a hash of the claim's Transaction UID; 0010 gives
     each in-progress item the last draft of its current claim as columns and leaves only one plain line
     in every such event; the downgrade writes the drafts back as events the old code reads."""
     import hashlib

@@ -10,7 +10,7 @@ its draft (drafts of earlier claims were already void); every ``ups_performed_da
 its place in the history, its detail replaced by the one line written from now on (the draft moves,
 it is not copied).  Downgrade: each item's draft is written back as one event in the old form.
 
-Revision ID: 0013
+Revision ID: 0010
 Revises: 0009
 Create Date: 2026-12-02 00:00:00
 """
@@ -23,7 +23,7 @@ import json
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0013'
+revision = '0010'
 down_revision = '0009'
 branch_labels = None
 depends_on = None
