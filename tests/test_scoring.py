@@ -20,9 +20,17 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from dicom_support import daemon_env, free_port, pacsbridge_cmd, wait_for_port
+from pipeline_support import (
+    SHIPPED_MODEL,
+    add_instance,
+    export_model,
+    reuid,
+    sample_file,
+    sqlite_sessions,
+)
 from sqlalchemy import select
 
-from dicom_support import daemon_env, free_port, pacsbridge_cmd, wait_for_port
 from pacsbridge.imaging import NotAnalysable, load_for_model
 from pacsbridge.inference.worker import InferenceWorker
 from pacsbridge.model.artifact import load_model
@@ -30,7 +38,6 @@ from pacsbridge.model.preprocess import preprocess
 from pacsbridge.scoring import FAILED, NOT_ANALYSED, PREDICTED, Scorer
 from pacsbridge.store.models import Instance, utcnow
 from pacsbridge.store.reasons import reasons_from_row
-from pipeline_support import SHIPPED_MODEL, add_instance, export_model, reuid, sample_file, sqlite_sessions
 
 KIDS = {"age_years": {"min": 1, "max_exclusive": 6, "label": "1-5 y"}}
 

@@ -1,9 +1,11 @@
-"""The inference worker: claim stored instances, decode, score in batches, record the results.
+"""The inference worker: claim stored instances, score them in batches, record the results.
 
-The loop only: the instance queue (:mod:`pacsbridge.store.queue`) owns the states, claims, stale
+Scoring (read, gates, decode, model, every refusal reason) is :class:`pacsbridge.scoring.Scorer`,
+the one path shared with ``predict`` and ``validate``; this module is the loop and the recording: the instance queue (:mod:`pacsbridge.store.queue`) owns the states, claims, stale
 claim recovery and every state move.  A claimed instance ends ``predicted`` (with a Prediction
 row), ``not_analysed`` (the image was refused: final) or ``failed`` (a fault of the system: retried
-with backoff up to ``max_attempts``), each with ``state_reason`` and an event, in one transaction.
+with backoff up to ``max_attempts``), each with ``state_reason`` (all reasons, joined; a refusal's
+list in ``state_reasons``) and an event, in one transaction.
 
 Which outcome each cause gives (a fault of the system is never a verdict on the image):
 

@@ -166,7 +166,7 @@ def _refused_by_ood(model: LoadedModel, score: float | None, cut: float | None) 
 
 def _category(reason: str) -> str:
     """Refusal reasons grouped for counting (the numbers and details of each image dropped)."""
-    head = reason.split(":", 1)[0].split("(", 1)[0].strip()
+    head = reason.split(";", 1)[0].split(":", 1)[0].split("(", 1)[0].strip()  # the headline of all reasons
     return head or reason[:60]
 
 

@@ -10,8 +10,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..store.reasons import reasons_from_row
 from ..store.models import Event, Instance, Prediction, Series, Study, WorklistItem, utcnow
+from ..store.reasons import reasons_from_row
 from .history import study_history
 from .items import fetch_rows, item_row, row_query
 from .lifecycle import ItemNotFound, as_utc
