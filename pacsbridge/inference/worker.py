@@ -230,10 +230,9 @@ class InferenceWorker:
             for (inst, _), out in zip(paths, self._scorer.score([p for _, p in paths])):
                 results[inst.id] = out
         if self._metrics is not None:
-            modelled = [o for o in results.values() if o.inference_ms is not None]
-            for o in results.values():
-                if o.decode_ms:
-                    self._metrics.decode_ms.observe(o.decode_ms)
+            modelled = [o for o in results.values() if o.inference_ms is not None]  # decoded, went to the model
+            for o in modelled:
+                self._metrics.decode_ms.observe(o.decode_ms)
             if modelled:
                 self._metrics.batch_size.observe(len(modelled))
             for o in modelled:
