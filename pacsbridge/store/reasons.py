@@ -50,7 +50,7 @@ def reasons_from_row(state_reason: str | None, stored: str | None) -> list[dict[
 def code_of(text: str) -> str:
     """A reason code for a reason text made elsewhere (the imaging layer's NotAnalysable, old rows)."""
     low = text.lower()
-    for needle, code in (("out-of-distribution", "ood"), ("patient age", "age"), ("body part", "body_part"),
+    for needle, code in (("out-of-distribution", "ood"), ("patient age", "age"), ("body part", "body_part"), ("not a chest", "body_part"),
                          ("view", "view"), ("too large", "too_large"), ("colour", "colour"), ("modality", "modality"),
                          ("blank image", "blank"), ("not a dicom", "not_dicom"), ("could not be parsed", "not_dicom"),
                          ("pixel data", "decode"), ("codestream", "decode"), ("unreadable image header", "header")):
