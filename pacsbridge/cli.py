@@ -299,7 +299,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return 1
     results = score_files(iter_input_files(Path(p) for p in args.paths), model,
                           batch_size=args.batch_size or max(settings.inference_batch_size, 16),
-                          heatmaps=Path(args.heatmaps) if args.heatmaps else None)
+                          heatmaps=Path(args.heatmaps) if args.heatmaps else None,
+                          max_decoded_bytes=settings.max_decoded_bytes)
     try:
         with _results_stream() as out:
             for r in results:
@@ -323,8 +324,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         description="Score each DICOM file (folders are searched recursively) with the configured model. "
         "Every file gives one line: its probability and verdict, or 'skipped' with the reason (not a chest "
         "radiograph, not DICOM, unreadable, outside the model's intended use, ...). --json prints one JSON "
-        "object per file: {path, sop_instance_uid, probability, positive, threshold, model, calibration, ood_score} or "
-        "{path, skipped: true, reason}. "
+        "object per file: {path, sop_instance_uid, probability, positive, threshold, model, calibration, ood_score, "
+        "state, reasons} or {path, skipped: true, reason, state, reasons}; reasons lists every reason a file was "
+        "refused as {code, text}. "
         "Exit status 2 only for usage errors (e.g. a PATH that does not exist).",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM file or folder")
@@ -361,7 +363,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     files = list(iter_input_files(roots))
     progress = Progress(sys.stderr, every_s=3.0) if not args.quiet else None
     records = score_for_validation(files, model, batch_size=args.batch_size or max(settings.inference_batch_size, 16),
-                                   progress=progress)
+                                   progress=progress, max_decoded_bytes=settings.max_decoded_bytes)
     units, accounting = join(labels, records, roots)
     opts = Options(target_sensitivity=args.target_sensitivity, ood_keep=args.ood_keep,
                    confidence=args.confidence or settings.validation_confidence,

@@ -193,8 +193,9 @@ class Daemon:
         """The inference worker; ``updater`` puts positives on the worklist right after each batch
         (then ``after_batch``, e.g. waking the forwarder); results get their outbox entries."""
         from pacsbridge.forward.outbox import Outbox
-        from pacsbridge.inference.worker import InferenceWorker, default_decoder
+        from pacsbridge.inference.worker import InferenceWorker
         from pacsbridge.model.artifact import ModelError
+        from pacsbridge.scoring import Scorer
         from pacsbridge.store.queue import RetryPolicy
         from pacsbridge.validation.calibration import CalibrationError, load_site_model, record_calibration
 
@@ -209,11 +210,10 @@ class Daemon:
             record_calibration(self.sessions, model, s.site_calibration)
         except Exception as exc:  # noqa: BLE001 - e.g. the database went away: the next start records it
             log.warning("could not record the calibration in force: %s", _first_line(exc))
-        # The card's age gate first, then decoding within max_decoded_bytes.
-        decode, refusals = default_decoder(model, max_decoded_bytes=s.max_decoded_bytes)
+        # The one scoring path of `predict` and `validate`, decoding within max_decoded_bytes.
         return InferenceWorker(
             self.sessions, model, Path(s.spool_dir), batch_size=s.inference_batch_size,
-            decode=decode, refusals=refusals,
+            scorer=Scorer(model, max_decoded_bytes=s.max_decoded_bytes),
             max_wait_ms=s.inference_max_wait_ms, on_recorded=_then(updater.refresh, after_batch), metrics=metrics,
             notifier=self.notifier, outbox=Outbox(s.destinations) if s.destinations else None,
             retry_policy=RetryPolicy(max_attempts=s.inference_max_attempts, base_s=s.inference_retry_base_s),

@@ -243,6 +243,8 @@ def test_instances_list_and_image(env) -> None:
     assert len(rows) == 5
     refused = [r for r in rows if r["state"] == "not_analysed"]
     assert refused[0]["reason"].startswith("not a chest radiograph") and refused[0]["probability"] is None
+    # A row recorded without the structured list: one reason, its code read from the text.
+    assert refused[0]["reasons"] == [{"code": "body_part", "text": refused[0]["reason"]}]
     only = client.get("/api/instances?study_instance_uid=2.1", headers=h["anna"]).json()
     assert [(r["probability"], r["positive"]) for r in only] == [(0.95, True)]
     assert client.get("/api/instances?state=not_analysed", headers=h["anna"]).json()[0]["id"] == refused[0]["id"]

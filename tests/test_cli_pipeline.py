@@ -57,7 +57,7 @@ def test_predict_json_lines(tmp_path: Path, model_path: Path) -> None:
     for name, src in (("RG1_UNCR.dcm", uncr), ("b_chest.dcm", sample_file("RG1_J2KR.dcm"))):
         x = scored[name]
         assert set(x) == {"path", "sop_instance_uid", "probability", "positive", "threshold", "model", "calibration",
-                          "ood_score"}
+                          "ood_score", "state", "reasons"}
         assert x["calibration"] == "model"  # no site_calibration configured
         assert x["ood_score"] is None  # this test model carries no OOD statistics
         assert x["sop_instance_uid"].startswith("1.3.6.1.4.1.5962.1.1.9.1.")

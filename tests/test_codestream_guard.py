@@ -25,7 +25,8 @@ from pacsbridge.api.server import HttpServer
 from pacsbridge.auth.users import create_user
 from pacsbridge.imaging import NotAnalysable, check_decodable, load_for_model
 from pacsbridge.imaging.codestream import frame_header
-from pacsbridge.inference.worker import InferenceWorker, default_decoder
+from pacsbridge.inference.worker import InferenceWorker
+from pacsbridge.scoring import Scorer
 from pacsbridge.model.artifact import load_model
 from pacsbridge.store import migrations
 from pacsbridge.store.db import make_engine, make_sessionmaker
@@ -195,9 +196,8 @@ def test_codestream_bombs_received_over_dicom_end_not_analysed_in_bounded_memory
     model = load_model(export_model(tmp_path / "model"), "cpu", age_gate=False, ood_gate=False)
     with running_receiver(tmp_path) as rx:
         assert send_datasets(rx.port, [*bombs.values(), real], ae=ae) == [0, 0, 0]
-        decode, refusals = default_decoder(model, max_decoded_bytes=128 * MB)
         worker = InferenceWorker(rx.sessions, model, rx.spool.root,
-                                 batch_size=8, decode=decode, refusals=refusals)
+                                 batch_size=8, scorer=Scorer(model, max_decoded_bytes=128 * MB))
         with PeakRss() as peak:
             out = worker.drain()
         with rx.sessions() as s:

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from pacsbridge.imaging import load_for_model
+from pacsbridge.imaging import load_for_model, read_dataset
 from pacsbridge.inference.worker import InferenceWorker
 from pacsbridge.model.artifact import load_model
+from pacsbridge.scoring import Scorer
 from pacsbridge.store.models import Event, Instance, Prediction, utcnow
 from pipeline_support import add_instance, export_model, sample_file, sqlite_sessions
 
@@ -120,13 +121,13 @@ def test_error_on_one_instance_does_not_stop_the_batch(db, tmp_path: Path, model
     with db() as s:
         bad_path = (spool / s.get(Instance, bad).file_path).resolve()
 
-    def decode(path: Path):
-        # A decoder bug on one file (the imaging layer itself never raises anything but NotAnalysable).
+    def read(path: Path):
+        # A reader bug on one file (the imaging layer itself never raises anything but NotAnalysable).
         if path == bad_path:
             raise RuntimeError("decoder bug")
-        return load_for_model(path)
+        return read_dataset(path)
 
-    worker = InferenceWorker(db, model, spool, decode=decode, refusals=())
+    worker = InferenceWorker(db, model, spool, scorer=Scorer(model, read=read))
     out = worker.drain()
     # Both are faults of the system, not of the image: failed, with a retry scheduled.
     assert (out.predicted, out.not_analysed, out.failed) == (1, 0, 2)
@@ -146,8 +147,7 @@ def test_lost_claim_is_not_recorded(db, tmp_path: Path, model) -> None:
     claimed = worker.claim(1)
     with db.begin() as s:  # another worker's recovery took it back meanwhile
         s.scalars(select(Instance)).one().claimed_by = "otherhost:1"
-    scored, refused = worker._score(claimed)
-    out = worker._record(scored, refused)
+    out = worker._record(worker._score(claimed))
     assert (out.predicted, out.lost_claims) == (0, 1)
     with db() as s:
         assert s.scalar(select(func.count(Prediction.id))) == 0

@@ -357,4 +357,5 @@ def test_predict_marks_faults_failed_and_refusals_only_skipped(tmp_path, model) 
     model.module.head[-1].bias.data.fill_(float("nan"))
     [row] = score_files(files[:1], model)
     assert row == {"path": str(files[0]), "skipped": True, "reason": "the model produced a non-finite score",
-                   "failed": True, "sop_instance_uid": row["sop_instance_uid"]}
+                   "failed": True, "sop_instance_uid": row["sop_instance_uid"], "state": "failed",
+                   "reasons": [{"code": "non_finite", "text": "the model produced a non-finite score"}]}

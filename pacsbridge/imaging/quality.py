@@ -83,38 +83,66 @@ def _view_code_meanings(ds: Dataset) -> list[str]:
 
 
 def check_header(ds: Dataset) -> str | None:
-    """Header-only gate.  ``None`` when the image may be analysed, else the reason."""
-    modality = _text(ds, "Modality").upper()
+    """Header-only gate.  ``None`` when the image may be analysed, else the (first) reason."""
+    reasons = header_reasons(ds)
+    return reasons[0][1] if reasons else None
+
+
+def header_reasons(ds: Dataset) -> list[tuple[str, str]]:
+    """Every header-only reason to refuse ``ds``, as ``(code, text)`` pairs, most telling first.
+
+    All checks run (an adult hand is both "not chest" and, for the age gate, too old); a check that
+    meets a malformed value gives ``("header", ...)`` and the others still run.
+    """
+    out: list[tuple[str, str]] = []
+    for check in (_check_pixels_and_modality, _check_anatomy, _check_view, _check_format):
+        try:
+            found = check(ds)
+        except Exception as exc:  # noqa: BLE001 - a malformed header value is a property of the image
+            found = ("header", f"unreadable image header: {type(exc).__name__}: {exc}"[:200])
+        if found and all(code != found[0] for code, _ in out):
+            out.append(found if isinstance(found, tuple) else (_CODES[check], found))
+    return out
+
+
+def _grayscale(ds: Dataset) -> bool:
     photometric = _text(ds, "PhotometricInterpretation").upper()
     samples = ds.get("SamplesPerPixel", 1)
-    grayscale = (photometric in GRAYSCALE and samples in (None, 1)) or (
+    return (photometric in GRAYSCALE and samples in (None, 1)) or (
         photometric in MAYBE_GREY_COLOUR and samples == 3)  # checked again after decoding
+
+
+def _check_pixels_and_modality(ds: Dataset) -> tuple[str, str] | None:
     if "PixelData" not in ds:
-        return "no Pixel Data in the file (not an image, or the file is truncated)"
+        return "pixel_data", "no Pixel Data in the file (not an image, or the file is truncated)"
+    modality = _text(ds, "Modality").upper()
+    photometric = _text(ds, "PhotometricInterpretation").upper()
     if not modality:
         # Converters (e.g. DCMTK img2dcm wrapping a JPEG) often leave Modality out of a Secondary
         # Capture; treat such a file as SC (grey only) rather than drop a radiograph unread.
         if str(ds.get("SOPClassUID", "")) not in SC_OR_RADIOGRAPH_SOP_CLASSES:
-            return "no Modality in the file (and not a CR, DX or Secondary Capture image)"
+            return "modality", "no Modality in the file (and not a CR, DX or Secondary Capture image)"
         modality = "SC"
     if modality in GRAYSCALE_ONLY_MODALITIES:
-        if not grayscale:
-            return f"colour image ({modality}, {photometric or 'no photometric interpretation'})"
+        if not _grayscale(ds):
+            return "colour", f"colour image ({modality}, {photometric or 'no photometric interpretation'})"
     elif modality not in RADIOGRAPH_MODALITIES:
-        return f"modality {modality} is not a radiograph (expects CR or DX)"
+        return "modality", f"modality {modality} is not a radiograph (expects CR or DX)"
+    return None
 
-    reason = _check_anatomy(ds) or _check_view(ds)
-    if reason:
-        return reason
 
-    if not grayscale:
-        return f"colour image ({photometric or 'no photometric interpretation'}, {samples} samples/pixel)"
-    bits = ds.get("BitsAllocated")
-    if bits == 1:
-        return "1-bit image (a bitmap, not a radiograph)"
+def _check_format(ds: Dataset) -> tuple[str, str] | None:
+    if "PixelData" not in ds:
+        return None  # said above
+    if not _grayscale(ds):
+        photometric = _text(ds, "PhotometricInterpretation").upper()
+        return "colour", (f"colour image ({photometric or 'no photometric interpretation'}, "
+                          f"{ds.get('SamplesPerPixel', 1)} samples/pixel)")
+    if ds.get("BitsAllocated") == 1:
+        return "bitmap", "1-bit image (a bitmap, not a radiograph)"
     rows, cols = ds.get("Rows") or 0, ds.get("Columns") or 0
     if rows < MIN_SIDE or cols < MIN_SIDE:
-        return f"image too small ({rows}x{cols}, needs at least {MIN_SIDE}x{MIN_SIDE})"
+        return "too_small", f"image too small ({rows}x{cols}, needs at least {MIN_SIDE}x{MIN_SIDE})"
     return None
 
 
@@ -166,3 +194,7 @@ def check_image(image: np.ndarray) -> str | None:
     if float(image.std()) < 1e-3:
         return "blank image (no contrast after windowing)"
     return None
+
+
+#: The code of each check that returns a bare text.
+_CODES = {_check_anatomy: "body_part", _check_view: "view"}

@@ -160,6 +160,9 @@ def load_gated(source: str | os.PathLike | BinaryIO | Dataset, age_range: AgeRan
                **decode_kwargs: Any) -> ImageResult:
     """:func:`pacsbridge.imaging.load_for_model` with the age gate first (cheap: header only).
 
+    One image, the first refusal only; scoring (worker, ``predict``, ``validate``) goes through
+    :class:`pacsbridge.scoring.Scorer`, which collects every reason.
+
     Raises :class:`~pacsbridge.imaging.NotAnalysable` for an age outside ``age_range`` (when
     given) and for everything the imaging layer refuses.  ``decode_kwargs`` go to ``load_for_model``
     (e.g. ``max_decoded_bytes``).

@@ -1,9 +1,11 @@
-"""The inference worker: claim stored instances, decode, score in batches, record the results.
+"""The inference worker: claim stored instances, score them in batches, record the results.
 
-The loop only: the instance queue (:mod:`pacsbridge.store.queue`) owns the states, claims, stale
+Scoring (read, gates, decode, model, every refusal reason) is :class:`pacsbridge.scoring.Scorer`,
+the one path shared with ``predict`` and ``validate``; this module is the loop and the recording: the instance queue (:mod:`pacsbridge.store.queue`) owns the states, claims, stale
 claim recovery and every state move.  A claimed instance ends ``predicted`` (with a Prediction
 row), ``not_analysed`` (the image was refused: final) or ``failed`` (a fault of the system: retried
-with backoff up to ``max_attempts``), each with ``state_reason`` and an event, in one transaction.
+with backoff up to ``max_attempts``), each with ``state_reason`` (all reasons, joined; a refusal's
+list in ``state_reasons``) and an event, in one transaction.
 
 Which outcome each cause gives (a fault of the system is never a verdict on the image):
 
@@ -41,7 +43,6 @@ timeout, so instances stored by other processes (and retries falling due) are st
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import threading
@@ -51,45 +52,19 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import numpy as np
-import torch
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..model.artifact import LoadedModel
-from ..model.preprocess import preprocess
+from ..scoring import PREDICTED, Outcome, Scorer, reasons_json
 from ..store import queue
 from ..store.models import Prediction, utcnow
 from ..store.notifier import StoreNotifier
 from ..store.queue import Claimed, RetryPolicy
 from ..worklist.items import as_utc
-from .faults import system_fault
-from .gates import ood_refusal
 from .metrics import PipelineMetrics
 
 log = logging.getLogger(__name__)
-
-#: A decode function: spool file -> object with ``.image`` (2-D float in [0, 1]); raises the
-#: imaging layer's refusal exception (any exception whose class is in ``refusals``) to say no.
-DecodeFn = Callable[[Path], Any]
-
-
-def default_decoder(model: LoadedModel | None = None,
-                    **decode_kwargs: Any) -> tuple[DecodeFn, tuple[type[BaseException], ...]]:
-    """The imaging layer's entry point and the exception it raises for images it will not score.
-
-    With ``model``, the intended-use age gate of its card runs first (when the card has an age
-    range and ``model.age_gate`` is on).  ``decode_kwargs`` (e.g. ``max_decoded_bytes``) go to
-    :func:`pacsbridge.imaging.load_for_model`.
-    """
-    import functools
-
-    from ..imaging import NotAnalysable
-    from .gates import AgeRange, load_gated
-
-    ages = AgeRange.from_card(model.card) if model is not None and model.age_gate else None
-    return functools.partial(load_gated, age_range=ages, **decode_kwargs), (NotAnalysable,)
-
 
 def default_worker_id() -> str:
     """``host:pid``: lets a restarted worker on the same host recognise its predecessor's claims."""
@@ -118,22 +93,8 @@ class BatchOutcome:
         self.positive_studies |= other.positive_studies
 
 
-@dataclass
-class _Scored:
-    inst: Claimed
-    probability: float
-    decode_ms: float
-    inference_ms: float
-    ood_score: float | None = None
-
-
-@dataclass
-class _Refused:
-    inst: Claimed
-    reason: str
-    level: str  # "info" for a refusal of the image, "error" for a fault of the system
-    fault: bool = False  # a fault of the system: the instance becomes ``failed`` (see the module's table)
-    retry: bool = True  # for a fault: whether another attempt can help
+#: A claimed instance and what scoring made of it.
+_Result = tuple[Claimed, Outcome]
 
 
 class InferenceWorker:
@@ -149,8 +110,7 @@ class InferenceWorker:
         *,
         batch_size: int = 8,
         max_wait_ms: int = 20,
-        decode: DecodeFn | None = None,
-        refusals: tuple[type[BaseException], ...] | None = None,
+        scorer: Scorer | None = None,
         on_recorded: Callable[[set[int]], None] | None = None,
         metrics: PipelineMetrics | None = None,
         worker_id: str | None = None,
@@ -161,16 +121,13 @@ class InferenceWorker:
         retry_policy: RetryPolicy | None = None,
         shadow: bool = False,
     ) -> None:
-        if decode is None:
-            decode, default_refusals = default_decoder(model)
-            refusals = refusals if refusals is not None else default_refusals
         self._sessions = sessions
         self._model = model
         self._spool = Path(spool_dir).resolve()
         self._batch_size = max(1, int(batch_size))
         self._max_wait_s = max(0, int(max_wait_ms)) / 1000.0
-        self._decode = decode
-        self._refusals = refusals or ()
+        # The one scoring path (shared with `predict` and `validate`); the daemon passes its limits.
+        self._scorer = scorer or Scorer(model)
         self._on_recorded = on_recorded
         self._metrics = metrics
         self.worker_id = (worker_id or default_worker_id())[:64]
@@ -226,8 +183,7 @@ class InferenceWorker:
                     break  # timed out
                 seen = now_seen
                 batch.extend(self.claim(self._batch_size - len(batch)))
-        scored, refused = self._score(batch)
-        outcome = self._record(scored, refused)
+        outcome = self._record(self._score(batch))
         if outcome.positive_studies and self._on_recorded is not None:
             try:
                 self._on_recorded(outcome.positive_studies)
@@ -255,142 +211,65 @@ class InferenceWorker:
             raise FileNotFoundError(f"{rel} is not in the spool")
         return path
 
-    def _score(self, batch: list[Claimed]) -> tuple[list[_Scored], list[_Refused]]:
-        ready: list[tuple[Claimed, torch.Tensor, float]] = []
-        refused: list[_Refused] = []
+    def _score(self, batch: list[Claimed]) -> list[_Result]:
+        """Each claimed instance with its outcome; the spool's own faults are found before scoring."""
+        results: dict[int, Outcome] = {}
+        paths: list[tuple[Claimed, Path]] = []
         for inst in batch:
-            t0 = time.perf_counter()
             if inst.spool_deleted_at is not None:
                 when = as_utc(inst.spool_deleted_at).isoformat(timespec="seconds")
-                refused.append(_Refused(inst, f"the stored file was deleted by retention at {when}", "error",
-                                        fault=True, retry=False))
+                results[inst.id] = Outcome.failure("file_deleted", f"the stored file was deleted by retention at {when}",
+                                                   retry=False)
                 continue
             try:
-                path = self._spool_path(inst.file_path)  # before decoding: a lost file is our error, not the image's
-                result = self._decode(path)
-                x = preprocess(np.asarray(result.image), self._model.input_size)
-            except self._refusals as exc:
-                fault = system_fault(exc)
-                if fault is None:
-                    refused.append(_Refused(inst, _reason(exc), "info"))
-                else:
-                    log.error("instance %d: %s while decoding: %s", inst.id, type(fault).__name__, fault)
-                    refused.append(_Refused(inst, f"could not decode the image ({type(fault).__name__}: {fault})",
-                                            "error", fault=True))
-                continue
+                paths.append((inst, self._spool_path(inst.file_path)))  # a lost file is our error, not the image's
             except FileNotFoundError as exc:
                 log.error("instance %d: spool file missing: %s", inst.id, exc)
-                refused.append(_Refused(inst, "the stored file is missing from the spool", "error", fault=True))
-                continue
-            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the worker
-                log.exception("instance %d: unexpected error while decoding", inst.id)
-                refused.append(_Refused(inst, f"could not decode the image ({type(exc).__name__}: {exc})", "error",
-                                        fault=True))
-                continue
-            decode_ms = (time.perf_counter() - t0) * 1000  # read + decode + preprocess: all before the model
-            ready.append((inst, x, decode_ms))
-            if self._metrics is not None:
-                self._metrics.decode_ms.observe(decode_ms)
-        if not ready:
-            return [], refused
-        probs, oods, each_ms = self._infer([x for _, x, _ in ready])
-        scored: list[_Scored] = []
-        for (inst, _, decode_ms), p, ood in zip(ready, probs, oods):
-            if isinstance(p, str):
-                refused.append(_Refused(inst, p, "error", fault=True))
-            elif self._model.is_out_of_distribution(ood):
-                refused.append(_Refused(inst, ood_refusal(ood, self._model.ood.threshold) or "out of distribution", "info"))
-            else:
-                scored.append(_Scored(inst, p, decode_ms, each_ms, ood))
+                results[inst.id] = Outcome.failure("missing_file", "the stored file is missing from the spool")
+        if paths:
+            for (inst, _), out in zip(paths, self._scorer.score([p for _, p in paths])):
+                results[inst.id] = out
         if self._metrics is not None:
-            self._metrics.batch_size.observe(len(ready))
-            for _ in scored:
-                self._metrics.inference_ms.observe(each_ms)
-        return scored, refused
+            modelled = [o for o in results.values() if o.inference_ms is not None]  # decoded, went to the model
+            for o in modelled:
+                self._metrics.decode_ms.observe(o.decode_ms)
+            if modelled:
+                self._metrics.batch_size.observe(len(modelled))
+            for o in modelled:
+                if o.state == PREDICTED:
+                    self._metrics.inference_ms.observe(o.inference_ms)
+        return [(inst, results[inst.id]) for inst in batch]
 
-    def _infer(self, inputs: list[torch.Tensor]) -> tuple[list[float | str], list[float | None], float]:
-        """Probabilities and OOD scores for a batch; a failing batch is retried one by one to
-        isolate the bad input.
-
-        A probability is a string (the reason) where the model failed or gave a non-finite score.
-        """
-        t0 = time.perf_counter()
+    def _record(self, results: list[_Result]) -> BatchOutcome:
         try:
-            raw: list[Any]
-            raw, oods = self._model.score_inputs(torch.stack(inputs))
-        except Exception:  # noqa: BLE001
-            log.exception("batch of %d failed in the model; retrying one by one", len(inputs))
-            raw, oods = [], []
-            for x in inputs:
-                try:
-                    p, o = self._model.score_inputs(x.unsqueeze(0))
-                    raw.extend(p)
-                    oods.extend(o)
-                except Exception as exc:  # noqa: BLE001
-                    raw.append(f"the model failed on this image ({type(exc).__name__}: {exc})")
-                    oods.append(None)
-        each_ms = (time.perf_counter() - t0) * 1000 / len(inputs)
-        out: list[float | str] = []
-        for p in raw:
-            if isinstance(p, str) or math.isfinite(p):
-                out.append(p)
-            else:
-                out.append("the model produced a non-finite score")
-        return out, oods, each_ms
-
-    def _record(self, scored: list[_Scored], refused: list[_Refused]) -> BatchOutcome:
-        try:
-            return self._record_in(scored, refused)
+            return self._record_in(results)
         except IntegrityError:
             # Should not happen (our claim guards it); isolate the offending row instead of looping.
             log.exception("recording a batch hit a constraint; recording one by one")
             total = BatchOutcome()
-            for s in scored:
+            for r in results:
                 try:
-                    out = self._record_in([s], [])
+                    out = self._record_in([r])
                 except IntegrityError:
-                    out = self._record_in([], [], already_predicted=[s.inst])
+                    out = self._record_in([], already_predicted=[r[0]])
                 total.add(out)
-            total.add(self._record_in([], refused))
             return total
 
-    def _record_in(
-        self, scored: list[_Scored], refused: list[_Refused], already_predicted: Iterable[Claimed] = (),
-    ) -> BatchOutcome:
+    def _record_in(self, results: list[_Result], already_predicted: Iterable[Claimed] = ()) -> BatchOutcome:
         out = BatchOutcome()
         now = utcnow()
-        m = self._model
         with self._sessions.begin() as session:
-            for s in scored:
-                if not queue.mark_predicted(session, s.inst, self.worker_id, now):
-                    out.lost_claims += 1
-                    continue
-                positive = m.is_positive(s.probability)
-                prediction = Prediction(
-                    instance_id=s.inst.id, probability=float(s.probability), positive=positive,
-                    threshold=m.threshold, model_id=m.model_id, weights_sha256=m.weights_sha256,
-                    decode_ms=round(s.decode_ms, 3), inference_ms=round(s.inference_ms, 3), created_at=now,
-                    ood_score=None if s.ood_score is None else float(s.ood_score),
-                    calibration=m.calibration_id, shadow=self.shadow,
-                )
-                session.add(prediction)
-                if self._outbox is not None and not self.shadow:
-                    session.flush()  # the prediction's id, for its outbox entries
-                    self._outbox.enqueue(session, prediction.id, positive, now)
-                out.predicted += 1
-                # One line per image: the spool name (a hash, no patient data), the result.
-                log.info("predicted %s: probability %.4f %s (model %s%s)", Path(s.inst.file_path).stem[:12],
-                         s.probability, "POSITIVE" if positive else "negative", m.model_id,
-                         ", shadow mode" if self.shadow else "")
-                if positive and not self.shadow:
-                    out.positive_studies.add(s.inst.study_id)
-            for r in refused:
-                if r.fault:
-                    self._record_fault(session, r, now, out)
-                elif queue.mark_not_analysed(session, r.inst, self.worker_id, r.reason, r.level, now):
+            for inst, o in results:
+                if o.state == PREDICTED:
+                    self._record_prediction(session, inst, o, now, out)
+                elif o.fault:
+                    self._record_fault(session, inst, o, now, out)
+                elif queue.mark_not_analysed(session, inst, self.worker_id, o.reason or "not analysed", "info", now,
+                                             reasons=reasons_json(o.reasons)):
                     out.not_analysed += 1
-                    # The bracketed part names header values (e.g. a birth date): kept in the database, not the log.
-                    log.info("not_analysed %s: %s", Path(r.inst.file_path).stem[:12], r.reason.split(" [", 1)[0])
+                    # The bracketed parts name header values (e.g. a birth date): kept in the database, not the log.
+                    log.info("not_analysed %s: %s", Path(inst.file_path).stem[:12],
+                             "; ".join(r.text.split(" [", 1)[0] for r in o.reasons))
                 else:
                     out.lost_claims += 1
             for inst in already_predicted:
@@ -399,18 +278,43 @@ class InferenceWorker:
             log.warning("worker %s: %d claims were taken back before recording", self.worker_id, out.lost_claims)
         return out
 
-    def _record_fault(self, session: Session, r: _Refused, now: datetime, out: BatchOutcome) -> None:
-        when = queue.mark_failed(session, r.inst, self.worker_id, r.reason, self._retry, now, retry=r.retry)
+    def _record_prediction(self, session: Session, inst: Claimed, o: Outcome, now: datetime,
+                           out: BatchOutcome) -> None:
+        if not queue.mark_predicted(session, inst, self.worker_id, now):
+            out.lost_claims += 1
+            return
+        m = self._model
+        prediction = Prediction(
+            instance_id=inst.id, probability=float(o.probability), positive=bool(o.positive),  # type: ignore[arg-type]
+            threshold=m.threshold, model_id=m.model_id, weights_sha256=m.weights_sha256,
+            decode_ms=round(o.decode_ms, 3), inference_ms=round(o.inference_ms or 0.0, 3), created_at=now,
+            ood_score=o.ood_score, calibration=m.calibration_id, shadow=self.shadow,
+        )
+        session.add(prediction)
+        if self._outbox is not None and not self.shadow:
+            session.flush()  # the prediction's id, for its outbox entries
+            self._outbox.enqueue(session, prediction.id, bool(o.positive), now)
+        out.predicted += 1
+        # One line per image: the spool name (a hash, no patient data), the result.
+        log.info("predicted %s: probability %.4f %s (model %s%s)", Path(inst.file_path).stem[:12],
+                 o.probability, "POSITIVE" if o.positive else "negative", m.model_id,
+                 ", shadow mode" if self.shadow else "")
+        if o.positive and not self.shadow:
+            out.positive_studies.add(inst.study_id)
+
+    def _record_fault(self, session: Session, inst: Claimed, o: Outcome, now: datetime, out: BatchOutcome) -> None:
+        reason = o.reason or "fault of the system"
+        when = queue.mark_failed(session, inst, self.worker_id, reason, self._retry, now, retry=o.retry)
         if when is False:
             out.lost_claims += 1
             return
         out.failed += 1
-        name = Path(r.inst.file_path).stem[:12]
+        name = Path(inst.file_path).stem[:12]
         if when is None:
-            log.error("failed %s (attempt %d, no retry left): %s", name, r.inst.attempts + 1, r.reason)
+            log.error("failed %s (attempt %d, no retry left): %s", name, inst.attempts + 1, reason)
         else:
-            log.warning("failed %s (attempt %d of %d, retry at %s): %s", name, r.inst.attempts + 1,
-                        self._retry.max_attempts, when.isoformat(timespec="seconds"), r.reason)
+            log.warning("failed %s (attempt %d of %d, retry at %s): %s", name, inst.attempts + 1,
+                        self._retry.max_attempts, when.isoformat(timespec="seconds"), reason)
 
     # ----------------------------------------------------------------- thread
 
@@ -470,8 +374,3 @@ class InferenceWorker:
                 backoff = min(backoff * 2, 30.0)
         log.info("inference worker %s stopped", self.worker_id)
 
-
-def _reason(exc: BaseException) -> str:
-    """Readable reason from a refusal exception (``NotAnalysable.reason`` when it has one)."""
-    reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-    return str(reason)

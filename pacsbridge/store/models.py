@@ -114,6 +114,8 @@ class Instance(Base):
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16), default=InstanceState.RECEIVED.value, index=True)
     state_reason: Mapped[str | None] = mapped_column(Text)
+    # Every reason of a refusal as JSON [{"code", "text"}]; valid while its texts join to state_reason.
+    state_reasons: Mapped[str | None] = mapped_column(Text)
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Failed attempts (faults of the system) since it was received or last queued again by hand.

@@ -231,9 +231,12 @@ def mark_predicted(session: Session, inst: Claimed, worker_id: str, now: datetim
 
 
 def mark_not_analysed(session: Session, inst: Claimed, worker_id: str, reason: str, level: str,
-                      now: datetime) -> bool:
-    """``processing -> not_analysed`` with the reason and a ``not_analysed`` event; False if the claim is gone."""
-    if not _move(session, inst, worker_id, now, state=NOT_ANALYSED, state_reason=reason, next_attempt_at=None):
+                      now: datetime, *, reasons: str | None = None) -> bool:
+    """``processing -> not_analysed`` with the reason and a ``not_analysed`` event; False if the claim is gone.
+
+    ``reasons``: every reason as JSON (``pacsbridge.scoring.reasons_json``), ``reason`` their joined text."""
+    if not _move(session, inst, worker_id, now, state=NOT_ANALYSED, state_reason=reason, state_reasons=reasons,
+                 next_attempt_at=None):
         return False
     _event(session, "not_analysed", level, inst.id, inst.sop_instance_uid, reason)
     return True

@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..store.models import Event, Instance, InstanceState, Prediction, utcnow
@@ -43,6 +43,9 @@ SIGNALS = ("ood_score", "refusal_rate", "flag_rate")
 ALARM, CLEARED = "drift_alarm", "drift_cleared"
 #: Substring of the OOD refusal reasons (pacsbridge.inference.gates.ood_refusal).
 OOD_MARK = "out-of-distribution score"
+#: How those reasons begin.  Only an image refused for OOD alone counts (its reason is then the
+#: headline): an adult also refused for its age was never OOD-counted by the validation either.
+OOD_HEADS = ("image unlike this model's training data", OOD_MARK)
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ def window_counts(session: Session, limits: DriftLimits, now: datetime | None = 
     refused = recent.c.state == InstanceState.NOT_ANALYSED.value
     row = session.execute(
         select(func.count(), func.sum(case((refused, 1), else_=0)),
-               func.sum(case((and_(refused, recent.c.state_reason.contains(OOD_MARK)), 1), else_=0)),
+               func.sum(case((and_(refused, or_(*(recent.c.state_reason.startswith(h) for h in OOD_HEADS))), 1), else_=0)),
                func.count(Prediction.id), func.sum(case((Prediction.positive.is_(True), 1), else_=0)))
         .select_from(recent).outerjoin(Prediction, Prediction.instance_id == recent.c.id)).one()
     n, ref, ood, scored, flagged = (int(x or 0) for x in row)

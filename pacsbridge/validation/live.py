@@ -160,7 +160,7 @@ def _refused(session: Session, since: datetime | None) -> dict[str, int]:
         q = q.where(Instance.received_at >= since)
     out: dict[str, int] = {}
     for reason, n in session.execute(q.group_by(head)):
-        key = (reason or "").split(":", 1)[0].split("(", 1)[0].strip() or "unknown"
+        key = (reason or "").split(";", 1)[0].split(":", 1)[0].split("(", 1)[0].strip() or "unknown"  # the headline
         out[key] = out.get(key, 0) + int(n)
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 

@@ -1,9 +1,9 @@
 """Site validation: score a site's labelled files, measure, and propose the site's operating point.
 
-Scoring goes through :func:`pacsbridge.inference.files.score_files`, the path of ``predict`` and of
-the daemon's gates (decode, header gates, age gate, model, the active calibration).  The one
-difference: the OOD gate is applied here, with the model's own method, after scoring, so that one
-pass gives the result at the cut in force *and* at the proposed site cut.
+Scoring goes through :class:`pacsbridge.scoring.Scorer`, the one path of ``predict`` and of the
+daemon (decode, header gates, age gate, model, the active calibration).  The one difference: the
+OOD gate is applied here, with the model's own method, after scoring, so that one pass gives the
+result at the cut in force *and* at the proposed site cut.
 
 Counting (as triage sees it): a labelled pneumonia that is refused is a miss; a refused normal is
 not flagged.  The same rates over the scored units only are reported beside them.  With a study key
@@ -23,9 +23,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from ..inference.files import score_files
 from ..inference.gates import ood_refusal
 from ..model.artifact import LoadedModel
+from ..scoring import Scorer, score_paths
 from . import stats
 from .calibration import ood_ceiling
 from .labels import FileIndex, Labels
@@ -71,16 +71,20 @@ class Options:
 
 
 def score_for_validation(files: list[Path], model: LoadedModel, batch_size: int = 16,
-                         progress: Callable[[int, int], None] | None = None) -> list[ImageRecord]:
-    """One record per file, through predict's scoring path with the OOD decision left to the caller."""
+                         progress: Callable[[int, int], None] | None = None,
+                         max_decoded_bytes: int | None = None) -> list[ImageRecord]:
+    """One record per file, through the one scoring path with the OOD decision left to the caller.
+
+    Only scored images keep their OOD score: the site's OOD cut is set on the images that pass every
+    other gate, as in the daemon (an adult hand refused by its header must not loosen it)."""
     ungated = dataclasses.replace(model, ood_gate=False)
+    scorer = Scorer(ungated) if max_decoded_bytes is None else Scorer(ungated, max_decoded_bytes=max_decoded_bytes)
     out: list[ImageRecord] = []
-    for r in score_files(files, ungated, batch_size=batch_size):
-        if r.get("skipped"):
-            out.append(ImageRecord(Path(r["path"]), r.get("sop_instance_uid"), None, r.get("ood_score"), r["reason"]))
+    for path, o in score_paths(files, scorer, batch_size):
+        if o.probability is None:
+            out.append(ImageRecord(path, o.sop_instance_uid, None, None, o.reason or "not scored"))
         else:
-            out.append(ImageRecord(Path(r["path"]), r.get("sop_instance_uid"), float(r["probability"]),
-                                   r.get("ood_score"), None))
+            out.append(ImageRecord(path, o.sop_instance_uid, o.probability, o.ood_score, None))
         if progress is not None:
             progress(len(out), len(files))
     return out
@@ -162,7 +166,7 @@ def _refused_by_ood(model: LoadedModel, score: float | None, cut: float | None) 
 
 def _category(reason: str) -> str:
     """Refusal reasons grouped for counting (the numbers and details of each image dropped)."""
-    head = reason.split(":", 1)[0].split("(", 1)[0].strip()
+    head = reason.split(";", 1)[0].split(":", 1)[0].split("(", 1)[0].strip()  # the headline of all reasons
     return head or reason[:60]
 
 

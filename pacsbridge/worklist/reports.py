@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..store.models import Event, Instance, Prediction, Series, Study, WorklistItem, utcnow
+from ..store.reasons import reasons_from_row
 from .history import study_history
 from .items import fetch_rows, item_row, row_query
 from .lifecycle import ItemNotFound, as_utc
@@ -34,12 +35,14 @@ def instance_row(inst: Instance, series: Series, study: Study, pred: Prediction 
         "received_at": _iso(inst.received_at),
         "state": inst.state,
         "reason": inst.state_reason,
+        "reasons": reasons_from_row(inst.state_reason, inst.state_reasons),
         "attempts": inst.attempts,
         "next_attempt_at": _iso(inst.next_attempt_at),
         "last_error": inst.last_error,
         "probability": round(pred.probability, 6) if pred else None,
         "positive": pred.positive if pred else None,
         "threshold": pred.threshold if pred else None,
+        "ood_score": pred.ood_score if pred else None,
         "model_id": pred.model_id if pred else None,
         "calibration": pred.calibration if pred else None,
         "predicted_at": _iso(pred.created_at) if pred else None,
