@@ -205,6 +205,13 @@ class StorageSCP:
             return self.requested_tls_port
         return int(self._tls_server.server_address[1])
 
+    def association_count(self) -> int:
+        """Associations being served now, plain and TLS together (0 when not listening)."""
+        server = self._server or self._tls_server
+        if server is None:
+            return 0
+        return sum(1 for a in server.ae.active_associations if a.is_acceptor)
+
     def healthy(self) -> bool:
         servers = [s for s in (self._server, self._tls_server) if s is not None]
         return bool(servers) and all(s.socket is not None and s.socket.fileno() != -1 for s in servers)
