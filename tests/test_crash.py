@@ -11,6 +11,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from dicom_support import daemon_env, free_port, make_image, pacsbridge_cmd, scu_ae, wait_for_port
+from waiting import wait_until
 from pacsbridge.store.db import make_engine, make_sessionmaker
 from pacsbridge.store.models import Instance
 from pacsbridge.store.spool import Spool
@@ -34,6 +35,7 @@ def test_sigkill_mid_stream_loses_nothing_acknowledged(tmp_path):
     acknowledged: list[str] = []
     failures: list[str] = []
     progress = threading.Event()
+    found_down = threading.Event()  # the sender has tried and failed to associate (the daemon was down)
 
     def sender() -> None:
         ae = scu_ae()
@@ -44,7 +46,8 @@ def test_sigkill_mid_stream_loses_nothing_acknowledged(tmp_path):
             if assoc is None or not assoc.is_established:
                 assoc = ae.associate("127.0.0.1", port, ae_title="PACSBRIDGE")
                 if not assoc.is_established:
-                    time.sleep(0.2)  # daemon down: retry, as a PACS would
+                    found_down.set()
+                    time.sleep(0.2)  # daemon down: retry after a pause, as a PACS would
                     continue
             try:
                 status = assoc.send_c_store(images[i])
@@ -70,7 +73,8 @@ def test_sigkill_mid_stream_loses_nothing_acknowledged(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         killed_at = len(acknowledged)
-        time.sleep(0.5)
+        # Restart only once the sender has met the daemon down, as a PACS would during a crash.
+        wait_until(lambda: found_down.is_set() or not thread.is_alive(), 30, "the sender to find the daemon down")
         proc = start()
         thread.join(150)
         assert not thread.is_alive()

@@ -6,10 +6,10 @@ import json
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
 from dicom_support import daemon_env, free_port, make_image, pacsbridge_cmd, scu_ae, send_datasets, wait_for_port
+from waiting import wait_until
 
 
 def test_help_explains_each_command():
@@ -41,6 +41,15 @@ def _messages(sock) -> list[str]:
             return out
 
 
+def _refused(port: int) -> bool:
+    """Whether a new connection to ``port`` is refused."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return True
+    return False
+
+
 def test_serve_store_status_and_graceful_sigterm(tmp_path, notify_socket):
     sock, sock_path = notify_socket
     port = free_port()
@@ -57,9 +66,10 @@ def test_serve_store_status_and_graceful_sigterm(tmp_path, notify_socket):
         assoc = ae.associate("127.0.0.1", port, ae_title="PACSBRIDGE")
         assert assoc.is_established
         assert assoc.send_c_store(make_image()).Status == 0
-        time.sleep(1.0)  # let a watchdog ping or two through
+        messages: list[str] = []
+        wait_until(lambda: messages.extend(_messages(sock)) or "WATCHDOG=1" in messages, 10, "a watchdog ping")
         proc.send_signal(signal.SIGTERM)
-        time.sleep(1.0)
+        wait_until(lambda: _refused(port), 30, "the DICOM port to close after SIGTERM")
         assert assoc.send_c_store(make_image()).Status == 0
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
@@ -73,7 +83,7 @@ def test_serve_store_status_and_graceful_sigterm(tmp_path, notify_socket):
     assert "received SIGTERM" in out and "pacsbridge stopped" in out
     assert "TEST-PATIENT" not in out and "Test^Patient" not in out  # no PHI in the log
 
-    messages = _messages(sock)
+    messages += _messages(sock)
     assert messages[0].startswith("READY=1")
     assert "WATCHDOG=1" in messages
     assert messages[-1] == "STOPPING=1"

@@ -20,6 +20,7 @@ from sqlalchemy import select as sql_select
 
 from dicom_support import run_dcmtk, running_receiver, scu_ae
 from hostile_support import assoc_rq, echo_ok, read_one_pdu
+from waiting import wait_until
 from pacsbridge.dicom.fast_transport import TransportLimits
 from pacsbridge.store.models import Event
 
@@ -94,13 +95,11 @@ def test_32_trickling_peers_are_dropped_at_artim_and_echo_gets_through(tmp_path,
         trickler = Trickler(r.port, per_address=8)
         try:
             assert trickler.connected_at[-1] - trickler.opened_at < 1.0, "connecting took too long to test this"
-            time.sleep(0.5)
+            time.sleep(0.5)  # on purpose: a window in which no trickler may be closed yet
             assert not trickler.closed_after, "the receiver closed trickling peers before any deadline"
             assert not echo_ok(r.port), "32 trickling peers should hold every slot at first"
             # No newcomer now (it would evict the oldest tricklers, see the next test): ARTIM alone.
-            wait_until = time.monotonic() + ARTIM_S + 5
-            while len(trickler.closed_after) < 32 and time.monotonic() < wait_until:
-                time.sleep(0.1)
+            wait_until(lambda: len(trickler.closed_after) >= 32, ARTIM_S + 5, "all 32 tricklers dropped at ARTIM")
             echo_at = time.monotonic() - trickler.opened_at if echo_ok(r.port) else None
         finally:
             trickler.close()
@@ -183,19 +182,25 @@ def test_a_new_peer_evicts_the_oldest_unassociated_sockets_when_the_listener_is_
                           max_associations_per_peer=8) as r:
         trickler = Trickler(r.port, per_address=8)
         try:
-            time.sleep(EVICT_MIN_AGE + 0.5)
+            time.sleep(EVICT_MIN_AGE + 0.5)  # on purpose: the tricklers must be old enough to be evicted
             t0 = time.monotonic()
             assert echo_ok(r.port), "a real peer should get in by evicting the oldest trickling sockets"
             took = time.monotonic() - t0
             if shutil.which("echoscu"):
                 assert run_dcmtk("echoscu", "-aec", "PACSBRIDGE", "127.0.0.1", str(r.port)).returncode == 0
-            time.sleep(0.5)
+            # Every evicted trickler has seen its socket closed once the closures match the recorded evictions.
+            wait_until(lambda: 0 < len(trickler.closed_after) == len(evicted_events(r)), 5,
+                       lambda: f"{len(evicted_events(r))} evictions recorded, {len(trickler.closed_after)} seen closed")
             still_open = 32 - len(trickler.closed_after)
         finally:
             trickler.close()
         assert took < 3.0, f"C-ECHO took {took:.1f} s while the listener was full"
         assert 0 < still_open < 32, f"{still_open} trickling sockets still open: eviction should take only some"
-        with r.sessions() as s:
-            evicted = [e for e in s.scalars(sql_select(Event).where(Event.kind == "association_aborted"))
-                       if "evicted" in (e.detail or "")]
+        evicted = evicted_events(r)
         assert len(evicted) == 32 - still_open, (len(evicted), still_open)
+
+
+def evicted_events(r) -> list[Event]:  # noqa: ANN001 - a dicom_support.Receiver
+    with r.sessions() as s:
+        return [e for e in s.scalars(sql_select(Event).where(Event.kind == "association_aborted"))
+                if "evicted" in (e.detail or "")]

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from dicom_support import daemon_env, free_port, make_image, pacsbridge_cmd, scu_ae, send_datasets, wait_for_port
+from waiting import wait_until
 from pydicom import dcmwrite
 from sqlalchemy import create_engine, text
 
@@ -78,7 +79,7 @@ def test_guard_cache_reads_statvfs_about_once_a_second(tmpfs):
     assert guard.check() is None
     fill_below(tmpfs, FLOOR)
     assert guard.check() is None  # still the cached measurement
-    time.sleep(1.1)
+    time.sleep(1.1)  # on purpose: waits out the 1 s cache this test is about
     assert guard.check() is not None
 
 
@@ -87,6 +88,19 @@ def _metric(body: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+def readyz(http_port: int) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=10)
+
+
+def spool_ready(http_port: int) -> bool | None:
+    """Whether /readyz finds the spool fine (it reads the receiver's own guard); None while the HTTP
+    server is not listening yet."""
+    try:
+        return "spool" not in readyz(http_port).json().get("failing", [])
+    except httpx.TransportError:
+        return None
 
 
 def test_serve_refuses_below_the_floor_and_resumes(tmpfs, tmp_path):
@@ -104,7 +118,8 @@ def test_serve_refuses_below_the_floor_and_resumes(tmpfs, tmp_path):
         assert send_datasets(dicom_port, before) == [0, 0, 0]
 
         filler = fill_below(tmpfs, FLOOR)
-        time.sleep(1.2)  # past the guard's 1 s cache
+        # Readiness reads the receiver's own guard: once it names the spool, the guard has seen the fall.
+        wait_until(lambda: spool_ready(http_port) is False, 30, "readiness to report the full spool")
         refused = [make_image(seed=10 + i) for i in range(2)]
         assoc = scu_ae().associate("127.0.0.1", dicom_port, ae_title="PACSBRIDGE")
         assert assoc.is_established
@@ -123,7 +138,7 @@ def test_serve_refuses_below_the_floor_and_resumes(tmpfs, tmp_path):
         assoc = scu_ae().associate("127.0.0.1", dicom_port, ae_title="PACSBRIDGE")
         assert assoc.is_established and assoc.send_c_echo().Status == 0
         assoc.release()
-        r = httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=10)
+        r = readyz(http_port)
         assert r.status_code == 503 and r.json()["failing"] == ["spool"], r.text
         add = subprocess.run(pacsbridge_cmd("users", "add", "mon", "--role", "monitor", "--json"), env=env,
                              capture_output=True, text=True, timeout=60)
@@ -134,10 +149,10 @@ def test_serve_refuses_below_the_floor_and_resumes(tmpfs, tmp_path):
         assert _metric(body, "pacsbridge_spool_free_bytes") < FLOOR
 
         filler.unlink()
-        time.sleep(1.2)
+        wait_until(lambda: spool_ready(http_port), 30, "readiness to report the spool free again")
         after = [make_image(seed=30 + i) for i in range(2)]
         assert send_datasets(dicom_port, after) == [0, 0]
-        assert httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=10).status_code == 200
+        assert readyz(http_port).status_code == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

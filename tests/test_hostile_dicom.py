@@ -19,6 +19,7 @@ from hostile_support import (
     RELEASE_RQ, assoc_rq, c_store_pdus, dimse_statuses, echo_ok, encode_dataset, exchange, read_one_pdu, read_pdus, rss_bytes,
     running_serve,
 )
+from waiting import wait_until
 from pacsbridge.store.models import Event, Instance
 
 FOUR_GIB = 0xFFFFFFF0
@@ -28,13 +29,13 @@ RSS_BOUND = 256 * 1024 * 1024
 def events(receiver, kind: str, wait_for: int = 0) -> list[Event]:
     """Events of ``kind``; with ``wait_for``, wait (up to 5 s) until that many are there: a rejection
     reaches the peer just before its handler has committed the event."""
-    deadline = time.monotonic() + 5
-    while True:
+    def found() -> list[Event]:
         with receiver.sessions() as s:
-            found = list(s.scalars(select(Event).where(Event.kind == kind)))
-        if len(found) >= wait_for or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
+            return list(s.scalars(select(Event).where(Event.kind == kind)))
+
+    if wait_for:
+        wait_until(lambda: len(found()) >= wait_for, 5, f"{wait_for} {kind} event(s)")
+    return found()
 
 
 def spool_files(receiver) -> list:
@@ -45,7 +46,6 @@ def spool_files(receiver) -> list:
 def test_eight_connections_announcing_4_gib_pdus_leave_memory_flat_and_echo_working(tmp_path):
     with running_serve(tmp_path) as d:
         assert echo_ok(d.port)
-        time.sleep(0.5)
         idle = rss_bytes(d.pid)
         socks = []
         for i in range(8):
@@ -55,13 +55,11 @@ def test_eight_connections_announcing_4_gib_pdus_leave_memory_flat_and_echo_work
             else:  # inside an established association: a P-DATA-TF header claiming ~4 GiB
                 s.sendall(assoc_rq())
                 s.settimeout(10)
-                assert s.recv(1) == b"\x02"  # A-ASSOCIATE-AC
-                time.sleep(0.05)
-                s.recv(65536)
+                assert read_one_pdu(s)[:1] == b"\x02"  # the whole A-ASSOCIATE-AC
                 s.sendall(b"\x04\x00" + struct.pack(">L", FOUR_GIB) + b"\x00" * 1000)
             socks.append(s)
         peak = idle
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 3  # a 3 s window of RSS samples: the measurement, not a wait
         while time.monotonic() < deadline:
             peak = max(peak, rss_bytes(d.pid))
             time.sleep(0.02)
@@ -176,7 +174,7 @@ def test_associations_per_peer_are_limited_with_the_standard_rejection(tmp_path)
         rj = a3.acceptor.primitive
         assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)  # transient, local limit
         a1.release()
-        time.sleep(0.3)
+        wait_until(lambda: r.scp.association_count() == 1, 5, "the released association to end on the receiver")
         a4 = _associate(r.port)
         assert a4.is_established
         a2.release()
@@ -200,18 +198,23 @@ def test_total_associations_are_limited(tmp_path):
 def test_connection_flood_beyond_twice_the_limits_is_closed_at_once(tmp_path):
     with running_receiver(tmp_path, max_associations=2, max_associations_per_peer=2) as r:
         socks = [socket.create_connection(("127.0.0.1", r.port)) for _ in range(10)]
-        time.sleep(0.5)
-        closed = 0
-        for s in socks:
-            s.settimeout(0.5)
-            try:
-                closed += s.recv(1) == b""
-            except (TimeoutError, socket.timeout):
-                pass
-            except ConnectionResetError:
-                closed += 1
-            s.close()
-        assert closed >= 6  # at most 2 x per-peer limit (4) are kept waiting for an A-ASSOCIATE-RQ
+        try:
+            # at most 2 x per-peer limit (4) are kept waiting for an A-ASSOCIATE-RQ
+            wait_until(lambda: sum(_closed_by_peer(s) for s in socks) >= 6, 5, "6 of the 10 connections closed")
+        finally:
+            for s in socks:
+                s.close()
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the receiver has closed ``sock`` (without waiting)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
 
 
 def test_called_ae_title_is_checked_and_recorded(tmp_path):
@@ -260,9 +263,7 @@ def test_silent_peers_are_dropped(tmp_path):
             t.start()
         for t in threads:
             t.join()
-        deadline = time.monotonic() + 10
-        while idle.is_established and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: not idle.is_established, 10, "the idle association to be aborted")
         assert results["never"] is not None and results["never"] < 5, results
         assert results["mid"] is not None and results["mid"] < 5, results
         assert not idle.is_established and idle.is_aborted  # idle association aborted after network_timeout
@@ -279,7 +280,7 @@ def test_a_slow_sender_within_the_timeout_is_not_dropped(tmp_path):
             assert read_one_pdu(s)[:1] == b"\x02"
             for i in range(0, len(stream), 2000):  # 1.2 s of pauses in all, each below the 2 s timeout
                 s.sendall(stream[i:i + 2000])
-                time.sleep(0.3)
+                time.sleep(0.3)  # slow on purpose: the pauses are what this test sends
             pdus, _ = read_pdus(s, 5)
         assert dimse_statuses(pdus) == [0]
 
@@ -299,7 +300,8 @@ def test_p_data_before_the_association_is_accepted_is_aborted_cleanly(tmp_path):
         pdus, closed, _ = exchange(r.port, stream)
         assert 7 in [t for t, _ in pdus] and closed
         assert 0 not in dimse_statuses(pdus)
-        time.sleep(0.5)
+        # The association's thread must have ended (raising, if it would) before the test does.
+        wait_until(lambda: r.scp.association_count() == 0, 5, "the aborted association's thread to end")
         assert echo_ok(r.port)
         with r.sessions() as s:
             assert s.scalars(select(Instance)).all() == []

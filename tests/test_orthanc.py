@@ -12,7 +12,6 @@ import contextlib
 import json
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from dicom_support import data_file, free_port, running_receiver
+from waiting import wait_until
 from pacsbridge.store.models import Event, Instance
 
 ORTHANC = shutil.which("Orthanc")
@@ -103,16 +103,14 @@ def running_orthanc(tmp_path: Path, peer_ae: str, peer_port: int) -> Iterator[Or
         proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path)
     peer = OrthancPeer(http_port, dicom_port, proc, log_path)
     try:
-        deadline = time.monotonic() + 60
-        while True:
+        def answering() -> bool:
             if proc.poll() is not None:
                 raise RuntimeError(f"Orthanc exited with {proc.returncode}:\n{peer.log()}")
             with contextlib.suppress(OSError):
-                if peer.request("GET", "/system", timeout=2)[0] == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Orthanc's HTTP did not answer within 60 s:\n{peer.log()}")
-            time.sleep(0.1)
+                return peer.request("GET", "/system", timeout=2)[0] == 200
+            return False
+
+        wait_until(answering, 60, lambda: f"Orthanc's HTTP to answer:\n{peer.log()}", interval=0.1)
         yield peer
     finally:
         proc.terminate()
@@ -172,14 +170,14 @@ def test_orthanc_not_in_allow_list_is_rejected_and_recorded(tmp_path):
         assert "Association Rejected" in answer.get("Details", ""), answer
 
         # The event is written by the association's thread, possibly just after Orthanc gave up.
-        deadline = time.monotonic() + 10
-        while True:
+        def rejections() -> list[Event]:
             with receiver.sessions() as s:
-                events = s.scalars(select(Event).where(Event.kind == "association_rejected")).all()
-                stored = s.scalars(select(Instance)).all()
-            if len(events) >= 2 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+                return list(s.scalars(select(Event).where(Event.kind == "association_rejected")))
+
+        wait_until(lambda: len(rejections()) >= 2, 10, lambda: f"two rejections recorded, got {rejections()}")
+        events = rejections()
+        with receiver.sessions() as s:
+            stored = s.scalars(select(Instance)).all()
         assert stored == []
         assert len(events) == 2, [(e.kind, e.detail) for e in events]  # the echo and the store
         for e in events:

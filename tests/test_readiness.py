@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from dicom_support import TcpProxy, free_port, postgres_schema_url, postgres_unavailable_reason
+from waiting import wait_until
 
 from pacsbridge.config import load_settings
 from pacsbridge.daemon import Daemon
@@ -38,13 +39,15 @@ class Running:
         return httpx.get(self.url, timeout=20)
 
     def wait(self, status: int, timeout: float = 20.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            r = self.get()
-            if r.status_code == status or time.monotonic() > deadline:
-                assert r.status_code == status, r.text
-                return r.json()
-            time.sleep(0.2)
+        last: list[httpx.Response] = []
+
+        def answers() -> bool:
+            last[:] = [self.get()]
+            return last[0].status_code == status
+
+        wait_until(answers, timeout, lambda: f"/readyz to answer {status}, last {last[0].status_code}: {last[0].text}",
+                   interval=0.2)
+        return last[0].json()
 
     def stop(self) -> None:
         self.daemon.stop()
@@ -167,24 +170,20 @@ def test_stalled_scheduler_fails_readiness_and_stops_watchdog(tmp_path, monkeypa
         return n
 
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not daemon.components:
-            time.sleep(0.1)
+        wait_until(lambda: daemon.components, 30, "the daemon's components to start")
         assert httpx.get(url, timeout=10).status_code == 200
         assert pings(1.0) >= 3
         sched = next(c for c in daemon.components if c.name == "worklist scheduler")
         sched._scheduler.pause()  # jobs stop running: the loop no longer advances
-        time.sleep(1.5)
-        r = httpx.get(url, timeout=10)
+        r = wait_until(lambda: (r := httpx.get(url, timeout=10)).status_code == 503 and r, 10,
+                       "readiness to fail once the scheduler stalls (loop_stall_s = 1 s)", interval=0.2)
         assert r.status_code == 503 and set(r.json()["failing"]) == {"components", "scheduler"}, r.text
         assert "has not advanced" in r.json()["checks"]["components"]["detail"]
         pings(0.3)  # drain a ping sent just before the check
         assert pings(1.0) == 0
         sched._scheduler.resume()
-        deadline = time.monotonic() + 15
-        while httpx.get(url, timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, "not ready again after the scheduler resumed"
-            time.sleep(0.2)
+        wait_until(lambda: httpx.get(url, timeout=10).status_code == 200, 15,
+                   "ready again after the scheduler resumed", interval=0.2)
         assert pings(1.0) >= 3
     finally:
         daemon.request_stop()

@@ -114,7 +114,7 @@ def test_sign_in_read_claim_complete(site, browser, tmp_path: Path) -> None:
     assert "being read by dr.day" in browser.find_element(By.ID, "worklist").text  # claimant visible
     widths = browser.execute_script("return [...document.querySelectorAll('.meter > i')].map(e => e.offsetWidth)")
     assert widths[1] > widths[0] > 0  # the score bars follow the score (97% vs 71%)
-    time.sleep(0.3)
+    time.sleep(0.3)  # kept: lets the last paint settle for the screenshot (nothing is asserted on it)
     browser.save_screenshot(str(tmp_path / "worklist.png"))
     if os.environ.get("PACSBRIDGE_SCREENSHOT_DIR"):  # to refresh docs/screenshots for the README
         shutil.copy(tmp_path / "worklist.png", Path(os.environ["PACSBRIDGE_SCREENSHOT_DIR"]) / "worklist.png")
@@ -191,6 +191,8 @@ def test_shadow_mode_and_drift_alarm_banners(tmp_path: Path, browser) -> None:
                 assert "refusal_rate" in browser.find_element(By.ID, "drift-banner").text
                 browser.save_screenshot(str(tmp_path / "drift-banner.png"))
             else:
+                # Kept: a check that something does NOT appear needs a window; the page shows the banner to
+                # an admin (the next pass) as soon as /api/stats answers, well within it.
                 time.sleep(1.0)
                 assert not browser.find_element(By.ID, "drift-banner").is_displayed()
             browser.find_element(By.ID, "signout").click()

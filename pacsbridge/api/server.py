@@ -83,69 +83,73 @@ class ConnectionGuard:
         log.warning(message + suffix, *args)
 
 
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the connection caps and request deadlines of ``pb_guard`` (a class
+    attribute: uvicorn builds one protocol object per connection from the class alone)."""
+
+    pb_guard: ConnectionGuard
+    _pb_admitted = False
+    _pb_timer: asyncio.TimerHandle | None = None
+    _pb_waiting_for = ""  # "headers" | "body" while a deadline runs
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        peer = transport.get_extra_info("peername")
+        self._pb_address = str(peer[0]) if peer else "?"
+        if not self.pb_guard.admit(self._pb_address):
+            transport.abort()  # nothing read, nothing allocated for it
+            return
+        self._pb_admitted = True
+        super().connection_made(transport)
+        self._pb_arm("headers", self.pb_guard.limits.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._pb_admitted:
+            return
+        self._pb_admitted = False
+        self._pb_cancel()
+        self.pb_guard.release(self._pb_address)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._pb_admitted:
+            return
+        super().data_received(data)
+        limits = self.pb_guard.limits
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            if self._pb_timer is None:  # the start of a next request on a kept-alive connection
+                self._pb_arm("headers", limits.header_timeout_s)
+        elif cycle.more_body:
+            if self._pb_waiting_for != "body":
+                self._pb_arm("body", limits.body_timeout_s)
+        else:
+            self._pb_cancel()  # the whole request is in: the route runs (its own time is not bounded here)
+
+    def on_response_complete(self) -> None:
+        self._pb_cancel()  # uvicorn's keep-alive timer takes over
+        super().on_response_complete()
+
+    def _pb_arm(self, what: str, seconds: float) -> None:
+        self._pb_cancel()
+        self._pb_waiting_for = what
+        self._pb_timer = self.loop.call_later(seconds, self._pb_expired, what, seconds)
+
+    def _pb_cancel(self) -> None:
+        if self._pb_timer is not None:
+            self._pb_timer.cancel()
+        self._pb_timer, self._pb_waiting_for = None, ""
+
+    def _pb_expired(self, what: str, seconds: float) -> None:
+        self._pb_timer, self._pb_waiting_for = None, ""
+        if self.transport is not None and not self.transport.is_closing():
+            self.pb_guard.warn("HTTP connection from %s closed: request %s not received within %g s",
+                               self._pb_address, what, seconds)
+            self.transport.close()  # a route waiting for the body sees a disconnect
+
+
 def guarded_protocol(guard: ConnectionGuard) -> type[H11Protocol]:
     """uvicorn's h11 protocol with the connection caps and request deadlines of ``guard``."""
-    limits = guard.limits
-
-    class GuardedH11Protocol(H11Protocol):
-        _pb_admitted = False
-        _pb_timer: asyncio.TimerHandle | None = None
-        _pb_waiting_for = ""  # "headers" | "body" while a deadline runs
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            peer = transport.get_extra_info("peername")
-            self._pb_address = str(peer[0]) if peer else "?"
-            if not guard.admit(self._pb_address):
-                transport.abort()  # nothing read, nothing allocated for it
-                return
-            self._pb_admitted = True
-            super().connection_made(transport)
-            self._pb_arm("headers", limits.header_timeout_s)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if not self._pb_admitted:
-                return
-            self._pb_admitted = False
-            self._pb_cancel()
-            guard.release(self._pb_address)
-            super().connection_lost(exc)
-
-        def data_received(self, data: bytes) -> None:
-            if not self._pb_admitted:
-                return
-            super().data_received(data)
-            cycle = self.cycle
-            if cycle is None or cycle.response_complete:
-                if self._pb_timer is None:  # the start of a next request on a kept-alive connection
-                    self._pb_arm("headers", limits.header_timeout_s)
-            elif cycle.more_body:
-                if self._pb_waiting_for != "body":
-                    self._pb_arm("body", limits.body_timeout_s)
-            else:
-                self._pb_cancel()  # the whole request is in: the route runs (its own time is not bounded here)
-
-        def on_response_complete(self) -> None:
-            self._pb_cancel()  # uvicorn's keep-alive timer takes over
-            super().on_response_complete()
-
-        def _pb_arm(self, what: str, seconds: float) -> None:
-            self._pb_cancel()
-            self._pb_waiting_for = what
-            self._pb_timer = self.loop.call_later(seconds, self._pb_expired, what, seconds)
-
-        def _pb_cancel(self) -> None:
-            if self._pb_timer is not None:
-                self._pb_timer.cancel()
-            self._pb_timer, self._pb_waiting_for = None, ""
-
-        def _pb_expired(self, what: str, seconds: float) -> None:
-            self._pb_timer, self._pb_waiting_for = None, ""
-            if self.transport is not None and not self.transport.is_closing():
-                guard.warn("HTTP connection from %s closed: request %s not received within %g s", self._pb_address,
-                           what, seconds)
-                self.transport.close()  # a route waiting for the body sees a disconnect
-
-    return GuardedH11Protocol
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"pb_guard": guard})
 
 
 class HttpServer:

@@ -1,8 +1,9 @@
-"""Storage SCP: accepts C-ECHO and C-STORE of chest radiographs and stores them durably.
+"""Storage SCP: the DICOM listener of ``pacsbridge serve`` (C-ECHO, C-STORE of chest radiographs, UPS pull).
 
-An instance gets status 0x0000 only after its file is fsync'd under its final (hashed) name, the
-folder is fsync'd and its rows are committed.  Anything else gets a failure status and an Event.
-Handlers are plain functions; their dependencies arrive as bound pynetdicom handler arguments.
+This module wires the listener: the AE with its presentation contexts, the plain and TLS servers and
+their limits, start and stop.  The C-STORE handler (durable storage before success) is in
+:mod:`.store_handler`, the peer side (who calls, why an association was refused) in :mod:`.peer_policy`;
+their public names stay importable from here.
 """
 
 from __future__ import annotations
@@ -11,39 +12,43 @@ import logging
 import ssl
 import threading
 import time
-from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
     JPEG2000, JPEG2000Lossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
     JPEGLSLossless, JPEGLSNearLossless, RLELossless,
 )
 from pynetdicom import AE, evt
-from pynetdicom.events import Event as DicomEvent
 from pynetdicom.sop_class import (
     ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing, SecondaryCaptureImageStorage, Verification,
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacsbridge import __version__, logs
 from pacsbridge.dicom import compat
 from pacsbridge.dicom.fast_transport import TransportLimits
 from pacsbridge.dicom.listener import BoundedAssociationServer, FastRequestHandler
-from pacsbridge.dicom.metadata import (
-    DEFAULT_MAX_INFLATED_BYTES, STATUS_DATASET_TOO_LARGE, STATUS_OUT_OF_RESOURCES, STATUS_OUT_OF_RESOURCES_DB,
-    RejectedDataset, read_metadata,
+from pacsbridge.dicom.metadata import DEFAULT_MAX_INFLATED_BYTES
+from pacsbridge.dicom.peer_policy import (
+    bind_association, handle_accepted, handle_rejected, peer_of, rejection_reason,
+)
+from pacsbridge.dicom.store_handler import (
+    IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION, StoreContext, encode_file_meta, handle_echo, handle_store,
 )
 from pacsbridge.dicom.ups_scp import UpsContext, add_ups_contexts, log_access, ups_handlers
 from pacsbridge.store.diskguard import DiskGuard
 from pacsbridge.store.notifier import StoreNotifier
-from pacsbridge.store.records import ReceivedInstance, record_event, record_received
-from pacsbridge.store.spool import Spool, spool_relpath
+from pacsbridge.store.records import record_event
+from pacsbridge.store.spool import Spool
+
+__all__ = [  # the handlers and helpers moved to store_handler / peer_policy stay importable from here
+    "ACCEPTED_TRANSFER_SYNTAXES", "IMPLEMENTATION_CLASS_UID", "IMPLEMENTATION_VERSION", "STORAGE_SOP_CLASSES",
+    "StorageSCP", "StoreContext", "bind_association", "encode_file_meta", "handle_accepted", "handle_echo",
+    "handle_rejected", "handle_store", "peer_of", "rejection_reason", "storage_scp_from_settings",
+    "ups_context_from_settings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,172 +75,6 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     JPEG2000,
     RLELossless,
 )
-
-IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.8.498.10157283921051273654")  # pydicom root + random
-IMPLEMENTATION_VERSION = f"PACSBRIDGE_{__version__}"[:16]
-
-
-@dataclass
-class StoreContext:
-    """What the C-STORE handler needs (bound into the handler, no globals)."""
-
-    spool: Spool
-    sessions: sessionmaker[Session]
-    notifier: StoreNotifier | None = None  # told after each new instance is committed (wakes the worker)
-    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES
-    disk_guard: DiskGuard | None = None  # free-space floor of the spool (None: not checked)
-
-
-def peer_of(event: DicomEvent) -> str:
-    """``CALLING_AE@address:port`` of the association's requestor (AE titles are not PHI)."""
-    rq = event.assoc.requestor
-    return f"{(rq.ae_title or '').strip()}@{rq.address}:{rq.port}"
-
-
-def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str) -> bytes:
-    """Preamble, ``DICM`` and the File Meta Information group for a received dataset."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-    if source_ae:
-        meta.SourceApplicationEntityTitle = source_ae
-    buf = BytesIO()
-    buf.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buf, meta, enforce_standard=True)
-    return buf.getvalue()
-
-
-def handle_echo(event: DicomEvent) -> int:
-    return 0x0000
-
-
-def handle_store(event: DicomEvent, ctx: StoreContext) -> int | Dataset:
-    """Store one instance durably, then (and only then) answer success."""
-    started = time.perf_counter()
-    req = event.request
-    peer = peer_of(event)
-    calling_ae = (event.assoc.requestor.ae_title or "").strip()
-    sop_class = str(req.AffectedSOPClassUID or "")
-    sop_instance = str(req.AffectedSOPInstanceUID or "")
-    transfer_syntax = str(event.context.transfer_syntax)
-    if not compat.has_log_id(event.assoc):
-        bind_association(event)
-    if ctx.disk_guard is not None:
-        low = ctx.disk_guard.check()  # before parsing or writing anything; logged once by the guard
-        if low is not None:
-            ctx.disk_guard.refuse()
-            log.debug("refused C-STORE from %s: 0x%04X, %s", peer, STATUS_OUT_OF_RESOURCES, low)
-            return _refused(STATUS_OUT_OF_RESOURCES, low)
-    try:
-        if getattr(req.DataSet, "overflowed", False):  # fast_transport.CappedBuffer dropped it past the cap
-            raise RejectedDataset(STATUS_DATASET_TOO_LARGE, f"data set of {req.DataSet.received} bytes exceeds "
-                                  f"max_dataset_bytes ({req.DataSet.cap})")
-        body = req.DataSet.getvalue() if req.DataSet is not None else b""
-        meta = read_metadata(body, transfer_syntax, sop_class, sop_instance, max_inflated=ctx.max_inflated_bytes)
-    except RejectedDataset as exc:
-        log.warning("rejected C-STORE from %s: status 0x%04X, %s", peer, exc.status, exc.reason)
-        record_event(ctx.sessions, "store_rejected", f"status 0x{exc.status:04X}: {exc.reason}", level="warning",
-                     peer=peer, sop_instance_uid=sop_instance if len(sop_instance) <= 64 else None)
-        return exc.status
-
-    relpath = spool_relpath(meta.sop_instance_uid)
-    try:
-        header = encode_file_meta(meta.sop_class_uid, meta.sop_instance_uid, transfer_syntax, calling_ae)
-        tmp, size = ctx.spool.write_temp(header, body)
-    except OSError as exc:
-        return _failed(ctx, STATUS_OUT_OF_RESOURCES, "spool write failed", exc, peer, meta.sop_instance_uid)
-
-    rec = ReceivedInstance(
-        sop_instance_uid=meta.sop_instance_uid, sop_class_uid=meta.sop_class_uid,
-        study_instance_uid=meta.study_instance_uid, series_instance_uid=meta.series_instance_uid,
-        transfer_syntax_uid=transfer_syntax, file_path=relpath, file_size=size, calling_ae=calling_ae or None,
-        modality=meta.modality, body_part=meta.body_part, patient_id=meta.patient_id,
-        accession_number=meta.accession_number, study_date=meta.study_date,
-        requested_priority=meta.requested_priority,
-        study_fields=meta.study_fields(),
-    )
-    try:
-        instance_id, created = record_received(ctx.sessions, rec, lambda: ctx.spool.commit(tmp, relpath))
-    except OSError as exc:
-        return _failed(ctx, STATUS_OUT_OF_RESOURCES, "spool commit failed", exc, peer, meta.sop_instance_uid)
-    except Exception as exc:  # noqa: BLE001 - any database trouble means "not stored"
-        return _failed(ctx, STATUS_OUT_OF_RESOURCES_DB, "database write failed", exc, peer, meta.sop_instance_uid)
-    finally:
-        ctx.spool.discard(tmp)  # no-op once committed
-
-    elapsed_ms = (time.perf_counter() - started) * 1000
-    if created and ctx.notifier is not None:
-        ctx.notifier.notify()
-    if created:
-        log.info("stored %s instance %s (%.1f MB, %s) from %s in %.0f ms", meta.modality or "?", relpath[6:18],
-                 size / 1e6, UID(transfer_syntax).name, peer, elapsed_ms, extra={"instance": relpath[6:18]})
-    else:
-        log.info("duplicate instance %s from %s acknowledged (already stored)", relpath[6:18], peer,
-                 extra={"instance": relpath[6:18]})
-    return 0x0000
-
-
-def _refused(status: int, reason: str) -> Dataset:
-    """A failure status with its reason in Error Comment (0000,0902), which storescu and most PACS log."""
-    rsp = Dataset()
-    rsp.Status = status
-    rsp.ErrorComment = reason[:64]
-    return rsp
-
-
-def _failed(ctx: StoreContext, status: int, what: str, exc: Exception, peer: str, sop_instance_uid: str) -> int:
-    log.error("C-STORE from %s failed, answering 0x%04X: %s: %s: %s", peer, status, what, type(exc).__name__, exc,
-              extra={"instance": spool_relpath(sop_instance_uid)[6:18]})
-    record_event(ctx.sessions, "store_failed", f"status 0x{status:04X}: {what}: {type(exc).__name__}: {exc}"[:2000],
-                 level="error", peer=peer, sop_instance_uid=sop_instance_uid)
-    return status
-
-
-def bind_association(event: DicomEvent) -> None:
-    """Tag this association thread's log lines (log_format = "json") with a short association id, the
-    calling AE and the peer."""
-    assoc = event.assoc
-    logs.bind(association=compat.log_id(assoc), calling_ae=(assoc.requestor.ae_title or "").strip(),
-              peer=f"{assoc.requestor.address}:{assoc.requestor.port}")
-
-
-def handle_accepted(event: DicomEvent) -> None:
-    bind_association(event)
-    log.info("association from %s accepted", peer_of(event))
-
-
-def rejection_reason(assoc, allowed: tuple[str, ...], check_called_ae: bool) -> str:  # noqa: ANN001
-    """Why pynetdicom (or fast_transport.BoundedACSE) rejected ``assoc``, in the order pynetdicom decides
-    (a later check overrides an earlier one): limits, then called AE title, then calling AE title."""
-    own = compat.reject_reason(assoc)
-    if own:
-        return own
-    acceptors = [a for a in assoc.ae.active_associations if a.is_acceptor]
-    if len(acceptors) > assoc.ae.maximum_associations:
-        return f"too many associations (max_associations = {assoc.ae.maximum_associations})"
-    primitive = assoc.requestor.primitive
-    called = (getattr(primitive, "called_ae_title", None) or "").strip()
-    ours = (assoc.acceptor.ae_title or "").strip()
-    if check_called_ae and called != ours:
-        return f"called AE title {called!r} is not ours ({ours!r})"
-    calling = (assoc.requestor.ae_title or "").strip()
-    if allowed and calling not in allowed:
-        return "calling AE title not in allowed_calling_aes"
-    return "rejected"
-
-
-def handle_rejected(event: DicomEvent, sessions: sessionmaker[Session], allowed: tuple[str, ...],
-                    check_called_ae: bool = True) -> None:
-    """Log and record every rejected association with the peer's address."""
-    peer = peer_of(event)
-    reason = rejection_reason(event.assoc, allowed, check_called_ae)
-    rq = event.assoc.requestor
-    log.warning("association from %s rejected: %s", peer, reason,
-                extra={"calling_ae": (rq.ae_title or "").strip(), "peer": f"{rq.address}:{rq.port}"})
-    record_event(sessions, "association_rejected", reason, level="warning", peer=peer)
 
 
 class StorageSCP:
@@ -365,6 +204,13 @@ class StorageSCP:
         if self._tls_server is None:
             return self.requested_tls_port
         return int(self._tls_server.server_address[1])
+
+    def association_count(self) -> int:
+        """Associations being served now, plain and TLS together (0 when not listening)."""
+        server = self._server or self._tls_server
+        if server is None:
+            return 0
+        return sum(1 for a in server.ae.active_associations if a.is_acceptor)
 
     def healthy(self) -> bool:
         servers = [s for s in (self._server, self._tls_server) if s is not None]

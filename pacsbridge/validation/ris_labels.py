@@ -78,17 +78,7 @@ def _parse_time(raw: str) -> datetime:
 def parse_labels(path: Path) -> tuple[list[ParsedRow], list[dict[str, Any]], int]:
     """(usable rows, bad rows, rows read).  Raises :class:`LabelsImportError` for an unusable file."""
     names, reader = read_csv_table(path, LabelsImportError, "'finding' and a study key")
-    if "finding" not in names:
-        raise LabelsImportError(f"{path}: no 'finding' column in the header ({', '.join(names) or 'empty'})")
-    keys = [k for k in KEY_COLUMNS if k in names]
-    if not keys:
-        raise LabelsImportError(f"{path}: no study key column; the header needs {' or '.join(KEY_COLUMNS)}")
-    col = {n: names.index(n) for n in ("finding", "reported_at", *KEY_COLUMNS) if n in names}
-
-    def cell(row: list[str], name: str) -> str:
-        i = col.get(name)
-        return row[i].strip() if i is not None and i < len(row) else ""
-
+    keys, col = _columns(path, names)
     rows: list[ParsedRow] = []
     bad: list[dict[str, Any]] = []
     first: dict[str, ParsedRow] = {}
@@ -101,44 +91,20 @@ def parse_labels(path: Path) -> tuple[list[ParsedRow], list[dict[str, Any]], int
             total += 1
             if total > MAX_ROWS:
                 raise LabelsImportError(f"{path}: more than {MAX_ROWS} rows")
-            line = reader.line_num
-            uid, acc = cell(row, "study_instance_uid"), cell(row, "accession_number")
-            shown = uid or acc
-            if uid:
-                if len(uid) > 64 or not _UID_RE.match(uid):
-                    bad.append({"line": line, "key": uid[:64], "reason": "study_instance_uid is not a valid UID"})
-                    continue
-                key = f"uid:{uid}"
-            elif acc:
-                if len(acc) > 16:
-                    bad.append({"line": line, "key": acc[:16], "reason": "accession_number longer than 16 characters"})
-                    continue
-                key = f"acc:{acc}"
-            else:
-                bad.append({"line": line, "key": "", "reason": f"no {' or '.join(keys)}"})
+            cells = {name: row[i].strip() if i < len(row) else "" for name, i in col.items()}
+            parsed = _parse_row(cells, reader.line_num, keys)
+            if isinstance(parsed, dict):
+                bad.append(parsed)
                 continue
-            finding = cell(row, "finding").lower()
-            if finding not in FINDINGS:
-                bad.append({"line": line, "key": shown,
-                            "reason": f"unknown finding {cell(row, 'finding')[:40]!r} ({', '.join(FINDINGS)})"})
-                continue
-            reported: datetime | None = None
-            if cell(row, "reported_at"):
-                try:
-                    reported = _parse_time(cell(row, "reported_at"))
-                except ValueError:
-                    bad.append({"line": line, "key": shown,
-                                "reason": f"reported_at {cell(row, 'reported_at')[:40]!r} is not an ISO 8601 date"})
-                    continue
-            parsed = ParsedRow(line, key, uid or None, None if uid else acc, finding, reported)
-            prior = first.get(key)
+            prior = first.get(parsed.key)
             if prior is None:
-                first[key] = parsed
+                first[parsed.key] = parsed
                 rows.append(parsed)
-            elif prior.finding != finding:
+            elif prior.finding != parsed.finding:
                 # Which report is right is unknown: neither is used.
-                bad.append({"line": line, "key": shown, "reason": f"finding differs from line {prior.line}"})
-                conflicted.add(key)
+                bad.append({"line": parsed.line, "key": parsed.study_instance_uid or parsed.accession_number,
+                            "reason": f"finding differs from line {prior.line}"})
+                conflicted.add(parsed.key)
             # the same study and finding again: harmless, used once
     except csv.Error as exc:
         raise LabelsImportError(f"{path}: line {reader.line_num}: {exc}") from None
@@ -149,6 +115,44 @@ def parse_labels(path: Path) -> tuple[list[ParsedRow], list[dict[str, Any]], int
                     "reason": "finding differs on a later line"})
     bad.sort(key=lambda b: b["line"])
     return rows, bad, total
+
+
+def _columns(path: Path, names: list[str]) -> tuple[list[str], dict[str, int]]:
+    """The study key columns present and the index of every column read; raises for a header without them."""
+    if "finding" not in names:
+        raise LabelsImportError(f"{path}: no 'finding' column in the header ({', '.join(names) or 'empty'})")
+    keys = [k for k in KEY_COLUMNS if k in names]
+    if not keys:
+        raise LabelsImportError(f"{path}: no study key column; the header needs {' or '.join(KEY_COLUMNS)}")
+    return keys, {n: names.index(n) for n in ("finding", "reported_at", *KEY_COLUMNS) if n in names}
+
+
+def _parse_row(cells: dict[str, str], line: int, keys: list[str]) -> ParsedRow | dict[str, Any]:
+    """One row as a :class:`ParsedRow`, or the bad-row entry (line, key, why) when it cannot be used."""
+    uid, acc = cells.get("study_instance_uid", ""), cells.get("accession_number", "")
+    shown = uid or acc
+    if uid:
+        if len(uid) > 64 or not _UID_RE.match(uid):
+            return {"line": line, "key": uid[:64], "reason": "study_instance_uid is not a valid UID"}
+        key = f"uid:{uid}"
+    elif acc:
+        if len(acc) > 16:
+            return {"line": line, "key": acc[:16], "reason": "accession_number longer than 16 characters"}
+        key = f"acc:{acc}"
+    else:
+        return {"line": line, "key": "", "reason": f"no {' or '.join(keys)}"}
+    raw_finding = cells["finding"]
+    finding = raw_finding.lower()
+    if finding not in FINDINGS:
+        return {"line": line, "key": shown, "reason": f"unknown finding {raw_finding[:40]!r} ({', '.join(FINDINGS)})"}
+    reported: datetime | None = None
+    if cells.get("reported_at"):
+        try:
+            reported = _parse_time(cells["reported_at"])
+        except ValueError:
+            return {"line": line, "key": shown,
+                    "reason": f"reported_at {cells['reported_at'][:40]!r} is not an ISO 8601 date"}
+    return ParsedRow(line, key, uid or None, None if uid else acc, finding, reported)
 
 
 def import_labels(session: Session, path: Path, source: str | None = None) -> ImportResult:
