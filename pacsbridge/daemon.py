@@ -235,12 +235,12 @@ class Daemon:
             migrations.upgrade(self.engine)
         except Exception as exc:  # noqa: BLE001 - unreachable server, bad credentials, read-only file...
             raise StartupError(f"cannot use the database {self._db_name()}: {_first_line(exc)}") from None
+        self.check_spool_marker()  # before cleaning anything in a spool that may be another cluster's
         try:
             self._tmp_removed = self.spool.prepare()
         except OSError as exc:
             raise StartupError(f"cannot use the spool {Path(self.settings.spool_dir).resolve()} (data_dir): "
                                f"{exc.strerror or exc}") from None
-        self.check_spool_marker()
         if not self.settings.allowed_calling_aes:
             log.warning("allowed_calling_aes is empty: accepting associations from ANY calling AE title")
         if self.settings.mode == "shadow":
@@ -256,11 +256,12 @@ class Daemon:
 
         root = Path(self.settings.spool_dir)
         try:
+            root.mkdir(parents=True, exist_ok=True)
             check_spool_marker(self.sessions, root, fsync=self.settings.fsync)
         except SpoolNotTheClusters as exc:
             raise StartupError(str(exc)) from None
         except OSError as exc:
-            raise StartupError(f"cannot write the spool marker in {root.resolve()}: {exc.strerror or exc}") from None
+            raise StartupError(f"cannot use the spool {root.resolve()} (data_dir): {exc.strerror or exc}") from None
         except Exception as exc:  # noqa: BLE001 - the database went away between the checks
             raise StartupError(f"cannot use the database {self._db_name()}: {_first_line(exc)}") from None
 
