@@ -221,7 +221,7 @@ class Daemon:
             notifier=self.notifier, outbox=Outbox(s.destinations) if s.destinations else None,
             retry_policy=RetryPolicy(max_attempts=s.inference_max_attempts, base_s=s.inference_retry_base_s),
             shadow=s.mode == "shadow",
-            lease_s=s.claim_lease_s, heartbeat_s=s.heartbeat_s, kind=self.worker_kind,
+            lease_s=s.claim_lease_s, heartbeat_s=s.heartbeat_s, kind=self.worker_kind, stall_s=s.loop_stall_s,
         )
 
     def request_stop(self, signum: int | None = None, _frame: object = None) -> None:

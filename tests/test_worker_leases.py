@@ -107,6 +107,21 @@ def test_the_registry_tells_live_stopped_and_lost_workers_apart(sessions, tmp_pa
         assert [w["id"] for w in workers.list_workers(s, 10)] == [A.id]
 
 
+def test_a_worker_whose_loop_is_stuck_stops_renewing_its_leases(sessions, tmp_path: Path) -> None:
+    add_instance(sessions, tmp_path, None, sop_uid="4.1")
+    t0 = utcnow()
+    queue.claim(sessions, A.id, 8, now=t0, lease_s=5)
+    loop_ok = [False]
+    hb = workers.Heartbeat(sessions, A, lease_s=5, interval_s=1, working=lambda: loop_ok[0])
+    assert hb.beat_once() is False  # stuck: nothing sent, the lease set at the claim stands
+    [row] = _rows(sessions)
+    assert workers._utc(row.lease_until) == t0 + timedelta(seconds=5)
+    loop_ok[0] = True
+    assert hb.beat_once() is True
+    [row] = _rows(sessions)
+    assert workers._utc(row.lease_until) > t0 + timedelta(seconds=5)
+
+
 # -- real worker processes --------------------------------------------------------------------
 @contextlib.contextmanager
 def _worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:

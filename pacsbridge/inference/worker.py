@@ -162,6 +162,7 @@ class InferenceWorker:
         lease_s: float = 60.0,
         heartbeat_s: float = 10.0,
         kind: str = "worker",
+        stall_s: float = 300.0,
     ) -> None:
         if decode is None:
             decode, default_refusals = default_decoder(model)
@@ -189,6 +190,7 @@ class InferenceWorker:
         self._last_recovery = 0.0
         # Claims are leased; the heartbeat (started with the thread) renews them and registers this worker.
         self._lease_s, self._heartbeat_s, self.kind = float(lease_s), float(heartbeat_s), kind
+        self._stall_s = float(stall_s)  # a loop stuck this long stops heartbeating (loop_stall_s)
         self._heartbeat: registry.Heartbeat | None = None
         self.last_error: str | None = None
         #: time.monotonic() when the loop last went round (the daemon's watchdog checks it advances).
@@ -469,7 +471,8 @@ class InferenceWorker:
         except Exception as exc:  # noqa: BLE001 - the first heartbeat that reaches the database registers it
             log.warning("worker %s: could not register (%s); the heartbeat will", self.worker_id, exc)
         self._heartbeat = registry.Heartbeat(self._sessions, info, lease_s=self._lease_s,
-                                            interval_s=self._heartbeat_s, recover=self.recover_expired_leases)
+                                            interval_s=self._heartbeat_s, recover=self.recover_expired_leases,
+                                            working=lambda: self.stalled_for() < self._stall_s)
         self._heartbeat.start()
 
     def _sign_off(self) -> None:

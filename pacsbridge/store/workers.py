@@ -151,16 +151,21 @@ class Heartbeat:
     """The thread that keeps a worker's claims leased and returns other workers' expired ones.
 
     ``recover`` is called after each beat (the worker's expired-lease recovery); a database outage
-    is logged once per outage and retried at the next interval, never fatal.
+    is logged once per outage and retried at the next interval, never fatal.  While ``working()``
+    says the worker loop is stuck, no beat is sent: its claims expire and are scored elsewhere, as
+    if the process had died (if the loop comes back, its claim checks keep it from recording twice).
     """
 
     def __init__(self, sessions: sessionmaker[Session], info: WorkerInfo, *, lease_s: float = DEFAULT_LEASE_S,
-                 interval_s: float = DEFAULT_HEARTBEAT_S, recover: Callable[[], int] | None = None) -> None:
+                 interval_s: float = DEFAULT_HEARTBEAT_S, recover: Callable[[], int] | None = None,
+                 working: Callable[[], bool] | None = None) -> None:
         self._sessions = sessions
         self.info = info
         self._lease_s = lease_s
         self._interval_s = interval_s
         self._recover = recover
+        self._working = working
+        self._stuck = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.beats = 0
@@ -180,12 +185,21 @@ class Heartbeat:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def beat_once(self) -> None:
-        """One beat: renew, then recover other workers' expired leases."""
+    def beat_once(self) -> bool:
+        """One beat: renew, then recover other workers' expired leases; False (nothing sent) while stuck."""
+        stuck = self._working is not None and not self._working()
+        if stuck != self._stuck:
+            self._stuck = stuck
+            (log.error if stuck else log.info)(
+                "worker %s: its loop %s; heartbeat %s", self.info.id, "is stuck" if stuck else "goes round again",
+                "withheld, its claims will expire" if stuck else "resumed")
+        if stuck:
+            return False
         beat(self._sessions, self.info, self._lease_s)
         if self._recover is not None:
             self._recover()
         self.beats += 1
+        return True
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
