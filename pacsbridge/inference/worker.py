@@ -27,9 +27,10 @@ patient age outside the card's intended use       not_analysed    never
 out-of-distribution score over the threshold      not_analysed    never
 ================================================  ==============  =========================
 
-Crash safety: a claim is leased for ``lease_s``; a heartbeat thread (:class:`~pacsbridge.store.workers.Heartbeat`)
-renews this worker's leases every ``heartbeat_s`` and returns other workers' expired ones to the queue.  Recording only succeeds while our claim still holds and
-``predictions.instance_id`` is unique, so an instance is never scored twice.
+Crash safety: a claim is leased for ``lease_s``; a heartbeat thread
+(:class:`~pacsbridge.store.workers.Heartbeat`) renews this worker's leases every ``heartbeat_s`` and
+returns other workers' expired ones to the queue.  Recording only succeeds while our claim still
+holds and ``predictions.instance_id`` is unique, so an instance is never scored twice.
 
 ``inference_ms`` on a Prediction is the model time of its batch divided by the batch size.
 
@@ -433,8 +434,8 @@ class InferenceWorker:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("worker already started")
-        self._start_heartbeat()
         self.recover_stale_claims()
+        self._start_heartbeat()
         self._last_recovery = time.monotonic()
         self._stop.clear()
         self.last_beat = time.monotonic()
@@ -469,7 +470,8 @@ class InferenceWorker:
         try:
             registry.register(self._sessions, info)
         except Exception as exc:  # noqa: BLE001 - the first heartbeat that reaches the database registers it
-            log.warning("worker %s: could not register (%s); the heartbeat will", self.worker_id, exc)
+            log.warning("worker %s: could not register (%s); the heartbeat will", self.worker_id,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         self._heartbeat = registry.Heartbeat(self._sessions, info, lease_s=self._lease_s,
                                             interval_s=self._heartbeat_s, recover=self.recover_expired_leases,
                                             working=lambda: self.stalled_for() < self._stall_s)
@@ -481,7 +483,8 @@ class InferenceWorker:
                 log.info("worker %s: returned its unfinished claims to the queue", self.worker_id)
             registry.mark_stopped(self._sessions, self.worker_id)
         except Exception as exc:  # noqa: BLE001 - the database is away: the leases expire, the row reads "lost"
-            log.warning("worker %s: could not sign off (%s); its claims expire with their lease", self.worker_id, exc)
+            log.warning("worker %s: could not sign off (%s); its claims expire with their lease", self.worker_id,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     def healthy(self) -> bool:
         """The loop and the heartbeat threads are alive (both retry through database outages)."""
