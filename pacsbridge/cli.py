@@ -966,11 +966,11 @@ def _cmd_workers(args: argparse.Namespace) -> int:
     if not rows:
         print("no live workers" if not args.all else "no workers recorded")
         return 0
-    print(f"{'state':<8} {'kind':<6} {'host':<24} {'pid':>7} {'batch':>5} {'claims':>6}  {'last heartbeat (UTC)':<20} id")
+    print(f"{'state':<8} {'kind':<6} {'host':<24} {'pid':>7} {'batch':>5} {'claims':>6}  {'last heartbeat (UTC), age':<28} id")
     for r in rows:
         beat = f"{r['last_heartbeat'][:19]} ({r['heartbeat_age_s']:.0f} s)"
         print(f"{r['state']:<8} {r['kind']:<6} {r['host'][:24]:<24} {r['pid']:>7} {r['batch_size']:>5} "
-              f"{r['claims']:>6}  {beat:<20} {r['id']}")
+              f"{r['claims']:>6}  {beat:<28} {r['id']}")
     return 0
 
 
