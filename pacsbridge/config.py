@@ -174,6 +174,13 @@ class Settings(BaseSettings):
         3, ge=1, le=100, description="Attempts at an instance that hits a fault of the system before it is left failed.")
     inference_retry_base_s: float = Field(
         15.0, ge=0, le=3600, description="Wait before the 2nd attempt after a fault; doubles for each further one.")
+    # Several workers on one database: a claim holds for claim_lease_s unless its holder's heartbeat renews it.
+    claim_lease_s: float = Field(
+        60.0, ge=2, le=3600, description="A worker's claim on an instance holds this long without a heartbeat; then "
+        "any running worker returns it to the queue (a failed attempt, as with any lost claim).")
+    heartbeat_s: float = Field(
+        10.0, ge=0.1, le=600, description="How often a worker renews its claims and reports itself (`pacsbridge "
+        "workers`); at most half of claim_lease_s.  Live: a heartbeat within 3 x heartbeat_s.")
     age_gate: bool = Field(True, description="Refuse patients outside the model card's intended-use age range.")
     ood_gate: bool = Field(True, description="Refuse images whose out-of-distribution score is over the model's threshold.")
     # Site validation (`pacsbridge validate`) and the site calibration it writes.
@@ -339,6 +346,13 @@ class Settings(BaseSettings):
             raise ValueError("dicom_tls_client_cert and dicom_tls_client_key go together")
         if bool(self.http_tls_cert) != bool(self.http_tls_key):
             raise ValueError("http_tls_cert and http_tls_key go together")
+        return self
+
+    @model_validator(mode="after")
+    def _check_lease(self) -> "Settings":
+        if self.heartbeat_s * 2 > self.claim_lease_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s:g}) must be at most half of claim_lease_s "
+                             f"({self.claim_lease_s:g}): one late heartbeat must not lose a worker its claims")
         return self
 
     @model_validator(mode="after")

@@ -75,6 +75,9 @@ class StartupError(Exception):
 class Daemon:
     """Owns the database engine, the spool and the components of ``pacsbridge serve``."""
 
+    #: How its inference worker is listed by `pacsbridge workers`.
+    worker_kind = "serve"
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         configure_pynetdicom()  # pynetdicom's process-wide settings, once, before any AE exists
@@ -218,6 +221,7 @@ class Daemon:
             notifier=self.notifier, outbox=Outbox(s.destinations) if s.destinations else None,
             retry_policy=RetryPolicy(max_attempts=s.inference_max_attempts, base_s=s.inference_retry_base_s),
             shadow=s.mode == "shadow",
+            lease_s=s.claim_lease_s, heartbeat_s=s.heartbeat_s, kind=self.worker_kind, stall_s=s.loop_stall_s,
         )
 
     def request_stop(self, signum: int | None = None, _frame: object = None) -> None:
@@ -231,6 +235,7 @@ class Daemon:
             migrations.upgrade(self.engine)
         except Exception as exc:  # noqa: BLE001 - unreachable server, bad credentials, read-only file...
             raise StartupError(f"cannot use the database {self._db_name()}: {_first_line(exc)}") from None
+        self.check_spool_marker()  # before cleaning anything in a spool that may be another cluster's
         try:
             self._tmp_removed = self.spool.prepare()
         except OSError as exc:
@@ -244,6 +249,21 @@ class Daemon:
         if self.settings.bind_address:
             log.warning("bind_address is deprecated: set dicom_host (now %s) and http_host (now %s) instead",
                         self.settings.dicom_host, self.settings.http_host)
+
+    def check_spool_marker(self) -> None:
+        """Refuse to start on a spool that is not the cluster's (see pacsbridge.store.spool_marker)."""
+        from pacsbridge.store.spool_marker import SpoolNotTheClusters, check_spool_marker
+
+        root = Path(self.settings.spool_dir)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            check_spool_marker(self.sessions, root, fsync=self.settings.fsync)
+        except SpoolNotTheClusters as exc:
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            raise StartupError(f"cannot use the spool {root.resolve()} (data_dir): {exc.strerror or exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the database went away between the checks
+            raise StartupError(f"cannot use the database {self._db_name()}: {_first_line(exc)}") from None
 
     def _db_name(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
@@ -424,6 +444,8 @@ class WorkerDaemon(Daemon):
     the database (polling every 0.25 s): there is no receiver in this process to wake it.
     """
 
+    worker_kind = "worker"
+
     def prepare(self) -> None:
         try:
             current, head = migrations.current_revision(self.engine), migrations.head_revision()
@@ -437,6 +459,7 @@ class WorkerDaemon(Daemon):
         if not Path(self.settings.spool_dir).is_dir():
             raise StartupError(f"spool folder {Path(self.settings.spool_dir).resolve()} does not exist: "
                                "data_dir must be the one `pacsbridge serve` uses (shared)")
+        self.check_spool_marker()
         if self.engine.dialect.name == "sqlite":
             log.warning("SQLite: this worker must run on the same host as `pacsbridge serve`, and all processes "
                         "share one write lock; use PostgreSQL for several workers")

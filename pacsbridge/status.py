@@ -61,7 +61,16 @@ def calibration(settings: Settings, sessions: sessionmaker[Session]) -> dict[str
     return {"calibration": calibration_summary(settings)}
 
 
+def workers(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any]:
+    """Inference workers whose heartbeat is recent (``pacsbridge workers`` lists them)."""
+    from pacsbridge.store.workers import live_count
+
+    with sessions() as session:
+        return {"workers": {"live": live_count(session, settings.heartbeat_s)}}
+
+
 SECTIONS: list[Section] = [general, instances, worklist_and_timings, outbox, calibration]
+SECTIONS.append(workers)
 
 
 def collect_status(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any]:

@@ -313,12 +313,14 @@ def test_a_lost_claim_counts_as_an_attempt_so_an_image_that_kills_workers_cannot
     [c] = queue.claim(any_db, "here:6", 5)  # alone, although three are due
     assert (c.id, c.attempts) == (iid, 1)
     with any_db.begin() as s:
-        s.get(Instance, iid).claimed_at = old  # its second worker dies too
+        inst = s.get(Instance, iid)
+        inst.claimed_at = inst.lease_until = old  # its second worker dies too  (its lease ran out)
     assert queue.recover_stale_claims(any_db, "here:5", timedelta(minutes=10), policy=policy) == 1
     [c] = queue.claim(any_db, "here:7", 5)
     assert (c.id, c.attempts) == (iid, 2)
     with any_db.begin() as s:
-        s.get(Instance, iid).claimed_at = old  # and a third: no attempt left
+        inst = s.get(Instance, iid)
+        inst.claimed_at = inst.lease_until = old  # and a third: no attempt left  (its lease ran out)
     assert queue.recover_stale_claims(any_db, "here:5", timedelta(minutes=10), policy=policy) == 1
     row = _row(any_db, iid)
     assert (row.state, row.attempts, row.next_attempt_at) == ("failed", 3, None)

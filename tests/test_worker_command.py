@@ -71,7 +71,7 @@ def test_worker_scores_what_a_receiver_only_serve_stored(tmp_path, database_url)
                     time.sleep(0.1)
                 scored = _scored(sessions)
                 assert len(scored) == len(files), (tmp_path / "worker.log").read_text()[-3000:]
-                assert {owner.rsplit(":", 1)[1] for owner in scored.values()} == {str(worker.pid)}
+                assert {owner.split(":")[1] for owner in scored.values()} == {str(worker.pid)}  # host:pid:uuid
                 worker.send_signal(signal.SIGTERM)
                 assert worker.wait(60) == 0
             serve.send_signal(signal.SIGTERM)

@@ -29,9 +29,10 @@ patient age outside the card's intended use       not_analysed    never
 out-of-distribution score over the threshold      not_analysed    never
 ================================================  ==============  =========================
 
-Crash safety: a claim left by a dead worker (this host, pid gone) or older than ``stale_after_s``
-goes back to ``received``.  Recording only succeeds while our claim still holds and
-``predictions.instance_id`` is unique, so an instance is never scored twice.
+Crash safety: a claim is leased for ``lease_s``; a heartbeat thread
+(:class:`~pacsbridge.store.workers.Heartbeat`) renews this worker's leases every ``heartbeat_s`` and
+returns other workers' expired ones to the queue.  Recording only succeeds while our claim still
+holds and ``predictions.instance_id`` is unique, so an instance is never scored twice.
 
 ``inference_ms`` on a Prediction is the model time of its batch divided by the batch size.
 
@@ -43,8 +44,6 @@ timeout, so instances stored by other processes (and retries falling due) are st
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..model.artifact import LoadedModel
 from ..scoring import PREDICTED, Outcome, Scorer, reasons_json
 from ..store import queue
+from ..store import workers as registry
 from ..store.models import Prediction, utcnow
 from ..store.notifier import StoreNotifier
 from ..store.queue import Claimed, RetryPolicy
@@ -67,8 +67,8 @@ from .metrics import PipelineMetrics
 log = logging.getLogger(__name__)
 
 def default_worker_id() -> str:
-    """``host:pid``: lets a restarted worker on the same host recognise its predecessor's claims."""
-    return f"{socket.gethostname()[:40]}:{os.getpid()}"
+    """``host:pid:<8 hex>``: unique across containers that share a hostname or reuse pids."""
+    return registry.new_worker_id()
 
 
 @dataclass
@@ -120,6 +120,10 @@ class InferenceWorker:
         outbox: Any | None = None,
         retry_policy: RetryPolicy | None = None,
         shadow: bool = False,
+        lease_s: float = 60.0,
+        heartbeat_s: float = 10.0,
+        kind: str = "worker",
+        stall_s: float = 300.0,
     ) -> None:
         self._sessions = sessions
         self._model = model
@@ -142,6 +146,10 @@ class InferenceWorker:
         # Shadow mode: predictions are recorded (marked shadow) but never queued for reading or forwarding.
         self.shadow = bool(shadow)
         self._last_recovery = 0.0
+        # Claims are leased; the heartbeat (started with the thread) renews them and registers this worker.
+        self._lease_s, self._heartbeat_s, self.kind = float(lease_s), float(heartbeat_s), kind
+        self._stall_s = float(stall_s)  # a loop stuck this long stops heartbeating (loop_stall_s)
+        self._heartbeat: registry.Heartbeat | None = None
         self.last_error: str | None = None
         #: time.monotonic() when the loop last went round (the daemon's watchdog checks it advances).
         self.last_beat = time.monotonic()
@@ -157,11 +165,16 @@ class InferenceWorker:
         worker's own id is a leftover too (a batch that failed to record, e.g. the database went away).
         """
         return queue.recover_stale_claims(self._sessions, self.worker_id, self._stale_after, now,
-                                           self._retry)
+                                           self._retry, lock_timeout_s=self._lease_s)
+
+    def recover_expired_leases(self) -> int:
+        """Other workers' claims whose lease ran out (the heartbeat calls it, also while a batch is in hand)."""
+        return queue.recover_stale_claims(self._sessions, self.worker_id, self._stale_after, None, self._retry,
+                                          include_own=False, lock_timeout_s=self._lease_s)
 
     def claim(self, limit: int) -> list[Claimed]:
         """Claim up to ``limit`` due instances (received, or failed and due for a retry) in arrival order."""
-        return queue.claim(self._sessions, self.worker_id, limit)
+        return queue.claim(self._sessions, self.worker_id, limit, lease_s=self._lease_s)
 
     # ----------------------------------------------------------------- one batch
 
@@ -322,6 +335,7 @@ class InferenceWorker:
         if self._thread is not None:
             raise RuntimeError("worker already started")
         self.recover_stale_claims()
+        self._start_heartbeat()
         self._last_recovery = time.monotonic()
         self._stop.clear()
         self.last_beat = time.monotonic()
@@ -333,19 +347,49 @@ class InferenceWorker:
         )
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Finish the batch in hand and stop; unfinished claims are released at the next start."""
+        """Finish the batch in hand and stop: claims left (a batch that failed to record) go back to the
+        queue and the worker is marked stopped; if the batch does not finish in time, its leases expire."""
         self._stop.set()
         self._notifier.notify()  # end an idle wait now
+        stopped = True
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("inference worker did not stop within %s s", timeout)
+                stopped = False
             else:
                 self._thread = None
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+            if stopped:
+                self._sign_off()
+
+    def _start_heartbeat(self) -> None:
+        info = registry.WorkerInfo(self.worker_id, self.kind, self._batch_size)
+        try:
+            registry.register(self._sessions, info)
+        except Exception as exc:  # noqa: BLE001 - the first heartbeat that reaches the database registers it
+            log.warning("worker %s: could not register (%s); the heartbeat will", self.worker_id,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        self._heartbeat = registry.Heartbeat(self._sessions, info, lease_s=self._lease_s,
+                                            interval_s=self._heartbeat_s, recover=self.recover_expired_leases,
+                                            working=lambda: self.stalled_for() < self._stall_s)
+        self._heartbeat.start()
+
+    def _sign_off(self) -> None:
+        try:
+            if queue.release_claims(self._sessions, self.worker_id):
+                log.info("worker %s: returned its unfinished claims to the queue", self.worker_id)
+            registry.mark_stopped(self._sessions, self.worker_id)
+        except Exception as exc:  # noqa: BLE001 - the database is away: the leases expire, the row reads "lost"
+            log.warning("worker %s: could not sign off (%s); its claims expire with their lease", self.worker_id,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
     def healthy(self) -> bool:
-        """The thread is alive (it keeps retrying through database outages; see ``last_error``)."""
-        return self._thread is not None and self._thread.is_alive()
+        """The loop and the heartbeat threads are alive (both retry through database outages)."""
+        return (self._thread is not None and self._thread.is_alive()
+                and (self._heartbeat is None or self._heartbeat.alive()))
 
     def stalled_for(self) -> float:
         """Seconds since the loop last went round (one batch, or one idle wait of at most idle_poll_s)."""

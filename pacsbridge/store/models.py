@@ -118,6 +118,8 @@ class Instance(Base):
     state_reasons: Mapped[str | None] = mapped_column(Text)
     claimed_by: Mapped[str | None] = mapped_column(String(64))
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The claim holds until then (renewed by the holder's heartbeat); NULL for claims made before leases.
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Failed attempts (faults of the system) since it was received or last queued again by hand.
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # When a failed instance is tried again; NULL when no automatic retry is left (or not failed).
@@ -298,3 +300,28 @@ class Label(Base):
     reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="SET NULL"), index=True)
     imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Worker(Base):
+    """One start of an inference worker (``serve`` or ``pacsbridge worker``); owned by pacsbridge/store/workers.py."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # host:pid:uuid, as in instances.claimed_by
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # serve | worker
+    batch_size: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # a clean stop; NULL otherwise
+
+
+class ClusterIdentity(Base):
+    """One row: the cluster id the spool marker must carry (pacsbridge/store/spool_marker.py)."""
+
+    __tablename__ = "cluster_identity"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
+    cluster_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -21,6 +21,11 @@ order in one short transaction.  On PostgreSQL the candidate SELECT uses ``FOR U
 so several workers never take the same row; SQLite serializes writers, so the guarded UPDATE is
 enough there.  Every move out of ``processing`` is guarded by ``state='processing' AND
 claimed_by=<worker>``, so a worker whose claim was taken back records nothing.
+
+Leases: a claim holds until ``lease_until``, renewed by the holder's heartbeat
+(:mod:`pacsbridge.store.workers`); any running worker returns expired leases
+(:func:`recover_stale_claims`), so a dead, hung or stopped worker loses its claims within a lease
+while the rest of the cluster runs.  Leases compare host clocks: keep them in sync (NTP).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import Event, Instance, InstanceState, Series, utcnow
@@ -95,8 +100,20 @@ def _due(now: datetime):  # noqa: ANN202 - a SQL expression
                and_(Instance.state == FAILED, Instance.next_attempt_at.is_not(None), Instance.next_attempt_at <= now))
 
 
-def claim(sessions: sessionmaker[Session], worker_id: str, limit: int, now: datetime | None = None) -> list[Claimed]:
-    """Claim up to ``limit`` due instances in arrival order, in one short transaction."""
+#: Default ``claim_lease_s``: how long a claim holds without a heartbeat renewing it.
+DEFAULT_LEASE_S = 60.0
+
+
+def _bound_locks(session: Session, seconds: float) -> None:
+    """PostgreSQL: if this process freezes inside the transaction (SIGSTOP, a hung host), the server ends
+    its session after ``seconds`` and so releases the row locks the transaction took."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = {max(1000, int(seconds * 1000))}"))
+
+
+def claim(sessions: sessionmaker[Session], worker_id: str, limit: int, now: datetime | None = None,
+          lease_s: float = DEFAULT_LEASE_S) -> list[Claimed]:
+    """Claim up to ``limit`` due instances in arrival order, in one short transaction, leased for ``lease_s``."""
     if limit <= 0:
         return []
     now = now or utcnow()
@@ -108,6 +125,7 @@ def claim(sessions: sessionmaker[Session], worker_id: str, limit: int, now: date
         .with_for_update(skip_locked=True)  # PostgreSQL; SQLite has one writer at a time anyway
     )
     with sessions.begin() as session:
+        _bound_locks(session, lease_s)
         # Two statements on purpose: PostgreSQL may run an ``IN (SELECT ... LIMIT n FOR UPDATE)``
         # subquery more than once inside an UPDATE and so claim more than ``n`` rows.
         due = session.execute(oldest).all()
@@ -120,7 +138,8 @@ def claim(sessions: sessionmaker[Session], worker_id: str, limit: int, now: date
         ids = session.scalars(
             update(Instance)
             .where(Instance.id.in_(candidates), _due(now))
-            .values(state=PROCESSING, claimed_by=worker_id, claimed_at=now, next_attempt_at=None, updated_at=now)
+            .values(state=PROCESSING, claimed_by=worker_id, claimed_at=now, next_attempt_at=None, updated_at=now,
+                    lease_until=now + timedelta(seconds=lease_s))
             .returning(Instance.id)
             .execution_options(synchronize_session=False)
         ).all()
@@ -147,13 +166,21 @@ def _pid_alive(pid: int) -> bool:
 
 
 def stale_reason(owner: str | None, claimed_at: datetime | None, worker_id: str, stale_after: timedelta,
-                 now: datetime) -> str | None:
-    """Why a ``processing`` claim counts as abandoned, seen from ``worker_id`` between its batches; None if it holds."""
+                 now: datetime, *, lease_until: datetime | None = None, include_own: bool = True) -> str | None:
+    """Why a ``processing`` claim counts as abandoned, seen from ``worker_id``; None if it holds.
+
+    ``include_own``: the caller is between its batches, so a claim under its own id is a leftover.
+    A claim with a lease holds exactly until the lease ends.  Claims made before leases existed
+    (``lease_until`` NULL, ids ``host:pid``) hold while their pid lives on this host, or for ``stale_after``.
+    """
     if not owner:
         return "claim without owner"
     if owner == worker_id:
-        return "left over from a batch of this worker that was not recorded"
-    host = worker_id.rsplit(":", 1)[0]
+        return "left over from a batch of this worker that was not recorded" if include_own else None
+    if lease_until is not None:
+        ends = _utc(lease_until)
+        return f"its lease expired at {ends.isoformat(timespec='seconds')}" if now > ends else None
+    host = worker_id.split(":", 1)[0]
     o_host, _, o_pid = owner.rpartition(":")
     if o_host == host and o_pid.isdigit() and int(o_pid) != os.getpid() and not _pid_alive(int(o_pid)):
         return f"worker process {o_pid} on this host is gone"
@@ -163,8 +190,11 @@ def stale_reason(owner: str | None, claimed_at: datetime | None, worker_id: str,
 
 
 def recover_stale_claims(sessions: sessionmaker[Session], worker_id: str, stale_after: timedelta,
-                         now: datetime | None = None, policy: RetryPolicy | None = None) -> int:
-    """Take back instances claimed by a dead or stuck worker; returns how many.
+                         now: datetime | None = None, policy: RetryPolicy | None = None, *,
+                         include_own: bool = True, lock_timeout_s: float = DEFAULT_LEASE_S) -> int:
+    """Take back instances claimed by a dead, stuck or stopped worker (expired leases); returns how many.
+
+    ``include_own=False`` from a heartbeat, which runs while this worker's own batch is in hand.
 
     A lost claim counts as a failed attempt: the worker may have died *because* of one of the images
     (a decoder that crashes the process), and an image that kills every worker that takes it must not
@@ -175,23 +205,35 @@ def recover_stale_claims(sessions: sessionmaker[Session], worker_id: str, stale_
     policy = policy or RetryPolicy()
     now = _utc(now or utcnow())
     released = 0
+    maybe = [Instance.claimed_by.is_(None), Instance.lease_until.is_(None), Instance.lease_until < now]
+    if include_own:
+        maybe.append(Instance.claimed_by == worker_id)
     with sessions.begin() as session:
+        _bound_locks(session, lock_timeout_s)
+        # SKIP LOCKED: rows another transaction holds (e.g. a frozen worker's) are left for a later round
+        # instead of stalling this worker.
         rows = session.execute(
             select(Instance.id, Instance.sop_instance_uid, Instance.claimed_by, Instance.claimed_at,
-                   Instance.attempts)
-            .where(Instance.state == PROCESSING)
+                   Instance.attempts, Instance.lease_until)
+            .where(Instance.state == PROCESSING, or_(*maybe))
+            .with_for_update(skip_locked=True)
         ).all()
-        for iid, sop, owner, claimed_at, attempts in rows:
-            why = stale_reason(owner, claimed_at, worker_id, stale_after, now)
+        for iid, sop, owner, claimed_at, attempts, lease_until in rows:
+            why = stale_reason(owner, claimed_at, worker_id, stale_after, now, lease_until=lease_until,
+                               include_own=include_own)
             if why is None:
                 continue
+            # Not renewed meanwhile (SQLite took no lock above).
+            lease_guard = (Instance.lease_until.is_(None) if lease_until is None
+                           else Instance.lease_until == lease_until)
             attempts = (attempts or 0) + 1
             last = attempts >= policy.max_attempts
             reason = f"the worker scoring this image stopped ({why})"
             res = session.execute(
                 update(Instance)
-                .where(Instance.id == iid, Instance.state == PROCESSING, Instance.claimed_by == owner)
-                .values(state=FAILED, claimed_by=None, claimed_at=None, updated_at=now, attempts=attempts,
+                .where(Instance.id == iid, Instance.state == PROCESSING, _same_owner(owner), lease_guard)
+                .values(state=FAILED, claimed_by=None, claimed_at=None, lease_until=None, updated_at=now,
+                        attempts=attempts,
                         state_reason=reason, last_error=reason, next_attempt_at=None if last else now)
                 .execution_options(synchronize_session=False)
             )
@@ -204,6 +246,25 @@ def recover_stale_claims(sessions: sessionmaker[Session], worker_id: str, stale_
     if released:
         log.warning("worker %s: released %d stale claims", worker_id, released)
     return released
+
+
+def _same_owner(owner: str | None):  # noqa: ANN202 - a SQL expression
+    return Instance.claimed_by.is_(None) if owner is None else Instance.claimed_by == owner
+
+
+def release_claims(sessions: sessionmaker[Session], worker_id: str, now: datetime | None = None) -> int:
+    """After a clean stop: claims ``worker_id`` still holds go back to ``received``, no attempt counted
+    (the worker did not die on them); returns how many."""
+    now = now or utcnow()
+    with sessions.begin() as session:
+        rows = session.execute(
+            update(Instance).where(Instance.state == PROCESSING, Instance.claimed_by == worker_id)
+            .values(state=RECEIVED, claimed_by=None, claimed_at=None, lease_until=None, updated_at=now)
+            .returning(Instance.id, Instance.sop_instance_uid)
+            .execution_options(synchronize_session=False)).all()
+        for iid, sop in rows:
+            _event(session, "claim_released", "info", iid, sop, f"claim by {worker_id} returned at its clean stop")
+    return len(rows)
 
 
 # ----------------------------------------------------------------------------- moves out of processing
@@ -219,7 +280,7 @@ def _move(session: Session, inst: Claimed, worker_id: str, now: datetime, **valu
     res = session.execute(
         update(Instance)
         .where(Instance.id == inst.id, Instance.state == PROCESSING, Instance.claimed_by == worker_id)
-        .values(updated_at=now, **values)
+        .values(updated_at=now, lease_until=None, **values)
         .execution_options(synchronize_session=False)
     )
     return res.rowcount == 1
@@ -292,7 +353,7 @@ def retry(sessions: sessionmaker[Session], ids: Iterable[int] = (), *, all_faile
             res = session.execute(
                 update(Instance).where(Instance.id == iid, Instance.state == FAILED)
                 .values(state=RECEIVED, state_reason=None, attempts=0, next_attempt_at=None, claimed_by=None,
-                        claimed_at=None, updated_at=now)
+                        claimed_at=None, lease_until=None, updated_at=now)
                 .execution_options(synchronize_session=False))
             if res.rowcount == 1:
                 moved.append(iid)
