@@ -514,7 +514,8 @@ def _cmd_worklist(args: argparse.Namespace) -> int:
         print(f"{'id':>5}  {'priority':>8}  {'prob':>5}  {'status':<11}  {'waiting':>8}  {'patient':<24}  "
               f"{'age':>4}  {'accession':<16}  {'req':<7}  {'claimed_by':<12}  {'finding':<12}  study_instance_uid")
         for r in rows:
-            print(f"{r['id']:>5}  {r['priority']:8.3f}  {r['probability']:5.3f}  {r['status']:<11}  "
+            prob = "audit" if r["probability"] is None else f"{r['probability']:5.3f}"  # audit: blinded read
+            print(f"{r['id']:>5}  {r['priority']:8.3f}  {prob:>5}  {r['status']:<11}  "
                   f"{_age(r['waiting_s']):>8}  {_person(r['patient_name']):<24.24}  {_years(r['patient_age']):>4}  "
                   f"{r['accession_number'] or '-':<16}  {r['requested_priority'] or '-':<7}  "
                   f"{r['claimed_by'] or '-':<12}  {r['finding'] or '-':<12}  {r['study_instance_uid']}")
@@ -545,7 +546,8 @@ def _add_worklist(sub: argparse._SubParsersAction) -> None:
         "completed and canceled ones. --json prints one JSON list with the fields of GET /api/worklist "
         "(id, status, priority, probability, study_instance_uid, accession_number, patient_name, patient_id, "
         "patient_age, study_date, study_description, modality, received_at, waiting_s, claimed_by, "
-        "claim_expires_at, finding, viewer_url, ...).",
+        "claim_expires_at, finding, viewer_url, kind (flag or audit), blinded, ...). An audit item (a study scored "
+        "negative, sampled for a blinded quality read) shows no probability until it is completed.",
     )
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.add_argument("--all", action="store_true", help="every state (also completed and canceled)")
