@@ -31,8 +31,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('studies', schema=None) as batch_op:
-        batch_op.drop_column('audit_decision')
-    with op.batch_alter_table('worklist_items', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_worklist_items_kind'))
-        batch_op.drop_column('kind')
+    # Not batch mode: on SQLite that would copy and DROP the table, and with foreign keys on the drop
+    # cascades (studies -> series, instances, items) or unlinks events.  SQLite >= 3.35 drops in place.
+    op.drop_column('studies', 'audit_decision')
+    op.drop_index(op.f('ix_worklist_items_kind'), table_name='worklist_items')
+    op.drop_column('worklist_items', 'kind')
