@@ -112,8 +112,8 @@ def test_from_db_after_shadow_mode_equals_validate_on_files(database_url, tmp_pa
     code, out, err = _main(capsys, "validate", "--from-db", *args, "--write-calibration", str(cal))
     assert code == 0, err
     from_db = json.loads(out)
-    for key in SAME:
-        assert from_db[key] == on_files[key], key
+    for key in SAME:  # the daemon scores in other batches than validate: float noise of about 1e-7
+        assert from_db[key] == pytest.approx(on_files[key], rel=1e-5, abs=1e-6), key
     assert from_db["labels"]["rows"] == N and from_db["labels"]["rows_used"] == N
     assert from_db["labels"]["label_sources"] == {"ris": N, "reader": 0}
     written = json.loads(cal.read_text())

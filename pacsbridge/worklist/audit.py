@@ -60,14 +60,20 @@ def day_start(now: datetime) -> datetime:
     return as_utc(now).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-def recent_study_ids(session: Session, now: datetime, min_prediction_id: int | None) -> list[int]:
-    """Studies with a non-shadow prediction recorded recently (and above ``min_prediction_id``)."""
+def recent_study_ids(session: Session, now: datetime, min_prediction_id: int | None,
+                     refused_since: datetime | None = None) -> list[int]:
+    """Studies with a non-shadow prediction recorded recently (and above ``min_prediction_id``), and
+    studies with an image refused since ``refused_since`` (its last image may have been the one refused)."""
+    cutoff = as_utc(now) - AUDIT_LOOKBACK
     q = (select(Series.study_id).join(Instance, Instance.series_id == Series.id)
          .join(Prediction, Prediction.instance_id == Instance.id)
-         .where(Prediction.shadow.is_(False), Prediction.created_at >= as_utc(now) - AUDIT_LOOKBACK))
+         .where(Prediction.shadow.is_(False), Prediction.created_at >= cutoff))
     if min_prediction_id is not None:
         q = q.where(Prediction.id > min_prediction_id)
-    return sorted(set(session.scalars(q.distinct())))
+    refused = (select(Series.study_id).join(Instance, Instance.series_id == Series.id)
+               .where(Instance.state == InstanceState.NOT_ANALYSED.value,
+                      Instance.updated_at >= max(cutoff, as_utc(refused_since or cutoff))))
+    return sorted(set(session.scalars(q.distinct())) | set(session.scalars(refused.distinct())))
 
 
 def _negative_studies(session: Session, ids: list[int], now: datetime) -> list[tuple[int, str, float, datetime]]:

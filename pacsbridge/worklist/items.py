@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Sequence
 
 from pydicom.uid import generate_uid
@@ -46,6 +46,8 @@ MIN_PRIORITY_STEP = 1e-3
 LOOKBACK_IDS = 64
 
 ALL_STATUSES = tuple(s.value for s in WorklistStatus)
+#: Refused images are looked for this far before the previous full run (a commit that came late).
+AUDIT_REFUSED_MARGIN = timedelta(minutes=1)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class WorklistUpdater:
         self._clock = clock
         self._lock = threading.Lock()
         self._watermark: int | None = None  # highest prediction id seen by a full (scheduler) run
+        self._scanned_at: datetime | None = None  # clock of the last full run
 
     def refresh(self, study_ids: Iterable[int] | None = None, now: datetime | None = None) -> RefreshResult:
         """Create/update items for ``study_ids``; with ``None``, for the studies with predictions
@@ -104,13 +107,15 @@ class WorklistUpdater:
             ids = sorted(set(session.scalars(changed.distinct())))
         created, updated = self._update_studies(session, ids, now) if ids else (0, 0)
         if self._audit_fraction > 0:
-            negatives = (audit.recent_study_ids(session, now, None if self._watermark is None
-                                                else self._watermark - LOOKBACK_IDS) if scan_all else ids)
+            negatives = (audit.recent_study_ids(
+                session, now, None if self._watermark is None else self._watermark - LOOKBACK_IDS,
+                None if self._scanned_at is None else self._scanned_at - AUDIT_REFUSED_MARGIN) if scan_all else ids)
             created += audit.choose_audits(session, negatives, now, fraction=self._audit_fraction,
                                            max_per_day=self._audit_max_per_day, max_wait_minutes=self._max_wait)
         if scan_all:
             updated += self._age_scheduled(session, now, skip=set(ids))
             self._watermark = top
+            self._scanned_at = now
         if created or updated:
             log.debug("worklist: %d created, %d updated", created, updated)
         return RefreshResult(created, updated)
