@@ -371,7 +371,11 @@ async function act(action, body = null) {
   try {
     state.item = await api("/api/worklist/" + state.item.id + "/" + action, { method: "POST", body });
     if (action === "complete") {
-      message("Completed: " + body.finding.replace("_", " ") + ". Back to the worklist.", "info");
+      // An audit read is unblinded once completed: say what the AI had scored.
+      const unblinded = state.item.kind === "audit" && state.item.probability !== null
+        ? " Quality audit: the AI had scored this study " + Math.round(state.item.probability * 100) + "% (not flagged)."
+        : "";
+      message("Completed: " + body.finding.replace("_", " ") + "." + unblinded + " Back to the worklist.", "info");
       show("worklist");
       return;
     }
