@@ -759,7 +759,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             print(f"{m['model_id']} ({m['calibration']}) {label}: {e['scored']} images scored, {e['flagged']} flagged; "
                   f"PPV {_fmt_rate(ppv)}; "
                   f"sensitivity {_fmt_rate(e['sensitivity'])} ({e['sensitivity']['method']}); "
-                  f"NPV {_fmt_rate(e['npv'])}; receipt to read p50 {t['p50'] if t['p50'] is not None else '-'} s")
+                  f"NPV {_fmt_rate(e['npv'])}; receipt to read p50 {t['p50'] if t['p50'] is not None else '-'} s; "
+                  f"audits {e['audit']['sampled']} sampled, {e['audit']['completed']} read, "
+                  f"{e['audit']['pneumonia']} pneumonia")
     refused = out["refused"]["window"]
     print("refused in the window: " + (", ".join(f"{k}: {v}" for k, v in refused.items()) or "none"))
     lab = out["labels"]
@@ -772,8 +774,8 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "stats", help="live performance per model and calibration: PPV, sensitivity, NPV, refusals",
         description="Per model and calibration, in total and over a window: images and studies scored and flagged, "
-        "PPV of flags read by radiologists (Wilson 95 %% interval), sensitivity and NPV from RIS labels "
-        "(pacsbridge labels import), receipt-to-read time, refusals by reason, label counts. Reads the database "
+        "PPV of flags read by radiologists (Wilson 95 %% interval), sensitivity from RIS labels "
+        "(pacsbridge labels import) or estimated from blinded audit reads of negatives, NPV from RIS labels, receipt-to-read time, refusals by reason, label counts. Reads the database "
         "only. --json prints the object GET /api/stats serves.")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--since", metavar="T", help="start of the window: an ISO date/time or a duration back from now "
