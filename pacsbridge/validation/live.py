@@ -18,7 +18,8 @@ What each figure is (studies, not images, unless it says images):
   pacsbridge.validation.audit_estimate.  Reader findings of flags alone cannot reveal a miss.
   ``value`` null and ``method`` ``none`` when neither exists.
 - ``audit``: audit items of studies scored negative: ``sampled`` (made), ``completed``, ``pneumonia``;
-  ``studies``: studies flagged and studies scored negative (not in shadow mode): the estimator's F and N.
+  ``studies``: studies flagged and studies scored negative (not in shadow mode): the estimator's F and N
+  (counted only once audit items exist; zeros before).
 - ``npv``: RIS-labelled studies scored negative that are not pneumonia / RIS-labelled negatives.
 - ``receipt_to_completion_s``: receipt of the study to the reader's completion, p50/p95 over the
   latest :data:`TIMES_OF` completed items (``n`` says how many).
@@ -121,7 +122,9 @@ def _group_figures(session: Session, since: datetime | None) -> dict[tuple[str, 
     # Readers: closed items of studies this (model, calibration) flagged; one row per item, counted in SQL.
     W = WorklistItem
     joined, on = via_study(W.study_id)
-    closed = and_(W.status.in_((WorklistStatus.COMPLETED.value, WorklistStatus.CANCELED.value)), W.kind == "flag")
+    # coalesce: no index on kind for this (nearly every item is a flag), the status index drives it
+    closed = and_(W.status.in_((WorklistStatus.COMPLETED.value, WorklistStatus.CANCELED.value)),
+                  func.coalesce(W.kind, "flag") == "flag")
     per_item = (select(P.model_id.label("mid"), P.calibration.label("cal"), W.id.label("iid"),
                        W.status.label("status"), W.finding.label("finding"))
                 .select_from(W.__table__).join(joined, on).where(closed, P.positive.is_(True), *window)
@@ -158,8 +161,13 @@ def _group_figures(session: Session, since: datetime | None) -> dict[tuple[str, 
 
 
 def _audit_figures(session: Session, out: dict[tuple[str, str], dict[str, Any]], window: list[Any]) -> None:
-    """Studies flagged / scored negative, and the audit items of the negatives, per (model, calibration)."""
+    """Studies flagged / scored negative, and the audit items of the negatives, per (model, calibration).
+
+    The study counts group every prediction by study (the costliest query here): only made when
+    audit items exist, since only the audit estimator needs them."""
     P, W = Prediction, WorklistItem
+    if session.scalar(select(W.id).where(W.kind == "audit").limit(1)) is None:
+        return
     preds = (P.__table__.join(Instance.__table__, Instance.id == P.instance_id)
              .join(Series.__table__, Series.id == Instance.series_id))
     per_study = (select(P.model_id.label("mid"), P.calibration.label("cal"),
