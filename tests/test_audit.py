@@ -371,3 +371,31 @@ def test_page_shows_no_score_until_the_audit_is_completed(tmp_path: Path, browse
 
 
 from test_web_page import browser  # noqa: E402,F401 - the headless Chromium fixture
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_0014_existing_items_are_flags_and_downgrade_keeps_rows(backend, tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    for url in database_url_for(backend, tmp_path / "m.db"):
+        engine = make_engine(url)
+        try:
+            migrations.upgrade(engine, "0009")
+            t = "2026-01-02 03:04:05+00:00"
+            with engine.begin() as conn:
+                conn.execute(text("INSERT INTO studies (id, study_instance_uid, created_at) VALUES (1, '1.2', :t)"),
+                             {"t": t})
+                conn.execute(text(
+                    "INSERT INTO worklist_items (id, study_id, open_study_id, ups_uid, priority, probability, status, "
+                    "first_positive_at, created_at, updated_at) VALUES (1, 1, 1, '2.25.1', 0.9, 0.9, 'scheduled', "
+                    ":t, :t, :t)"), {"t": t})
+            migrations.upgrade(engine)
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT kind FROM worklist_items")).scalars().all() == ["flag"]
+                assert conn.execute(text("SELECT audit_decision FROM studies")).scalars().all() == [None]
+            migrations.downgrade(engine, "0009")
+            with engine.connect() as conn:  # no table copy: the study and its item are still there
+                assert conn.execute(text("SELECT count(*) FROM worklist_items")).scalar() == 1
+                assert conn.execute(text("SELECT count(*) FROM studies")).scalar() == 1
+        finally:
+            engine.dispose()
