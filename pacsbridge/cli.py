@@ -341,11 +341,17 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 # -- validate ----------------------------------------------------------------------------------
 def _cmd_validate(args: argparse.Namespace) -> int:
     from pacsbridge.inference.files import iter_input_files
-    from pacsbridge.validation.calibration import write_calibration
     from pacsbridge.validation.labels import LabelsError, read_labels
-    from pacsbridge.validation.run import (Options, Progress, ValidationInputError, calibration_content,
-                                           evaluate_units, join, score_for_validation, validate)
+    from pacsbridge.validation.run import Progress, ValidationInputError, join, score_for_validation, validate
 
+    if args.from_db:
+        return _cmd_validate_from_db(args)
+    if args.since:
+        print("pacsbridge validate: error: --since goes with --from-db", file=sys.stderr)
+        return 2
+    if not args.paths or not args.labels:
+        print("pacsbridge validate: error: give PATH... and --labels FILE.csv, or --from-db", file=sys.stderr)
+        return 2
     missing = [p for p in args.paths if not os.path.lexists(p)]
     if missing:
         print(f"pacsbridge validate: error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
@@ -365,15 +371,60 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     records = score_for_validation(files, model, batch_size=args.batch_size or max(settings.inference_batch_size, 16),
                                    progress=progress, max_decoded_bytes=settings.max_decoded_bytes)
     units, accounting = join(labels, records, roots)
-    opts = Options(target_sensitivity=args.target_sensitivity, ood_keep=args.ood_keep,
-                   confidence=args.confidence or settings.validation_confidence,
-                   min_per_class=settings.validation_min_per_class,
-                   max_unusable_share=settings.validation_max_unusable_share)
     try:
-        result = validate(units, accounting, model, opts)
+        result = validate(units, accounting, model, _validation_options(args, settings))
     except ValidationInputError as exc:
         print(f"pacsbridge validate: {exc}", file=sys.stderr)
         return 2
+    return _validation_output(args, result, units, model)
+
+
+def _validation_options(args: argparse.Namespace, settings: Settings) -> object:
+    from pacsbridge.validation.run import Options
+
+    return Options(target_sensitivity=args.target_sensitivity, ood_keep=args.ood_keep,
+                   confidence=args.confidence or settings.validation_confidence,
+                   min_per_class=settings.validation_min_per_class,
+                   max_unusable_share=settings.validation_max_unusable_share)
+
+
+def _cmd_validate_from_db(args: argparse.Namespace) -> int:
+    """``validate --from-db``: the same report from recorded predictions and labels (no image sent again)."""
+    from pacsbridge.validation.from_db import units_from_db
+    from pacsbridge.validation.run import ValidationInputError, validate
+
+    if args.paths or args.labels:
+        print("pacsbridge validate: error: --from-db takes no PATH and no --labels (the labels are those imported "
+              "with `pacsbridge labels import` and the readers' findings)", file=sys.stderr)
+        return 2
+    since = None
+    if args.since:
+        from pacsbridge.store.events import parse_since
+
+        try:
+            since = parse_since(args.since)
+        except ValueError as exc:
+            print(f"pacsbridge validate: error: --since: {exc}", file=sys.stderr)
+            return 2
+    settings = _settings(args)
+    model = _load_site_model(settings, args.model, "validate")
+    if model is None:
+        return 1
+    with _db_session(args, "validate") as session:
+        units, accounting = units_from_db(session, model, since)
+    try:
+        result = validate(units, accounting, model, _validation_options(args, settings))
+    except ValidationInputError as exc:
+        print(f"pacsbridge validate: {exc}", file=sys.stderr)
+        return 2
+    return _validation_output(args, result, units, model)
+
+
+def _validation_output(args: argparse.Namespace, result: dict, units: list, model: object) -> int:
+    """Write the calibration and report asked for, and print the result (``validate`` and ``--from-db``)."""
+    from pacsbridge.validation.calibration import write_calibration
+    from pacsbridge.validation.run import calibration_content, evaluate_units
+
     status = 0
     result["calibration_written"] = None
     if args.write_calibration:
@@ -457,8 +508,12 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
         "proposed, ...). Exit status 2 when the labels cannot be used, 1 when a calibration was asked for but "
         "cannot be written (too few labelled images: validation_min_per_class).",
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM file or folder")
-    p.add_argument("--labels", required=True, metavar="FILE.csv", help="labels CSV (see above)")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="DICOM file or folder (not with --from-db)")
+    p.add_argument("--labels", metavar="FILE.csv", help="labels CSV (see above; not with --from-db)")
+    p.add_argument("--from-db", action="store_true", help="build the same report from the predictions the daemon "
+                   "recorded and the labels it holds (imported RIS labels, else readers' findings): no image is "
+                   "sent again, so a shadow period becomes a site calibration")
+    p.add_argument("--since", metavar="DATE", help="with --from-db: only images received since (ISO date/time or 7d)")
     p.add_argument("--target-sensitivity", type=_fraction(0.5, 1.0), default=0.95, metavar="S",
                    help="sensitivity the proposed threshold must reach with confidence (default 0.95)")
     p.add_argument("--ood-keep", type=_fraction(0.5, 1.0), default=0.97, metavar="Q",
@@ -516,7 +571,8 @@ def _cmd_worklist(args: argparse.Namespace) -> int:
         print(f"{'id':>5}  {'priority':>8}  {'prob':>5}  {'status':<11}  {'waiting':>8}  {'patient':<24}  "
               f"{'age':>4}  {'accession':<16}  {'req':<7}  {'claimed_by':<12}  {'finding':<12}  study_instance_uid")
         for r in rows:
-            print(f"{r['id']:>5}  {r['priority']:8.3f}  {r['probability']:5.3f}  {r['status']:<11}  "
+            prob = "audit" if r["probability"] is None else f"{r['probability']:5.3f}"  # audit: blinded read
+            print(f"{r['id']:>5}  {r['priority']:8.3f}  {prob:>5}  {r['status']:<11}  "
                   f"{_age(r['waiting_s']):>8}  {_person(r['patient_name']):<24.24}  {_years(r['patient_age']):>4}  "
                   f"{r['accession_number'] or '-':<16}  {r['requested_priority'] or '-':<7}  "
                   f"{r['claimed_by'] or '-':<12}  {r['finding'] or '-':<12}  {r['study_instance_uid']}")
@@ -547,7 +603,8 @@ def _add_worklist(sub: argparse._SubParsersAction) -> None:
         "completed and canceled ones. --json prints one JSON list with the fields of GET /api/worklist "
         "(id, status, priority, probability, study_instance_uid, accession_number, patient_name, patient_id, "
         "patient_age, study_date, study_description, modality, received_at, waiting_s, claimed_by, "
-        "claim_expires_at, finding, viewer_url, ...).",
+        "claim_expires_at, finding, viewer_url, kind (flag or audit), blinded, ...). An audit item (a study scored "
+        "negative, sampled for a blinded quality read) shows no probability until it is completed.",
     )
     p.add_argument("--json", action="store_true", help="print one JSON list")
     p.add_argument("--all", action="store_true", help="every state (also completed and canceled)")
@@ -704,7 +761,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             print(f"{m['model_id']} ({m['calibration']}) {label}: {e['scored']} images scored, {e['flagged']} flagged; "
                   f"PPV {_fmt_rate(ppv)}; "
                   f"sensitivity {_fmt_rate(e['sensitivity'])} ({e['sensitivity']['method']}); "
-                  f"NPV {_fmt_rate(e['npv'])}; receipt to read p50 {t['p50'] if t['p50'] is not None else '-'} s")
+                  f"NPV {_fmt_rate(e['npv'])}; receipt to read p50 {t['p50'] if t['p50'] is not None else '-'} s; "
+                  f"audits {e['audit']['sampled']} sampled, {e['audit']['completed']} read, "
+                  f"{e['audit']['pneumonia']} pneumonia")
     refused = out["refused"]["window"]
     print("refused in the window: " + (", ".join(f"{k}: {v}" for k, v in refused.items()) or "none"))
     lab = out["labels"]
@@ -717,8 +776,8 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "stats", help="live performance per model and calibration: PPV, sensitivity, NPV, refusals",
         description="Per model and calibration, in total and over a window: images and studies scored and flagged, "
-        "PPV of flags read by radiologists (Wilson 95 %% interval), sensitivity and NPV from RIS labels "
-        "(pacsbridge labels import), receipt-to-read time, refusals by reason, label counts. Reads the database "
+        "PPV of flags read by radiologists (Wilson 95 %% interval), sensitivity from RIS labels "
+        "(pacsbridge labels import) or estimated from blinded audit reads of negatives, NPV from RIS labels, receipt-to-read time, refusals by reason, label counts. Reads the database "
         "only. --json prints the object GET /api/stats serves.")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--since", metavar="T", help="start of the window: an ISO date/time or a duration back from now "

@@ -204,6 +204,10 @@ class Settings(BaseSettings):
     drift_z: float = Field(3.0, gt=0, le=10, description="Control limits: reference ± this many standard errors.")
     monitor_interval_s: float = Field(20.0, gt=0, le=86_400, description="How often drift is checked and RIS "
                                       "labels are matched to studies that arrived.")
+    # Audit reads (pacsbridge.worklist.audit): a share of the negatives goes to a blinded read.
+    audit_fraction: float = Field(0.02, ge=0, le=1, description="Share of studies scored negative that become a "
+                                  "blinded quality-audit item (chosen by a hash of the Study Instance UID); 0 = off.")
+    audit_max_per_day: int = Field(20, ge=0, le=100_000, description="Most audit items made per day (UTC).")
     scheduler_interval_s: float = Field(2.0, gt=0, description="How often positives become worklist items.")
     priority_max_wait_minutes: float = Field(240.0, gt=0, description="After this wait an item rises to the top.")
     retention_days: float = Field(30.0, ge=0, description="Delete spooled files older than this; 0 = keep forever.")

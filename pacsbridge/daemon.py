@@ -126,7 +126,8 @@ class Daemon:
         s = self.settings
         metrics = PipelineMetrics(self.sessions)
         metrics.registry.register(_DiskGuardCollector(self.disk_guard))
-        updater = WorklistUpdater(self.sessions, s.priority_max_wait_minutes)
+        updater = WorklistUpdater(self.sessions, s.priority_max_wait_minutes, audit_fraction=s.audit_fraction,
+                                  audit_max_per_day=s.audit_max_per_day)
         forwarder = self.forwarder(metrics.registry) if s.destinations else None
         components: list[Component] = []
         if s.worker_enabled:
@@ -467,4 +468,7 @@ class WorkerDaemon(Daemon):
     def build_components(self) -> list[Component]:
         from pacsbridge.worklist.items import WorklistUpdater
 
-        return [self.inference_worker(WorklistUpdater(self.sessions, self.settings.priority_max_wait_minutes))]
+        s = self.settings
+        return [self.inference_worker(WorklistUpdater(self.sessions, s.priority_max_wait_minutes,
+                                                      audit_fraction=s.audit_fraction,
+                                                      audit_max_per_day=s.audit_max_per_day))]

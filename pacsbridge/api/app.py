@@ -53,6 +53,7 @@ from ..store import events as audit
 from ..store.models import Instance, InstanceState, utcnow
 from ..worklist import lifecycle as lc
 from ..worklist.items import ALL_STATUSES, list_worklist
+from ..worklist.audit import blinded_instance
 from ..worklist.reports import item_detail, list_instances
 from ..worklist.viewer import viewer_link
 from . import render
@@ -77,7 +78,7 @@ class WorklistEntry(BaseModel):
     id: int
     status: str
     priority: float
-    probability: float
+    probability: float | None  # null for a blinded audit item (kind "audit", not yet completed)
     study_instance_uid: str
     accession_number: str | None
     patient_name: str | None
@@ -97,6 +98,8 @@ class WorklistEntry(BaseModel):
     completed_at: str | None
     ups_uid: str
     viewer_url: str | None = None
+    kind: str = "flag"  # "flag" (scored positive) | "audit" (a scored negative sampled for a blinded read)
+    blinded: bool = False
 
 
 class CompleteBody(BaseModel):
@@ -207,7 +210,8 @@ def create_app(
     def item_json(session: Session, item_id: int, now: Any) -> dict[str, Any]:
         """The one item answer: GET /api/worklist/{id} and every write (claim, release, ...) alike."""
         out = with_viewer(item_detail(session, item_id, now))
-        out["heatmap_available"] = heatmap_model.configured and render.heatmap_module() is not None
+        out["heatmap_available"] = (not out["blinded"] and heatmap_model.configured
+                                    and render.heatmap_module() is not None)
         return out
 
     def transition(fn: Callable[..., Any], item_id: int, who: Principal, **kwargs: Any) -> dict[str, Any]:
@@ -304,13 +308,16 @@ def create_app(
         status: str = Query("open", max_length=16, description="scheduled|in_progress|completed|canceled|all; "
                             "default open = scheduled + in_progress"),
         limit: int = Query(200, ge=1, le=5000), offset: int = Query(0, ge=0, le=MAX_OFFSET),
+        kind: Literal["flag", "audit", "all"] = Query("all", description="flag (scored positive), audit "
+                                                      "(blinded quality reads of negatives) or all"),
         session: Session = Depends(db_session),
     ) -> list[dict[str, Any]]:
-        """Items in reading order (highest priority first)."""
+        """Items in reading order (highest priority first); audit items are blinded (no score) until completed."""
         if status != "open" and status != "all" and status not in ALL_STATUSES:
             raise HTTPException(422, f"status must be one of {', '.join(ALL_STATUSES)}, all or open")
         return [with_viewer(it) for it in list_worklist(
-            session, status=None if status == "open" else status, limit=limit, offset=offset, now=clock())]
+            session, status=None if status == "open" else status, limit=limit, offset=offset, now=clock(),
+            kind=kind)]
 
     @app.get("/api/worklist/{item_id}", tags=["worklist"], dependencies=[Depends(reader)])
     def worklist_item(item_id: ItemId, session: Session = Depends(db_session)) -> dict[str, Any]:
@@ -375,6 +382,10 @@ def create_app(
             raise HTTPException(410, f"instance {instance_id}: the file was deleted by retention")
         heat_mod = None
         if overlay == "heatmap":
+            with sessions() as session:
+                if blinded_instance(session, instance_id):
+                    raise HTTPException(403, "heatmap hidden: this image belongs to a quality-audit read that is "
+                                        "not completed yet (blinded)")
             heat_mod = render.heatmap_module()
             if heat_mod is None:
                 raise HTTPException(404, "heatmap not available: this model provides no attention heatmap yet")

@@ -10,7 +10,8 @@ How a worklist item looks as a UPS instance:
 * Procedure Step State: scheduled -> SCHEDULED, in_progress -> IN PROGRESS, completed -> COMPLETED,
   canceled -> CANCELED.
 * Scheduled Procedure Step Priority from the priority score (:func:`ups_priority`).
-* Procedure Step Label names the AI finding and its probability; Scheduled Workitem Code = (110005, DCM,
+* Procedure Step Label names the AI finding and its probability (an audit item: "Quality audit (blinded
+  read)", priority LOW, and no probability until it is completed); Scheduled Workitem Code = (110005, DCM,
   "Interpretation"); Scheduled Processing Parameters carry the probability as a numeric content item.
 * Patient name/ID/birth date/sex, Study Instance UID, and the Referenced Request Sequence (accession
   number, study description); Input Information Sequence: one item per series with its SOP Class and
@@ -148,6 +149,11 @@ class UpsRecord:
     claimed_at: datetime | None = None
     completed_at: datetime | None = None
     performed: PerformedData = field(default_factory=PerformedData)
+    kind: str = "flag"  # "audit": a negative sampled for a blinded quality read (pacsbridge.worklist.audit)
+
+    @property
+    def blinded(self) -> bool:
+        return self.kind == "audit" and self.status != "completed"
 
 
 def dt_value(dt: datetime | None) -> str:
@@ -160,8 +166,13 @@ def dt_value(dt: datetime | None) -> str:
 
 
 def procedure_step_label(rec: UpsRecord) -> str:
-    """LO (64 chars): the AI finding the radiologist is asked to read."""
+    """LO (64 chars): the AI finding the radiologist is asked to read; for an audit, no score."""
+    if rec.kind == "audit":
+        return AUDIT_LABEL
     return f"AI: pneumonia suspected (p={rec.probability:.2f})"[:64]
+
+
+AUDIT_LABEL = "Quality audit (blinded read): no AI score shown"
 
 
 WORKLIST_LABEL = "pacsbridge AI triage"
@@ -202,10 +213,11 @@ _ATTRIBUTES: dict[str, Callable[[UpsRecord], Any]] = {
     "ReferencedRequestSequence": lambda r: Sequence([_request_item(r)]),
     "ProcedureStepState": lambda r: UPS_STATE_OF.get(r.status, r.status.upper().replace("_", " ")),
     "ProcedureStepProgressInformationSequence": _progress,
-    "ScheduledProcedureStepPriority": lambda r: ups_priority(r.priority),
+    "ScheduledProcedureStepPriority": lambda r: "LOW" if r.kind == "audit" else ups_priority(r.priority),
     "WorklistLabel": lambda r: WORKLIST_LABEL,
     "ProcedureStepLabel": procedure_step_label,
-    "ScheduledProcessingParametersSequence": lambda r: Sequence([_probability_item(r.probability)]),
+    "ScheduledProcessingParametersSequence": lambda r: Sequence(
+        [] if r.blinded else [_probability_item(r.probability)]),
     "UnifiedProcedureStepPerformedProcedureSequence": lambda r: Sequence(
         [_performed_item(r)] if r.status != "scheduled" and r.claimed_at is not None else []),
 }

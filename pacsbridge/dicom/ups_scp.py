@@ -190,6 +190,7 @@ def load_records(session: Session, items: list[WorklistItem], *, instances: bool
             requested_priority=study.requested_priority,
             series=tuple(ReferencedSeries(uid, tuple(refs)) for uid, refs in series.get(item.study_id, {}).items()),
             claimed_at=item.claimed_at, completed_at=item.completed_at, performed=performed,
+            kind=getattr(item, "kind", "flag"),
         ))
     return records
 

@@ -81,6 +81,9 @@ class Study(Base):
     study_description: Mapped[str | None] = mapped_column(String(64))
     referring_physician: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: A negative study drawn for a blinded audit read: ``sampled`` (an audit item was made) or ``capped``
+    #: (the day's audit_max_per_day was reached); NULL = never drawn.  Decided once (pacsbridge.worklist.audit).
+    audit_decision: Mapped[str | None] = mapped_column(String(8))
 
     series: Mapped[list["Series"]] = relationship(back_populates="study")
 
@@ -171,6 +174,8 @@ class WorklistItem(Base):
     open_study_id: Mapped[int | None] = mapped_column(Integer, unique=True)
     ups_uid: Mapped[str] = mapped_column(String(64), unique=True)  # UPS SOP Instance UID
     priority: Mapped[float] = mapped_column(Float, index=True)
+    #: ``flag`` (scored positive) or ``audit`` (scored negative, sampled for a blinded read; pacsbridge.worklist.audit).
+    kind: Mapped[str] = mapped_column(String(8), default="flag", server_default="flag", index=True)
     probability: Mapped[float] = mapped_column(Float)  # highest calibrated probability in the study
     status: Mapped[str] = mapped_column(String(16), default=WorklistStatus.SCHEDULED.value, index=True)
     first_positive_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # first positive prediction recorded

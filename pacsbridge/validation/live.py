@@ -10,11 +10,16 @@ What each figure is (studies, not images, unless it says images):
   ``shadow`` counts them).
 - ``completed``, ``ppv``, ``ppv_ci``: flagged studies a reader completed, by finding; PPV is
   completed-as-pneumonia / completed, with a Wilson 95 % interval.
-- ``sensitivity``: from RIS labels (``pacsbridge labels import``) of scored studies: flagged /
-  labelled pneumonia, with a Wilson 95 % interval; ``method`` ``ris_labels`` ("direct: every
-  labelled study counts; unbiased when the RIS labels do not depend on the flag").  Reader
-  findings are not used here: readers only see flagged studies, so they cannot reveal a miss.
-  ``value`` null and ``method`` ``none`` when no scored study has a RIS label.
+- ``sensitivity``: ``method`` says which estimator.  ``ris_labels`` (direct, no estimate): from RIS
+  labels (``pacsbridge labels import``) of scored studies, flagged / labelled pneumonia, with a
+  Wilson 95 % interval; used when RIS labels cover at least :data:`RIS_FULL_SHARE` of the scored
+  studies, or when there is no audit read.  ``audit_estimate``: from blinded audit reads of
+  negatives (pacsbridge.worklist.audit) and the reads of flags, see
+  pacsbridge.validation.audit_estimate.  Reader findings of flags alone cannot reveal a miss.
+  ``value`` null and ``method`` ``none`` when neither exists.
+- ``audit``: audit items of studies scored negative: ``sampled`` (made), ``completed``, ``pneumonia``;
+  ``studies``: studies flagged and studies scored negative (not in shadow mode): the estimator's F and N
+  (counted only once audit items exist; zeros before).
 - ``npv``: RIS-labelled studies scored negative that are not pneumonia / RIS-labelled negatives.
 - ``receipt_to_completion_s``: receipt of the study to the reader's completion, p50/p95 over the
   latest :data:`TIMES_OF` completed items (``n`` says how many).
@@ -37,6 +42,7 @@ from ..store.models import (
     Finding, Instance, InstanceState, Label, Prediction, Series, Study, WorklistItem, WorklistStatus, utcnow,
 )
 from ..worklist.lifecycle import as_utc
+from .audit_estimate import audit_sensitivity
 from .ris_labels import label_counts
 from .stats import wilson_interval
 
@@ -46,8 +52,10 @@ TIMES_OF = 1000
 DEFAULT_WINDOW = timedelta(days=30)
 SENSITIVITY_METHOD = {
     "ris_labels": "direct: pneumonia-labelled studies (RIS) that were flagged / all pneumonia-labelled studies (RIS)",
-    "none": "no scored study has a RIS label yet (pacsbridge labels import)",
+    "none": "no scored study has a RIS label (pacsbridge labels import) or a completed audit read yet",
 }
+#: RIS labels are taken as complete (no estimate needed) when they cover this share of the scored studies.
+RIS_FULL_SHARE = 0.9
 
 
 def _i(x: Any) -> int:
@@ -109,15 +117,14 @@ def _group_figures(session: Session, since: datetime | None) -> dict[tuple[str, 
         if e is None:
             continue
         tp, fn, tn, fp = _i(tp), _i(fn), _i(tn), _i(fp)
-        method = "ris_labels" if tp + fn else "none"
-        e["sensitivity"] = {"value": _ratio(tp, tp + fn), "ci": _ci(tp, tp + fn), "n": tp + fn, "method": method,
-                            "estimator": SENSITIVITY_METHOD[method]}
         e["npv"] = {"value": _ratio(tn, tn + fn), "ci": _ci(tn, tn + fn), "n": tn + fn}
         e["ris_labelled"] = {"true_positive": tp, "false_negative": fn, "true_negative": tn, "false_positive": fp}
     # Readers: closed items of studies this (model, calibration) flagged; one row per item, counted in SQL.
     W = WorklistItem
     joined, on = via_study(W.study_id)
-    closed = W.status.in_((WorklistStatus.COMPLETED.value, WorklistStatus.CANCELED.value))
+    # coalesce: no index on kind for this (nearly every item is a flag), the status index drives it
+    closed = and_(W.status.in_((WorklistStatus.COMPLETED.value, WorklistStatus.CANCELED.value)),
+                  func.coalesce(W.kind, "flag") == "flag")
     per_item = (select(P.model_id.label("mid"), P.calibration.label("cal"), W.id.label("iid"),
                        W.status.label("status"), W.finding.label("finding"))
                 .select_from(W.__table__).join(joined, on).where(closed, P.positive.is_(True), *window)
@@ -143,12 +150,70 @@ def _group_figures(session: Session, since: datetime | None) -> dict[tuple[str, 
                    W.completed_at.is_not(None))
             .order_by(W.completed_at.desc()).limit(TIMES_OF)).all()
         times[(mid, cal)] = [(as_utc(c) - as_utc(r)).total_seconds() for r, c in rows]
+    _audit_figures(session, out, window)
     for key, e in out.items():
         done = e["completed_total"] = sum(e["completed"].values())
         e["ppv"], e["ppv_ci"] = _ratio(e["completed"]["pneumonia"], done), _ci(e["completed"]["pneumonia"], done)
+        e["sensitivity"] = _sensitivity(e)
         t = times.get(key, [])
         e["receipt_to_completion_s"] = {"p50": _pct(t, 50), "p95": _pct(t, 95), "n": len(t)}
     return out
+
+
+def _audit_figures(session: Session, out: dict[tuple[str, str], dict[str, Any]], window: list[Any]) -> None:
+    """Studies flagged / scored negative, and the audit items of the negatives, per (model, calibration).
+
+    The study counts group every prediction by study (the costliest query here): only made when
+    audit items exist, since only the audit estimator needs them."""
+    P, W = Prediction, WorklistItem
+    if session.scalar(select(W.id).where(W.kind == "audit").limit(1)) is None:
+        return
+    preds = (P.__table__.join(Instance.__table__, Instance.id == P.instance_id)
+             .join(Series.__table__, Series.id == Instance.series_id))
+    per_study = (select(P.model_id.label("mid"), P.calibration.label("cal"),
+                        func.max(case((P.positive.is_(True), 1), else_=0)).label("flag"),
+                        func.max(case((P.shadow.is_(True), 1), else_=0)).label("shadow"))
+                 .select_from(preds).where(*window).group_by(P.model_id, P.calibration, Series.study_id).subquery())
+    for mid, cal, flagged, negative in session.execute(
+            select(per_study.c.mid, per_study.c.cal, _flag(per_study.c.flag == 1),
+                   _flag(and_(per_study.c.flag == 0, per_study.c.shadow == 0)))
+            .group_by(per_study.c.mid, per_study.c.cal)):
+        if (mid, cal) in out:
+            out[(mid, cal)]["studies"] = {"flagged": _i(flagged), "negative": _i(negative)}
+    per_item = (select(P.model_id.label("mid"), P.calibration.label("cal"), W.status.label("status"),
+                       W.finding.label("finding"))
+                .select_from(W.__table__.join(Series.__table__, Series.study_id == W.study_id)
+                             .join(Instance.__table__, Instance.series_id == Series.id)
+                             .join(P.__table__, P.instance_id == Instance.id))
+                .where(W.kind == "audit", *window)
+                .group_by(P.model_id, P.calibration, W.id, W.status, W.finding).subquery())
+    done = per_item.c.status == WorklistStatus.COMPLETED.value
+    for mid, cal, sampled, completed, pneumonia in session.execute(
+            select(per_item.c.mid, per_item.c.cal, func.count(), _flag(done),
+                   _flag(and_(done, per_item.c.finding == Finding.PNEUMONIA.value)))
+            .group_by(per_item.c.mid, per_item.c.cal)):
+        if (mid, cal) in out:
+            out[(mid, cal)]["audit"].update(sampled=_i(sampled), completed=_i(completed), pneumonia=_i(pneumonia))
+
+
+def _sensitivity(e: dict[str, Any]) -> dict[str, Any]:
+    """The estimator for this entry: RIS labels when they are (nearly) complete, else audit reads,
+    else whatever RIS labels exist (see the module docstring)."""
+    ris = e["ris_labelled"]
+    tp, fn = ris["true_positive"], ris["false_negative"]
+    studies = e["studies"]
+    scored_studies = studies["flagged"] + studies["negative"]
+    ris_direct = {"value": _ratio(tp, tp + fn), "ci": _ci(tp, tp + fn), "n": tp + fn, "method": "ris_labels",
+                  "estimator": SENSITIVITY_METHOD["ris_labels"]}
+    if tp + fn and sum(ris.values()) >= RIS_FULL_SHARE * scored_studies:
+        return ris_direct
+    estimate = audit_sensitivity(studies["flagged"], e["completed_total"], e["completed"]["pneumonia"],
+                                 studies["negative"], e["audit"]["completed"], e["audit"]["pneumonia"])
+    if estimate is not None:
+        return estimate
+    if tp + fn:
+        return ris_direct
+    return {"value": None, "ci": None, "n": 0, "method": "none", "estimator": SENSITIVITY_METHOD["none"]}
 
 
 def _refused(session: Session, since: datetime | None) -> dict[str, int]:
@@ -172,7 +237,8 @@ def _empty(mid: str, cal: str) -> dict[str, Any]:
             "sensitivity": {"value": None, "ci": None, "n": 0, "method": "none", "estimator": SENSITIVITY_METHOD["none"]},
             "npv": {"value": None, "ci": None, "n": 0},
             "ris_labelled": {"true_positive": 0, "false_negative": 0, "true_negative": 0, "false_positive": 0},
-            "receipt_to_completion_s": {"p50": None, "p95": None, "n": 0}}
+            "receipt_to_completion_s": {"p50": None, "p95": None, "n": 0},
+            "audit": {"sampled": 0, "completed": 0, "pneumonia": 0}, "studies": {"flagged": 0, "negative": 0}}
 
 
 def live_stats(session: Session, since: datetime | None = None, now: datetime | None = None) -> dict[str, Any]:
@@ -185,7 +251,7 @@ def live_stats(session: Session, since: datetime | None = None, now: datetime | 
     recent = _group_figures(session, since)
     models = []
     for key in sorted(total):
-        e = {**_empty(*key), **total[key], "audit": {"sampled": 0, "completed": 0, "pneumonia": 0}}
+        e = {**_empty(*key), **total[key]}
         w = {**_empty(*key), **recent.get(key, {})}
         e["window"] = {k: v for k, v in w.items() if k not in ("model_id", "calibration")}
         models.append(e)

@@ -55,8 +55,11 @@ class MonitoringCollector(Collector):
         families = {
             "ppv": GaugeMetricFamily("pacsbridge_live_ppv", "PPV of flags read by radiologists, last 30 days.",
                                      labels=["model", "calibration"]),
-            "sensitivity": GaugeMetricFamily("pacsbridge_live_sensitivity", "Sensitivity from RIS labels, last "
-                                             "30 days (NaN while no labelled study).", labels=["model", "calibration"]),
+            "sensitivity": GaugeMetricFamily("pacsbridge_live_sensitivity", "Sensitivity from RIS labels or "
+                                             "estimated from audit reads, last 30 days (NaN while unknown).",
+                                             labels=["model", "calibration"]),
+            "audits": GaugeMetricFamily("pacsbridge_live_audit_reads", "Blinded audit reads of negatives completed, "
+                                        "last 30 days.", labels=["model", "calibration"]),
             "scored": GaugeMetricFamily("pacsbridge_live_scored_images", "Images scored, last 30 days.",
                                         labels=["model", "calibration"]),
             "flagged": GaugeMetricFamily("pacsbridge_live_flagged_images", "Images flagged, last 30 days.",
@@ -69,4 +72,5 @@ class MonitoringCollector(Collector):
             families["sensitivity"].add_metric(key, nan if sens is None else sens)
             families["scored"].add_metric(key, w["scored"])
             families["flagged"].add_metric(key, w["flagged"])
+            families["audits"].add_metric(key, w["audit"]["completed"])
         yield from families.values()

@@ -77,7 +77,9 @@ def study_history(session: Session, item_id: int) -> list[dict[str, Any]]:
                               f"system, not of the image: {inst.last_error or inst.state_reason or 'no reason'}{retry}"))
     study = session.get(Study, item.study_id)
     prio = f" (requested priority {study.requested_priority})" if study is not None and study.requested_priority else ""
-    out.append(_entry(item.created_at, "listed", f"Put on the worklist at AI score {_pct(item.probability)}{prio}"))
+    listed = (f"Put on the worklist for a quality audit (blinded read of a study scored {_pct(item.probability)}, "
+              "not flagged)" if item.kind == "audit" else f"Put on the worklist at AI score {_pct(item.probability)}{prio}")
+    out.append(_entry(item.created_at, "listed", listed))
     for e in session.scalars(select(Event).where(Event.worklist_item_id == item.id).order_by(Event.at, Event.id)):
         entry = _item_event(e, item)
         if entry is not None:

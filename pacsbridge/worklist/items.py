@@ -12,6 +12,9 @@ is the first positive prediction recorded after the closure.
 
 Predictions made in shadow mode (``predictions.shadow``) never open or raise an item, also after
 the site switches to live: switching acts on images scored from then on.
+
+With ``audit_fraction`` > 0, studies scored negative are drawn for a blinded audit read
+(pacsbridge.worklist.audit); an open audit item whose study then gets a positive image becomes a flag.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable, Sequence
 
 from pydicom.uid import generate_uid
@@ -28,8 +31,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..store.models import Instance, Prediction, Series, Study, WorklistItem, WorklistStatus, utcnow
+from . import audit
 from .lifecycle import OPEN_STATUSES, as_utc
-from .priority import priority_score
+from .priority import audit_priority_score, priority_score
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,8 @@ MIN_PRIORITY_STEP = 1e-3
 LOOKBACK_IDS = 64
 
 ALL_STATUSES = tuple(s.value for s in WorklistStatus)
+#: Refused images are looked for this far before the previous full run (a commit that came late).
+AUDIT_REFUSED_MARGIN = timedelta(minutes=1)
 
 
 @dataclass(frozen=True)
@@ -59,13 +65,16 @@ class WorklistUpdater:
 
     def __init__(
         self, sessions: sessionmaker[Session], max_wait_minutes: float,
-        clock: Callable[[], datetime] = utcnow,
+        clock: Callable[[], datetime] = utcnow, *, audit_fraction: float = 0.0, audit_max_per_day: int = 0,
     ) -> None:
         self._sessions = sessions
         self._max_wait = float(max_wait_minutes)
+        self._audit_fraction = float(audit_fraction)
+        self._audit_max_per_day = int(audit_max_per_day)
         self._clock = clock
         self._lock = threading.Lock()
         self._watermark: int | None = None  # highest prediction id seen by a full (scheduler) run
+        self._scanned_at: datetime | None = None  # clock of the last full run
 
     def refresh(self, study_ids: Iterable[int] | None = None, now: datetime | None = None) -> RefreshResult:
         """Create/update items for ``study_ids``; with ``None``, for the studies with predictions
@@ -97,9 +106,16 @@ class WorklistUpdater:
                 changed = changed.where(Prediction.id > self._watermark - LOOKBACK_IDS)
             ids = sorted(set(session.scalars(changed.distinct())))
         created, updated = self._update_studies(session, ids, now) if ids else (0, 0)
+        if self._audit_fraction > 0:
+            negatives = (audit.recent_study_ids(
+                session, now, None if self._watermark is None else self._watermark - LOOKBACK_IDS,
+                None if self._scanned_at is None else self._scanned_at - AUDIT_REFUSED_MARGIN) if scan_all else ids)
+            created += audit.choose_audits(session, negatives, now, fraction=self._audit_fraction,
+                                           max_per_day=self._audit_max_per_day, max_wait_minutes=self._max_wait)
         if scan_all:
             updated += self._age_scheduled(session, now, skip=set(ids))
             self._watermark = top
+            self._scanned_at = now
         if created or updated:
             log.debug("worklist: %d created, %d updated", created, updated)
         return RefreshResult(created, updated)
@@ -140,11 +156,28 @@ class WorklistUpdater:
                 ))
                 created += 1
                 continue
+            if item.kind == audit.AUDIT:
+                self._promote(session, item, preds, study.requested_priority, now)
+                updated += 1
+                continue
             since = as_utc(item.first_positive_at)
             p = max([item.probability] + [q for q, at in preds if at >= since])
             if self._update(session, item, p, study.requested_priority, now):
                 updated += 1
         return created, updated
+
+    def _promote(self, session: Session, item: WorklistItem, preds: list[tuple[float, datetime]],
+                 requested: str | None, now: datetime) -> None:
+        """An open audit item whose study now has a positive image becomes a flag (unblinded)."""
+        first = min(at for _, at in preds)
+        p = max(p for p, _ in preds)
+        session.execute(
+            update(WorklistItem).where(WorklistItem.id == item.id, WorklistItem.kind == audit.AUDIT)
+            .values(kind=audit.FLAG, probability=p, first_positive_at=first, updated_at=now,
+                    priority=max(item.priority, self._score(p, first, requested, now)))
+            .execution_options(synchronize_session=False))
+        session.expire(item)
+        log.info("worklist item %d: audit item became a flag (a positive image arrived)", item.id)
 
     def _age_scheduled(self, session: Session, now: datetime, skip: set[int]) -> int:
         """Age the priority of every scheduled item (cost: the open queue, not the history).
@@ -152,15 +185,16 @@ class WorklistUpdater:
         Plain columns in, one executemany out: this runs every few seconds over the whole queue."""
         rows = session.execute(
             select(WorklistItem.id, WorklistItem.study_id, WorklistItem.priority, WorklistItem.probability,
-                   WorklistItem.first_positive_at, Study.requested_priority)
+                   WorklistItem.first_positive_at, Study.requested_priority, WorklistItem.kind)
             .join(Study, Study.id == WorklistItem.study_id)
             .where(WorklistItem.status == WorklistStatus.SCHEDULED.value)
         ).all()
         changes = []
-        for iid, sid, priority, p, since, requested in rows:
+        for iid, sid, priority, p, since, requested, kind in rows:
             if sid in skip:
                 continue
-            computed = self._score(p, as_utc(since), requested, now)
+            computed = (self._score(p, as_utc(since), requested, now) if kind != audit.AUDIT else
+                        audit_priority_score((now - as_utc(since)).total_seconds() / 60.0, self._max_wait))
             if computed - priority >= MIN_PRIORITY_STEP:  # never lower
                 changes.append({"b_id": iid, "b_priority": computed})
         if changes:
@@ -215,7 +249,7 @@ W, S = WorklistItem, Study
 #: The columns behind :func:`item_row` (plain columns, not ORM objects: listing stays cheap).
 ROW_COLUMNS = (
     W.id, W.status, W.priority, W.probability, W.first_positive_at, W.claimed_by, W.claim_expires_at, W.finding,
-    W.completed_by, W.completed_at, W.ups_uid, W.comment, W.cancel_reason, W.claimed_at,
+    W.completed_by, W.completed_at, W.ups_uid, W.comment, W.cancel_reason, W.claimed_at, W.kind,
     S.study_instance_uid, S.accession_number, S.patient_name, S.patient_id, S.patient_age, S.patient_sex,
     S.patient_birth_date, S.study_date, S.study_description, S.referring_physician, S.requested_priority,
     S.created_at.label("study_received_at"), _modality_subquery().label("modality"),
@@ -240,11 +274,12 @@ def item_row(r: Any, now: datetime) -> dict[str, Any]:
     completed = r["completed_at"]
     end = as_utc(completed) if completed else now
     in_progress = r["status"] == WorklistStatus.IN_PROGRESS.value
+    blinded = audit.is_blinded(r)  # an audit read not yet completed: no AI score shown
     return {
         "id": r["id"],
         "status": r["status"],
         "priority": round(r["priority"], 6),
-        "probability": round(r["probability"], 6),
+        "probability": None if blinded else round(r["probability"], 6),
         "study_instance_uid": r["study_instance_uid"],
         "accession_number": r["accession_number"],
         "patient_name": r["patient_name"],
@@ -263,6 +298,8 @@ def item_row(r: Any, now: datetime) -> dict[str, Any]:
         "completed_by": r["completed_by"],
         "completed_at": _iso(completed),
         "ups_uid": r["ups_uid"],
+        "kind": r["kind"],
+        "blinded": blinded,
     }
 
 
@@ -275,16 +312,20 @@ def fetch_rows(session: Session, query: Any) -> list[dict[str, Any]]:
 
 def list_worklist(
     session: Session, include_completed: bool = False, *, status: str | Sequence[str] | None = None,
-    limit: int | None = None, offset: int = 0, now: datetime | None = None,
+    limit: int | None = None, offset: int = 0, now: datetime | None = None, kind: str | None = None,
 ) -> list[dict[str, Any]]:
     """Worklist in reading order: highest priority first, then the longest-waiting item.
 
     ``status``: one status, several, or ``"all"``; default the open ones (scheduled, in_progress).
+    ``kind``: ``flag`` or ``audit`` only; None or ``"all"``: both.
     """
     now = as_utc(now or utcnow())
+    if kind not in (None, "all", *audit.KINDS):
+        raise ValueError(f"unknown kind {kind!r}; use one of {', '.join(audit.KINDS)} or all")
     q = (
         row_query()
-        .where(WorklistItem.status.in_(_statuses(status, include_completed)))
+        .where(WorklistItem.status.in_(_statuses(status, include_completed)),
+               *([WorklistItem.kind == kind] if kind in audit.KINDS else []))
         .order_by(WorklistItem.priority.desc(), WorklistItem.first_positive_at, WorklistItem.id)
         .offset(offset)
     )

@@ -52,3 +52,17 @@ def priority_score(
     if waited >= max_wait_minutes:
         score += OVERDUE_BONUS
     return score
+
+
+#: Audit items (blinded reads of negatives) score in [AUDIT_BASE, AUDIT_BASE + AGING_WEIGHT]: below 0,
+#: so below every flag (a flag scores at least its probability, >= 0), whatever either has waited.
+AUDIT_BASE = -2.0
+
+
+def audit_priority_score(waited_minutes: float, max_wait_minutes: float) -> float:
+    """Priority of an audit item: the waiting ramp only (no probability: the read is blinded, and
+    no order urgency or overdue jump, which would lift it among the flags)."""
+    if max_wait_minutes <= 0:
+        raise ValueError("max_wait_minutes must be positive")
+    waited = max(float(waited_minutes), 0.0)
+    return AUDIT_BASE + AGING_WEIGHT * min(waited / max_wait_minutes, 1.0)

@@ -10,8 +10,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..store.models import Event, Instance, Prediction, Series, Study, WorklistItem, utcnow
+from ..store.models import Event, Instance, Prediction, Series, Study, WorklistItem, WorklistStatus, utcnow
 from ..store.reasons import reasons_from_row
+from . import audit
 from .history import study_history
 from .items import fetch_rows, item_row, row_query
 from .lifecycle import ItemNotFound, as_utc
@@ -69,7 +70,23 @@ def list_instances(session: Session, *, study_instance_uid: str | None = None, s
         q = q.where(Instance.received_at >= received_from)
     if received_before is not None:
         q = q.where(Instance.received_at < received_before)
-    return [instance_row(*row) for row in session.execute(q)]
+    rows = [instance_row(*row) for row in session.execute(q)]
+    _blind_audited(session, rows)
+    return rows
+
+
+def _blind_audited(session: Session, rows: list[dict[str, Any]]) -> None:
+    """No AI score for the images of a study whose audit read is still open (blinded)."""
+    uids = {r["study_instance_uid"] for r in rows}
+    if not uids:
+        return
+    blinded = set(session.scalars(
+        select(Study.study_instance_uid).join(WorklistItem, WorklistItem.study_id == Study.id)
+        .where(Study.study_instance_uid.in_(uids), WorklistItem.kind == audit.AUDIT,
+               WorklistItem.status != WorklistStatus.COMPLETED.value, WorklistItem.open_study_id.is_not(None))))
+    for r in rows:
+        if r["study_instance_uid"] in blinded:
+            r.update(probability=None, positive=None, threshold=None, blinded=True)
 
 
 def item_detail(session: Session, item_id: int, now: datetime | None = None) -> dict[str, Any]:
@@ -92,4 +109,4 @@ def item_detail(session: Session, item_id: int, now: datetime | None = None) -> 
         for e in session.scalars(select(Event).where(Event.worklist_item_id == r["id"]).order_by(Event.id))
     ]
     out["history"] = study_history(session, r["id"])
-    return out
+    return audit.blind(out)

@@ -161,11 +161,7 @@ function renderWorklist() {
   body.replaceChildren();
   state.selected = Math.min(state.selected, Math.max(state.items.length - 1, 0));
   state.items.forEach((it, i) => {
-    const p = it.probability;
-    const fill = el("i", { class: band(p) });
-    fill.style.width = Math.round(p * 100) + "%";  // CSSOM, not a style attribute (the page's CSP forbids those)
-    const score = el("div", { class: "score " + band(p) }, el("span", { class: "meter" }, fill),
-      el("span", { text: Math.round(p * 100) + "%" }));
+    const score = scoreCell(it);
     const who = el("td", { class: "patient" }, patientName(it.patient_name));
     if (it.requested_priority === "STAT") who.append(el("span", { class: "badge stat", text: "STAT" }));
     else if (it.requested_priority === "HIGH") who.append(el("span", { class: "badge hi", text: "HIGH" }));
@@ -187,6 +183,19 @@ function renderWorklist() {
   $("worklist").hidden = state.items.length === 0;
 }
 
+// A blinded audit item (a negative sampled for a quality read) shows no AI score until it is completed.
+const AUDIT_LABEL = "Quality audit (blinded)";
+function scoreCell(it) {
+  if (it.blinded || it.probability === null) return el("div", { class: "score audit", text: AUDIT_LABEL });
+  const p = it.probability;
+  const fill = el("i", { class: band(p) });
+  fill.style.width = Math.round(p * 100) + "%";  // CSSOM, not a style attribute (the page's CSP forbids those)
+  const score = el("div", { class: "score " + band(p) }, el("span", { class: "meter" }, fill),
+    el("span", { text: Math.round(p * 100) + "%" }));
+  if (it.kind === "audit") score.append(el("span", { class: "badge audit", text: "audit" }));
+  return score;
+}
+
 function viewerLink(it, text) {
   if (!it.viewer_url) return "";
   const a = el("a", { href: it.viewer_url, target: "_blank", rel: "noopener noreferrer", class: "viewer-link",
@@ -199,7 +208,7 @@ function viewerLink(it, text) {
 
 // -- alerts: a new STAT/HIGH or overdue study -------------------------------------------------------
 function isUrgent(it) {
-  return it.status === "scheduled" && (it.requested_priority === "STAT" || it.requested_priority === "HIGH"
+  return it.status === "scheduled" && !it.blinded && (it.requested_priority === "STAT" || it.requested_priority === "HIGH"
     || it.waiting_s > OVERDUE_S);
 }
 function urgentWhy(it) {
@@ -295,7 +304,8 @@ function renderItem() {
   const facts = $("facts");
   facts.replaceChildren();
   const add = (k, v) => { if (v !== null && v !== undefined && v !== "") facts.append(el("dt", { text: k }), el("dd", { text: String(v) })); };
-  add("AI score", Math.round(it.probability * 100) + "% (highest image)");
+  if (it.blinded) add("Kind", AUDIT_LABEL + ": read it without the AI score; the score is shown once you complete it");
+  else add("AI score", Math.round(it.probability * 100) + "% (highest image)" + (it.kind === "audit" ? " · quality audit" : ""));
   add("Patient ID", it.patient_id);
   add("Age / sex", [patientAge(it.patient_age), it.patient_sex].filter(Boolean).join(" / "));
   add("Study", [it.modality, it.study_description, it.study_date].filter(Boolean).join(" · "));
@@ -322,8 +332,8 @@ function renderItem() {
   const list = $("instances");
   list.replaceChildren();
   it.instances.forEach((inst, i) => {
-    const label = "Image " + (i + 1) + ": " + (inst.probability !== null ? Math.round(inst.probability * 100) + "%"
-      : inst.state.replace("_", " "));
+    const label = "Image " + (i + 1) + (it.blinded ? "" : ": " + (inst.probability !== null
+      ? Math.round(inst.probability * 100) + "%" : inst.state.replace("_", " ")));
     const b = el("button", { type: "button", class: inst.id === state.instance ? "active" : "", text: label,
       title: inst.reason || (inst.model_id ? "model " + inst.model_id + ", threshold " + inst.threshold +
         ", calibration " + (inst.calibration || "model") : "") });
@@ -331,7 +341,8 @@ function renderItem() {
     list.append(b);
   });
   $("heatmap").disabled = !it.heatmap_available;
-  $("heatmap-note").textContent = it.heatmap_available ? "" : "(this model provides no heatmap)";
+  $("heatmap-note").textContent = it.heatmap_available ? ""
+    : it.blinded ? "(hidden until the audit read is completed)" : "(this model provides no heatmap)";
   const history = $("history");
   history.replaceChildren();
   for (const h of it.history || []) {
@@ -360,7 +371,11 @@ async function act(action, body = null) {
   try {
     state.item = await api("/api/worklist/" + state.item.id + "/" + action, { method: "POST", body });
     if (action === "complete") {
-      message("Completed: " + body.finding.replace("_", " ") + ". Back to the worklist.", "info");
+      // An audit read is unblinded once completed: say what the AI had scored.
+      const unblinded = state.item.kind === "audit" && state.item.probability !== null
+        ? " Quality audit: the AI had scored this study " + Math.round(state.item.probability * 100) + "% (not flagged)."
+        : "";
+      message("Completed: " + body.finding.replace("_", " ") + "." + unblinded + " Back to the worklist.", "info");
       show("worklist");
       return;
     }
@@ -400,7 +415,7 @@ async function loadReceived() {
     const body = $("received").querySelector("tbody");
     body.replaceChildren();
     for (const r of rows) {
-      const outcome = r.probability !== null
+      const outcome = r.blinded ? AUDIT_LABEL : r.probability !== null
         ? Math.round(r.probability * 100) + "% " + (r.positive ? "flagged" : "not flagged")
         : (r.reason || (r.state === "received" || r.state === "processing" ? "waiting for the AI" : ""));
       const row = el("tr", { "data-id": String(r.id), tabindex: "0", title: r.sop_instance_uid },
