@@ -61,7 +61,15 @@ def calibration(settings: Settings, sessions: sessionmaker[Session]) -> dict[str
     return {"calibration": calibration_summary(settings)}
 
 
-SECTIONS: list[Section] = [general, instances, worklist_and_timings, outbox, calibration]
+def scheduler(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any]:
+    """The scheduler leader (store/leader.py): node name, since when, and whether it still holds the lock."""
+    from pacsbridge.store.leader import leader_info
+
+    with sessions() as session:
+        return {"scheduler": leader_info(session)}
+
+
+SECTIONS: list[Section] = [general, instances, worklist_and_timings, outbox, calibration, scheduler]
 
 
 def collect_status(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any]:

@@ -215,3 +215,21 @@ def leader_info(session: Session) -> dict[str, Any]:
             "AND classid::bigint = :hi AND objid::bigint = :lo AND objsubid = 1"),
             {"pid": row.backend_pid or 0, "hi": key >> 32, "lo": key & 0xFFFFFFFF}).scalar() > 0
     return {"leader": row.node, "since": since.isoformat(), "held": bool(held)}
+
+
+def readiness_check(sessions: sessionmaker[Session], leadership: Leadership | None):  # noqa: ANN201 - health.Check
+    """``/readyz`` ``scheduler_leader_known``: some node holds the scheduler lock (this one, or the one named)."""
+    from pacsbridge.health import Check
+
+    name = "scheduler_leader_known"
+    if leadership is not None and leadership.is_leader():
+        return Check(name, True, f"this node leads ({leadership.node})")
+    try:
+        with sessions() as session:
+            info = leader_info(session)
+    except Exception as exc:  # noqa: BLE001 - the database check says why
+        return Check(name, False, f"cannot read the leader: {type(exc).__name__}")
+    if not info["held"]:
+        return Check(name, False, "no node holds the scheduler lock"
+                     + (f" (last leader {info['leader']})" if info["leader"] else ""))
+    return Check(name, True, f"{info['leader']} leads since {info['since']}")
