@@ -125,13 +125,14 @@ class Leadership:
         return got
 
     def _became_leader(self, backend_pid: int | None) -> None:
-        self._leader, self.since = True, utcnow()
-        try:
+        since = utcnow()
+        try:  # the row first: whoever sees this node lead can read it
             with self._sessions.begin() as session:
                 session.execute(delete(SchedulerLeader))
-                session.add(SchedulerLeader(id=1, node=self.node, since=self.since, backend_pid=backend_pid))
+                session.add(SchedulerLeader(id=1, node=self.node, since=since, backend_pid=backend_pid))
         except Exception as exc:  # noqa: BLE001 - the lock is what counts; the row is for display
             log.warning("scheduler leader: cannot record this node as leader: %s", type(exc).__name__)
+        self._leader, self.since = True, since
         log.info("scheduler leader: this node (%s) leads from now on", self.node)
         record_event(self._sessions, "leader_acquired", f"{self.node} leads the scheduler")
         if self._on_acquired is not None:
