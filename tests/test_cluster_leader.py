@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from sqlalchemy import select, text
 
 from dicom_support import database_url_for, daemon_env, free_port, pacsbridge_cmd, run_dcmtk, wait_for_port
@@ -195,3 +196,54 @@ def test_unknown_role_is_one_line(tmp_path, how):
     lines = out.strip().splitlines()
     assert len(lines) == 1 and "unknown role 'archiver'" in lines[0] and "receiver, worker" in lines[0], out
     assert "Traceback" not in out and not os.path.exists(data / "pacsbridge.db")
+
+
+def test_standby_daemon_forwards_only_once_it_leads(pg_url, tmp_path):
+    """Two scheduler nodes (in-process daemons) on one PostgreSQL: the leader forwards, the standby's
+    gated forwarder does nothing; after the leader stops, the standby leads and forwards."""
+    from forward_support import MllpListener, add_result
+
+    from pacsbridge.config import load_settings
+    from pacsbridge.daemon import Daemon
+
+    with MllpListener([]) as ris:
+        def node() -> Daemon:
+            settings = load_settings(
+                None, data_dir=tmp_path / "data", database_url=pg_url, roles=["scheduler"], http_port=0,
+                dicom_port=free_port(), worker_enabled=False, fsync=False, min_free_bytes=0, leader_retry_s=0.3,
+                destinations=[{"name": "ris", "kind": "hl7", "host": "127.0.0.1", "port": ris.port,
+                               "send": "all", "timeout_s": 5}])
+            d = Daemon(settings)
+            d.start()
+            return d
+
+        a = node()
+        b = node()
+        try:
+            assert a.leadership.is_leader() and not b.leadership.is_leader()
+            leader_check = {c.name: c for c in b.readiness()}["scheduler_leader_known"]
+            assert leader_check.ok and a.leadership.node in leader_check.detail
+            dest = a.settings.destinations
+
+            def result(i: int) -> None:
+                src = tmp_path / f"r{i}.dcm"
+                ds = dcmread(sample_file("RG1_UNCR.dcm"))
+                ds.SOPInstanceUID = f"1.2.826.0.1.{i}"
+                ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+                ds.save_as(src)
+                add_result(a.sessions, Path(a.settings.spool_dir), src, dest)
+
+            result(1)
+            _wait(lambda: len(ris.received) == 1, 30, "the leader to forward")
+            b_forwarder = next(c for c in b.components if c.name == "forwarder")
+            assert b_forwarder._metrics.outcomes.labels("ris", "sent")._value.get() == 0
+            a.stop()
+            _wait(b.leadership.is_leader, 10, "the standby to lead")
+            result(2)
+            sent_by_b = b_forwarder._metrics.outcomes.labels("ris", "sent")._value.get
+            _wait(lambda: sent_by_b() == 1, 30, "the new leader to forward")  # recorded after the ACK
+        finally:
+            b.stop()
+            if a.components:
+                a.stop()
+    assert len({str(m.segment("MSH")[10]) for m in ris.received}) == 2
