@@ -99,7 +99,7 @@ def test_leader_whose_session_ends_stops_at_once_and_the_standby_takes_over(pg_u
         b.start()
         assert a.is_leader() and not b.is_leader()
         with sessions() as s:
-            pid = leader_info(s) and s.execute(text("SELECT backend_pid FROM scheduler_leader")).scalar()
+            pid = s.execute(text("SELECT backend_pid FROM scheduler_leader")).scalar()
             s.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
         assert a.is_leader() is False  # the very next check before a job says no
         _wait(b.is_leader, 10, "the standby to lead")
