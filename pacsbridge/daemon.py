@@ -86,7 +86,8 @@ class Daemon:
         from pacsbridge.store.node import node_id
 
         # Each node writes its temporary files in a folder of its own (a spool may be shared).
-        self.spool = Spool(Path(settings.spool_dir), fsync=settings.fsync, node=_node_id(settings, node_id))
+        self.node_id = _node_id(settings, node_id)  # held (flock) until stop()
+        self.spool = Spool(Path(settings.spool_dir), fsync=settings.fsync, node=self.node_id)
         self.leadership = None  # store.leader.Leadership, with the scheduler role (build_components)
         # The receiver notifies it after each new instance; the worker waits on it (instead of polling).
         self.notifier = StoreNotifier()
@@ -300,9 +301,12 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop the started components in reverse order and release the database."""
+        from pacsbridge.store.node import release
+
         self._stop_all(self.components)
         self.components = []
         self.engine.dispose()
+        release(self.node_id)
 
     def _healthy(self) -> bool:
         for component in self.components:

@@ -247,3 +247,23 @@ def test_standby_daemon_forwards_only_once_it_leads(pg_url, tmp_path):
             if a.components:
                 a.stop()
     assert len({str(m.segment("MSH")[10]) for m in ris.received}) == 2
+
+
+def test_node_ids_are_stable_per_data_folder_and_never_shared_by_live_processes(tmp_path):
+    from pacsbridge.store.node import node_id, release
+    from pacsbridge.store.spool import Spool
+
+    first = node_id(tmp_path)
+    second = node_id(tmp_path)  # a second live process on this data folder: the next slot
+    assert first != second
+    release(first)
+    again = node_id(tmp_path)
+    assert again == first  # a restart takes its own id (and tmp folder) again
+    a, b = Spool(tmp_path / "spool", fsync=False, node=again), Spool(tmp_path / "spool", fsync=False, node=second)
+    a.prepare()
+    writing, _ = a.write_temp(b"being received")
+    b.prepare()  # the other node starting up
+    assert writing.is_file() and writing.parent == tmp_path / "spool" / "tmp" / first
+    assert a.prepare() == 1 and not writing.exists()  # its own leftover, at its own restart
+    release(again)
+    release(second)
