@@ -5,7 +5,7 @@ in a thread of its own (destinations never wait for each other), in batches of
 ``max_per_association`` over one association/connection at a time.  A run never overlaps the
 previous one (``max_instances=1``), and entries are claimed with a lease (outbox.claim_due) that
 no other node takes while it lives, so there is at most one association per destination across
-the nodes.  Leases are renewed before each association.  Each outcome is committed as soon as the
+the nodes.  Leases are renewed before each association, and during one every third of the lease.  Each outcome is committed as soon as the
 peer answered, by the lease holder only (see outbox.py for the states).  With ``gate`` (the scheduler
 leader's check) the periodic job only runs on the leading node.
 """
@@ -124,17 +124,26 @@ class Forwarder:
                           lock: threading.Lock) -> None:
         sender = self._senders[dest.kind]
         objects = {e.id: e.object for e in entries}
+        unreported = set(objects)
+        renewed = [time.monotonic()]
 
         def report(o: Outcome) -> None:
             self._record(dest, o, objects.get(o.entry_id, "result"))
+            unreported.discard(o.entry_id)
             with lock:
                 totals[o.state] += 1
+            if time.monotonic() - renewed[0] > self._lease_s / 3 and unreported:
+                # A slow association: keep the rest of the claim alive (a peer answering each object
+                # slowly must not let the leases lapse and another node send the same objects).
+                renewed[0] = time.monotonic()
+                outbox.renew(self._sessions, unreported, self.node, self._lease_s)
 
         size = dest.max_per_association
         for start in range(0, len(entries), size):
             chunk = entries[start:start + size]
             if start:  # the claim's lease covers the first association; renew it for each further one
                 held = outbox.renew(self._sessions, [e.id for e in entries[start:]], self.node, self._lease_s)
+                renewed[0] = time.monotonic()
                 if len(held) < len(entries) - start:
                     log.warning("forwarding to %s: %d claim(s) lapsed; another node sends them",
                                 dest.name, len(entries) - start - len(held))
