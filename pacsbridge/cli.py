@@ -72,17 +72,23 @@ class _WarningsToDebug(logging.Filter):
         return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    settings = load_settings(args.config)
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    settings = load_settings(args.config, **overrides)
     setup_logging(settings.log_level, settings.log_format)
     return settings
 
 
 # -- serve -------------------------------------------------------------------------------------
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from pacsbridge.config import parse_roles
     from pacsbridge.daemon import Daemon, StartupError
 
-    settings = _settings(args)
+    try:  # --roles overrides the config's roles
+        overrides = {"roles": parse_roles(args.roles)} if args.roles is not None else {}
+    except ValueError as exc:
+        print(f"pacsbridge serve: --roles: {exc}", file=sys.stderr)
+        return 1
+    settings = _settings(args, **overrides)
     log.info("pacsbridge %s starting (data dir %s)", __version__, settings.data_dir.resolve())
     try:
         return Daemon(settings).run()
@@ -127,6 +133,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "the configured stages until SIGTERM or SIGINT; then stop accepting associations, let the running "
         "ones finish and exit 0.",
     )
+    p.add_argument("--roles", metavar="ROLES", help="comma-separated parts to run on this node: receiver, worker, "
+                   "scheduler, api (default: the config's roles, all four)")
     p.set_defaults(func=_cmd_serve)
 
 

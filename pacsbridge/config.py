@@ -25,6 +25,21 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names the key and the problem."""
 
 
+#: The parts of ``pacsbridge serve`` a node may run (``roles``, ``serve --roles``).
+ROLES = ("receiver", "worker", "scheduler", "api")
+
+
+def parse_roles(text: str) -> list[str]:
+    """``"receiver,worker"`` -> ["receiver", "worker"]; ValueError naming an unknown role."""
+    roles = [r.strip().lower() for r in text.split(",") if r.strip()]
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown:
+        raise ValueError(f"unknown role {unknown[0]!r} (known: {', '.join(ROLES)})")
+    if not roles:
+        raise ValueError(f"at least one role is needed ({', '.join(ROLES)})")
+    return list(dict.fromkeys(roles))
+
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HL7_ID_RE = re.compile(r"^[^|^~\\&\r\n]{0,180}$")  # no HL7 delimiters (we do not escape ids)
 
@@ -232,6 +247,24 @@ class Settings(BaseSettings):
     outbox_retry_initial_s: float = Field(5.0, gt=0, description="First retry delay after a transient failure.")
     outbox_retry_max_s: float = Field(600.0, gt=0, description="Longest delay between retries (backoff cap).")
     outbox_max_age_hours: float = Field(24.0, gt=0, description="A result still failing after this is dead.")
+    # Several nodes on one PostgreSQL (README "Several nodes").
+    roles: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(ROLES), description="What `pacsbridge serve` runs on this node: receiver, "
+        "worker, scheduler, api (env: comma-separated).")
+    leader_retry_s: float = Field(5.0, gt=0, le=300, description="How often a standby node tries to become the "
+                                  "scheduler leader (and the leader checks its lock).")
+    outbox_lease_s: float = Field(120.0, ge=5, le=86_400, description="A claimed outbox entry returns to the "
+                                  "other nodes after this when its sender died (renewed per association).")
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _split_roles(cls, v: Any) -> Any:
+        return parse_roles(v) if isinstance(v, str) else v
+
+    @field_validator("roles")
+    @classmethod
+    def _check_roles(cls, v: list[str]) -> list[str]:
+        return parse_roles(",".join(v))
 
     @field_validator("viewer_url")
     @classmethod

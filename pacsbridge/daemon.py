@@ -86,7 +86,12 @@ class Daemon:
         except OSError as exc:  # SQLite: the data dir cannot be created
             raise StartupError(f"data_dir {Path(settings.data_dir).resolve()}: {exc.strerror or exc}") from None
         self.sessions = make_sessionmaker(self.engine)
-        self.spool = Spool(Path(settings.spool_dir), fsync=settings.fsync)
+        from pacsbridge.store.node import node_id
+
+        # Each node writes its temporary files in a folder of its own (a spool may be shared).
+        self.node_id = _node_id(settings, node_id)  # held (flock) until stop()
+        self.spool = Spool(Path(settings.spool_dir), fsync=settings.fsync, node=self.node_id)
+        self.leadership = None  # store.leader.Leadership, with the scheduler role (build_components)
         # The receiver notifies it after each new instance; the worker waits on it (instead of polling).
         self.notifier = StoreNotifier()
         # The receiver refuses C-STORE below the free-space floor; /readyz and /metrics read the same guard.
@@ -107,10 +112,15 @@ class Daemon:
                                             disk_guard=self.disk_guard)
         except TLSConfigError as exc:
             raise ConfigError(str(exc)) from None
-        components: list[Component] = [
-            scp,
-            OrphanSweep(self.sessions, self.spool, tmp_removed=self._tmp_removed),  # background, once
-        ]
+        roles = set(self.settings.roles)
+        components: list[Component] = [scp] if "receiver" in roles else []
+        if "scheduler" in roles:
+            from pacsbridge.store.leader import Leadership
+
+            # One scheduler leader across nodes; the jobs that must run once ask it before each run.
+            self.leadership = Leadership(self.engine, self.sessions, retry_s=self.settings.leader_retry_s)
+            components += [self.leadership, OrphanSweep(self.sessions, self.spool, tmp_removed=self._tmp_removed,
+                                                        leader=self.leadership)]  # background, once, by the leader
         components += self.pipeline_components()
         return components
 
@@ -124,26 +134,29 @@ class Daemon:
         from pacsbridge.worklist.scheduler import WorklistScheduler
 
         s = self.settings
+        roles = set(s.roles)
         metrics = PipelineMetrics(self.sessions)
         metrics.registry.register(_DiskGuardCollector(self.disk_guard))
         updater = WorklistUpdater(self.sessions, s.priority_max_wait_minutes, audit_fraction=s.audit_fraction,
                                   audit_max_per_day=s.audit_max_per_day)
-        forwarder = self.forwarder(metrics.registry) if s.destinations else None
+        forwarder = self.forwarder(metrics.registry) if s.destinations and "scheduler" in roles else None
         components: list[Component] = []
-        if s.worker_enabled:
+        if s.worker_enabled and "worker" in roles:
             components.append(self.inference_worker(
                 updater, metrics, hint=" (or set worker_enabled = false to only receive)",
                 after_batch=forwarder.wake if forwarder is not None else None))
         drift = self.drift_monitor()
         metrics.registry.register(_monitoring_collector(self.sessions, drift))
-        components.append(WorklistScheduler(
-            updater, self.sessions, Path(s.spool_dir), interval_s=s.scheduler_interval_s,
-            retention_days=s.retention_days,
-            extra_jobs=[("monitoring", functools.partial(_monitoring_job, self.sessions, drift), s.monitor_interval_s)],
-        ))
+        if "scheduler" in roles:
+            components.append(WorklistScheduler(
+                updater, self.sessions, Path(s.spool_dir), interval_s=s.scheduler_interval_s,
+                retention_days=s.retention_days, gate=self.leadership.is_leader if self.leadership else None,
+                extra_jobs=[("monitoring", functools.partial(_monitoring_job, self.sessions, drift),
+                             s.monitor_interval_s)],
+            ))
         if forwarder is not None:
             components.append(forwarder)
-        if s.http_port:
+        if s.http_port and "api" in roles:
             from pacsbridge.api.security import install_security
 
             app = install_security(create_app(
@@ -190,8 +203,10 @@ class Daemon:
                              tls_client_key=s.dicom_tls_client_key, max_decoded_bytes=s.max_decoded_bytes)
         policy = RetryPolicy(initial_s=s.outbox_retry_initial_s, max_s=s.outbox_retry_max_s,
                              max_age=timedelta(hours=s.outbox_max_age_hours))
+        leader = self.leadership
         return Forwarder(self.sessions, s.destinations, ctx, policy=policy, interval_s=s.outbox_interval_s,
-                         metrics=ForwardMetrics(registry, self.sessions))
+                         metrics=ForwardMetrics(registry, self.sessions), lease_s=s.outbox_lease_s,
+                         node=leader.node if leader else None, gate=leader.is_leader if leader else None)
 
     def inference_worker(self, updater, metrics=None, hint: str = "", after_batch=None) -> Component:  # noqa: ANN001
         """The inference worker; ``updater`` puts positives on the worklist right after each batch
@@ -307,9 +322,12 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop the started components in reverse order and release the database."""
+        from pacsbridge.store.node import release
+
         self._stop_all(self.components)
         self.components = []
         self.engine.dispose()
+        release(self.node_id)
 
     def _healthy(self) -> bool:
         for component in self.components:
@@ -350,10 +368,10 @@ class Daemon:
             model = getattr(worker, "_model", None)
             checks.append(health.Check("model", True, f"loaded {Path(self.settings.model_path).name}"
                                        f" (sha256 {getattr(model, 'weights_sha256', '?')[:12]}...)"))
-        elif self.settings.worker_enabled and not self.components:
+        elif self.settings.worker_enabled and "worker" in self.settings.roles and not self.components:
             checks.append(health.Check("model", False, "loading (the daemon is starting)"))
         else:
-            checks.append(health.Check("model", True, "not used here (worker_enabled = false)"))
+            checks.append(health.Check("model", True, "not used here (worker_enabled = false or no worker role)"))
         down = [c.name for c in self.components
                 if getattr(c, "healthy", None) is not None and not c.healthy()]
         stuck = self._stalled()
@@ -366,12 +384,17 @@ class Daemon:
         else:
             checks.append(health.Check("components", True, ", ".join(c.name for c in self.components)))
         sched = next((c for c in self.components if c.name == "worklist scheduler"), None)
-        if sched is None:
+        if sched is None and self.components and "scheduler" not in self.settings.roles:
+            checks.append(health.Check("scheduler", True, "not a role of this node"))
+        elif sched is None:
             checks.append(health.Check("scheduler", False, "no scheduler in this process"))
         else:
             ok = bool(getattr(sched, "healthy", lambda: True)()) and sched.name not in stuck
             checks.append(health.Check("scheduler", ok, f"this process (pid {os.getpid()})"
                                        + ("" if ok else ": not running")))
+        from pacsbridge.store.leader import readiness_check
+
+        checks.append(readiness_check(self.sessions, self.leadership))
         return checks
 
     def _stop_all(self, components: list[Component]) -> None:
@@ -399,6 +422,13 @@ class _DiskGuardCollector:
                                     "(last measured by the disk guard).", value=self.guard.last_free)
         yield GaugeMetricFamily("pacsbridge_spool_min_free_bytes", "The free-space floor (min_free_bytes).",
                                 value=self.guard.min_free_bytes)
+
+
+def _node_id(settings: Settings, make) -> str | None:  # noqa: ANN001
+    try:
+        return make(Path(settings.data_dir))
+    except OSError as exc:
+        raise StartupError(f"data_dir {Path(settings.data_dir).resolve()}: {exc.strerror or exc}") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -69,8 +69,15 @@ def workers(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, An
         return {"workers": {"live": live_count(session, settings.heartbeat_s)}}
 
 
-SECTIONS: list[Section] = [general, instances, worklist_and_timings, outbox, calibration]
-SECTIONS.append(workers)
+def scheduler(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any]:
+    """The scheduler leader (store/leader.py): node name, since when, and whether it still holds the lock."""
+    from pacsbridge.store.leader import leader_info
+
+    with sessions() as session:
+        return {"scheduler": leader_info(session)}
+
+
+SECTIONS: list[Section] = [general, instances, worklist_and_timings, outbox, calibration, workers, scheduler]
 
 
 def collect_status(settings: Settings, sessions: sessionmaker[Session]) -> dict[str, Any]:

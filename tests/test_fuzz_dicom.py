@@ -113,7 +113,7 @@ def test_fuzz_serve(tmp_path):
     spool = d.data_dir / "spool"
     files = {str(p.relative_to(spool)) for p in spool.rglob("*.dcm") if p.relative_to(spool).parts[0] != "tmp"}
     assert files == set(rows.values()), "spool files and instance rows differ"
-    assert not any((spool / "tmp").iterdir()), "leftovers in spool/tmp"
+    assert not any(p.is_file() for p in (spool / "tmp").rglob("*")), "leftovers in spool/tmp"
     assert follow_up.SOPInstanceUID in rows
 
     kinds = Counter(r["case"].name for r in results)

@@ -19,7 +19,7 @@ from pacsbridge.config import load_settings
 from pacsbridge.daemon import Daemon
 from pacsbridge.store import migrations
 
-CHECKS = {"database", "migrations", "spool", "model", "components", "scheduler"}
+CHECKS = {"database", "migrations", "spool", "model", "components", "scheduler", "scheduler_leader_known"}
 
 
 def _settings(tmp_path: Path, **over):  # noqa: ANN003, ANN202

@@ -14,7 +14,7 @@ from pacsbridge.config import load_settings
 from pacsbridge.daemon import Daemon
 from pacsbridge.store.models import Event, Instance
 from pacsbridge.store.orphans import ORPHAN_MIN_AGE_S, sweep_orphans
-from pacsbridge.store.spool import Spool, spool_relpath
+from pacsbridge.store.spool import spool_relpath
 
 HOUR_AGO = time.time() - 3600
 
@@ -73,8 +73,8 @@ def test_serve_start_removes_tmp_leftovers_and_orphans_with_one_event(tmp_path):
                              bind_address="127.0.0.1", fsync=False)
     daemon = Daemon(settings)
     daemon.prepare()  # first start: migrated database, empty spool
-    daemon.engine.dispose()
-    spool = Spool(settings.spool_dir)
+    daemon.stop()
+    spool = daemon.spool  # the node's own tmp folder: the next start on this data folder takes it again
     leftovers = [spool.tmp_dir / "0123abcd.part", spool.tmp_dir / "stray"]
     for p in leftovers:
         p.write_bytes(b"partial")  # a crash while receiving: never acknowledged

@@ -3,8 +3,11 @@
 Each run reads the due entries, groups them by destination and sends each destination's entries
 in a thread of its own (destinations never wait for each other), in batches of
 ``max_per_association`` over one association/connection at a time.  A run never overlaps the
-previous one (``max_instances=1``), so there is at most one association per destination.  Each
-outcome is committed as soon as the peer answered (see outbox.py for the states).
+previous one (``max_instances=1``), and entries are claimed with a lease (outbox.claim_due) that
+no other node takes while it lives, so there is at most one association per destination across
+the nodes.  Leases are renewed before each association, and during one every third of the lease.  Each outcome is committed as soon as the
+peer answered, by the lease holder only (see outbox.py for the states).  With ``gate`` (the scheduler
+leader's check) the periodic job only runs on the leading node.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import Counter, Histogram
@@ -73,7 +76,13 @@ class Forwarder:
         self, sessions: sessionmaker[Session], destinations: Iterable[Destination], ctx: ForwardContext, *,
         policy: RetryPolicy | None = None, interval_s: float = 1.0, batch_limit: int = 500,
         metrics: ForwardMetrics | None = None, senders: dict[str, Sender] | None = None,
+        node: str | None = None, lease_s: float = 120.0, gate: Callable[[], bool] | None = None,
     ) -> None:
+        from ..store.leader import new_node_name
+
+        self.node = node or new_node_name()  # the claimer name of this process's leases
+        self._lease_s = lease_s
+        self._gate = gate
         self._sessions = sessions
         self.destinations = {d.name: d for d in destinations}
         self._policy = policy or RetryPolicy()
@@ -96,8 +105,8 @@ class Forwarder:
     def _run(self, now: datetime | None = None) -> dict[str, int]:
         if not self.destinations:
             return {}
-        with self._sessions() as session:
-            due = outbox.due_entries(session, now, self._batch_limit, destinations=self.destinations)
+        due = outbox.claim_due(self._sessions, self.node, self._lease_s, now, self._batch_limit,
+                               destinations=self.destinations)
         if not due:
             return {}
         by_dest: dict[str, list[DueEntry]] = defaultdict(list)
@@ -115,20 +124,38 @@ class Forwarder:
                           lock: threading.Lock) -> None:
         sender = self._senders[dest.kind]
         objects = {e.id: e.object for e in entries}
+        unreported = set(objects)
+        renewed = [time.monotonic()]
 
         def report(o: Outcome) -> None:
             self._record(dest, o, objects.get(o.entry_id, "result"))
+            unreported.discard(o.entry_id)
             with lock:
                 totals[o.state] += 1
+            if time.monotonic() - renewed[0] > self._lease_s / 3 and unreported:
+                # A slow association: keep the rest of the claim alive (a peer answering each object
+                # slowly must not let the leases lapse and another node send the same objects).
+                renewed[0] = time.monotonic()
+                outbox.renew(self._sessions, unreported, self.node, self._lease_s)
 
         size = dest.max_per_association
         for start in range(0, len(entries), size):
+            chunk = entries[start:start + size]
+            if start:  # the claim's lease covers the first association; renew it for each further one
+                held = outbox.renew(self._sessions, [e.id for e in entries[start:]], self.node, self._lease_s)
+                renewed[0] = time.monotonic()
+                if len(held) < len(entries) - start:
+                    log.warning("forwarding to %s: %d claim(s) lapsed; another node sends them",
+                                dest.name, len(entries) - start - len(held))
+                chunk = [e for e in chunk if e.id in held]
+                if not chunk:
+                    continue
             t0 = time.perf_counter()
             try:
-                sender.send(dest, entries[start:start + size], report)
+                sender.send(dest, chunk, report)
             except Exception as exc:  # noqa: BLE001 - a sender bug must not stall the other destinations
                 log.exception("forwarding to %s failed", dest.name)
-                for e in entries[start:start + size]:
+                for e in chunk:
                     report(Outcome(e.id, "transient", f"sender error: {type(exc).__name__}: {exc}"))
             if self._metrics is not None:
                 self._metrics.batch_seconds.labels(dest.name).observe(time.perf_counter() - t0)
@@ -136,13 +163,16 @@ class Forwarder:
     def _record(self, dest: Destination, o: Outcome, what: str = "result") -> None:
         new: str | None = "sent"
         if o.state == "sent":
-            outbox.mark_sent(self._sessions, o.entry_id, o.object_uid)
-            # One line per result delivered: no patient data, only the outbox id, object and peer.
-            log.info("forwarded %s (outbox %d) to %s (%s)", what, o.entry_id,
-                     dest.name, dest.kind)
+            if not outbox.mark_sent(self._sessions, o.entry_id, o.object_uid, claimer=self.node):
+                new = None
+                log.warning("outbox %d to %s: acknowledged, but this node's claim had lapsed", o.entry_id, dest.name)
+            else:
+                # One line per result delivered: no patient data, only the outbox id, object and peer.
+                log.info("forwarded %s (outbox %d) to %s (%s)", what, o.entry_id,
+                         dest.name, dest.kind)
         else:
             new = outbox.mark_failed(self._sessions, o.entry_id, o.detail, permanent=o.state == "permanent",
-                                     policy=self._policy, object_uid=o.object_uid)
+                                     policy=self._policy, object_uid=o.object_uid, claimer=self.node)
             level = logging.ERROR if new == outbox.DEAD else logging.WARNING
             log.log(level, "outbox %d to %s: %s (%s)", o.entry_id, dest.name, o.detail,
                     "dead" if new == outbox.DEAD else "will retry")
@@ -155,6 +185,8 @@ class Forwarder:
     def _job(self) -> None:
         # A tick (or a wake) while a run is busy only asks that run to go round once more, so ticks
         # never pile up and APScheduler never has to skip one (max_instances=2 below).
+        if self._gate is not None and not self._gate():
+            return  # not the scheduler leader: the leading node forwards
         if not self._run_lock.acquire(blocking=False):
             self._again = True
             return

@@ -6,6 +6,13 @@ HL7 ORU) of one result for one destination:
     pending --(transient failure)--> pending, later (exponential backoff with jitter)
     dead --(pacsbridge outbox retry)--> pending
 
+Several nodes may forward: :func:`claim_due` claims due entries for one node (``claimed_by``) until
+``lease_until`` (``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL), and only claims a
+destination's entries while no other node holds a live lease on that destination (checked under a
+per-destination transaction advisory lock), so there is one association per destination across the
+cluster.  Only the holder may record the outcome (:func:`mark_sent`, :func:`mark_failed`); a node that
+dies mid-send leaves leases that expire, and the entries are sent again (with the same UIDs).
+
 Entries are written by :meth:`Outbox.enqueue` inside the transaction that records the prediction,
 so a result is never recorded without its entries.  An entry only becomes ``sent`` after the peer
 acknowledged it; a crash between the acknowledgement and that commit sends it again, with the same
@@ -20,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Iterable
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import Destination
@@ -61,6 +68,7 @@ class DueEntry:
     object: str
     attempts: int
     result: Result
+    claimed_by: str | None = None  # the node whose lease covers it (claim_due)
 
 
 class Outbox:
@@ -116,31 +124,108 @@ def due_entries(session: Session, now: datetime | None = None, limit: int = 500,
             for e, p, i, se, st in session.execute(q)]
 
 
+def _destination_lock(session: Session, destination: str) -> bool:
+    """PostgreSQL: a transaction advisory lock on one destination (False: another node is claiming
+    for it right now).  SQLite serializes writers itself."""
+    if session.bind.dialect.name != "postgresql":
+        return True
+    from ..store.leader import current_schema, lock_key
+
+    key = lock_key(f"pacsbridge-outbox:{destination}", current_schema(session.connection()))
+    return bool(session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key}).scalar())
+
+
+def claim_due(sessions: sessionmaker[Session], claimer: str, lease_s: float, now: datetime | None = None,
+              limit: int = 500, destinations: Iterable[str] | None = None) -> list[DueEntry]:
+    """Claim due entries for ``claimer`` until now + ``lease_s``, oldest first, each destination in its
+    own short transaction; a destination on which another claimer holds a live lease is skipped."""
+    now = now or utcnow()
+    if destinations is None:
+        with sessions() as session:
+            destinations = list(session.scalars(
+                select(OutboxEntry.destination).where(OutboxEntry.state == PENDING).distinct()))
+    out: list[DueEntry] = []
+    for dest in sorted(destinations):
+        with sessions.begin() as session:
+            if not _destination_lock(session, dest):
+                continue
+            busy = session.scalar(select(OutboxEntry.id).where(
+                OutboxEntry.destination == dest, OutboxEntry.state == PENDING, OutboxEntry.lease_until > now,
+                OutboxEntry.claimed_by != claimer).limit(1))
+            if busy is not None:
+                continue
+            q = (select(OutboxEntry.id).where(
+                OutboxEntry.destination == dest, OutboxEntry.state == PENDING, OutboxEntry.next_attempt_at <= now,
+                or_(OutboxEntry.lease_until.is_(None), OutboxEntry.lease_until <= now,
+                    OutboxEntry.claimed_by == claimer))
+                 .order_by(OutboxEntry.next_attempt_at, OutboxEntry.id).limit(limit))
+            if session.bind.dialect.name == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            ids = list(session.scalars(q))
+            if not ids:
+                continue
+            session.execute(update(OutboxEntry).where(OutboxEntry.id.in_(ids))
+                            .values(claimed_by=claimer, lease_until=now + timedelta(seconds=lease_s))
+                            .execution_options(synchronize_session=False))
+            rows = session.execute(_result_query().where(OutboxEntry.id.in_(ids))
+                                   .order_by(OutboxEntry.next_attempt_at, OutboxEntry.id))
+            out += [DueEntry(e.id, e.destination, e.object, e.attempts, _result(p, i, se, st), claimer)
+                    for e, p, i, se, st in rows]
+    return out
+
+
+def renew(sessions: sessionmaker[Session], ids: Iterable[int], claimer: str, lease_s: float,
+          now: datetime | None = None) -> set[int]:
+    """Extend ``claimer``'s leases on ``ids`` (before each association); returns the ids still held."""
+    ids = list(ids)
+    if not ids:
+        return set()
+    now = now or utcnow()
+    with sessions.begin() as session:
+        held = set(session.scalars(
+            update(OutboxEntry).where(OutboxEntry.id.in_(ids), OutboxEntry.claimed_by == claimer,
+                                      OutboxEntry.state == PENDING)
+            .values(lease_until=now + timedelta(seconds=lease_s)).returning(OutboxEntry.id)
+            .execution_options(synchronize_session=False)))
+    return held
+
+
+def _held(claimer: str | None, now: datetime):  # noqa: ANN202 - a SQL condition
+    """The claim condition of an outcome: held by ``claimer``, or (None) no live lease of anyone."""
+    if claimer is not None:
+        return OutboxEntry.claimed_by == claimer
+    return or_(OutboxEntry.claimed_by.is_(None), OutboxEntry.lease_until.is_(None), OutboxEntry.lease_until <= now)
+
+
 def mark_sent(sessions: sessionmaker[Session], entry_id: int, object_uid: str | None,
-              now: datetime | None = None) -> bool:
-    """pending -> sent (the peer acknowledged it); False when the entry was not pending any more."""
+              now: datetime | None = None, claimer: str | None = None) -> bool:
+    """pending -> sent (the peer acknowledged it); False when the entry was not pending any more, or
+    its claim is not ``claimer``'s (``None``: refused while anyone holds a live lease on it)."""
     now = now or utcnow()
     with sessions.begin() as session:
         res = session.execute(
-            update(OutboxEntry).where(OutboxEntry.id == entry_id, OutboxEntry.state == PENDING)
+            update(OutboxEntry).where(OutboxEntry.id == entry_id, OutboxEntry.state == PENDING, _held(claimer, now))
             .values(state=SENT, sent_at=now, updated_at=now, last_error=None, object_uid=object_uid,
-                    attempts=OutboxEntry.attempts + 1)
+                    attempts=OutboxEntry.attempts + 1, claimed_by=None, lease_until=None)
             .execution_options(synchronize_session=False)
         )
         return res.rowcount == 1
 
 
 def mark_failed(sessions: sessionmaker[Session], entry_id: int, reason: str, *, permanent: bool,
-                policy: RetryPolicy, now: datetime | None = None, object_uid: str | None = None) -> str | None:
+                policy: RetryPolicy, now: datetime | None = None, object_uid: str | None = None,
+                claimer: str | None = None) -> str | None:
     """Record a failed try: ``dead`` when permanent or older than the max age, else pending again later.
 
-    Returns the new state (None when the entry was not pending any more)."""
+    Returns the new state (None when the entry was not pending any more, or not held: see mark_sent)."""
     now = now or utcnow()
     reason = reason[:2000]
     with sessions.begin() as session:
-        entry = session.get(OutboxEntry, entry_id, with_for_update=True)
+        entry = session.scalars(select(OutboxEntry).where(OutboxEntry.id == entry_id, _held(claimer, now))
+                                .with_for_update()).first()
         if entry is None or entry.state != PENDING:
             return None
+        entry.claimed_by, entry.lease_until = None, None
         attempts = entry.attempts + 1
         age = now - as_utc(entry.queued_at)
         if permanent:
@@ -211,5 +296,7 @@ def list_entries(session: Session, state: str | None = None, limit: int | None =
             "created_at": as_utc(e.created_at).isoformat(),
             "next_attempt_at": as_utc(e.next_attempt_at).isoformat() if e.state == PENDING else None,
             "sent_at": as_utc(e.sent_at).isoformat() if e.sent_at else None,
+            "claimed_by": e.claimed_by,
+            "lease_until": as_utc(e.lease_until).isoformat() if e.lease_until else None,
         })
     return out

@@ -271,7 +271,7 @@ class OutboxEntry(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id", ondelete="CASCADE"), index=True)
-    destination: Mapped[str] = mapped_column(String(64))  # a [[destinations]] name
+    destination: Mapped[str] = mapped_column(String(64), index=True)  # a [[destinations]] name
     object: Mapped[str] = mapped_column(String(16))  # sr | heatmap | images | oru
     state: Mapped[str] = mapped_column(String(8), default="pending", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -283,6 +283,20 @@ class OutboxEntry(Base):
     queued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The node sending it and until when that claim holds (several nodes: see forward/outbox.py).
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SchedulerLeader(Base):
+    """The node holding the scheduler's advisory lock (at most one row, id 1); owned by store/leader.py."""
+
+    __tablename__ = "scheduler_leader"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node: Mapped[str] = mapped_column(String(200))  # hostname:pid:uuid of the leading process
+    since: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    backend_pid: Mapped[int | None] = mapped_column(Integer)  # PostgreSQL session holding the lock
 
 
 class Label(Base):

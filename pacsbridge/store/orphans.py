@@ -107,12 +107,15 @@ def sweep_orphans(
 class OrphanSweep:
     """A one-shot background sweep as a daemon component: runs :func:`sweep_orphans` once, then records
     one ``spool_orphans_removed`` Event with the count (plus ``tmp_removed``: ``tmp/`` leftovers that
-    :meth:`Spool.prepare` removed before listening) when anything was removed."""
+    :meth:`Spool.prepare` removed before listening) when anything was removed.  With ``leader`` (a
+    store.leader.Leadership) it waits until this node leads the scheduler: with several nodes on one
+    spool, one sweeps."""
 
     name = "spool orphan sweep"
 
     def __init__(self, sessions: sessionmaker[Session], spool: Spool, *, tmp_removed: int = 0,
-                 min_age_s: float = ORPHAN_MIN_AGE_S) -> None:
+                 min_age_s: float = ORPHAN_MIN_AGE_S, leader=None) -> None:  # noqa: ANN001
+        self._leader = leader
         self._sessions = sessions
         self._spool = spool
         self._tmp_removed = tmp_removed
@@ -131,6 +134,9 @@ class OrphanSweep:
             self._thread.join(30)
 
     def _run(self) -> None:
+        while self._leader is not None and not self._leader.is_leader():
+            if self._stop.wait(1.0):
+                return
         started = time.monotonic()
         try:
             removed = sweep_orphans(self._sessions, self._spool, min_age_s=self._min_age_s, stop=self._stop)

@@ -1,6 +1,7 @@
 """Spool files: received DICOM files, written durably under names built from hashes.
 
-A file is written to ``<spool>/tmp/``, atomically renamed to ``<spool>/ab/cd/<sha256>.dcm``, then
+A file is written to ``<spool>/tmp/<node>/`` (each node its own folder, so several nodes can share
+one spool), atomically renamed to ``<spool>/ab/cd/<sha256>.dcm``, then
 the file and its folder are fsync'd; the caller commits the database row only after that.  (fsync
 after the rename lets one journal commit cover both data and rename on ext4/xfs.)  Paths never
 contain a raw UID or tag value.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,8 @@ from pathlib import Path
 SPOOL_NAME_RE = re.compile(r"^([0-9a-f]{2})/([0-9a-f]{2})/(\1\2[0-9a-f]{60})\.dcm$")
 _HEX2_RE = re.compile(r"^[0-9a-f]{2}$")
 _FILE_RE = re.compile(r"^[0-9a-f]{64}\.dcm$")
+#: Loose files directly in ``tmp/`` (a layout without node folders) older than this are leftovers.
+LOOSE_TMP_MIN_AGE_S = 600.0
 
 
 def spool_relpath(sop_instance_uid: str) -> str:
@@ -28,11 +32,12 @@ def spool_relpath(sop_instance_uid: str) -> str:
 
 
 class Spool:
-    """Durable file storage under ``root``; ``fsync=False`` trades durability for speed (tests only)."""
+    """Durable file storage under ``root``; ``fsync=False`` trades durability for speed (tests only);
+    ``node`` (a node id, see store/node.py): temporary files go to ``tmp/<node>/``."""
 
-    def __init__(self, root: Path, fsync: bool = True) -> None:
+    def __init__(self, root: Path, fsync: bool = True, node: str | None = None) -> None:
         self.root = Path(root)
-        self.tmp_dir = self.root / "tmp"
+        self.tmp_dir = self.root / "tmp" / node if node else self.root / "tmp"
         self.fsync = fsync
 
     def path(self, relpath: str) -> Path:
@@ -40,7 +45,8 @@ class Spool:
 
     def prepare(self) -> int:
         """Create the folders and remove partial files left by a crash (never acknowledged); returns
-        how many were removed.  Call it before listening: everything in ``tmp/`` is then a leftover.
+        how many were removed.  Call it before listening: everything in this node's tmp folder is then
+        a leftover (other nodes' folders are left alone; loose files in ``tmp/`` only once old).
 
         The 256 first-level folders are made up front (one fsync) so that receiving an instance
         creates at most one new folder (and pays one extra folder fsync).
@@ -59,6 +65,15 @@ class Spool:
             if leftover.is_file() or leftover.is_symlink():
                 leftover.unlink(missing_ok=True)
                 removed += 1
+        if self.tmp_dir != self.root / "tmp":
+            cutoff = time.time() - LOOSE_TMP_MIN_AGE_S
+            for loose in (self.root / "tmp").iterdir():
+                try:
+                    if loose.is_file() and not loose.name.startswith(".") and loose.stat().st_mtime < cutoff:
+                        loose.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    pass
         return removed
 
     def iter_stored(self) -> Iterator[tuple[str, os.DirEntry]]:

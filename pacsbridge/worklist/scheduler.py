@@ -22,11 +22,14 @@ log = logging.getLogger(__name__)
 RETENTION_INTERVAL_S = 3600.0
 
 
-def _safe(name: str, fn):  # noqa: ANN001, ANN202 - small wrapper
-    """A failing job is logged and retried at its next run, never kills the scheduler."""
+def _safe(name: str, fn, gate: Callable[[], bool] | None = None):  # noqa: ANN001, ANN202 - small wrapper
+    """A failing job is logged and retried at its next run, never kills the scheduler.  With ``gate``
+    (the scheduler leader's check) the job only runs while it says yes: on the leading node."""
 
     def run() -> None:
         try:
+            if gate is not None and not gate():
+                return
             fn()
         except Exception:  # noqa: BLE001
             log.exception("scheduler job %s failed; will retry at its next run", name)
@@ -48,24 +51,26 @@ def make_scheduler(
     updater: WorklistUpdater, sessions: sessionmaker[Session], spool_dir: Path, *,
     interval_s: float, retention_days: float, retention_interval_s: float = RETENTION_INTERVAL_S,
     extra_jobs: list[tuple[str, Callable[[], object], float]] | None = None,
+    gate: Callable[[], bool] | None = None,
 ) -> BackgroundScheduler:
     """A (not yet started) scheduler with the worklist and retention jobs, and ``extra_jobs``
-    ``(name, function, interval_s)`` (e.g. live monitoring); ``start()``/``shutdown()`` it."""
+    ``(name, function, interval_s)`` (e.g. live monitoring); ``start()``/``shutdown()`` it.
+    ``gate``: each job checks it before running (see :func:`_safe`)."""
     scheduler = BackgroundScheduler(
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
     )
     scheduler.add_job(
-        _safe("worklist", lambda: worklist_job(updater, sessions)), "interval", seconds=interval_s, id="worklist", name="worklist refresh",
+        _safe("worklist", lambda: worklist_job(updater, sessions), gate), "interval", seconds=interval_s, id="worklist", name="worklist refresh",
         next_run_time=datetime.now(timezone.utc),  # catch up at start, then every interval
     )
     if retention_days > 0:
         scheduler.add_job(
-            _safe("retention", lambda: purge_spool(sessions, spool_dir, retention_days)),
+            _safe("retention", lambda: purge_spool(sessions, spool_dir, retention_days), gate),
             "interval", seconds=retention_interval_s, id="retention", name="spool retention",
             next_run_time=datetime.now(timezone.utc),
         )
     for name, fn, every_s in extra_jobs or ():
-        scheduler.add_job(_safe(name, fn), "interval", seconds=every_s, id=name, name=name,
+        scheduler.add_job(_safe(name, fn, gate), "interval", seconds=every_s, id=name, name=name,
                           next_run_time=datetime.now(timezone.utc))
     return scheduler
 
@@ -79,10 +84,11 @@ class WorklistScheduler:
         self, updater: WorklistUpdater, sessions: sessionmaker[Session], spool_dir: Path, *,
         interval_s: float, retention_days: float,
         extra_jobs: list[tuple[str, Callable[[], object], float]] | None = None,
+        gate: Callable[[], bool] | None = None,
     ) -> None:
         self._scheduler = make_scheduler(
             updater, sessions, spool_dir, interval_s=interval_s, retention_days=retention_days,
-            extra_jobs=extra_jobs,
+            extra_jobs=extra_jobs, gate=gate,
         )
         self.interval_s = interval_s
         #: time.monotonic() when a job last finished (the daemon's watchdog checks it advances).
