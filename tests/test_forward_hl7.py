@@ -17,7 +17,7 @@ from pacsbridge.forward import outbox
 from pacsbridge.forward.forwarder import Forwarder
 from pacsbridge.forward.outbox import RetryPolicy
 from pacsbridge.forward.senders import ForwardContext
-from pacsbridge.store.models import Event, OutboxEntry, utcnow
+from pacsbridge.store.models import Event, OutboxEntry, as_utc, utcnow
 from pipeline_support import sample_file
 
 
@@ -76,7 +76,7 @@ def test_ae_is_retried_with_backoff_then_sent(tmp_path):
         assert fwd.run_once() == {"transient": 1}
         row = _entries(sessions)[0]
         assert row.state == "pending" and row.attempts == 1 and "ACK AE" in row.last_error
-        wait = (outbox.as_utc(row.next_attempt_at) - utcnow()).total_seconds()
+        wait = (as_utc(row.next_attempt_at) - utcnow()).total_seconds()
         assert 25 <= wait <= 60, wait  # 60 s with 50-100 % jitter
         assert fwd.run_once() == {}  # not due yet
         assert fwd.run_once(now=utcnow() + timedelta(seconds=61)) == {"sent": 1}

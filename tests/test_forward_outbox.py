@@ -18,7 +18,7 @@ from pacsbridge.inference.worker import InferenceWorker
 from pacsbridge.model.artifact import load_model
 from pacsbridge.store import migrations
 from pacsbridge.store.db import make_engine, make_sessionmaker
-from pacsbridge.store.models import Event, Instance, OutboxEntry, Prediction, utcnow
+from pacsbridge.store.models import Event, Instance, OutboxEntry, Prediction, as_utc, utcnow
 from pipeline_support import add_instance, export_model, sample_file
 
 PACS = Destination(name="pacs", kind="dicom", host="127.0.0.1", port=1, ae_title="PACS", objects=["sr", "images"])
@@ -93,7 +93,7 @@ def test_state_machine(sessions, tmp_path: Path):
         assert outbox.mark_failed(sessions, sr.id, "peer down", permanent=False, policy=policy, now=t0) == "pending"
         with sessions() as s:
             e = s.get(OutboxEntry, sr.id)
-            delays.append((outbox.as_utc(e.next_attempt_at) - t0).total_seconds())
+            delays.append((as_utc(e.next_attempt_at) - t0).total_seconds())
     assert 5 <= delays[0] <= 10 and 10 <= delays[1] <= 20 and 20 <= delays[2] <= 40 and 20 <= delays[3] <= 40
     with sessions() as s:
         assert [e.id for e in outbox.due_entries(s)] == [img.id]

@@ -16,7 +16,8 @@ from pacsbridge.store import migrations
 from pacsbridge.store.db import make_engine, make_sessionmaker
 from pacsbridge.store.models import Event, Instance, InstanceState, Prediction, Series, Study, WorklistItem
 from pacsbridge.worklist import lifecycle as lc
-from pacsbridge.worklist.items import WorklistUpdater, as_utc, list_worklist
+from pacsbridge.store.models import as_utc
+from pacsbridge.worklist.items import WorklistUpdater, list_worklist
 
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=timezone.utc)
 ANNA = lc.Actor("anna", "radiologist")

@@ -37,7 +37,7 @@ from pacsbridge.dicom.ups_dataset import ups_priority
 from pacsbridge.dicom.ups_scp import UpsContext
 from pacsbridge.store import migrations
 from pacsbridge.store.db import make_engine, make_sessionmaker
-from pacsbridge.store.models import Event, Instance, InstanceState, Prediction, Series, Study, WorklistItem
+from pacsbridge.store.models import Event, Instance, InstanceState, Prediction, Series, Study, WorklistItem, as_utc
 from pacsbridge.store.spool import Spool
 from pacsbridge.worklist import lifecycle
 from pacsbridge.worklist.items import WorklistUpdater, list_worklist
@@ -493,10 +493,10 @@ def test_expired_claim_is_scheduled_again_and_nset_renews(bridge: Bridge) -> Non
     bridge.ups.claim_timeout_s = 60
     with performer(bridge.port) as reader, performer(bridge.port, "READER2") as rival:
         assert reader.change_state(uid, "IN PROGRESS", txn) == 0x0000
-        first_expiry = lifecycle.as_utc(item_state(bridge, items["E1"].id).claim_expires_at)
+        first_expiry = as_utc(item_state(bridge, items["E1"].id).claim_expires_at)
         clock[0] += timedelta(seconds=50)
         assert reader.set(uid, finding_mods(txn, "no_pneumonia")) == 0x0000
-        renewed = lifecycle.as_utc(item_state(bridge, items["E1"].id).claim_expires_at)
+        renewed = as_utc(item_state(bridge, items["E1"].id).claim_expires_at)
         assert renewed == first_expiry + timedelta(seconds=50)  # the holder's N-SET keeps the claim alive
         clock[0] += timedelta(seconds=61)
         with bridge.sessions.begin() as s:  # the scheduler's sweep

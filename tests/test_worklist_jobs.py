@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import func, select
 
 from pacsbridge.store.models import Event, Instance, InstanceState, Prediction, WorklistItem
-from pacsbridge.worklist.items import WorklistUpdater, as_utc, list_worklist
+from pacsbridge.store.models import as_utc
+from pacsbridge.worklist.items import WorklistUpdater, list_worklist
 from pacsbridge.worklist.priority import priority_score
 from pacsbridge.worklist.retention import purge_spool
 from pacsbridge.worklist.scheduler import make_scheduler

@@ -251,6 +251,5 @@ def authenticate(session: Session, token: str, now: datetime | None = None) -> P
 def _iso(dt: datetime | None) -> str | None:
     if dt is None:
         return None
-    from ..worklist.lifecycle import as_utc
 
-    return as_utc(dt).isoformat()
+    return dt.isoformat()

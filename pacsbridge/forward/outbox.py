@@ -32,7 +32,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import Destination
 from ..store.models import Event, Instance, OutboxEntry, Prediction, Series, Study, utcnow
-from ..worklist.items import as_utc
 from .results import Result
 
 log = logging.getLogger(__name__)
@@ -227,7 +226,7 @@ def mark_failed(sessions: sessionmaker[Session], entry_id: int, reason: str, *, 
             return None
         entry.claimed_by, entry.lease_until = None, None
         attempts = entry.attempts + 1
-        age = now - as_utc(entry.queued_at)
+        age = now - entry.queued_at
         if permanent:
             state, detail = DEAD, reason
         elif age >= policy.max_age:
@@ -293,10 +292,10 @@ def list_entries(session: Session, state: str | None = None, limit: int | None =
             "attempts": e.attempts, "last_error": e.last_error, "object_uid": e.object_uid,
             "study_instance_uid": study, "sop_instance_uid": inst.sop_instance_uid,
             "positive": p.positive, "probability": round(p.probability, 6),
-            "created_at": as_utc(e.created_at).isoformat(),
-            "next_attempt_at": as_utc(e.next_attempt_at).isoformat() if e.state == PENDING else None,
-            "sent_at": as_utc(e.sent_at).isoformat() if e.sent_at else None,
+            "created_at": e.created_at.isoformat(),
+            "next_attempt_at": e.next_attempt_at.isoformat() if e.state == PENDING else None,
+            "sent_at": e.sent_at.isoformat() if e.sent_at else None,
             "claimed_by": e.claimed_by,
-            "lease_until": as_utc(e.lease_until).isoformat() if e.lease_until else None,
+            "lease_until": e.lease_until.isoformat() if e.lease_until else None,
         })
     return out

@@ -9,7 +9,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..store.models import Instance, Prediction
-from ..worklist.items import as_utc
 
 #: Percentiles are over this many most recent predictions: recent behaviour, bounded cost.
 RECENT = 1000
@@ -33,7 +32,7 @@ def timing_percentiles(session: Session, recent: int = RECENT) -> dict[str, Any]
     decode = [r[0] for r in rows if r[0] is not None]
     infer = [r[1] for r in rows if r[1] is not None]
     latency = [
-        (as_utc(created) - as_utc(received)).total_seconds() * 1000 for _, _, created, received in rows
+        (created - received).total_seconds() * 1000 for _, _, created, received in rows
         if created is not None and received is not None
     ]
     return {

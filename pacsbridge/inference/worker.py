@@ -61,7 +61,6 @@ from ..store import workers as registry
 from ..store.models import Prediction, utcnow
 from ..store.notifier import StoreNotifier
 from ..store.queue import Claimed, RetryPolicy
-from ..worklist.items import as_utc
 from .metrics import PipelineMetrics
 
 log = logging.getLogger(__name__)
@@ -230,7 +229,7 @@ class InferenceWorker:
         paths: list[tuple[Claimed, Path]] = []
         for inst in batch:
             if inst.spool_deleted_at is not None:
-                when = as_utc(inst.spool_deleted_at).isoformat(timespec="seconds")
+                when = inst.spool_deleted_at.isoformat(timespec="seconds")
                 results[inst.id] = Outcome.failure("file_deleted", f"the stored file was deleted by retention at {when}",
                                                    retry=False)
                 continue

@@ -10,6 +10,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 # Deterministic constraint names so Alembic migrations are reproducible on SQLite and PostgreSQL.
 NAMING_CONVENTION = {
@@ -23,6 +24,29 @@ NAMING_CONVENTION = {
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def as_utc(dt: datetime | None) -> datetime | None:
+    """``dt`` as an aware UTC datetime (a naive one is taken to be UTC, as everything stored is)."""
+    if dt is None:
+        return None
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timestamp that is always an aware UTC datetime in Python, on every backend.
+
+    SQLite keeps no time zone and hands back naive datetimes; PostgreSQL hands back the session's
+    zone. Both come back as UTC here, so no stage has to normalise what it reads."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        return as_utc(value)
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        return as_utc(value)
 
 
 class Base(DeclarativeBase):
@@ -80,7 +104,7 @@ class Study(Base):
     patient_sex: Mapped[str | None] = mapped_column(String(16))
     study_description: Mapped[str | None] = mapped_column(String(64))
     referring_physician: Mapped[str | None] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     #: A negative study drawn for a blinded audit read: ``sampled`` (an audit item was made) or ``capped``
     #: (the day's audit_max_per_day was reached); NULL = never drawn.  Decided once (pacsbridge.worklist.audit).
     audit_decision: Mapped[str | None] = mapped_column(String(8))
@@ -96,7 +120,7 @@ class Series(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     modality: Mapped[str | None] = mapped_column(String(16))
     body_part: Mapped[str | None] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list["Instance"]] = relationship(back_populates="series")
@@ -113,23 +137,23 @@ class Instance(Base):
     file_path: Mapped[str] = mapped_column(String(255))  # relative to the spool dir; built from hashes
     file_size: Mapped[int] = mapped_column(Integer)
     # Set when retention deleted the spool file (file_path is kept for the audit trail); None = file kept.
-    spool_deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    spool_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16), default=InstanceState.RECEIVED.value, index=True)
     state_reason: Mapped[str | None] = mapped_column(Text)
     # Every reason of a refusal as JSON [{"code", "text"}]; valid while its texts join to state_reason.
     state_reasons: Mapped[str | None] = mapped_column(Text)
     claimed_by: Mapped[str | None] = mapped_column(String(64))
-    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # The claim holds until then (renewed by the holder's heartbeat); NULL for claims made before leases.
-    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # Failed attempts (faults of the system) since it was received or last queued again by hand.
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # When a failed instance is tried again; NULL when no automatic retry is left (or not failed).
-    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
     last_error: Mapped[str | None] = mapped_column(Text)  # reason of the last failed attempt (kept after success)
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
     series: Mapped[Series] = relationship(back_populates="instances")
     prediction: Mapped["Prediction | None"] = relationship(back_populates="instance")
@@ -147,7 +171,7 @@ class Prediction(Base):
     weights_sha256: Mapped[str] = mapped_column(String(64))
     decode_ms: Mapped[float | None] = mapped_column(Float)
     inference_ms: Mapped[float | None] = mapped_column(Float)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     #: The model's out-of-distribution score (pacsbridge.model.ood); NULL when the model has none.
     ood_score: Mapped[float | None] = mapped_column(Float, nullable=True)
     #: Which operating point decided: ``model`` (the card's) or a site calibration id (pacsbridge.validation).
@@ -178,14 +202,14 @@ class WorklistItem(Base):
     kind: Mapped[str] = mapped_column(String(8), default="flag", server_default="flag", index=True)
     probability: Mapped[float] = mapped_column(Float)  # highest calibrated probability in the study
     status: Mapped[str] = mapped_column(String(16), default=WorklistStatus.SCHEDULED.value, index=True)
-    first_positive_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # first positive prediction recorded
+    first_positive_at: Mapped[datetime] = mapped_column(UTCDateTime())  # first positive prediction recorded
     claimed_by: Mapped[str | None] = mapped_column(String(64))  # user name (UPS: the user the AE title is bound to)
-    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    claim_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    claim_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
     transaction_uid: Mapped[str | None] = mapped_column(String(64))  # UPS Transaction UID of the claim
     finding: Mapped[str | None] = mapped_column(String(16))  # Finding values
     comment: Mapped[str | None] = mapped_column(Text)
-    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # completed or canceled
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # completed or canceled
     completed_by: Mapped[str | None] = mapped_column(String(64))
     cancel_reason: Mapped[str | None] = mapped_column(Text)
     # The holder's draft (UPS N-SET) under the current claim; cleared when the claim ends.
@@ -193,9 +217,9 @@ class WorklistItem(Base):
     draft_comment: Mapped[str | None] = mapped_column(Text)
     draft_cancel_reason: Mapped[str | None] = mapped_column(Text)
     draft_by: Mapped[str | None] = mapped_column(String(64))
-    draft_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    draft_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
     study: Mapped[Study] = relationship()
 
@@ -206,7 +230,7 @@ class Event(Base):
     __tablename__ = "events"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     kind: Mapped[str] = mapped_column(String(32), index=True)  # e.g. association_rejected, store_failed
     level: Mapped[str] = mapped_column(String(8), default="info")
     instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id", ondelete="SET NULL"))
@@ -226,8 +250,8 @@ class User(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     role: Mapped[str] = mapped_column(String(16))  # Role values
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     tokens: Mapped[list["ApiToken"]] = relationship(back_populates="user")
     ae_bindings: Mapped[list["UserAeBinding"]] = relationship(back_populates="user")
@@ -241,9 +265,9 @@ class ApiToken(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     user: Mapped[User] = relationship(back_populates="tokens")
 
@@ -258,7 +282,7 @@ class UserAeBinding(Base):
     ae_title: Mapped[str] = mapped_column(String(16), unique=True)  # at most one user per AE title
     # Required client certificate subject (RFC 4514 text) when set: the station must use mutual TLS.
     tls_subject: Mapped[str | None] = mapped_column(String(512))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     user: Mapped[User] = relationship(back_populates="ae_bindings")
 
@@ -275,17 +299,17 @@ class OutboxEntry(Base):
     object: Mapped[str] = mapped_column(String(16))  # sr | heatmap | images | oru
     state: Mapped[str] = mapped_column(String(8), default="pending", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     last_error: Mapped[str | None] = mapped_column(Text)
     object_uid: Mapped[str | None] = mapped_column(String(64))  # SOP Instance UID or HL7 message control id
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     # When it last became pending (creation or a manual retry); the max-age limit counts from here.
-    queued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
-    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    queued_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # The node sending it and until when that claim holds (several nodes: see forward/outbox.py).
     claimed_by: Mapped[str | None] = mapped_column(String(200))
-    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class SchedulerLeader(Base):
@@ -295,7 +319,7 @@ class SchedulerLeader(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     node: Mapped[str] = mapped_column(String(200))  # hostname:pid:uuid of the leading process
-    since: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    since: Mapped[datetime] = mapped_column(UTCDateTime())
     backend_pid: Mapped[int | None] = mapped_column(Integer)  # PostgreSQL session holding the lock
 
 
@@ -316,9 +340,9 @@ class Label(Base):
     study_instance_uid: Mapped[str | None] = mapped_column(String(64))
     accession_number: Mapped[str | None] = mapped_column(String(16))
     finding: Mapped[str] = mapped_column(String(16))  # Finding values
-    reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="SET NULL"), index=True)
-    imported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    imported_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class Worker(Base):
@@ -331,9 +355,9 @@ class Worker(Base):
     pid: Mapped[int] = mapped_column(Integer)
     kind: Mapped[str] = mapped_column(String(16))  # serve | worker
     batch_size: Mapped[int] = mapped_column(Integer)
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    last_heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
-    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # a clean stop; NULL otherwise
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_heartbeat: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # a clean stop; NULL otherwise
 
 
 class ClusterIdentity(Base):
@@ -343,4 +367,4 @@ class ClusterIdentity(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
     cluster_id: Mapped[str] = mapped_column(String(36))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

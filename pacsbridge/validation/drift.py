@@ -35,7 +35,6 @@ from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..store.models import Event, Instance, InstanceState, Prediction, utcnow
-from ..worklist.lifecycle import as_utc
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ def load_reference(settings: Any) -> Reference | None:
 def window_counts(session: Session, limits: DriftLimits, now: datetime | None = None) -> dict[str, int]:
     """Counts over the recent window: images, refused, refused as OOD, scored, flagged (one query
     over at most ``window_images`` rows of the indexed instances table)."""
-    now = as_utc(now or utcnow())
+    now = now or utcnow()
     done = (InstanceState.PREDICTED.value, InstanceState.NOT_ANALYSED.value)
     recent = (select(Instance.id, Instance.state, Instance.state_reason)
               .where(Instance.state.in_(done), Instance.received_at >= now - timedelta(days=limits.window_days))
@@ -164,7 +163,7 @@ def alarm_state(session: Session) -> dict[str, datetime]:
     for detail, kind, at in session.execute(latest):
         name = (detail or "").split(":", 1)[0]
         if name in SIGNALS and name not in state:
-            state[name] = (kind, as_utc(at))
+            state[name] = (kind, at)
     return {name: at for name, (kind, at) in state.items() if kind == ALARM}
 
 

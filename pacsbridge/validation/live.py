@@ -41,7 +41,6 @@ from sqlalchemy.orm import Session
 from ..store.models import (
     Finding, Instance, InstanceState, Label, Prediction, Series, Study, WorklistItem, WorklistStatus, utcnow,
 )
-from ..worklist.lifecycle import as_utc
 from .audit_estimate import audit_sensitivity
 from .ris_labels import label_counts
 from .stats import wilson_interval
@@ -149,7 +148,7 @@ def _group_figures(session: Session, since: datetime | None) -> dict[tuple[str, 
             .where(W.id.in_(select(per_item.c.iid).where(per_item.c.mid == mid, per_item.c.cal == cal, done)),
                    W.completed_at.is_not(None))
             .order_by(W.completed_at.desc()).limit(TIMES_OF)).all()
-        times[(mid, cal)] = [(as_utc(c) - as_utc(r)).total_seconds() for r, c in rows]
+        times[(mid, cal)] = [(c - r).total_seconds() for r, c in rows]
     _audit_figures(session, out, window)
     for key, e in out.items():
         done = e["completed_total"] = sum(e["completed"].values())
@@ -245,8 +244,8 @@ def live_stats(session: Session, since: datetime | None = None, now: datetime | 
     """``{"models": [...], "refused", "labels", "window"}``: each model entry holds the figures in
     total (the keys ``/api/stats`` always had, and the new ones) and a ``window`` object with the
     same figures since ``since`` (default: the last 30 days)."""
-    now = as_utc(now or utcnow())
-    since = as_utc(since) if since is not None else now - DEFAULT_WINDOW
+    now = now or utcnow()
+    since = since if since is not None else now - DEFAULT_WINDOW
     total = _group_figures(session, None)
     recent = _group_figures(session, since)
     models = []

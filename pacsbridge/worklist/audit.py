@@ -34,7 +34,6 @@ from sqlalchemy import case, func, select, text, update
 from sqlalchemy.orm import Session
 
 from ..store.models import Instance, InstanceState, Prediction, Series, Study, WorklistItem, WorklistStatus
-from .lifecycle import as_utc
 from .priority import audit_priority_score
 
 log = logging.getLogger(__name__)
@@ -57,14 +56,14 @@ def audit_draw(study_instance_uid: str) -> float:
 
 
 def day_start(now: datetime) -> datetime:
-    return as_utc(now).replace(hour=0, minute=0, second=0, microsecond=0)
+    return now.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 def recent_study_ids(session: Session, now: datetime, min_prediction_id: int | None,
                      refused_since: datetime | None = None) -> list[int]:
     """Studies with a non-shadow prediction recorded recently (and above ``min_prediction_id``), and
     studies with an image refused since ``refused_since`` (its last image may have been the one refused)."""
-    cutoff = as_utc(now) - AUDIT_LOOKBACK
+    cutoff = now - AUDIT_LOOKBACK
     q = (select(Series.study_id).join(Instance, Instance.series_id == Series.id)
          .join(Prediction, Prediction.instance_id == Instance.id)
          .where(Prediction.shadow.is_(False), Prediction.created_at >= cutoff))
@@ -72,7 +71,7 @@ def recent_study_ids(session: Session, now: datetime, min_prediction_id: int | N
         q = q.where(Prediction.id > min_prediction_id)
     refused = (select(Series.study_id).join(Instance, Instance.series_id == Series.id)
                .where(Instance.state == InstanceState.NOT_ANALYSED.value,
-                      Instance.updated_at >= max(cutoff, as_utc(refused_since or cutoff))))
+                      Instance.updated_at >= max(cutoff, (refused_since or cutoff))))
     return sorted(set(session.scalars(q.distinct())) | set(session.scalars(refused.distinct())))
 
 
@@ -90,8 +89,8 @@ def _negative_studies(session: Session, ids: list[int], now: datetime) -> list[t
         .where(Study.id.in_(ids), Study.audit_decision.is_(None), Study.id.not_in(pending), Study.id.not_in(listed))
         .group_by(Study.id, Study.study_instance_uid)
         .having(flag == 0)).all()
-    cutoff = as_utc(now) - AUDIT_LOOKBACK
-    return [(sid, uid, float(p), as_utc(at)) for sid, uid, p, at in rows if as_utc(at) >= cutoff]
+    cutoff = now - AUDIT_LOOKBACK
+    return [(sid, uid, float(p), at) for sid, uid, p, at in rows if at >= cutoff]
 
 
 def choose_audits(session: Session, study_ids: Iterable[int], now: datetime, *, fraction: float,
@@ -116,7 +115,7 @@ def choose_audits(session: Session, study_ids: Iterable[int], now: datetime, *, 
             decision = CAPPED
         else:
             decision = SAMPLED
-            waited = (as_utc(now) - at).total_seconds() / 60.0
+            waited = (now - at).total_seconds() / 60.0
             session.add(WorklistItem(
                 study_id=sid, open_study_id=sid, ups_uid=generate_uid(), kind=AUDIT, probability=p,
                 first_positive_at=at, status=WorklistStatus.SCHEDULED.value,

@@ -14,7 +14,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ..store.models import Event, Instance, OutboxEntry, Prediction, Series, Study, WorklistItem
-from .lifecycle import as_utc
 
 _OBJECTS = {"sr": "the AI result (DICOM SR)", "heatmap": "the heatmap image", "images": "the images",
             "oru": "the AI result (HL7 ORU)"}
@@ -26,7 +25,7 @@ def _pct(p: float) -> str:
 
 
 def _entry(at: datetime | None, kind: str, text: str, actor: str | None = None) -> dict[str, Any]:
-    return {"at": as_utc(at).isoformat() if at else None, "kind": kind, "text": text, "actor": actor}
+    return {"at": at.isoformat() if at else None, "kind": kind, "text": text, "actor": actor}
 
 
 def _item_event(e: Event, item: WorklistItem) -> dict[str, Any] | None:

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..store.models import Instance, Prediction, Series, Study, WorklistItem, WorklistStatus, utcnow
 from . import audit
-from .lifecycle import OPEN_STATUSES, as_utc
+from .lifecycle import OPEN_STATUSES
 from .priority import audit_priority_score, priority_score
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class WorklistUpdater:
         ids = None if study_ids is None else sorted(set(study_ids))
         if ids is not None and not ids:
             return RefreshResult()
-        now = as_utc(now or self._clock())
+        now = now or self._clock()
         with self._lock:
             for attempt in (1, 2):
                 try:
@@ -128,7 +128,7 @@ class WorklistUpdater:
             .join(Instance, Instance.series_id == Series.id).join(Prediction, Prediction.instance_id == Instance.id)
             .where(Prediction.positive.is_(True), Prediction.shadow.is_(False), Series.study_id.in_(ids))
         ):
-            positives.setdefault(sid, []).append((float(p), as_utc(at)))
+            positives.setdefault(sid, []).append((float(p), at))
         studies = {st.id: st for st in session.scalars(select(Study).where(Study.id.in_(list(positives))))}
         open_items: dict[int, WorklistItem] = {}
         closed_at: dict[int, datetime] = {}
@@ -136,7 +136,7 @@ class WorklistUpdater:
             if item.status in OPEN_STATUSES:
                 open_items[item.study_id] = item
             elif item.completed_at is not None:
-                closed = as_utc(item.completed_at)
+                closed = item.completed_at
                 closed_at[item.study_id] = max(closed, closed_at.get(item.study_id, closed))
         created = updated = 0
         for sid, preds in positives.items():
@@ -160,7 +160,7 @@ class WorklistUpdater:
                 self._promote(session, item, preds, study.requested_priority, now)
                 updated += 1
                 continue
-            since = as_utc(item.first_positive_at)
+            since = item.first_positive_at
             p = max([item.probability] + [q for q, at in preds if at >= since])
             if self._update(session, item, p, study.requested_priority, now):
                 updated += 1
@@ -193,8 +193,8 @@ class WorklistUpdater:
         for iid, sid, priority, p, since, requested, kind in rows:
             if sid in skip:
                 continue
-            computed = (self._score(p, as_utc(since), requested, now) if kind != audit.AUDIT else
-                        audit_priority_score((now - as_utc(since)).total_seconds() / 60.0, self._max_wait))
+            computed = (self._score(p, since, requested, now) if kind != audit.AUDIT else
+                        audit_priority_score((now - since).total_seconds() / 60.0, self._max_wait))
             if computed - priority >= MIN_PRIORITY_STEP:  # never lower
                 changes.append({"b_id": iid, "b_priority": computed})
         if changes:
@@ -211,7 +211,7 @@ class WorklistUpdater:
         it never overwrites a claim made meanwhile (the life cycle owns status and claim columns)."""
         new_priority = item.priority
         if item.status == WorklistStatus.SCHEDULED.value or p > item.probability:
-            computed = self._score(p, as_utc(item.first_positive_at), requested, now)
+            computed = self._score(p, item.first_positive_at, requested, now)
             if computed - item.priority >= MIN_PRIORITY_STEP:
                 new_priority = computed  # never lower: only ever replaced by a larger value
         if p > item.probability or new_priority > item.priority:
@@ -262,7 +262,7 @@ def row_query():  # noqa: ANN201 - a Select
 
 
 def _iso(dt: datetime | None) -> str | None:
-    return as_utc(dt).isoformat() if dt is not None else None
+    return dt.isoformat() if dt is not None else None
 
 
 def item_row(r: Any, now: datetime) -> dict[str, Any]:
@@ -270,9 +270,9 @@ def item_row(r: Any, now: datetime) -> dict[str, Any]:
 
     ``r``: a row of :func:`row_query` as a dict (``dict(zip(result.keys(), row))``: cheaper than
     attribute access on 200 rows)."""
-    received = as_utc(r["study_received_at"])
+    received = r["study_received_at"]
     completed = r["completed_at"]
-    end = as_utc(completed) if completed else now
+    end = completed if completed else now
     in_progress = r["status"] == WorklistStatus.IN_PROGRESS.value
     blinded = audit.is_blinded(r)  # an audit read not yet completed: no AI score shown
     return {
@@ -319,7 +319,7 @@ def list_worklist(
     ``status``: one status, several, or ``"all"``; default the open ones (scheduled, in_progress).
     ``kind``: ``flag`` or ``audit`` only; None or ``"all"``: both.
     """
-    now = as_utc(now or utcnow())
+    now = now or utcnow()
     if kind not in (None, "all", *audit.KINDS):
         raise ValueError(f"unknown kind {kind!r}; use one of {', '.join(audit.KINDS)} or all")
     q = (

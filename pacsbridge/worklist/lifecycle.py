@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
@@ -66,13 +66,6 @@ class Actor:
         return self.role == Role.ADMIN.value
 
 
-def as_utc(dt: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; everything we store is UTC."""
-    if dt is None:
-        return None
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
-
-
 def get_item(session: Session, item_id: int | None = None, *, ups_uid: str | None = None,
              lock: bool = False) -> WorklistItem:
     """The item by id or by UPS SOP Instance UID; :class:`ItemNotFound` otherwise."""
@@ -101,7 +94,6 @@ def claim(session: Session, item_id: int, actor: Actor, *, now: datetime, claim_
     """
     if not claim_timeout_s > 0:
         raise InvalidValue(f"claim timeout must be positive, got {claim_timeout_s!r}", item_id)
-    now = as_utc(now)
     expires = now + timedelta(seconds=claim_timeout_s)
     for _ in range(3):
         item = get_item(session, item_id, lock=True)
@@ -128,7 +120,6 @@ def claim(session: Session, item_id: int, actor: Actor, *, now: datetime, claim_
 def release(session: Session, item_id: int, actor: Actor, *, now: datetime,
             transaction_uid: str | None = None) -> WorklistItem:
     """in_progress -> scheduled (by the holder or an admin); a draft is dropped with the claim."""
-    now = as_utc(now)
     for _ in range(3):
         item = get_item(session, item_id, lock=True)
         _require(item, (IN_PROGRESS,), "release")
@@ -150,7 +141,6 @@ def complete(session: Session, item_id: int, actor: Actor, *, finding: str | Non
     DICOM UPS completes; :class:`FindingMissing` when there is none."""
     if finding is not None and finding not in FINDINGS:
         raise InvalidValue(f"finding must be one of {', '.join(FINDINGS)}, got {finding!r}", item_id)
-    now = as_utc(now)
     for _ in range(3):
         item = get_item(session, item_id, lock=True)
         _require(item, (IN_PROGRESS,), "complete")
@@ -178,7 +168,6 @@ def cancel(session: Session, item_id: int, actor: Actor, *, reason: str | None, 
     ``reason=None``: the drafted reason, else one naming the actor (a UPS performer need not give one)."""
     if reason is not None and not reason.strip():
         raise InvalidValue("a reason is required to cancel an item", item_id)
-    now = as_utc(now)
     for _ in range(3):
         item = get_item(session, item_id, lock=True)
         _require(item, OPEN_STATUSES, "cancel")
@@ -211,7 +200,6 @@ def save_draft(session: Session, item_id: int, actor: Actor, *, transaction_uid:
         raise InvalidValue(f"finding must be one of {', '.join(FINDINGS)}, got {finding!r}", item_id)
     if not claim_timeout_s > 0:
         raise InvalidValue(f"claim timeout must be positive, got {claim_timeout_s!r}", item_id)
-    now = as_utc(now)
     for _ in range(3):
         item = get_item(session, item_id, lock=True)
         _require(item, (IN_PROGRESS,), "update")
@@ -246,7 +234,7 @@ def ups_change_state(session: Session, item_id: int, actor: Actor, state: str, *
         raise CannotReschedule(f"item {item.id} is {item.status}; it cannot be scheduled again (let its claim "
                                "expire, or release it over HTTP)", item.id, item.status)
     if state == "IN PROGRESS":
-        if item.status == IN_PROGRESS and not claim_expired(item, as_utc(now)):
+        if item.status == IN_PROGRESS and not claim_expired(item, now):
             raise _conflict(item)
         return claim(session, item_id, actor, now=now, claim_timeout_s=claim_timeout_s,
                      transaction_uid=transaction_uid)
@@ -259,13 +247,12 @@ def ups_change_state(session: Session, item_id: int, actor: Actor, state: str, *
 
 def claim_expired(item: WorklistItem, now: datetime) -> bool:
     """The item is in progress under a claim that has run out (the scheduler may not have returned it yet)."""
-    expires = as_utc(item.claim_expires_at)
-    return item.status == IN_PROGRESS and expires is not None and expires <= as_utc(now)
+    expires = item.claim_expires_at
+    return item.status == IN_PROGRESS and expires is not None and expires <= now
 
 
 def expire_claims(session: Session, now: datetime) -> int:
     """Return every in_progress item whose claim expired to scheduled (one event each); returns how many."""
-    now = as_utc(now)
     expired = session.scalars(
         select(WorklistItem).where(WorklistItem.status == IN_PROGRESS, WorklistItem.claim_expires_at <= now)
         .order_by(WorklistItem.id).with_for_update(skip_locked=True)
@@ -293,7 +280,7 @@ def _expire(session: Session, item: WorklistItem, now: datetime) -> bool:
 
 
 def _conflict(item: WorklistItem) -> ClaimConflict:
-    until = as_utc(item.claim_expires_at).isoformat() if item.claim_expires_at else "?"
+    until = item.claim_expires_at.isoformat() if item.claim_expires_at else "?"
     return ClaimConflict(f"item {item.id} is in_progress, claimed by {item.claimed_by} until {until}",
                          item.id, item.status, holder=item.claimed_by or "")
 
@@ -329,7 +316,7 @@ def _check_live_claim(item: WorklistItem, actor: Actor, now: datetime, action: s
     """The holder's own claim must still run (an admin acts on any in-progress item)."""
     if item.claimed_by == actor.name and not actor.is_admin and claim_expired(item, now):
         raise ClaimExpired(f"item {item.id} is in_progress, but the claim by {actor.name} expired at "
-                           f"{as_utc(item.claim_expires_at).isoformat()}; claim it again to {action} it",
+                           f"{item.claim_expires_at.isoformat()}; claim it again to {action} it",
                            item.id, item.status)
 
 

@@ -15,14 +15,14 @@ from ..store.reasons import reasons_from_row
 from . import audit
 from .history import study_history
 from .items import fetch_rows, item_row, row_query
-from .lifecycle import ItemNotFound, as_utc
+from .lifecycle import ItemNotFound
 
 #: Most instances one listing returns.
 MAX_INSTANCES = 1000
 
 
 def _iso(dt: datetime | None) -> str | None:
-    return as_utc(dt).isoformat() if dt is not None else None
+    return dt.isoformat() if dt is not None else None
 
 
 def instance_row(inst: Instance, series: Series, study: Study, pred: Prediction | None) -> dict[str, Any]:
@@ -95,7 +95,7 @@ def item_detail(session: Session, item_id: int, now: datetime | None = None) -> 
     if not rows:
         raise ItemNotFound(f"item {item_id} does not exist", item_id)
     r = rows[0]
-    out = item_row(r, as_utc(now or utcnow()))
+    out = item_row(r, now or utcnow())
     out.update({
         "comment": r["comment"], "cancel_reason": r["cancel_reason"], "claimed_at": _iso(r["claimed_at"]),
         "patient_sex": r["patient_sex"], "patient_birth_date": r["patient_birth_date"],
