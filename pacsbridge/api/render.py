@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..imaging import DEFAULT_MAX_DECODED_BYTES, NotAnalysable, decode_display, read_dataset
+from ..store.spool import OutsideSpool, contained_path
 
 LABEL = "NOT FOR DIAGNOSTIC USE"
 
@@ -35,11 +36,10 @@ def heatmap_module() -> Any | None:
 
 def spool_file(spool_dir: Path, rel: str) -> Path:
     """``spool_dir/rel``, refusing anything that escapes the spool."""
-    root = Path(spool_dir).resolve()
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root) or path == root:
-        raise RenderError(404, "the stored file path is outside the spool")
-    return path
+    try:
+        return contained_path(spool_dir, rel)
+    except OutsideSpool:
+        raise RenderError(404, "the stored file path is outside the spool") from None
 
 
 def decoded_image(path: Path, min_side: int | None = None, *,

@@ -61,6 +61,7 @@ from ..model.preprocess import preprocess
 from ..store import queue
 from ..store.models import Prediction, utcnow
 from ..store.notifier import StoreNotifier
+from ..store.spool import OutsideSpool, contained_path
 from ..store.queue import Claimed, RetryPolicy
 from ..worklist.items import as_utc
 from .faults import system_fault
@@ -248,9 +249,10 @@ class InferenceWorker:
         return total
 
     def _spool_path(self, rel: str) -> Path:
-        path = (self._spool / rel).resolve()
-        if not rel or not path.is_relative_to(self._spool) or path == self._spool:
-            raise FileNotFoundError(f"spool path {rel!r} is empty or outside the spool")
+        try:
+            path = contained_path(self._spool, rel)
+        except OutsideSpool as exc:
+            raise FileNotFoundError(str(exc)) from None
         if not path.is_file():
             raise FileNotFoundError(f"{rel} is not in the spool")
         return path
