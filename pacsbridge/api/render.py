@@ -10,13 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from ..imaging import DEFAULT_MAX_DECODED_BYTES, NotAnalysable, decode_display, read_dataset
+from ..imaging.label import PREVIEW_LABEL, burn_in
 from ..store.spool import OutsideSpool, contained_path
-
-LABEL = "NOT FOR DIAGNOSTIC USE"
-
 
 class RenderError(Exception):
     """The image cannot be rendered; ``status`` is the HTTP status to answer with."""
@@ -57,22 +55,6 @@ def decoded_image(path: Path, min_side: int | None = None, *,
         raise RenderError(422, f"the image cannot be decoded: {exc.reason}") from None
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except Exception:  # noqa: BLE001 - Pillow without FreeType: the small bitmap font
-        return ImageFont.load_default()
-
-
-def _fitted_font(draw: ImageDraw.ImageDraw, text: str, size: int, width: int) -> ImageFont.ImageFont:
-    """The largest font up to ``size`` whose rendering of ``text`` fits in ``width`` pixels."""
-    font = _font(size)
-    while size > 8 and draw.textlength(text, font=font) > width:
-        size -= 1
-        font = _font(size)
-    return font
-
-
 def to_png(image: np.ndarray, size: int, *, heat: np.ndarray | None = None, overlay: Any | None = None) -> bytes:
     """PNG of ``image`` (2-D float [0, 1]) fitted into ``size`` x ``size``, labelled.
 
@@ -86,14 +68,9 @@ def to_png(image: np.ndarray, size: int, *, heat: np.ndarray | None = None, over
     scale = size / max(pic.size)
     pic = pic.resize((max(1, round(pic.size[0] * scale)), max(1, round(pic.size[1] * scale))),
                      Image.Resampling.LANCZOS)
-    w, h = pic.size
-    band = max(14, h // 18)
-    draw = ImageDraw.Draw(pic)
-    draw.rectangle([0, 0, w, band], fill=(0, 0, 0))
-    draw.rectangle([0, h - band, w, h], fill=(0, 0, 0))
-    for y, text in ((band / 2, LABEL), (h - band / 2, "AI triage preview - " + LABEL)):
-        font = _fitted_font(draw, text, max(10, band - 4), w - 8)
-        draw.text((w / 2, y), text, fill=(255, 214, 0), font=font, anchor="mm")
+    size = max(10, pic.size[1] // 18 - 4)
+    burn_in(pic, PREVIEW_LABEL, size=size, edge="top", centred=True)
+    burn_in(pic, "AI triage preview - " + PREVIEW_LABEL, size=size, edge="bottom", centred=True)
     out = io.BytesIO()
     pic.save(out, "PNG", optimize=False)
     return out.getvalue()
