@@ -11,30 +11,28 @@ from .common import log, settings as load_command_settings
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from pacsbridge.daemon import Daemon, StartupError
+    from pacsbridge.daemon import Daemon
 
-    settings = load_command_settings(args)
-    log.info("pacsbridge %s starting (data dir %s)", __version__, settings.data_dir.resolve())
-    try:
-        return Daemon(settings).run()
-    except StartupError as exc:
-        from pacsbridge.logs import operator_line
-
-        print(operator_line(f"pacsbridge serve: cannot start: {exc}", settings.log_format), file=sys.stderr)
-        return 1
+    return _run(args, Daemon, "serve", "")
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from pacsbridge.daemon import StartupError, WorkerDaemon
+    from pacsbridge.daemon import WorkerDaemon
+
+    return _run(args, WorkerDaemon, "worker", " worker")
+
+
+def _run(args: argparse.Namespace, kind: type, command: str, what: str) -> int:
+    """Run a daemon until it stops; a start-up failure is one line (JSON when log_format is json)."""
+    from pacsbridge.daemon import StartupError
+    from pacsbridge.logs import operator_line
 
     settings = load_command_settings(args)
-    log.info("pacsbridge %s worker starting (data dir %s)", __version__, settings.data_dir.resolve())
+    log.info("pacsbridge %s%s starting (data dir %s)", __version__, what, settings.data_dir.resolve())
     try:
-        return WorkerDaemon(settings).run()
+        return kind(settings).run()
     except StartupError as exc:
-        from pacsbridge.logs import operator_line
-
-        print(operator_line(f"pacsbridge worker: cannot start: {exc}", settings.log_format), file=sys.stderr)
+        print(operator_line(f"pacsbridge {command}: cannot start: {exc}", settings.log_format), file=sys.stderr)
         return 1
 
 
