@@ -39,8 +39,14 @@ from .. import __version__
 from ..imaging import DEFAULT_MAX_DECODED_BYTES
 from ..inference.metrics import PipelineMetrics
 from ..store.models import utcnow
-from .deps import (DEFAULT_CLAIM_TIMEOUT_S, DEFAULT_MAX_CONCURRENT_RENDERS, MAX_ID, MAX_OFFSET, ApiSettings,
-                   HeatmapService)
+from .deps import (
+    DEFAULT_CLAIM_TIMEOUT_S,
+    DEFAULT_MAX_CONCURRENT_RENDERS,
+    MAX_ID,
+    MAX_OFFSET,
+    ApiSettings,
+    HeatmapService,
+)
 from .errors import install_error_handlers
 from .routes import ROUTERS
 from .routes.stats import StatsCache

@@ -12,9 +12,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..imaging import DEFAULT_MAX_DECODED_BYTES, NotAnalysable, decode_display, read_dataset
+from ..imaging import (
+    DEFAULT_MAX_DECODED_BYTES,
+    NotAnalysable,
+    decode_display,
+    read_dataset,
+)
 from ..imaging.label import PREVIEW_LABEL, burn_in
 from ..store.spool import OutsideSpool, contained_path
+
 
 class RenderError(Exception):
     """The image cannot be rendered; ``status`` is the HTTP status to answer with."""

@@ -17,8 +17,21 @@ from collections.abc import Sequence
 from pacsbridge import __version__
 from pacsbridge.config import ConfigError
 
-from . import (daemon, db, doctor, events, instances, labels, outbox, predict, stats, status, users, validate,
-               worklist)
+from . import (
+    daemon,
+    db,
+    doctor,
+    events,
+    instances,
+    labels,
+    outbox,
+    predict,
+    stats,
+    status,
+    users,
+    validate,
+    worklist,
+)
 from .common import CommandError, command_name, setup_logging
 
 __all__ = ["COMMANDS", "build_parser", "main", "setup_logging"]

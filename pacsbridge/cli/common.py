@@ -90,7 +90,7 @@ class _WarningsToDebug(logging.Filter):
         return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
-def settings(args: argparse.Namespace) -> Settings:
+def command_settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
     setup_logging(settings.log_level, settings.log_format)
     return settings

@@ -7,7 +7,7 @@ import sys
 
 from pacsbridge import __version__
 
-from .common import log, settings as load_command_settings
+from .common import command_settings, log
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -27,7 +27,7 @@ def _run(args: argparse.Namespace, kind: type, command: str, what: str) -> int:
     from pacsbridge.daemon import StartupError
     from pacsbridge.logs import operator_line
 
-    settings = load_command_settings(args)
+    settings = command_settings(args)
     log.info("pacsbridge %s%s starting (data dir %s)", __version__, what, settings.data_dir.resolve())
     try:
         return kind(settings).run()

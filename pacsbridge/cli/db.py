@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from .common import CommandError, first_line, open_database, settings as load_command_settings
+from .common import CommandError, command_settings, first_line, open_database
 
 
 def run(args: argparse.Namespace) -> int:
     from pacsbridge.store import migrations
 
-    settings = load_command_settings(args)
+    settings = command_settings(args)
     # current only reads: it never creates a database to report on it.
     engine = open_database(settings, "inspect" if args.db_command == "current" else "migrate")
     shown = engine.url.render_as_string(hide_password=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import CommandError, database_session, settings as load_command_settings
+from .common import CommandError, command_settings, database_session
 
 
 def run(args: argparse.Namespace) -> int:
@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
         since = parse_since(args.since) if args.since else None
     except ValueError as exc:
         raise CommandError(f"--since: {exc}") from None
-    with database_session(load_command_settings(args), "read", "events") as session:
+    with database_session(command_settings(args), "read", "events") as session:
         rows = list_events(session, kind=args.kind, since=since, limit=args.limit)
     if args.json:
         print(json.dumps(rows))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import CommandError, database, database_session, settings as load_command_settings
+from .common import CommandError, command_settings, database, database_session
 
 
 def run(args: argparse.Namespace) -> int:
@@ -14,7 +14,7 @@ def run(args: argparse.Namespace) -> int:
     from pacsbridge.store.models import InstanceState
     from pacsbridge.worklist.reports import list_instances
 
-    with database_session(load_command_settings(args), "read", "instances") as session:
+    with database_session(command_settings(args), "read", "instances") as session:
         rows = list_instances(session, study_instance_uid=args.study, state=args.state, limit=args.limit)
     if args.json:
         print(json.dumps(rows))
@@ -38,7 +38,7 @@ def _run_retry(args: argparse.Namespace) -> int:
 
     if not args.ids and not args.all_failed:
         raise CommandError("give instance IDs or --all-failed", status=2)
-    with database(load_command_settings(args), "write", "the database") as sessions:
+    with database(command_settings(args), "write", "the database") as sessions:
         try:
             moved = queue.retry(sessions, args.ids, all_failed=args.all_failed, actor="cli")
         except (queue.InstanceNotFound, queue.NotRetryable) as exc:

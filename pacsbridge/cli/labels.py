@@ -7,14 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from .common import CommandError, database_session, settings as load_command_settings
+from .common import CommandError, command_settings, database_session
 
 
 def run(args: argparse.Namespace) -> int:
     from pacsbridge.validation.ris_labels import LabelsImportError, import_labels
 
     path = Path(args.file)
-    with database_session(load_command_settings(args), "write", "labels") as session:
+    with database_session(command_settings(args), "write", "labels") as session:
         try:
             result = import_labels(session, path, source=args.source)
         except LabelsImportError as exc:

@@ -7,11 +7,11 @@ import json
 
 from pacsbridge.config import Settings
 
-from .common import CommandError, database, database_session, settings as load_command_settings
+from .common import CommandError, command_settings, database, database_session
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = load_command_settings(args)
+    settings = command_settings(args)
     if args.outbox_command == "list":
         return _list(args, settings)
     return _retry(args, settings)

@@ -8,14 +8,14 @@ import json
 import sys
 from pathlib import Path
 
-from .common import load_site_model, require_paths, results_stream, settings as load_command_settings
+from .common import command_settings, load_site_model, require_paths, results_stream
 
 
 def run(args: argparse.Namespace) -> int:
     from pacsbridge.inference.files import iter_input_files, score_files
 
     require_paths(args.paths)
-    settings = load_command_settings(args)
+    settings = command_settings(args)
     model = load_site_model(settings, args.model)
     results = score_files(iter_input_files(Path(p) for p in args.paths), model,
                           batch_size=args.batch_size or max(settings.inference_batch_size, 16),

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .common import database_session, settings as load_command_settings
+from .common import command_settings, database_session
 
 
 def _fmt_rate(r: dict | None, value_key: str = "value") -> str:
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # this line's form predates `pacsbridge <command>:` and scripts match it
         print(f"pacsbridge: stats: --since: {exc}", file=sys.stderr)
         return 1
-    settings = load_command_settings(args)
+    settings = command_settings(args)
     with database_session(settings, "read", "stats") as session:
         out = {**live_stats(session, since), "mode": settings.mode}
     if args.json:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import database, settings as load_command_settings
+from .common import command_settings, database
 
 
 def run(args: argparse.Namespace) -> int:
     from pacsbridge.status import collect_status
 
-    settings = load_command_settings(args)
+    settings = command_settings(args)
     with database(settings, "read", "status") as sessions:
         status = collect_status(settings, sessions)
     if args.json:

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from .common import CommandError, database_session, settings as load_command_settings
+from .common import CommandError, command_settings, database_session
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     from pacsbridge.auth.users import AuthError
 
     verbs = {"add": _add, "bind": _bind, "unbind": _bind, "token": _token, "revoke": _revoke, "list": _list}
-    with database_session(load_command_settings(args), "write", "users") as session:
+    with database_session(command_settings(args), "write", "users") as session:
         try:
             verbs[args.users_command](args, session)
         except AuthError as exc:

@@ -7,16 +7,29 @@ import json
 import sys
 from pathlib import Path
 
-from .common import CommandError, load_site_model, require_paths, results_stream, settings as load_command_settings
+from .common import (
+    CommandError,
+    command_settings,
+    load_site_model,
+    require_paths,
+    results_stream,
+)
 
 
 def run(args: argparse.Namespace) -> int:
     from pacsbridge.inference.files import iter_input_files
     from pacsbridge.validation.labels import LabelsError, read_labels
-    from pacsbridge.validation.run import Options, Progress, ValidationInputError, join, score_for_validation, validate
+    from pacsbridge.validation.run import (
+        Options,
+        Progress,
+        ValidationInputError,
+        join,
+        score_for_validation,
+        validate,
+    )
 
     require_paths(args.paths)
-    settings = load_command_settings(args)
+    settings = command_settings(args)
     try:
         labels = read_labels(Path(args.labels))
     except LabelsError as exc:

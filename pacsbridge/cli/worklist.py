@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import database_session, settings as load_command_settings
+from .common import command_settings, database_session
 
 
 def run(args: argparse.Namespace) -> int:
     from pacsbridge.worklist.items import list_worklist
     from pacsbridge.worklist.viewer import viewer_link
 
-    settings = load_command_settings(args)
+    settings = command_settings(args)
     with database_session(settings, "read", "the worklist") as session:
         rows = list_worklist(session, status="all" if args.all else None)
     for r in rows:  # the same link as GET /api/worklist gives

@@ -15,7 +15,17 @@ from ...worklist.items import ALL_STATUSES, list_worklist
 from ...worklist.reports import item_detail
 from ...worklist.viewer import viewer_link
 from ..auth import admin, reader
-from ..deps import MAX_OFFSET, ApiSettings, Config, DbSession, Heatmaps, HeatmapService, ItemId, Now, Sessions
+from ..deps import (
+    MAX_OFFSET,
+    ApiSettings,
+    Config,
+    DbSession,
+    Heatmaps,
+    HeatmapService,
+    ItemId,
+    Now,
+    Sessions,
+)
 
 router = APIRouter(tags=["worklist"])
 
