@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsError, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, NoDecode, SettingsError, PydanticBaseSettingsSource, SettingsConfigDict
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 1-16 chars, no backslash/control
 
@@ -416,14 +416,9 @@ class Settings(BaseSettings):
         env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_file = _CONFIG_FILE.get("path")
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if toml_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
-        return tuple(sources)
+        # A config file's values come in as init values (load_settings), minus those the environment sets.
+        return init_settings, env_settings
 
-
-_CONFIG_FILE: dict[str, Path | None] = {}
 
 #: Settings naming files or folders: a relative value in a config file is relative to that file's folder
 #: (so every command given the same --config finds the same data, from any working directory).
@@ -488,19 +483,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     """Read, merge and validate the settings; raises :class:`ConfigError` naming the bad key."""
     path = config_path(config_file)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist or is not a file")
-        try:
-            import tomllib
-
-            data = tomllib.loads(path.read_text())
-        except Exception as exc:  # noqa: BLE001 - report any parse failure with the file name
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        _check_toml_lists(data, path)
-        _check_toml_booleans(data, path)
-        overrides = {**_relative_to_config(data, path), **overrides}
-    _CONFIG_FILE["path"] = path
+        overrides = {**_from_file(Path(path)), **overrides}
     try:
         return Settings(**overrides)
     except SettingsError as exc:  # e.g. PACSBRIDGE_DESTINATIONS that is not JSON
@@ -518,8 +501,24 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             env_key = str(err["loc"][0]) if err["loc"] else key.split(".")[0]
             problems.append(f"{key} (PACSBRIDGE_{env_key.upper()}): {msg}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
-    finally:
-        _CONFIG_FILE.pop("path", None)
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    """The settings a TOML config file gives, with relative paths made relative to the file; keys the
+    environment sets are left out (PACSBRIDGE_<KEY> wins over the file)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist or is not a file")
+    try:
+        import tomllib
+
+        data = tomllib.loads(path.read_text())
+    except Exception as exc:  # noqa: BLE001 - report any parse failure with the file name
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    _check_toml_lists(data, path)
+    _check_toml_booleans(data, path)
+    data = {**data, **_relative_to_config(data, path)}
+    in_env = {k.upper() for k in os.environ}  # environment names are matched without regard to case
+    return {k: v for k, v in data.items() if f"PACSBRIDGE_{k.upper()}" not in in_env}
 
 
 def _destination_key(loc: tuple, config_file: Path | None) -> str | None:

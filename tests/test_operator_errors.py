@@ -88,6 +88,29 @@ def test_status_elsewhere_creates_nothing_and_says_where_it_looked(tmp_path):
     assert list(elsewhere.iterdir()) == []  # no ./var
 
 
+READ_COMMANDS = [["outbox", "list"], ["instances"], ["worklist"], ["events"], ["stats"], ["status"],
+                 ["users", "list"], ["db", "current"]]
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=" ".join)
+def test_read_commands_in_an_empty_folder_exit_1_with_one_line_and_create_nothing(tmp_path, command):
+    env = {k: v for k, v in daemon_env(tmp_path, 1).items() if k != "PACSBRIDGE_DATA_DIR"}
+    res = run(*command, env=env, cwd=tmp_path)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.count("\n") == 1 and res.stdout == "", res.stderr
+    assert res.stderr.startswith(f"pacsbridge {' '.join(command)}: no pacsbridge database"), res.stderr
+    assert list(tmp_path.iterdir()) == []  # no ./var, no database file
+
+
+@pytest.mark.parametrize("command,words", [
+    (["outbox", "retry"], "give entry IDs or --all-dead"),
+    (["instances", "retry"], "give instance IDs or --all-failed"),
+])
+def test_retry_without_ids_is_a_usage_error(tmp_path, command, words):
+    res = run(*command, env=daemon_env(tmp_path, 1), cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr == f"pacsbridge {' '.join(command)}: {words}\n"
+
+
 def test_unmigrated_database(tmp_path):
     (tmp_path / "pacsbridge.db").write_bytes(b"")  # exists, empty: never migrated
     env = daemon_env(tmp_path, free_port())

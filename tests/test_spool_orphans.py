@@ -98,3 +98,18 @@ def test_serve_start_removes_tmp_leftovers_and_orphans_with_one_event(tmp_path):
     assert "removed 1 orphan spool file" in events[0].detail and "2 leftover temporary file" in events[0].detail
     assert events[0].level == "warning"
     assert not orphan.exists() and young.exists()
+
+
+def test_contained_path_refuses_what_leads_out_of_the_spool(tmp_path: Path) -> None:
+    import pytest
+
+    from pacsbridge.store.spool import OutsideSpool, contained_path
+
+    root = tmp_path / "spool"
+    (root / "ab").mkdir(parents=True)
+    (tmp_path / "secret").write_text("x")
+    (root / "ab" / "link.dcm").symlink_to(tmp_path / "secret")
+    assert contained_path(root, "ab/cd/x.dcm") == (root / "ab/cd/x.dcm").resolve()
+    for bad in ("", ".", "../secret", str(tmp_path / "secret"), "ab/../../secret", "ab/link.dcm"):
+        with pytest.raises(OutsideSpool):
+            contained_path(root, bad)

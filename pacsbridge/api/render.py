@@ -10,11 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-from ..imaging import DEFAULT_MAX_DECODED_BYTES, NotAnalysable, decode_display, read_dataset
-
-LABEL = "NOT FOR DIAGNOSTIC USE"
+from ..imaging import (
+    DEFAULT_MAX_DECODED_BYTES,
+    NotAnalysable,
+    decode_display,
+    read_dataset,
+)
+from ..imaging.label import PREVIEW_LABEL, burn_in
+from ..store.spool import OutsideSpool, contained_path
 
 
 class RenderError(Exception):
@@ -32,11 +37,10 @@ def heatmap_module() -> Any:
 
 def spool_file(spool_dir: Path, rel: str) -> Path:
     """``spool_dir/rel``, refusing anything that escapes the spool."""
-    root = Path(spool_dir).resolve()
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root) or path == root:
-        raise RenderError(404, "the stored file path is outside the spool")
-    return path
+    try:
+        return contained_path(spool_dir, rel)
+    except OutsideSpool:
+        raise RenderError(404, "the stored file path is outside the spool") from None
 
 
 def decoded_image(path: Path, min_side: int | None = None, *,
@@ -54,22 +58,6 @@ def decoded_image(path: Path, min_side: int | None = None, *,
         raise RenderError(422, f"the image cannot be decoded: {exc.reason}") from None
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except Exception:  # noqa: BLE001 - Pillow without FreeType: the small bitmap font
-        return ImageFont.load_default()
-
-
-def _fitted_font(draw: ImageDraw.ImageDraw, text: str, size: int, width: int) -> ImageFont.ImageFont:
-    """The largest font up to ``size`` whose rendering of ``text`` fits in ``width`` pixels."""
-    font = _font(size)
-    while size > 8 and draw.textlength(text, font=font) > width:
-        size -= 1
-        font = _font(size)
-    return font
-
-
 def to_png(image: np.ndarray, size: int, *, heat: np.ndarray | None = None, overlay: Any | None = None) -> bytes:
     """PNG of ``image`` (2-D float [0, 1]) fitted into ``size`` x ``size``, labelled.
 
@@ -83,14 +71,9 @@ def to_png(image: np.ndarray, size: int, *, heat: np.ndarray | None = None, over
     scale = size / max(pic.size)
     pic = pic.resize((max(1, round(pic.size[0] * scale)), max(1, round(pic.size[1] * scale))),
                      Image.Resampling.LANCZOS)
-    w, h = pic.size
-    band = max(14, h // 18)
-    draw = ImageDraw.Draw(pic)
-    draw.rectangle([0, 0, w, band], fill=(0, 0, 0))
-    draw.rectangle([0, h - band, w, h], fill=(0, 0, 0))
-    for y, text in ((band / 2, LABEL), (h - band / 2, "AI triage preview - " + LABEL)):
-        font = _fitted_font(draw, text, max(10, band - 4), w - 8)
-        draw.text((w / 2, y), text, fill=(255, 214, 0), font=font, anchor="mm")
+    size = max(10, pic.size[1] // 18 - 4)
+    burn_in(pic, PREVIEW_LABEL, size=size, edge="top", centred=True)
+    burn_in(pic, "AI triage preview - " + PREVIEW_LABEL, size=size, edge="bottom", centred=True)
     out = io.BytesIO()
     pic.save(out, "PNG", optimize=False)
     return out.getvalue()

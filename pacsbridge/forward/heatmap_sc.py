@@ -13,13 +13,14 @@ import warnings
 
 import numpy as np
 import highdicom as hd
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from pydicom import Dataset
 
+from ..imaging.label import AI_RESULT_LABEL, WHITE, burn_in
 from .results import Result
 from .sr import MANUFACTURER, clean_source
 
-WARNING_TEXT = "AI result - not for diagnostic use"
+WARNING_TEXT = AI_RESULT_LABEL
 SC_SERIES_NUMBER = 9902
 
 
@@ -28,17 +29,7 @@ def burn_in_warning(rgb: np.ndarray, text: str = WARNING_TEXT) -> np.ndarray:
     (the top-left corner is where the overlay carries its own label)."""
     img = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), "RGB")
     w, h = img.size
-    size = max(10, min(h // 20, int(w / (0.6 * len(text)))))
-    try:
-        font = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has no sized default font
-        font = ImageFont.load_default()
-    draw = ImageDraw.Draw(img)
-    box = draw.textbbox((0, 0), text, font=font)
-    pad = max(2, size // 4)
-    top = h - (box[3] - box[1] + 2 * pad)
-    draw.rectangle([0, top, w, h], fill=(0, 0, 0))
-    draw.text((pad, top + pad - box[1]), text, fill=(255, 255, 255), font=font)
+    burn_in(img, text, size=max(10, min(h // 20, int(w / (0.6 * len(text))))), edge="bottom", colour=WHITE)
     return np.asarray(img, dtype=np.uint8)
 
 

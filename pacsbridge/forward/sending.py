@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from ..config import Destination
 from ..imaging.limits import DEFAULT_MAX_DECODED_BYTES
+from ..store.spool import OutsideSpool, contained_path
 from .outbox import DueEntry
 from .results import Result
 
@@ -54,11 +55,13 @@ class ForwardContext:
     _model: Any = field(default=None, repr=False)
 
     def source_path(self, result: Result) -> Path:
-        spool = self.spool_dir.resolve()
-        path = (spool / result.file_path).resolve()
         if result.spool_deleted:
             raise PermanentError("the source image was deleted by retention")
-        if not result.file_path or not path.is_relative_to(spool) or not path.is_file():
+        try:
+            path = contained_path(self.spool_dir, result.file_path)
+        except OutsideSpool:
+            path = None
+        if path is None or not path.is_file():
             raise PermanentError("the source image is missing from the spool")
         return path
 

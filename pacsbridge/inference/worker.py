@@ -60,6 +60,7 @@ from ..store import queue
 from ..store import workers as registry
 from ..store.models import Prediction, utcnow
 from ..store.notifier import StoreNotifier
+from ..store.spool import OutsideSpool, contained_path
 from ..store.queue import Claimed, RetryPolicy
 from .metrics import PipelineMetrics
 
@@ -216,9 +217,10 @@ class InferenceWorker:
         return total
 
     def _spool_path(self, rel: str) -> Path:
-        path = (self._spool / rel).resolve()
-        if not rel or not path.is_relative_to(self._spool) or path == self._spool:
-            raise FileNotFoundError(f"spool path {rel!r} is empty or outside the spool")
+        try:
+            path = contained_path(self._spool, rel)
+        except OutsideSpool as exc:
+            raise FileNotFoundError(str(exc)) from None
         if not path.is_file():
             raise FileNotFoundError(f"{rel} is not in the spool")
         return path

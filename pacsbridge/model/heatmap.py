@@ -16,11 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..imaging.label import AI_RESULT_LABEL
 from .architecture import Ensemble
 from .artifact import LoadedModel
 from .preprocess import preprocess
 
-DEFAULT_LABEL = "AI result - not for diagnostic use"
+DEFAULT_LABEL = AI_RESULT_LABEL
 
 
 def _members(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -78,7 +79,9 @@ def _colormap(heat: np.ndarray) -> np.ndarray:
 def overlay_rgb(image2d: np.ndarray, heat: np.ndarray, label: str = DEFAULT_LABEL) -> np.ndarray:
     """The image in grey with ``heat`` blended in colour (opacity grows with heat) and ``label``
     burned into the top-left corner.  Returns ``uint8`` of shape ``(H, W, 3)``."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image
+
+    from ..imaging.label import burn_in
 
     image2d = np.clip(np.asarray(image2d, dtype=np.float32), 0.0, 1.0)
     heat = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float32)), 0.0, 1.0)
@@ -89,15 +92,5 @@ def overlay_rgb(image2d: np.ndarray, heat: np.ndarray, label: str = DEFAULT_LABE
     rgb = (1 - alpha) * grey + alpha * _colormap(heat)
     out = Image.fromarray((rgb * 255).round().astype(np.uint8), "RGB")
     if label:
-        h, w = image2d.shape
-        draw = ImageDraw.Draw(out)
-        size = max(10, min(h, w) // 28)
-        try:
-            font = ImageFont.load_default(size=size)
-        except TypeError:  # Pillow < 10.1: fixed-size bitmap font
-            font = ImageFont.load_default()
-        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
-        pad = max(2, size // 4)
-        draw.rectangle((0, 0, right - left + 2 * pad, bottom - top + 2 * pad), fill=(0, 0, 0))
-        draw.text((pad - left, pad - top), label, fill=(255, 255, 0), font=font)
+        burn_in(out, label, size=max(10, min(image2d.shape) // 28), edge="top", full_width=False)
     return np.asarray(out, dtype=np.uint8).copy()

@@ -25,6 +25,20 @@ _FILE_RE = re.compile(r"^[0-9a-f]{64}\.dcm$")
 LOOSE_TMP_MIN_AGE_S = 600.0
 
 
+class OutsideSpool(ValueError):
+    """A stored path that is empty or leads out of the spool (``..``, an absolute path, a symlink)."""
+
+
+def contained_path(spool_dir: Path, rel: str) -> Path:
+    """``spool_dir/rel`` resolved, or :class:`OutsideSpool`: the one check every reader of a stored
+    path makes before opening or deleting it (the database row may have been tampered with)."""
+    root = Path(spool_dir).resolve()
+    path = (root / rel).resolve() if rel else root
+    if not path.is_relative_to(root) or path == root:
+        raise OutsideSpool(f"spool path {rel!r} is empty or outside the spool")
+    return path
+
+
 def spool_relpath(sop_instance_uid: str) -> str:
     """Relative spool path for an instance: ``ab/cd/<sha256 of the UID>.dcm``."""
     digest = hashlib.sha256(sop_instance_uid.encode("ascii", "replace")).hexdigest()

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..store import queue
 from ..store.models import utcnow
+from ..store.spool import OutsideSpool, contained_path
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ def purge_spool(
 
 def _delete_file(root: Path, rel: str) -> tuple[bool, str]:
     """Unlink ``root/rel``, refusing paths that escape the spool.  Returns (gone now, what happened)."""
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root) or path == root:
+    try:
+        path = contained_path(root, rel)
+    except OutsideSpool:
         log.error("retention: refusing to delete %r: outside the spool", rel)
         return False, f"not deleted, path {rel!r} is outside the spool"
     try:

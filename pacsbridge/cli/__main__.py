@@ -1,0 +1,5 @@
+import sys
+
+from pacsbridge.cli import main
+
+sys.exit(main())
