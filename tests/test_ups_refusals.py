@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from dicom_support import database_url_for
-from pacsbridge.api.app import _status_of
+from pacsbridge.api.errors import status_of as _status_of
 from pacsbridge.dicom.ups_status import UPS_STATUS_OF_REFUSAL, ups_status_of
 from pacsbridge.store import migrations
 from pacsbridge.store.db import make_engine, make_sessionmaker
