@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     hm.add_argument("--limit", type=int, default=200, help="evenly spaced validation pneumonias (0 = all)")
     hm.add_argument("--method", action="append", default=[],
                     help="METHOD@STAGE[/COMBINE], e.g. gradcam@4, hirescam@3/norm (repeat; default: all)")
+    hm.add_argument("--holdout", action="store_true",
+                    help="score the validation pneumonias outside the --limit subset instead (confirm a choice)")
     hm.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     hm.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
         heatmap_eval(args.model, args.data_dir, limit=args.limit or None, methods=args.method or None,
-                     as_json=args.json)
+                     as_json=args.json, holdout=args.holdout)
     elif args.command == "export":
         from .export import export
 

@@ -109,11 +109,12 @@ def _score_image(model, image2d: np.ndarray, specs: list[CamSpec], seed: int) ->
 
 
 def heatmap_eval(model_path: Path, data_dir: Path, *, limit: int | None = 200,
-                 methods: list[str] | None = None, as_json: bool = False) -> dict:
+                 methods: list[str] | None = None, as_json: bool = False, holdout: bool = False) -> dict:
     """Region shares (mean, 95 % CI) of each method's heatmap over validation pneumonias; prints a table.
 
     The validation split is the card's (its seed and validation fraction); with ``limit`` an evenly
-    spaced subset of its pneumonias is used (deterministic, spread over the sorted file list).
+    spaced subset of its pneumonias is used (deterministic, spread over the sorted file list); with
+    ``holdout`` too, the pneumonias outside that subset (to confirm a choice made on the subset).
     """
     specs = [CamSpec.parse(m) for m in methods] if methods else default_specs()
     base = CamSpec.parse(DEFAULT_SPEC)
@@ -122,7 +123,8 @@ def heatmap_eval(model_path: Path, data_dir: Path, *, limit: int | None = 200,
     _, val = split_by_patient(samples, float(model.card["val_fraction"]), int(model.card["seed"]))
     positives = [s for s in val if s.label == 1]
     if limit is not None and 0 < limit < len(positives):
-        positives = [positives[int(i * len(positives) / limit)] for i in range(limit)]
+        chosen = {int(i * len(positives) / limit) for i in range(limit)}
+        positives = [p for i, p in enumerate(positives) if (i in chosen) != holdout]
     names = [str(s) for s in specs] + [RANDOM]
     values: dict[str, dict[str, list[float]]] = {n: {k: [] for k in (*METRICS, *PAIRED)} for n in names}
     empty = dict.fromkeys(names, 0)
@@ -140,7 +142,7 @@ def heatmap_eval(model_path: Path, data_dir: Path, *, limit: int | None = 200,
                 values[n]["lateral_minus_default"].append(row["lateral"] - ref["lateral"])
                 values[n]["deletion_minus_default"].append(row["deletion_drop"] - ref["deletion_drop"])
     result = {
-        "model": model.model_id, "data_dir": str(data_dir), "subset": "val pneumonia",
+        "model": model.model_id, "data_dir": str(data_dir), "subset": "val pneumonia" + (f", outside the {limit} of --limit" if holdout and limit else ""),
         "images": len(positives), "input_size": model.input_size, "default": DEFAULT_SPEC,
         "body_box": list(BODY_BOX), "delete_share": DELETE_SHARE, "uniform": UNIFORM,
         "methods": {n: {"empty_maps": empty[n], **{k: (wilson_ci if k == "peak_lateral" else mean_ci)(v)
