@@ -24,8 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pacsbridge.model.artifact import load_model
-from pacsbridge.model.heatmap import COMBINES, DEFAULT_SPEC, METHODS, CamSpec, input_maps
+from pacsbridge.model.artifact import LoadedModel, load_model
+from pacsbridge.model.heatmap import (
+    COMBINES,
+    DEFAULT_SPEC,
+    METHODS,
+    CamSpec,
+    input_maps,
+)
 from pacsbridge.model.preprocess import preprocess
 
 from .data import list_samples, load_images, split_by_patient
@@ -67,8 +73,9 @@ def region_shares(heat: torch.Tensor) -> dict[str, float] | None:
 def _deleted(x: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
     """``x`` with its hottest ``DELETE_SHARE`` of pixels set to the image's mean (0 once standardised)."""
     k = max(1, int(DELETE_SHARE * heat.numel()))
-    cut = torch.topk(heat.flatten(), k).values[-1]
-    return x * (heat < cut).to(x.dtype)[None, None]
+    keep = torch.ones(heat.numel(), dtype=x.dtype)
+    keep[torch.topk(heat.flatten(), k).indices] = 0  # exactly k pixels, also where the map is flat or zero
+    return x * keep.view(1, 1, *heat.shape)
 
 
 def mean_ci(values: list[float]) -> dict[str, float]:
@@ -78,7 +85,7 @@ def mean_ci(values: list[float]) -> dict[str, float]:
         return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
     se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else float("nan")
     return {"mean": float(a.mean()), "lo": float(a.mean() - 1.96 * se), "hi": float(a.mean() + 1.96 * se),
-            "n": int(len(a))}
+            "n": len(a)}
 
 
 def wilson_ci(hits: list[float]) -> dict[str, float]:
@@ -91,7 +98,7 @@ def wilson_ci(hits: list[float]) -> dict[str, float]:
     return {"mean": p, "lo": mid - half, "hi": mid + half, "n": n}
 
 
-def _score_image(model, image2d: np.ndarray, specs: list[CamSpec], seed: int) -> dict[str, dict[str, float] | None]:
+def _score_image(model: LoadedModel, image2d: np.ndarray, specs: list[CamSpec], seed: int) -> dict[str, dict[str, float] | None]:
     """Region shares and deletion drop of every spec's map (and a smooth random map) for one image."""
     x = preprocess(image2d, model.input_size).unsqueeze(0)
     maps: dict[str, torch.Tensor] = {str(s): m for s, m in input_maps(model, x, specs).items()}
@@ -142,7 +149,8 @@ def heatmap_eval(model_path: Path, data_dir: Path, *, limit: int | None = 200,
                 values[n]["lateral_minus_default"].append(row["lateral"] - ref["lateral"])
                 values[n]["deletion_minus_default"].append(row["deletion_drop"] - ref["deletion_drop"])
     result = {
-        "model": model.model_id, "data_dir": str(data_dir), "subset": "val pneumonia" + (f", outside the {limit} of --limit" if holdout and limit else ""),
+        "model": model.model_id, "data_dir": str(data_dir),
+        "subset": "val pneumonia" + (f", outside the {limit} of --limit" if holdout and limit else ""),
         "images": len(positives), "input_size": model.input_size, "default": DEFAULT_SPEC,
         "body_box": list(BODY_BOX), "delete_share": DELETE_SHARE, "uniform": UNIFORM,
         "methods": {n: {"empty_maps": empty[n], **{k: (wilson_ci if k == "peak_lateral" else mean_ci)(v)
@@ -157,10 +165,10 @@ def format_table(result: dict) -> str:
     def cell(d: dict) -> str:
         return f"{d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]" if d["n"] else "-"
 
-    lines = [f"model {result['model']}, {result['images']} validation pneumonias, input {result['input_size']} px; "
-             f"default {result['default']}",
-             "", "| method | lateral thirds | central third | upper half | outside body box | peak in lateral "
-             "thirds | lateral - default (paired) | deletion logit drop | deletion - default (paired) | empty |",
+    lines = [(f"model {result['model']}, {result['images']} validation pneumonias, input {result['input_size']} px; "
+              f"default {result['default']}"),
+             "", ("| method | lateral thirds | central third | upper half | outside body box | peak in lateral "
+                  "thirds | lateral - default (paired) | deletion logit drop | deletion - default (paired) | empty |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     u = result["uniform"]
     lines.append(f"| uniform map (chance) | {u['lateral']:.3f} | {u['central']:.3f} | {u['upper']:.3f} | "

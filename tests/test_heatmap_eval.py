@@ -12,13 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pipeline_support import SHIPPED_MODEL
 
 from model_training.__main__ import main as training_main
 from model_training.heatmap_eval import mean_ci, region_shares, wilson_ci
 from pacsbridge.model.artifact import load_model
-from pacsbridge.model.heatmap import DEFAULT_SPEC, METHODS, CamSpec, class_activation_map, grad_cam, input_maps
+from pacsbridge.model.heatmap import (
+    DEFAULT_SPEC,
+    METHODS,
+    CamSpec,
+    class_activation_map,
+    grad_cam,
+    input_maps,
+)
 from pacsbridge.model.preprocess import preprocess
-from pipeline_support import SHIPPED_MODEL
 
 TRAIN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "chest_xray" / "train"
 needs_data = pytest.mark.skipif(not TRAIN_DIR.is_dir(), reason=f"training images not found at {TRAIN_DIR} "

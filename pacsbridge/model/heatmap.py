@@ -46,7 +46,7 @@ class CamSpec:
     combine: str = "mean"
 
     @classmethod
-    def parse(cls, text: str) -> "CamSpec":
+    def parse(cls, text: str) -> CamSpec:
         """``method@stage[/combine]``, e.g. ``gradcam@4``, ``hirescam@3/norm``, ``layercam@2/m0``."""
         head, _, combine = text.strip().partition("/")
         method, _, stage = head.partition("@")
