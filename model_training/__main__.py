@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="METHOD@STAGE[/COMBINE], e.g. gradcam@4, hirescam@3/norm (repeat; default: all)")
     hm.add_argument("--holdout", action="store_true",
                     help="score the validation pneumonias outside the --limit subset instead (confirm a choice)")
+    hm.add_argument("--label", choices=["pneumonia", "normal"], default="pneumonia",
+                    help="which validation images (normal: where little raises the score)")
     hm.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     hm.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
         heatmap_eval(args.model, args.data_dir, limit=args.limit or None, methods=args.method or None,
-                     as_json=args.json, holdout=args.holdout)
+                     as_json=args.json, holdout=args.holdout, label=args.label)
     elif args.command == "export":
         from .export import export
 

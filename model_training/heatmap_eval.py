@@ -1,4 +1,4 @@
-"""Where the heatmap mass falls on validation pneumonias, for each heatmap method.
+"""Where the heatmap mass falls on validation pneumonias (or normals), for each heatmap method.
 
 Regions are fixed fractions of the model input (the whole image squashed to a square, as the model
 sees it): the lateral thirds of the width (where the lung fields lie) against the central third
@@ -116,19 +116,20 @@ def _score_image(model: LoadedModel, image2d: np.ndarray, specs: list[CamSpec], 
 
 
 def heatmap_eval(model_path: Path, data_dir: Path, *, limit: int | None = 200,
-                 methods: list[str] | None = None, as_json: bool = False, holdout: bool = False) -> dict:
+                 methods: list[str] | None = None, as_json: bool = False, holdout: bool = False, label: str = "pneumonia") -> dict:
     """Region shares (mean, 95 % CI) of each method's heatmap over validation pneumonias; prints a table.
 
     The validation split is the card's (its seed and validation fraction); with ``limit`` an evenly
     spaced subset of its pneumonias is used (deterministic, spread over the sorted file list); with
     ``holdout`` too, the pneumonias outside that subset (to confirm a choice made on the subset).
+    ``label='normal'`` scores the validation normals instead (where little raises the score).
     """
     specs = [CamSpec.parse(m) for m in methods] if methods else default_specs()
     base = CamSpec.parse(DEFAULT_SPEC)
     model = load_model(model_path, device="cpu")
     samples = list_samples(data_dir)
     _, val = split_by_patient(samples, float(model.card["val_fraction"]), int(model.card["seed"]))
-    positives = [s for s in val if s.label == 1]
+    positives = [s for s in val if s.label == (0 if label == "normal" else 1)]
     if limit is not None and 0 < limit < len(positives):
         chosen = {int(i * len(positives) / limit) for i in range(limit)}
         positives = [p for i, p in enumerate(positives) if (i in chosen) != holdout]
@@ -150,7 +151,7 @@ def heatmap_eval(model_path: Path, data_dir: Path, *, limit: int | None = 200,
                 values[n]["deletion_minus_default"].append(row["deletion_drop"] - ref["deletion_drop"])
     result = {
         "model": model.model_id, "data_dir": str(data_dir),
-        "subset": "val pneumonia" + (f", outside the {limit} of --limit" if holdout and limit else ""),
+        "subset": f"val {label}" + (f", outside the {limit} of --limit" if holdout and limit else ""),
         "images": len(positives), "input_size": model.input_size, "default": DEFAULT_SPEC,
         "body_box": list(BODY_BOX), "delete_share": DELETE_SHARE, "uniform": UNIFORM,
         "methods": {n: {"empty_maps": empty[n], **{k: (wilson_ci if k == "peak_lateral" else mean_ci)(v)
@@ -165,7 +166,7 @@ def format_table(result: dict) -> str:
     def cell(d: dict) -> str:
         return f"{d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]" if d["n"] else "-"
 
-    lines = [(f"model {result['model']}, {result['images']} validation pneumonias, input {result['input_size']} px; "
+    lines = [(f"model {result['model']}, {result['images']} validation images ({result['subset']}), input {result['input_size']} px; "
               f"default {result['default']}"),
              "", ("| method | lateral thirds | central third | upper half | outside body box | peak in lateral "
                   "thirds | lateral - default (paired) | deletion logit drop | deletion - default (paired) | empty |"),

@@ -115,3 +115,13 @@ def test_heatmap_eval_on_a_few_validation_pneumonias(shipped, capsys) -> None:
     assert out["methods"][DEFAULT_SPEC]["lateral_minus_default"]["mean"] == 0.0
     # Deleting the default map's hottest pixels lowers the score more than deleting a random patch.
     assert out["methods"][DEFAULT_SPEC]["deletion_drop"]["mean"] > out["methods"]["random (smooth noise)"]["deletion_drop"]["mean"]
+
+
+@needs_data
+def test_heatmap_eval_on_validation_normals(capsys) -> None:
+    assert training_main(["heatmap-eval", "--model", str(SHIPPED_MODEL), "--data-dir", str(TRAIN_DIR),
+                          "--label", "normal", "--limit", "3", "--method", DEFAULT_SPEC, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["images"] == 3 and out["subset"] == "val normal"
+    m = out["methods"][DEFAULT_SPEC]
+    assert m["lateral"]["n"] + m["empty_maps"] == 3  # a normal's map may be empty: nothing raised the score
