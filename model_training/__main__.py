@@ -1,4 +1,4 @@
-"""``python -m model_training {train,evaluate,export,ensemble,compare,ood,ood-eval}``."""
+"""``python -m model_training {train,evaluate,export,ensemble,compare,ood,ood-eval,heatmap-eval}``."""
 
 from __future__ import annotations
 
@@ -95,6 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     oe.add_argument("--no-external", action="store_true", help="skip the pydicom-data images")
     oe.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
+    hm = sub.add_parser("heatmap-eval", help="where the heatmap mass falls on validation pneumonias "
+                        "(lateral thirds vs central third, upper/lower half, outside a body box), per method")
+    hm.add_argument("--model", type=Path, required=True)
+    hm.add_argument("--data-dir", type=Path, required=True)
+    hm.add_argument("--limit", type=int, default=200, help="evenly spaced validation pneumonias (0 = all)")
+    hm.add_argument("--method", action="append", default=[],
+                    help="METHOD@STAGE[/COMBINE], e.g. gradcam@4, hirescam@3/norm (repeat; default: all)")
+    hm.add_argument("--holdout", action="store_true",
+                    help="score the validation pneumonias outside the --limit subset instead (confirm a choice)")
+    hm.add_argument("--label", choices=["pneumonia", "normal"], default="pneumonia",
+                    help="which validation images (normal: where little raises the score)")
+    hm.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    hm.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
@@ -145,6 +159,20 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_refusal(args.model, args.data_dir, args.adult_dir,
                          adult_seed=ADULT_SEED if args.adult_seed is None else args.adult_seed,
                          parts=tuple(p for p in args.parts.split(",") if p), external=not args.no_external)
+    elif args.command == "heatmap-eval":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        from pacsbridge.model.heatmap import CamSpec
+
+        from .heatmap_eval import heatmap_eval
+
+        try:
+            for m in args.method:
+                CamSpec.parse(m)
+        except ValueError as exc:
+            parser.error(str(exc))
+        heatmap_eval(args.model, args.data_dir, limit=args.limit or None, methods=args.method or None,
+                     as_json=args.json, holdout=args.holdout, label=args.label)
     elif args.command == "export":
         from .export import export
 

@@ -157,6 +157,8 @@ def test_heatmap_after_claim_viewer_link_and_history(room, browser, tmp_path: Pa
     heat.click()
     wait.until(lambda d: d.execute_script("return document.getElementById('image').src") != before and _image_loaded(d))
     assert _colour_share(browser) > 0.05, "no coloured overlay after turning the heatmap on"
+    legend = browser.find_element(By.ID, "heatmap-legend")
+    assert legend.is_displayed() and "raised the AI score" in legend.text and "not a segmentation" in legend.text
 
     # History in plain words, oldest first: received from the AE, scored, put on the list, claimed.
     items = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#history li")]

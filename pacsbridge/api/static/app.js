@@ -355,6 +355,7 @@ async function loadImage() {
   if (state.imageUrl) { URL.revokeObjectURL(state.imageUrl); state.imageUrl = null; }
   img.removeAttribute("src");
   $("image-note").textContent = "";
+  $("heatmap-legend").hidden = !$("heatmap").checked;  // say what the colours mean whenever they are shown
   if (state.instance === null) { $("image-note").textContent = "no image"; return; }
   const overlay = $("heatmap").checked ? "&overlay=heatmap" : "";
   try {
