@@ -135,6 +135,6 @@ def test_from_db_after_shadow_mode_equals_validate_on_files(database_url, tmp_pa
     code, out, err = _main(capsys, "validate", "--from-db", "--since", "2999-01-01", *args)
     assert code == 2 and "no labelled" in err
     code, out, err = _main(capsys, "validate", "--from-db", "--since", "yesterday", *args)
-    assert code == 2 and err.startswith("pacsbridge validate: error: --since") and "Traceback" not in err
+    assert code == 2 and err.startswith("pacsbridge validate: --since") and "Traceback" not in err
     code, out, err = _main(capsys, "validate", "--from-db", str(site["files"][0]), *args)
     assert code == 2 and "--from-db takes no PATH" in err
