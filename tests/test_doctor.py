@@ -86,6 +86,9 @@ def test_healthy_installation_passes_with_serve_running(tmp_path, echo_scp, mllp
         assert "C-ECHO ok" in checks["destination archive"]["detail"]
         assert checks["certificate dicom_tls_ca"]["status"] == "warn"  # expires within 30 days
         assert checks["site calibration"]["ok"] and "not configured" in checks["site calibration"]["detail"]
+        assert checks["spool marker"]["status"] == "ok", checks["spool marker"]  # serve recorded the cluster id
+        assert checks["scheduler leader"]["status"] == "ok", checks["scheduler leader"]  # SQLite: serve leads
+        assert "this node runs none" in checks["workers"]["detail"]  # worker_enabled = false here
         out = text_doctor(env)
         assert out.returncode == 0
         assert all(line.split(" ", 1)[0] in {"ok", "warn"} for line in out.stdout.splitlines())
