@@ -1,9 +1,10 @@
 """``pacsbridge doctor``: is this installation healthy?  One :class:`~pacsbridge.health.Check` per line.
 
 Checks, in order: configuration, database reachable, schema at head, spool (folder, writable, free space
-above ``min_free_bytes``), model file against its card's SHA-256, site calibration, each listening port
-(free, or held by a running pacsbridge), each forwarding destination (C-ECHO for DICOM, an MLLP connect
-for HL7) and the expiry of every configured TLS certificate.  It changes nothing: no migration, no file
+above ``min_free_bytes``), the cluster (spool marker against the database's cluster id, scheduler leader,
+live workers: :mod:`pacsbridge.doctor_cluster`), model file against its card's SHA-256, site calibration,
+each listening port (free, or held by a running pacsbridge), each forwarding destination (C-ECHO for
+DICOM, an MLLP connect for HL7) and the expiry of every configured TLS certificate.  It changes nothing: no migration, no file
 created (an absent SQLite database is reported, not made).
 """
 
@@ -32,6 +33,9 @@ def run_checks(settings: Settings, config_source: str) -> list[Check]:
     db = _database_checks(settings)
     checks += db
     checks.append(_spool(settings))
+    from pacsbridge.doctor_cluster import cluster_checks  # spool marker, scheduler leader, live workers
+
+    checks += cluster_checks(settings, all(c.ok for c in db))
     checks.append(check_model(settings))
     checks.append(check_site_calibration(settings))
     checks += list(check_ports(settings))

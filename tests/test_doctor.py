@@ -86,6 +86,9 @@ def test_healthy_installation_passes_with_serve_running(tmp_path, echo_scp, mllp
         assert "C-ECHO ok" in checks["destination archive"]["detail"]
         assert checks["certificate dicom_tls_ca"]["status"] == "warn"  # expires within 30 days
         assert checks["site calibration"]["ok"] and "not configured" in checks["site calibration"]["detail"]
+        assert checks["spool marker"]["status"] == "ok", checks["spool marker"]  # serve recorded the cluster id
+        assert checks["scheduler leader"]["status"] == "ok", checks["scheduler leader"]  # SQLite: serve leads
+        assert "this node runs none" in checks["workers"]["detail"]  # worker_enabled = false here
         out = text_doctor(env)
         assert out.returncode == 0
         assert all(line.split(" ", 1)[0] in {"ok", "warn"} for line in out.stdout.splitlines())
@@ -209,3 +212,86 @@ def test_site_calibration_for_other_weights_fails(tmp_path):
     env["PACSBRIDGE_SITE_CALIBRATION"] = str(ours)
     rc, checks, _ = doctor(env)
     assert rc == 0 and "matches the model" in checks["site calibration"]["detail"], checks
+
+
+# -- the cluster: spool marker, scheduler leader, live workers -------------------------------------------
+def _live_workers(url: str) -> int:
+    from pacsbridge.store.db import make_engine, make_sessionmaker
+    from pacsbridge.store.workers import live_count
+
+    engine = make_engine(url)
+    try:
+        with make_sessionmaker(engine)() as s:
+            return live_count(s)
+    finally:
+        engine.dispose()
+
+
+def test_cluster_spool_marker_leader_and_workers_on_postgresql(tmp_path):
+    """On the real PostgreSQL: no leader and no worker are warnings; a real `pacsbridge worker` records the
+    cluster id and counts as live; a real leader process holds the lock until it is SIGKILLed; a spool with
+    another cluster's marker, or none, fails with the reason."""
+    from dicom_support import postgres_schema_url, postgres_unavailable_reason
+    from leader_support import Candidate
+    from pacsbridge.store.spool_marker import MARKER_NAME
+    from pipeline_support import export_model
+    from waiting import wait_until
+
+    reason = postgres_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with postgres_schema_url() as url:
+        env = upgraded_env(tmp_path, PACSBRIDGE_DATABASE_URL=url, PACSBRIDGE_WORKER_ENABLED="true",
+                           PACSBRIDGE_MODEL_PATH=str(export_model(tmp_path / "model")))
+        rc, checks, _ = doctor(env)
+        assert rc == 0, checks
+        assert checks["spool marker"]["status"] == "warn" and "no cluster id yet" in checks["spool marker"]["detail"]
+        assert checks["scheduler leader"]["status"] == "warn"
+        assert "no node holds the scheduler lock" in checks["scheduler leader"]["detail"]
+        assert checks["workers"]["status"] == "warn" and "no live worker" in checks["workers"]["detail"]
+
+        worker = subprocess.Popen(pacsbridge_cmd("worker"), env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        leader = Candidate(url, 1.0)
+        try:
+            wait_until(lambda: _live_workers(url) >= 1, 120, "the worker registers")
+            leader.expect("LEADER", 60)
+            rc, checks, _ = doctor(env)
+            assert rc == 0, checks
+            assert checks["spool marker"]["status"] == "ok", checks["spool marker"]
+            assert "belongs to this database's cluster" in checks["spool marker"]["detail"]
+            assert checks["workers"]["status"] == "ok" and "1 live worker" in checks["workers"]["detail"]
+            assert checks["scheduler leader"]["status"] == "ok", checks["scheduler leader"]
+            assert leader.node in checks["scheduler leader"]["detail"]
+            assert "holds the scheduler lock" in checks["scheduler leader"]["detail"]
+        finally:
+            leader.kill()  # SIGKILL: its session ends, PostgreSQL releases the lock; its row stays
+            worker.terminate()
+            worker.wait(60)
+
+        rc, checks, _ = doctor(env)
+        assert rc == 0 and checks["scheduler leader"]["status"] == "warn", checks
+        assert f"the last leader, {leader.node}, no longer holds it" in checks["scheduler leader"]["detail"]
+        assert checks["workers"]["status"] == "warn"  # stopped cleanly: no longer live
+
+        marker = tmp_path / "data" / "spool" / MARKER_NAME
+        ours = json.loads(marker.read_text())["cluster_id"]
+        marker.write_text(json.dumps({"cluster_id": "2b1c6a6e-0000-4000-8000-000000000000"}))
+        rc, checks, _ = doctor(env)
+        assert rc == 1 and failing(checks) == {"spool marker"}, checks
+        detail = checks["spool marker"]["detail"]
+        assert "names cluster 2b1c6a6e-0000-4000-8000-000000000000" in detail and ours in detail
+
+        marker.unlink()  # a node with a spool of its own: no marker at all
+        rc, checks, _ = doctor(env)
+        assert rc == 1 and failing(checks) == {"spool marker"}, checks
+        assert f"has no {MARKER_NAME}" in checks["spool marker"]["detail"] and ours in checks["spool marker"]["detail"]
+        assert not marker.exists()  # doctor writes nothing
+
+
+def test_cluster_checks_skip_without_a_usable_database(tmp_path):
+    env = daemon_env(tmp_path / "fresh", free_port())
+    rc, checks, _ = doctor(env)
+    assert rc == 1
+    assert all(checks[n]["status"] == "warn" and "not checked" in checks[n]["detail"]
+               for n in ("spool marker", "scheduler leader", "workers"))
