@@ -687,6 +687,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _CommandError(f"stats: --since: {exc}") from None
     settings = _settings(args)
+    if args.weekly:
+        return _stats_weekly(args)
     with _db_session(args, "stats") as session:
         out = {**live_stats(session, since), "mode": settings.mode}
     if args.json:
@@ -713,6 +715,17 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats_weekly(args: argparse.Namespace) -> int:
+    from pacsbridge.validation.weekly import MAX_WEEKS, week_rows, weekly_figures
+
+    if not 1 <= args.weeks <= MAX_WEEKS:
+        raise _CommandError(f"stats: --weeks must be 1 to {MAX_WEEKS}, got {args.weeks}")
+    with _db_session(args, "stats") as session:
+        out = weekly_figures(session, args.weeks)
+    print(json.dumps(out) if args.json else "\n".join(week_rows(out)))
+    return 0
+
+
 def _add_stats(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "stats", help="live performance per model and calibration: PPV, sensitivity, NPV, refusals",
@@ -723,6 +736,9 @@ def _add_stats(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--since", metavar="T", help="start of the window: an ISO date/time or a duration back from now "
                    "(90m, 24h, 7d); default the last 30 days")
+    p.add_argument("--weekly", action="store_true", help="per ISO week (UTC) instead: scored, flag rate, refusal "
+                   "rate, PPV and sensitivity with 95 %% intervals (--json: the object GET /api/stats/weekly serves)")
+    p.add_argument("--weeks", type=int, default=12, metavar="N", help="with --weekly: the last N weeks (default 12)")
     p.set_defaults(func=_cmd_stats)
 
 

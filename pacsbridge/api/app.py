@@ -16,6 +16,7 @@ Every route but ``/healthz``, ``/readyz`` and the static web page needs ``Author
   GET  /api/instances                      radiologist, admin: received instances and their outcome
   GET  /api/instances/{id}/image.png       radiologist, admin: the image as the model saw it
   GET  /api/stats                          monitor, radiologist, admin: per-model statistics
+  GET  /api/stats/weekly                   monitor, radiologist, admin: the same per ISO week (charts)
   GET  /api/events                         admin: the audit trail, newest first (kind, since, limit)
 
 Ids in paths are 1 to 2**63-1 (a larger or smaller one is 422, an unknown one 404), limits and offsets
@@ -435,6 +436,14 @@ def create_app(
         out["drift"] = drift.status(session, clock()) if drift is not None else \
             {"alarm": False, "reference": None, "signals": []}
         return out
+
+    @app.get("/api/stats/weekly", tags=["stats"], dependencies=[Depends(anyone)])
+    def stats_weekly(session: Session = Depends(db_session), weeks: int = Query(12, ge=1, le=104)) -> dict[str, Any]:
+        """Per ISO week (UTC) and model: scored, flag rate, refusal rate, PPV and sensitivity with Wilson 95 %
+        intervals and n; null where a week has no data (the Statistics page's charts)."""
+        from ..validation.weekly import weekly_figures
+
+        return weekly_figures(session, weeks, clock())
 
     # -- audit trail -------------------------------------------------------------------------------
     @app.get("/api/events", tags=["admin"], dependencies=[Depends(admin)])
