@@ -6,7 +6,7 @@ import enum
 from datetime import datetime, timezone
 
 from sqlalchemy import (
-    Boolean, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint,
+    Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint,
 )
 from sqlalchemy import false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -163,6 +163,8 @@ class WorklistItem(Base):
     """
 
     __tablename__ = "worklist_items"
+    # The latest completed items, newest first, without a sort (receipt-to-read times in /api/stats).
+    __table_args__ = (Index("ix_worklist_items_status_completed_at", "status", "completed_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)

@@ -71,84 +71,118 @@ def _flag(expr: Any) -> Any:
     return func.sum(case((expr, 1), else_=0))
 
 
-def _group_figures(session: Session, since: datetime | None) -> dict[tuple[str, str], dict[str, Any]]:
-    """The figures of each (model, calibration), predictions since ``since`` (None: all).
+Figures = dict[tuple[str, str], dict[str, Any]]
 
-    Each query is driven by the smaller side: the prediction counts scan predictions once (no
-    join); the RIS confusion starts from the labels, the reader figures from the closed items, and
-    both reach predictions through the indexed study -> series -> instance -> prediction keys."""
+
+def _group_figures(session: Session, since: datetime) -> tuple[Figures, Figures]:
+    """The figures of each (model, calibration) in total and over the predictions since ``since``.
+
+    Total and window come from the same queries (the window's sums are CASE sums next to the
+    totals), so each table is read once.  Each query is driven by the smaller side: the prediction
+    counts scan predictions once (no join); the RIS confusion starts from the labels, the reader
+    figures from the closed items, and both reach predictions through the indexed study -> series
+    -> instance -> prediction keys."""
     P = Prediction
-    window = [P.created_at >= since] if since is not None else []
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for mid, cal, n, flagged, shadow in session.execute(
-        select(P.model_id, P.calibration, func.count(), _flag(P.positive.is_(True)), _flag(P.shadow.is_(True)))
-        .where(*window).group_by(P.model_id, P.calibration)):
-        out[(mid, cal)] = {**_empty(mid, cal), "scored": _i(n), "flagged": _i(flagged), "shadow": _i(shadow)}
-    if not out:
-        return out
-    positive = func.max(case((P.positive.is_(True), 1), else_=0))
+    recent = P.created_at >= since
+    total: Figures = {}
+    window: Figures = {}
+    for mid, cal, n, flagged, shadow, wn, wflagged, wshadow in session.execute(
+        select(P.model_id, P.calibration, func.count(), _flag(P.positive.is_(True)), _flag(P.shadow.is_(True)),
+               _flag(recent), _flag(and_(recent, P.positive.is_(True))), _flag(and_(recent, P.shadow.is_(True))))
+        .group_by(P.model_id, P.calibration)):
+        total[(mid, cal)] = {**_empty(mid, cal), "scored": _i(n), "flagged": _i(flagged), "shadow": _i(shadow)}
+        if _i(wn):
+            window[(mid, cal)] = {**_empty(mid, cal), "scored": _i(wn), "flagged": _i(wflagged),
+                                  "shadow": _i(wshadow)}
+    if total:
+        _ris_figures(session, recent, total, window)
+        _reader_figures(session, since, total, window)
+    return total, window
 
-    def via_study(study_id: Any):  # noqa: ANN202 - predictions of the study ``study_id`` names
-        return (Series.__table__.join(Instance.__table__, Instance.series_id == Series.id)
-                .join(P.__table__, P.instance_id == Instance.id)), Series.study_id == study_id
 
-    # RIS labels: one row per (model, calibration, labelled study): flagged? pneumonia?
+def _via_study(study_id: Any) -> tuple[Any, Any]:
+    """study -> series -> instance -> prediction (indexed keys), and the ON clause for ``study_id``."""
+    return (Series.__table__.join(Instance.__table__, Instance.series_id == Series.id)
+            .join(Prediction.__table__, Prediction.instance_id == Instance.id)), Series.study_id == study_id
+
+
+def _ris_figures(session: Session, recent: Any, total: Figures, window: Figures) -> None:
+    """Sensitivity, NPV and the RIS confusion counts; one row per (model, calibration, labelled study)."""
+    P = Prediction
     ris_truth = (select(Label.study_id.label("sid"),
                         func.max(case((Label.finding == Finding.PNEUMONIA.value, 1), else_=0)).label("pos"))
                  .where(Label.study_id.is_not(None)).group_by(Label.study_id).subquery())
-    joined, on = via_study(ris_truth.c.sid)
+    joined, on = _via_study(ris_truth.c.sid)
     per = (select(P.model_id.label("mid"), P.calibration.label("cal"), ris_truth.c.pos.label("pos"),
-                  positive.label("flag"))
-           .select_from(ris_truth).join(joined, on).where(*window)
+                  func.max(case((P.positive.is_(True), 1), else_=0)).label("flag"),
+                  func.max(case((and_(recent, P.positive.is_(True)), 1), else_=0)).label("wflag"),
+                  func.max(case((recent, 1), else_=0)).label("win"))
+           .select_from(ris_truth).join(joined, on)
            .group_by(P.model_id, P.calibration, ris_truth.c.sid, ris_truth.c.pos).subquery())
-    flag, pos = per.c.flag == 1, per.c.pos == 1
-    for mid, cal, tp, fn, tn, fp in session.execute(
-        select(per.c.mid, per.c.cal, _flag(and_(flag, pos)), _flag(and_(~flag, pos)), _flag(and_(~flag, ~pos)),
-               _flag(and_(flag, ~pos))).group_by(per.c.mid, per.c.cal)):
-        e = out.get((mid, cal))
-        if e is None:
-            continue
-        tp, fn, tn, fp = _i(tp), _i(fn), _i(tn), _i(fp)
-        method = "ris_labels" if tp + fn else "none"
-        e["sensitivity"] = {"value": _ratio(tp, tp + fn), "ci": _ci(tp, tp + fn), "n": tp + fn, "method": method,
-                            "estimator": SENSITIVITY_METHOD[method]}
-        e["npv"] = {"value": _ratio(tn, tn + fn), "ci": _ci(tn, tn + fn), "n": tn + fn}
-        e["ris_labelled"] = {"true_positive": tp, "false_negative": fn, "true_negative": tn, "false_positive": fp}
-    # Readers: closed items of studies this (model, calibration) flagged; one row per item, counted in SQL.
-    W = WorklistItem
-    joined, on = via_study(W.study_id)
+    pos, win = per.c.pos == 1, per.c.win == 1
+    cells = []
+    for flag, where in ((per.c.flag == 1, True), (per.c.wflag == 1, win)):
+        cells += [_flag(and_(where, flag, pos)), _flag(and_(where, ~flag, pos)), _flag(and_(where, ~flag, ~pos)),
+                  _flag(and_(where, flag, ~pos))]
+    for mid, cal, *counts in session.execute(select(per.c.mid, per.c.cal, *cells).group_by(per.c.mid, per.c.cal)):
+        for out, (tp, fn, tn, fp) in ((total, counts[:4]), (window, counts[4:])):
+            e = out.get((mid, cal))
+            if e is None:
+                continue
+            tp, fn, tn, fp = _i(tp), _i(fn), _i(tn), _i(fp)
+            method = "ris_labels" if tp + fn else "none"
+            e["sensitivity"] = {"value": _ratio(tp, tp + fn), "ci": _ci(tp, tp + fn), "n": tp + fn, "method": method,
+                                "estimator": SENSITIVITY_METHOD[method]}
+            e["npv"] = {"value": _ratio(tn, tn + fn), "ci": _ci(tn, tn + fn), "n": tn + fn}
+            e["ris_labelled"] = {"true_positive": tp, "false_negative": fn, "true_negative": tn,
+                                 "false_positive": fp}
+
+
+def _reader_figures(session: Session, since: datetime, total: Figures, window: Figures) -> None:
+    """Closed items of studies each (model, calibration) flagged: one row per item, counted in SQL;
+    an item is in the window when one of its flagging predictions is."""
+    P, W = Prediction, WorklistItem
+    joined, on = _via_study(W.study_id)
     closed = W.status.in_((WorklistStatus.COMPLETED.value, WorklistStatus.CANCELED.value))
-    per_item = (select(P.model_id.label("mid"), P.calibration.label("cal"), W.id.label("iid"),
-                       W.status.label("status"), W.finding.label("finding"))
-                .select_from(W.__table__).join(joined, on).where(closed, P.positive.is_(True), *window)
+    per_item = (select(P.model_id.label("mid"), P.calibration.label("cal"), W.status.label("status"),
+                       W.finding.label("finding"), func.max(P.created_at).label("last"))
+                .select_from(W.__table__).join(joined, on).where(closed, P.positive.is_(True))
                 .group_by(P.model_id, P.calibration, W.id, W.status, W.finding).subquery())
     done = per_item.c.status == WorklistStatus.COMPLETED.value
-    for mid, cal, canceled, pneu, nopneu, total in session.execute(
-        select(per_item.c.mid, per_item.c.cal, _flag(~done),
-               _flag(and_(done, per_item.c.finding == Finding.PNEUMONIA.value)),
-               _flag(and_(done, per_item.c.finding == Finding.NO_PNEUMONIA.value)), _flag(done))
-        .group_by(per_item.c.mid, per_item.c.cal)):
-        e = out.get((mid, cal))
-        if e is not None:
-            e["canceled"] = _i(canceled)
-            e["completed"] = {"pneumonia": _i(pneu), "no_pneumonia": _i(nopneu),
-                              "other": _i(total) - _i(pneu) - _i(nopneu)}
-    # Receipt to read: the latest TIMES_OF completed items of each (bounded work, recent behaviour).
-    times: dict[tuple[str, str], list[float]] = {}
-    for mid, cal in out:
-        rows = session.execute(
-            select(Study.created_at, W.completed_at)
-            .select_from(W.__table__.join(Study.__table__, Study.id == W.study_id))
-            .where(W.id.in_(select(per_item.c.iid).where(per_item.c.mid == mid, per_item.c.cal == cal, done)),
-                   W.completed_at.is_not(None))
-            .order_by(W.completed_at.desc()).limit(TIMES_OF)).all()
-        times[(mid, cal)] = [(as_utc(c) - as_utc(r)).total_seconds() for r, c in rows]
-    for key, e in out.items():
-        done = e["completed_total"] = sum(e["completed"].values())
-        e["ppv"], e["ppv_ci"] = _ratio(e["completed"]["pneumonia"], done), _ci(e["completed"]["pneumonia"], done)
-        t = times.get(key, [])
-        e["receipt_to_completion_s"] = {"p50": _pct(t, 50), "p95": _pct(t, 95), "n": len(t)}
-    return out
+    cells = []
+    for where in (True, per_item.c.last >= since):
+        cells += [_flag(and_(where, ~done)), _flag(and_(where, done, per_item.c.finding == Finding.PNEUMONIA.value)),
+                  _flag(and_(where, done, per_item.c.finding == Finding.NO_PNEUMONIA.value)), _flag(and_(where, done))]
+    for mid, cal, *counts in session.execute(
+            select(per_item.c.mid, per_item.c.cal, *cells).group_by(per_item.c.mid, per_item.c.cal)):
+        for out, (canceled, pneu, nopneu, n_done) in ((total, counts[:4]), (window, counts[4:])):
+            e = out.get((mid, cal))
+            if e is not None:
+                e["canceled"] = _i(canceled)
+                e["completed"] = {"pneumonia": _i(pneu), "no_pneumonia": _i(nopneu),
+                                  "other": _i(n_done) - _i(pneu) - _i(nopneu)}
+    for out, start in ((total, None), (window, since)):
+        for (mid, cal), e in out.items():
+            n_done = e["completed_total"] = sum(e["completed"].values())
+            e["ppv"], e["ppv_ci"] = _ratio(e["completed"]["pneumonia"], n_done), _ci(e["completed"]["pneumonia"], n_done)
+            t = _read_times(session, mid, cal, start) if n_done else []
+            e["receipt_to_completion_s"] = {"p50": _pct(t, 50), "p95": _pct(t, 95), "n": len(t)}
+
+
+def _read_times(session: Session, mid: str, cal: str, since: datetime | None) -> list[float]:
+    """Receipt to read of the latest TIMES_OF completed items this (model, calibration) flagged (bounded
+    work, recent behaviour): walks the completed items newest first, each checked by an indexed EXISTS."""
+    P, W = Prediction, WorklistItem
+    joined, on = _via_study(W.study_id)
+    flagged = (select(P.id).select_from(joined)
+               .where(on, P.model_id == mid, P.calibration == cal, P.positive.is_(True),
+                      *([P.created_at >= since] if since is not None else [])).exists())
+    rows = session.execute(
+        select(Study.created_at, W.completed_at)
+        .select_from(W.__table__.join(Study.__table__, Study.id == W.study_id))
+        .where(W.status == WorklistStatus.COMPLETED.value, W.completed_at.is_not(None), flagged)
+        .order_by(W.completed_at.desc()).limit(TIMES_OF)).all()
+    return [(as_utc(c) - as_utc(r)).total_seconds() for r, c in rows]
 
 
 def _refused(session: Session, since: datetime | None) -> dict[str, int]:
@@ -181,8 +215,7 @@ def live_stats(session: Session, since: datetime | None = None, now: datetime | 
     same figures since ``since`` (default: the last 30 days)."""
     now = as_utc(now or utcnow())
     since = as_utc(since) if since is not None else now - DEFAULT_WINDOW
-    total = _group_figures(session, None)
-    recent = _group_figures(session, since)
+    total, recent = _group_figures(session, since)
     models = []
     for key in sorted(total):
         e = {**_empty(*key), **total[key], "audit": {"sampled": 0, "completed": 0, "pneumonia": 0}}
