@@ -101,6 +101,8 @@ class Series(Base):
 
 class Instance(Base):
     __tablename__ = "instances"
+    # Weekly received/refused counts from the index alone (pacsbridge.validation.weekly).
+    __table_args__ = (Index("ix_instances_received_state", "received_at", "state"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
@@ -132,6 +134,9 @@ class Instance(Base):
 
 class Prediction(Base):
     __tablename__ = "predictions"
+    # Counts per week, model and calibration from the index alone (/api/stats, its weekly figures).
+    __table_args__ = (Index("ix_predictions_created_model", "created_at", "model_id", "calibration", "positive",
+                            "shadow"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), unique=True)
