@@ -5,7 +5,7 @@
 "use strict";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
-const CHART = { w: 640, h: 250, left: 56, right: 16, top: 30, bottom: 50 };
+const CHART = { w: 640, h: 250, left: 64, right: 16, top: 30, bottom: 50 };
 
 function svgEl(tag, attrs = {}, text = null) {
   const e = document.createElementNS(SVG_NS, tag);
@@ -32,66 +32,72 @@ function niceMax(v) {
 function weeklyChart({ title, weeks, series, yMax = null, errorBars = false }) {
   const { w, h, left, right, top, bottom } = CHART;
   const pw = w - left - right, ph = h - top - bottom;
-  let top_ = yMax;
-  if (top_ === null) {
+  let ymax = yMax;
+  if (ymax === null) {
     let m = 0;
     for (const s of series) s.values.forEach((v, i) => { m = Math.max(m, v || 0, (s.ci && s.ci[i]) ? s.ci[i][1] : 0); });
-    top_ = niceMax(m || 0.05);
+    ymax = niceMax(m || 0.05);
   }
   const x = (i) => left + (weeks.length === 1 ? pw / 2 : (i * pw) / (weeks.length - 1));
-  const y = (v) => top + ph - (v / top_) * ph;
+  const y = (v) => top + ph - (v / ymax) * ph;
   const id = "chart-" + Math.random().toString(36).slice(2, 9);
   const svg = svgEl("svg", { viewBox: `0 0 ${w} ${h}`, class: "chart", role: "img", "aria-labelledby": id });
   svg.append(svgEl("title", { id }, title + " per ISO week (UTC); the table below has the same figures"));
-  // y grid, ticks and label
+  drawAxes(svg, weeks, ymax, x, y);
+  if (series.every((s) => s.values.every((v) => v === null || v === undefined))) {
+    svg.append(svgEl("text", { x: left + pw / 2, y: top + ph / 2, class: "empty-note", "text-anchor": "middle" },
+      "no data in these weeks"));
+  }
+  series.forEach((s, si) => drawSeries(svg, s, si, weeks, x, y, errorBars));
+  return svg;
+}
+
+function drawAxes(svg, weeks, ymax, x, y) {
+  const { w, h, left, right, top, bottom } = CHART;
+  const pw = w - left - right, ph = h - top - bottom;
   for (let k = 0; k <= 4; k++) {
-    const v = (top_ * k) / 4, yy = y(v);
+    const v = (ymax * k) / 4, yy = y(v);
     svg.append(svgEl("line", { x1: left, x2: w - right, y1: yy, y2: yy, class: k ? "grid" : "axis" }));
     svg.append(svgEl("text", { x: left - 6, y: yy + 4, class: "tick", "text-anchor": "end" }, pctText(v)));
   }
   svg.append(svgEl("line", { x1: left, x2: left, y1: top, y2: top + ph, class: "axis" }));
-  svg.append(svgEl("text", { x: 14, y: top + ph / 2, class: "axis-label", "text-anchor": "middle",
-    transform: `rotate(-90 14 ${top + ph / 2})` }, "share of images or studies"));
+  svg.append(svgEl("text", { x: 13, y: top + ph / 2, class: "axis-label", "text-anchor": "middle",
+    transform: `rotate(-90 13 ${top + ph / 2})` }, "share of images or studies"));
   const every = Math.ceil(weeks.length / 13);
   weeks.forEach((wk, i) => {
     if (i % every && i !== weeks.length - 1) return;
     svg.append(svgEl("text", { x: x(i), y: top + ph + 18, class: "tick", "text-anchor": "middle" }, wk.slice(5)));
   });
+  const first = weeks[0].slice(0, 4), last = weeks[weeks.length - 1].slice(0, 4);
   svg.append(svgEl("text", { x: left + pw / 2, y: h - 8, class: "axis-label", "text-anchor": "middle" },
-    "ISO week (UTC), " + weeks[0].slice(0, 4) + (weeks[weeks.length - 1].slice(0, 4) !== weeks[0].slice(0, 4)
-      ? "–" + weeks[weeks.length - 1].slice(0, 4) : "")));
-  if (series.every((s) => s.values.every((v) => v === null || v === undefined))) {
-    svg.append(svgEl("text", { x: left + pw / 2, y: top + ph / 2, class: "empty-note", "text-anchor": "middle" },
-      "no data in these weeks"));
-  }
-  series.forEach((s, si) => {
-    // legend
-    const lx = left + 8 + si * 190;
-    svg.append(svgEl("line", { x1: lx, x2: lx + 18, y1: 14, y2: 14, class: "line " + s.cls }));
-    svg.append(svgEl("text", { x: lx + 24, y: 18, class: "legend" }, s.name));
-    // the line, broken where a week has no value
-    let d = "", pen = false;
-    s.values.forEach((v, i) => {
-      if (v === null || v === undefined) { pen = false; return; }
-      d += (pen ? " L" : " M") + x(i).toFixed(1) + " " + y(v).toFixed(1);
-      pen = true;
-    });
-    if (d) svg.append(svgEl("path", { d: d.trim(), class: "line " + s.cls }));
-    s.values.forEach((v, i) => {
-      if (v === null || v === undefined) return;
-      const ci = s.ci ? s.ci[i] : null;
-      const g = svgEl("g", { class: "point " + s.cls });
-      if (errorBars && ci) {
-        g.append(svgEl("line", { x1: x(i), x2: x(i), y1: y(ci[0]), y2: y(ci[1]), class: "err" }));
-        for (const c of ci) g.append(svgEl("line", { x1: x(i) - 5, x2: x(i) + 5, y1: y(c), y2: y(c), class: "err" }));
-      }
-      g.append(svgEl("circle", { cx: x(i), cy: y(v), r: 4 }));
-      g.append(svgEl("title", {}, weeks[i] + ": " + s.name + " " + pctText(v)
-        + (ci ? " (95 % interval " + pctText(ci[0]) + "–" + pctText(ci[1]) + ")" : "")));
-      svg.append(g);
-    });
+    "ISO week (UTC), " + first + (last !== first ? "–" + last : "")));
+}
+
+// A legend entry, the line (broken where a week has no value), and a point (with its error bar) per week.
+function drawSeries(svg, s, si, weeks, x, y, errorBars) {
+  const lx = CHART.left + 8 + si * 190;
+  svg.append(svgEl("line", { x1: lx, x2: lx + 18, y1: 14, y2: 14, class: "line " + s.cls }));
+  svg.append(svgEl("text", { x: lx + 24, y: 18, class: "legend" }, s.name));
+  let d = "", pen = false;
+  s.values.forEach((v, i) => {
+    if (v === null || v === undefined) { pen = false; return; }
+    d += (pen ? " L" : " M") + x(i).toFixed(1) + " " + y(v).toFixed(1);
+    pen = true;
   });
-  return svg;
+  if (d) svg.append(svgEl("path", { d: d.trim(), class: "line " + s.cls }));
+  s.values.forEach((v, i) => {
+    if (v === null || v === undefined) return;
+    const ci = s.ci ? s.ci[i] : null;
+    const g = svgEl("g", { class: "point " + s.cls });
+    if (errorBars && ci) {
+      g.append(svgEl("line", { x1: x(i), x2: x(i), y1: y(ci[0]), y2: y(ci[1]), class: "err" }));
+      for (const c of ci) g.append(svgEl("line", { x1: x(i) - 5, x2: x(i) + 5, y1: y(c), y2: y(c), class: "err" }));
+    }
+    g.append(svgEl("circle", { cx: x(i), cy: y(v), r: 4 }));
+    g.append(svgEl("title", {}, weeks[i] + ": " + s.name + " " + pctText(v)
+      + (ci ? " (95 % interval " + pctText(ci[0]) + "–" + pctText(ci[1]) + ")" : "")));
+    svg.append(g);
+  });
 }
 
 function figText(f) {
