@@ -17,6 +17,7 @@ Every route but ``/healthz``, ``/readyz`` and the static web page needs ``Author
   GET  /api/instances                      radiologist, admin: received instances and their outcome
   GET  /api/instances/{id}/image.png       radiologist, admin: the image as the model saw it
   GET  /api/stats                          monitor, radiologist, admin: per-model statistics
+  GET  /api/stats/weekly                   monitor, radiologist, admin: the same per ISO week (charts)
   GET  /api/events                         admin: the audit trail, newest first (kind, since, limit)
 
 Ids in paths are 1 to 2**63-1 (a larger or smaller one is 422, an unknown one 404), limits and offsets

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .common import command_settings, database_session
+from .common import CommandError, command_settings, database_session
 
 
 def _fmt_rate(r: dict | None, value_key: str = "value") -> str:
@@ -26,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"pacsbridge: stats: --since: {exc}", file=sys.stderr)
         return 1
     settings = command_settings(args)
+    if args.weekly:
+        return _weekly(args, settings)
     with database_session(settings, "read", "stats") as session:
         out = {**live_stats(session, since), "mode": settings.mode}
     if args.json:
@@ -54,6 +56,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weekly(args: argparse.Namespace, settings: object) -> int:
+    from pacsbridge.validation.weekly import MAX_WEEKS, week_rows, weekly_figures
+
+    if not 1 <= args.weeks <= MAX_WEEKS:
+        raise CommandError(f"--weeks must be 1 to {MAX_WEEKS}, got {args.weeks}")
+    with database_session(settings, "read", "stats") as session:
+        out = weekly_figures(session, args.weeks)
+    print(json.dumps(out) if args.json else "\n".join(week_rows(out)))
+    return 0
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "stats", help="live performance per model and calibration: PPV, sensitivity, NPV, refusals",
@@ -65,4 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--since", metavar="T", help="start of the window: an ISO date/time or a duration back from now "
                    "(90m, 24h, 7d); default the last 30 days")
+    p.add_argument("--weekly", action="store_true", help="per ISO week (UTC) instead: scored, flag rate, refusal "
+                   "rate, PPV and sensitivity with 95 %% intervals (--json: the object GET /api/stats/weekly serves)")
+    p.add_argument("--weeks", type=int, default=12, metavar="N", help="with --weekly: the last N weeks (default 12)")
     p.set_defaults(func=run)

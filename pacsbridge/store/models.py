@@ -6,7 +6,7 @@ import enum
 from datetime import datetime, timezone
 
 from sqlalchemy import (
-    Boolean, DateTime, Float, ForeignKey, Integer, MetaData, String, Text, UniqueConstraint,
+    Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint,
 )
 from sqlalchemy import false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -128,6 +128,8 @@ class Series(Base):
 
 class Instance(Base):
     __tablename__ = "instances"
+    # Weekly received/refused counts from the index alone (pacsbridge.validation.weekly).
+    __table_args__ = (Index("ix_instances_received_state", "received_at", "state"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
@@ -161,6 +163,9 @@ class Instance(Base):
 
 class Prediction(Base):
     __tablename__ = "predictions"
+    # Counts per week, model and calibration from the index alone (/api/stats, its weekly figures).
+    __table_args__ = (Index("ix_predictions_created_model", "created_at", "model_id", "calibration", "positive",
+                            "shadow"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id", ondelete="CASCADE"), unique=True)
@@ -192,6 +197,8 @@ class WorklistItem(Base):
     """
 
     __tablename__ = "worklist_items"
+    # The latest completed items, newest first, without a sort (receipt-to-read times in /api/stats).
+    __table_args__ = (Index("ix_worklist_items_status_completed_at", "status", "completed_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)

@@ -60,3 +60,12 @@ def stats(
     drift = request.app.state.drift
     out["drift"] = drift.status(session, now) if drift is not None else {"alarm": False, "reference": None, "signals": []}
     return out
+
+
+@router.get("/api/stats/weekly", dependencies=[Depends(anyone)])
+def stats_weekly(session: DbSession, now: Now, weeks: int = Query(12, ge=1, le=104)) -> dict[str, Any]:
+    """Per ISO week (UTC) and model: scored, flag rate, refusal rate, PPV and sensitivity with Wilson 95 %
+    intervals and n; null where a week has no data (the Statistics page's charts)."""
+    from ...validation.weekly import weekly_figures
+
+    return weekly_figures(session, weeks, now)

@@ -511,6 +511,7 @@ async function loadStats() {
         rateText(s.value, s.ci, s.n), rateText(m.npv.value, m.npv.ci, m.npv.n),
         t.p50 === null ? "–" : age(t.p50), t.p95 === null ? "–" : age(t.p95)].map((v) => el("td", { text: String(v) }))));
     }
+    drawWeekly($("stats-weekly"), await api("/api/stats/weekly?weeks=12"));  // charts.js
   } catch (err) { handleError(err); }
 }
 
