@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
-
-def to_utc(dt: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything stored is UTC (store/ does not import worklist/).
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
-
+from .models import as_utc
 
 
 def _pid_alive(pid: int) -> bool:
@@ -35,12 +31,12 @@ def stale_reason(owner: str | None, claimed_at: datetime | None, worker_id: str,
     if owner == worker_id:
         return "left over from a batch of this worker that was not recorded" if include_own else None
     if lease_until is not None:
-        ends = to_utc(lease_until)
+        ends = as_utc(lease_until)
         return f"its lease expired at {ends.isoformat(timespec='seconds')}" if now > ends else None
     host = worker_id.split(":", 1)[0]
     o_host, _, o_pid = owner.rpartition(":")
     if o_host == host and o_pid.isdigit() and int(o_pid) != os.getpid() and not _pid_alive(int(o_pid)):
         return f"worker process {o_pid} on this host is gone"
-    if claimed_at is None or now - to_utc(claimed_at) > stale_after:
+    if claimed_at is None or now - as_utc(claimed_at) > stale_after:
         return f"claim older than {stale_after.total_seconds():.0f} s"
     return None

@@ -38,8 +38,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from .claim_rules import to_utc, stale_reason
-from .models import Event, Instance, InstanceState, Series, utcnow
+from .claim_rules import stale_reason
+from .models import Event, Instance, InstanceState, Series, as_utc, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def recover_stale_claims(sessions: sessionmaker[Session], worker_id: str, stale_
     the worker runs out of attempts, not the rest of its batch.
     """
     policy = policy or RetryPolicy()
-    now = to_utc(now or utcnow())
+    now = as_utc(now or utcnow())
     released = 0
     maybe = [Instance.claimed_by.is_(None), Instance.lease_until.is_(None), Instance.lease_until < now]
     if include_own:
