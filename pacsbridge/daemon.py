@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pacsbridge.components import (Component, DiskGuardCollector, first_line, monitoring_collector,
                                    monitoring_job, chain, build_drift_monitor, build_forwarder)
-from pacsbridge.config import ConfigError, Settings
+from pacsbridge.config import ConfigError, NodeRole, Settings
 from pacsbridge.dicom.compat import configure_pynetdicom
 from pacsbridge.dicom.storage_scp import storage_scp_from_settings
 from pacsbridge.store import migrations
@@ -76,8 +76,8 @@ class Daemon:
         except TLSConfigError as exc:
             raise ConfigError(str(exc)) from None
         roles = set(self.settings.roles)
-        components: list[Component] = [scp] if "receiver" in roles else []
-        if "scheduler" in roles:
+        components: list[Component] = [scp] if NodeRole.RECEIVER.value in roles else []
+        if NodeRole.SCHEDULER.value in roles:
             from pacsbridge.store.leader import Leadership
 
             # One scheduler leader across nodes; the jobs that must run once ask it before each run.
@@ -102,15 +102,15 @@ class Daemon:
         metrics.registry.register(DiskGuardCollector(self.disk_guard))
         updater = WorklistUpdater(self.sessions, s.priority_max_wait_minutes, audit_fraction=s.audit_fraction,
                                   audit_max_per_day=s.audit_max_per_day)
-        forwarder = self.forwarder(metrics.registry) if s.destinations and "scheduler" in roles else None
+        forwarder = self.forwarder(metrics.registry) if s.destinations and NodeRole.SCHEDULER.value in roles else None
         components: list[Component] = []
-        if s.worker_enabled and "worker" in roles:
+        if s.worker_enabled and NodeRole.WORKER.value in roles:
             components.append(self.inference_worker(
                 updater, metrics, hint=" (or set worker_enabled = false to only receive)",
                 after_batch=forwarder.wake if forwarder is not None else None))
         drift = self.drift_monitor()
         metrics.registry.register(monitoring_collector(self.sessions, drift))
-        if "scheduler" in roles:
+        if NodeRole.SCHEDULER.value in roles:
             components.append(WorklistScheduler(
                 updater, self.sessions, Path(s.spool_dir), interval_s=s.scheduler_interval_s,
                 retention_days=s.retention_days, gate=self.leadership.is_leader if self.leadership else None,
@@ -119,7 +119,7 @@ class Daemon:
             ))
         if forwarder is not None:
             components.append(forwarder)
-        if s.http_port and "api" in roles:
+        if s.http_port and NodeRole.API.value in roles:
             from pacsbridge.api.security import install_security
 
             app = install_security(create_app(
@@ -304,7 +304,7 @@ class Daemon:
             model = getattr(worker, "_model", None)
             checks.append(health.Check("model", True, f"loaded {Path(self.settings.model_path).name}"
                                        f" (sha256 {getattr(model, 'weights_sha256', '?')[:12]}...)"))
-        elif self.settings.worker_enabled and "worker" in self.settings.roles and not self.components:
+        elif self.settings.worker_enabled and NodeRole.WORKER.value in self.settings.roles and not self.components:
             checks.append(health.Check("model", False, "loading (the daemon is starting)"))
         else:
             checks.append(health.Check("model", True, "not used here (worker_enabled = false or no worker role)"))
@@ -320,7 +320,7 @@ class Daemon:
         else:
             checks.append(health.Check("components", True, ", ".join(c.name for c in self.components)))
         sched = next((c for c in self.components if c.name == "worklist scheduler"), None)
-        if sched is None and self.components and "scheduler" not in self.settings.roles:
+        if sched is None and self.components and NodeRole.SCHEDULER.value not in self.settings.roles:
             checks.append(health.Check("scheduler", True, "not a role of this node"))
         elif sched is None:
             checks.append(health.Check("scheduler", False, "no scheduler in this process"))

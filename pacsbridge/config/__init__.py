@@ -8,8 +8,8 @@ exists; without one the defaults run the daemon with SQLite in ``./var`` and the
 
 from .destination import Destination
 from .loading import DEFAULT_CONFIG_FILE, PATH_KEYS, ConfigError, config_path, load_settings
-from .roles import ROLES, parse_roles
+from .roles import ROLES, NodeRole, parse_roles
 from .settings import DEFAULT_MODEL, Settings
 
-__all__ = ["DEFAULT_CONFIG_FILE", "DEFAULT_MODEL", "PATH_KEYS", "ROLES", "ConfigError", "Destination", "Settings",
+__all__ = ["DEFAULT_CONFIG_FILE", "DEFAULT_MODEL", "PATH_KEYS", "ROLES", "ConfigError", "Destination", "NodeRole", "Settings",
            "config_path", "load_settings", "parse_roles"]

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import enum
+
+
+class NodeRole(str, enum.Enum):
+    """A part of ``pacsbridge serve`` (the values are what ``roles`` and ``serve --roles`` take)."""
+
+    RECEIVER = "receiver"      # the DICOM listeners (C-STORE, UPS)
+    WORKER = "worker"          # the inference worker
+    SCHEDULER = "scheduler"    # worklist, retention, monitoring and forwarding jobs (run by the leader)
+    API = "api"                # the HTTP API and web page
+
+
 #: The parts of ``pacsbridge serve`` a node may run (``roles``, ``serve --roles``).
-ROLES = ("receiver", "worker", "scheduler", "api")
+ROLES = tuple(r.value for r in NodeRole)
 
 
 def parse_roles(text: str) -> list[str]:
