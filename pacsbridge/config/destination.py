@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 1-16 chars, no backslash/control
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 1-16 chars, no backslash/control
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HL7_ID_RE = re.compile(r"^[^|^~\\&\r\n]{0,180}$")  # no HL7 delimiters (we do not escape ids)
@@ -55,7 +55,7 @@ class Destination(BaseModel):
     @field_validator("ae_title")
     @classmethod
     def _check_peer_ae(cls, v: str | None) -> str | None:
-        if v is not None and (not _AE_RE.match(v) or not v.strip()):
+        if v is not None and (not AE_TITLE_RE.match(v) or not v.strip()):
             raise ValueError("must be 1-16 printable characters without backslash")
         return v
 

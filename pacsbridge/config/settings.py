@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from .destination import _AE_RE, Destination
+from .destination import AE_TITLE_RE, Destination
 from .roles import ROLES, parse_roles
 
 DEFAULT_MODEL = Path(__file__).parent.parent / "models" / "pneumonia-v4.pt"
@@ -210,7 +210,7 @@ class Settings(BaseSettings):
     @field_validator("ae_title")
     @classmethod
     def _check_ae(cls, v: str) -> str:
-        if not _AE_RE.match(v) or not v.strip():
+        if not AE_TITLE_RE.match(v) or not v.strip():
             raise ValueError("must be 1-16 printable characters without backslash")
         return v
 
@@ -218,7 +218,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_aes(cls, v: list[str]) -> list[str]:
         for ae in v:
-            if not _AE_RE.match(ae):
+            if not AE_TITLE_RE.match(ae):
                 raise ValueError(f"{ae!r} is not a valid AE title (1-16 printable characters)")
         return v
 
