@@ -1,9 +1,10 @@
 """The long-running daemon: migrate, start components in order, serve, stop them in reverse order.
 
 A component is anything with ``name``, ``start()`` and ``stop()`` (and optionally ``healthy()``);
-add new ones in :meth:`Daemon.build_components`.  :class:`WorkerDaemon` (``pacsbridge worker``) runs
-the inference worker alone, for extra worker processes beside ``serve``.  systemd integration (READY=1, WATCHDOG=1,
-STOPPING=1) talks to $NOTIFY_SOCKET directly, so no systemd Python package is needed.
+add new ones in :meth:`Daemon.build_components` (builders in :mod:`pacsbridge.components`).
+:class:`WorkerDaemon` (``pacsbridge worker``) runs the inference worker alone, for extra worker
+processes beside ``serve``.  systemd integration (READY=1, WATCHDOG=1, STOPPING=1, in
+:mod:`pacsbridge.systemd`) talks to $NOTIFY_SOCKET directly, so no systemd Python package is needed.
 """
 
 from __future__ import annotations
@@ -12,13 +13,12 @@ import functools
 import logging
 import os
 import signal
-import socket
 import threading
-from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, Protocol, runtime_checkable
 
-from pacsbridge.config import ConfigError, Settings
+from pacsbridge.components import (Component, DiskGuardCollector, first_line, monitoring_collector,
+                                   monitoring_job, chain, build_drift_monitor, build_forwarder)
+from pacsbridge.config import ConfigError, NodeRole, Settings
 from pacsbridge.dicom.compat import configure_pynetdicom
 from pacsbridge.dicom.storage_scp import storage_scp_from_settings
 from pacsbridge.store import migrations
@@ -26,46 +26,9 @@ from pacsbridge.store.diskguard import DiskGuard
 from pacsbridge.store.db import make_engine, make_sessionmaker
 from pacsbridge.store.notifier import StoreNotifier
 from pacsbridge.store.spool import Spool
+from pacsbridge.systemd import sd_notify, watchdog_interval
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class Component(Protocol):
-    name: str
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-
-def sd_notify(message: str) -> bool:
-    """Send ``message`` (e.g. ``"READY=1"``) to systemd's notify socket; False when not under systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):  # abstract namespace socket
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-        return True
-    except OSError as exc:
-        log.warning("sd_notify(%s) failed: %s", message.split("=")[0], exc)
-        return False
-
-
-def watchdog_interval() -> float | None:
-    """Half of systemd's WatchdogSec for this process, or None when no watchdog is configured."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
-        return None
-    try:
-        return max(int(usec) / 2e6, 0.1)
-    except ValueError:
-        return None
 
 
 class StartupError(Exception):
@@ -113,8 +76,8 @@ class Daemon:
         except TLSConfigError as exc:
             raise ConfigError(str(exc)) from None
         roles = set(self.settings.roles)
-        components: list[Component] = [scp] if "receiver" in roles else []
-        if "scheduler" in roles:
+        components: list[Component] = [scp] if NodeRole.RECEIVER.value in roles else []
+        if NodeRole.SCHEDULER.value in roles:
             from pacsbridge.store.leader import Leadership
 
             # One scheduler leader across nodes; the jobs that must run once ask it before each run.
@@ -136,27 +99,27 @@ class Daemon:
         s = self.settings
         roles = set(s.roles)
         metrics = PipelineMetrics(self.sessions)
-        metrics.registry.register(_DiskGuardCollector(self.disk_guard))
+        metrics.registry.register(DiskGuardCollector(self.disk_guard))
         updater = WorklistUpdater(self.sessions, s.priority_max_wait_minutes, audit_fraction=s.audit_fraction,
                                   audit_max_per_day=s.audit_max_per_day)
-        forwarder = self.forwarder(metrics.registry) if s.destinations and "scheduler" in roles else None
+        forwarder = self.forwarder(metrics.registry) if s.destinations and NodeRole.SCHEDULER.value in roles else None
         components: list[Component] = []
-        if s.worker_enabled and "worker" in roles:
+        if s.worker_enabled and NodeRole.WORKER.value in roles:
             components.append(self.inference_worker(
                 updater, metrics, hint=" (or set worker_enabled = false to only receive)",
                 after_batch=forwarder.wake if forwarder is not None else None))
         drift = self.drift_monitor()
-        metrics.registry.register(_monitoring_collector(self.sessions, drift))
-        if "scheduler" in roles:
+        metrics.registry.register(monitoring_collector(self.sessions, drift))
+        if NodeRole.SCHEDULER.value in roles:
             components.append(WorklistScheduler(
                 updater, self.sessions, Path(s.spool_dir), interval_s=s.scheduler_interval_s,
                 retention_days=s.retention_days, gate=self.leadership.is_leader if self.leadership else None,
-                extra_jobs=[("monitoring", functools.partial(_monitoring_job, self.sessions, drift),
+                extra_jobs=[("monitoring", functools.partial(monitoring_job, self.sessions, drift),
                              s.monitor_interval_s)],
             ))
         if forwarder is not None:
             components.append(forwarder)
-        if s.http_port and "api" in roles:
+        if s.http_port and NodeRole.API.value in roles:
             from pacsbridge.api.security import install_security
 
             app = install_security(create_app(
@@ -175,38 +138,11 @@ class Daemon:
 
     def drift_monitor(self):  # noqa: ANN201 - DriftMonitor
         """Live drift checks against the site calibration's (or the model card's) validation."""
-        from pacsbridge.validation.drift import DriftLimits, DriftMonitor, load_reference
-
-        s = self.settings
-        try:
-            reference = load_reference(s)
-            if reference is None:
-                log.warning("drift alarms are off: neither the model card nor a site calibration has validation rates")
-        except Exception as exc:  # noqa: BLE001 - a calibration problem stops the worker with its own message
-            log.warning("drift alarms are off: no reference (%s)", _first_line(exc))
-            reference = None
-        return DriftMonitor(self.sessions, reference, DriftLimits(
-            window_images=s.drift_window_images, window_days=s.drift_window_days, min_images=s.drift_min_images,
-            z=s.drift_z))
+        return build_drift_monitor(self.settings, self.sessions)
 
     def forwarder(self, registry=None) -> Component:  # noqa: ANN001
         """The outbox sender (pacsbridge/forward/) for the configured destinations."""
-        from pacsbridge.forward.forwarder import ForwardMetrics, Forwarder
-        from pacsbridge.forward.outbox import RetryPolicy
-        from pacsbridge.forward.senders import ForwardContext
-        from pacsbridge.model.artifact import load_model
-
-        s = self.settings
-        ctx = ForwardContext(ae_title=s.ae_title, spool_dir=Path(s.spool_dir),
-                             load_model=lambda: load_model(s.model_path, s.device), tls_min_version=s.tls_min_version,
-                             tls_ca=s.dicom_tls_ca, tls_client_cert=s.dicom_tls_client_cert,
-                             tls_client_key=s.dicom_tls_client_key, max_decoded_bytes=s.max_decoded_bytes)
-        policy = RetryPolicy(initial_s=s.outbox_retry_initial_s, max_s=s.outbox_retry_max_s,
-                             max_age=timedelta(hours=s.outbox_max_age_hours))
-        leader = self.leadership
-        return Forwarder(self.sessions, s.destinations, ctx, policy=policy, interval_s=s.outbox_interval_s,
-                         metrics=ForwardMetrics(registry, self.sessions), lease_s=s.outbox_lease_s,
-                         node=leader.node if leader else None, gate=leader.is_leader if leader else None)
+        return build_forwarder(self.settings, self.sessions, self.leadership, registry)
 
     def inference_worker(self, updater, metrics=None, hint: str = "", after_batch=None) -> Component:  # noqa: ANN001
         """The inference worker; ``updater`` puts positives on the worklist right after each batch
@@ -228,12 +164,12 @@ class Daemon:
         try:
             record_calibration(self.sessions, model, s.site_calibration)
         except Exception as exc:  # noqa: BLE001 - e.g. the database went away: the next start records it
-            log.warning("could not record the calibration in force: %s", _first_line(exc))
+            log.warning("could not record the calibration in force: %s", first_line(exc))
         # The one scoring path of `predict` and `validate`, decoding within max_decoded_bytes.
         return InferenceWorker(
             self.sessions, model, Path(s.spool_dir), batch_size=s.inference_batch_size,
             scorer=Scorer(model, max_decoded_bytes=s.max_decoded_bytes),
-            max_wait_ms=s.inference_max_wait_ms, on_recorded=_then(updater.refresh, after_batch), metrics=metrics,
+            max_wait_ms=s.inference_max_wait_ms, on_recorded=chain(updater.refresh, after_batch), metrics=metrics,
             notifier=self.notifier, outbox=Outbox(s.destinations) if s.destinations else None,
             retry_policy=RetryPolicy(max_attempts=s.inference_max_attempts, base_s=s.inference_retry_base_s),
             shadow=s.mode == "shadow",
@@ -250,7 +186,7 @@ class Daemon:
         try:
             migrations.upgrade(self.engine)
         except Exception as exc:  # noqa: BLE001 - unreachable server, bad credentials, read-only file...
-            raise StartupError(f"cannot use the database {self._db_name()}: {_first_line(exc)}") from None
+            raise StartupError(f"cannot use the database {self._db_name()}: {first_line(exc)}") from None
         self.check_spool_marker()  # before cleaning anything in a spool that may be another cluster's
         try:
             self._tmp_removed = self.spool.prepare()
@@ -279,7 +215,7 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"cannot use the spool {root.resolve()} (data_dir): {exc.strerror or exc}") from None
         except Exception as exc:  # noqa: BLE001 - the database went away between the checks
-            raise StartupError(f"cannot use the database {self._db_name()}: {_first_line(exc)}") from None
+            raise StartupError(f"cannot use the database {self._db_name()}: {first_line(exc)}") from None
 
     def _db_name(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
@@ -368,7 +304,7 @@ class Daemon:
             model = getattr(worker, "_model", None)
             checks.append(health.Check("model", True, f"loaded {Path(self.settings.model_path).name}"
                                        f" (sha256 {getattr(model, 'weights_sha256', '?')[:12]}...)"))
-        elif self.settings.worker_enabled and "worker" in self.settings.roles and not self.components:
+        elif self.settings.worker_enabled and NodeRole.WORKER.value in self.settings.roles and not self.components:
             checks.append(health.Check("model", False, "loading (the daemon is starting)"))
         else:
             checks.append(health.Check("model", True, "not used here (worker_enabled = false or no worker role)"))
@@ -384,7 +320,7 @@ class Daemon:
         else:
             checks.append(health.Check("components", True, ", ".join(c.name for c in self.components)))
         sched = next((c for c in self.components if c.name == "worklist scheduler"), None)
-        if sched is None and self.components and "scheduler" not in self.settings.roles:
+        if sched is None and self.components and NodeRole.SCHEDULER.value not in self.settings.roles:
             checks.append(health.Check("scheduler", True, "not a role of this node"))
         elif sched is None:
             checks.append(health.Check("scheduler", False, "no scheduler in this process"))
@@ -405,24 +341,6 @@ class Daemon:
                 log.exception("error while stopping %s", component.name)
 
 
-class _DiskGuardCollector:
-    """``/metrics``: C-STOREs refused below the free-space floor, and the spool's last measured free space."""
-
-    def __init__(self, guard: DiskGuard) -> None:
-        self.guard = guard
-
-    def collect(self) -> Iterator:  # prometheus_client Collector protocol
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        yield CounterMetricFamily("pacsbridge_store_refused_low_disk",
-                                  "C-STOREs refused (0xA700) because spool free space was below min_free_bytes.",
-                                  value=self.guard.refused)
-        if self.guard.last_free is not None:
-            yield GaugeMetricFamily("pacsbridge_spool_free_bytes", "Free bytes of the spool's file system "
-                                    "(last measured by the disk guard).", value=self.guard.last_free)
-        yield GaugeMetricFamily("pacsbridge_spool_min_free_bytes", "The free-space floor (min_free_bytes).",
-                                value=self.guard.min_free_bytes)
-
 
 def _node_id(settings: Settings, make) -> str | None:  # noqa: ANN001
     try:
@@ -430,40 +348,6 @@ def _node_id(settings: Settings, make) -> str | None:  # noqa: ANN001
     except OSError as exc:
         raise StartupError(f"data_dir {Path(settings.data_dir).resolve()}: {exc.strerror or exc}") from None
 
-
-def _first_line(exc: BaseException) -> str:
-    """``Type: first line`` of an exception (SQLAlchemy appends SQL and a URL to its messages)."""
-    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return f"{type(getattr(exc, 'orig', None) or exc).__name__}: {text[0] if text else ''}"[:300]
-
-
-def _monitoring_job(sessions, drift) -> None:  # noqa: ANN001
-    """The scheduler's monitoring job: link RIS labels to studies that arrived, then check drift."""
-    from pacsbridge.validation.ris_labels import match_labels
-
-    with sessions.begin() as session:
-        match_labels(session)
-    drift.check()
-
-
-def _monitoring_collector(sessions, drift):  # noqa: ANN001, ANN202
-    from pacsbridge.validation.monitor_metrics import MonitoringCollector
-
-    return MonitoringCollector(sessions, drift)
-
-
-def _then(first, second):  # noqa: ANN001, ANN202
-    """``first(x)`` then ``second(x)`` (when given): the worker's after-batch hook."""
-    if second is None:
-        return first
-
-    def both(arg):  # noqa: ANN001, ANN202
-        try:
-            return first(arg)
-        finally:
-            second(arg)
-
-    return both
 
 
 class WorkerDaemon(Daemon):
@@ -481,7 +365,7 @@ class WorkerDaemon(Daemon):
         try:
             current, head = migrations.current_revision(self.engine), migrations.head_revision()
         except Exception as exc:  # noqa: BLE001 - unreachable server, unreadable file...
-            raise StartupError(f"cannot use the database {self._db_name()}: {_first_line(exc)}") from None
+            raise StartupError(f"cannot use the database {self._db_name()}: {first_line(exc)}") from None
         if current != head:
             raise StartupError(
                 f"database {self.engine.url.render_as_string(hide_password=True)} is at schema revision "

@@ -45,6 +45,7 @@ from .inference.faults import system_fault
 from .inference.gates import AgeRange, age_refusal, ood_refusal
 from .model.artifact import LoadedModel
 from .model.preprocess import preprocess
+from .store.models import InstanceState
 from .store.reasons import Reason, code_of, join_reasons, reasons_json
 
 __all__ = ["FAILED", "NOT_ANALYSED", "PREDICTED", "Outcome", "Reason", "Scorer", "join_reasons", "reasons_json",
@@ -52,7 +53,8 @@ __all__ = ["FAILED", "NOT_ANALYSED", "PREDICTED", "Outcome", "Reason", "Scorer",
 
 log = logging.getLogger(__name__)
 
-PREDICTED, NOT_ANALYSED, FAILED = "predicted", "not_analysed", "failed"
+PREDICTED, NOT_ANALYSED, FAILED = (InstanceState.PREDICTED.value, InstanceState.NOT_ANALYSED.value,
+                                   InstanceState.FAILED.value)
 #: Header refusals after which decoding is pointless or unsafe (no OOD score is computed then).
 NO_DECODE = frozenset({"pixel_data", "modality", "colour", "bitmap", "too_small", "header", "too_large", "decode"})
 

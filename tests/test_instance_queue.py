@@ -27,7 +27,7 @@ from pacsbridge.inference.worker import InferenceWorker
 from pacsbridge.model.artifact import load_model
 from pacsbridge.store import queue
 from pacsbridge.store.db import make_engine, make_sessionmaker
-from pacsbridge.store.models import Base, Event, Instance, InstanceState, Prediction, utcnow
+from pacsbridge.store.models import Base, Event, Instance, InstanceState, Prediction, as_utc, utcnow
 from pacsbridge.store.queue import RetryPolicy
 from pipeline_support import add_instance, export_model, sample_file, sqlite_sessions
 
@@ -95,7 +95,7 @@ def test_missing_spool_file_fails_waits_its_backoff_and_ends_predicted_once_rest
     row = _row(db, iid)
     assert (row.state, row.state_reason, row.attempts) == ("failed", "the stored file is missing from the spool", 1)
     assert row.last_error == row.state_reason
-    wait = queue._utc(row.next_attempt_at) - t0
+    wait = as_utc(row.next_attempt_at) - t0
     assert timedelta(seconds=0.5) < wait < timedelta(seconds=5)
     assert worker.drain().processed == 0  # not due yet: the backoff holds
     shutil.move(away, back)  # the fault goes away

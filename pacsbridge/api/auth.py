@@ -12,8 +12,9 @@ from typing import Callable
 from fastapi import Depends, HTTPException, Request
 
 from ..auth.users import WORKLIST_ROLES, Principal, authenticate
+from ..store.models import Role
 
-ADMIN, RADIOLOGIST, MONITOR = "admin", "radiologist", "monitor"
+ADMIN, RADIOLOGIST, MONITOR = Role.ADMIN.value, Role.RADIOLOGIST.value, Role.MONITOR.value
 #: Who may do what (admin may do everything).
 READERS = WORKLIST_ROLES  # the same roles DICOM UPS requires
 ANYONE = (MONITOR, RADIOLOGIST, ADMIN)

@@ -54,12 +54,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "Entries are pending until the destination acknowledged them (sent) or failed permanently or for too "
         "long (dead, with the reason).  `retry` queues dead entries again (after fixing the configuration).",
     )
+    from pacsbridge.store.models import OutboxState
+
     osub = p.add_subparsers(dest="outbox_command", required=True, metavar="{list,retry}")
     ls = osub.add_parser("list", help="list entries, newest first")
     ls.add_argument("--json", action="store_true", help="one JSON list of {id, destination, object, state, attempts, "
                     "last_error, object_uid, study_instance_uid, sop_instance_uid, positive, probability, created_at, "
                     "next_attempt_at, sent_at}")
-    ls.add_argument("--state", choices=["pending", "sent", "dead"], help="only entries in this state")
+    ls.add_argument("--state", choices=[s.value for s in OutboxState], help="only entries in this state")
     ls.add_argument("--limit", type=int, default=0, metavar="N", help="at most N entries")
     rt = osub.add_parser("retry", help="queue dead entries again: IDs, or --all-dead")
     rt.add_argument("ids", nargs="*", type=int, metavar="ID")

@@ -104,10 +104,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "at once. A reading station may use DICOM UPS only with a calling AE title bound to a user "
         "(--ae-title, `users bind`); it then acts as that user, with its role.",
     )
+    from pacsbridge.store.models import Role
+
     us = p.add_subparsers(dest="users_command", required=True, metavar="{add,list,revoke,token,bind,unbind}")
     add = us.add_parser("add", help="create a user and print its first token")
     add.add_argument("name")
-    add.add_argument("--role", required=True, choices=("radiologist", "admin", "monitor"))
+    add.add_argument("--role", required=True, choices=(Role.RADIOLOGIST.value, Role.ADMIN.value, Role.MONITOR.value))
     add.add_argument("--ae-title", action="append", metavar="AE",
                      help="a DICOM calling AE title that uses UPS as this user (repeatable)")
     add.add_argument("--tls-subject", metavar="SUBJECT",

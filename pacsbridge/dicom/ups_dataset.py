@@ -38,14 +38,16 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
+from pacsbridge.store.models import Finding, WorklistStatus
+
 #: Every UPS instance is an instance of the UPS Push SOP Class (PS3.4 CC.1.1).
 UPS_PUSH_SOP_CLASS = UID("1.2.840.10008.5.1.4.34.6.1")
 
 UPS_STATE_OF: dict[str, str] = {
-    "scheduled": "SCHEDULED",
-    "in_progress": "IN PROGRESS",
-    "completed": "COMPLETED",
-    "canceled": "CANCELED",
+    WorklistStatus.SCHEDULED.value: "SCHEDULED",
+    WorklistStatus.IN_PROGRESS.value: "IN PROGRESS",
+    WorklistStatus.COMPLETED.value: "COMPLETED",
+    WorklistStatus.CANCELED.value: "CANCELED",
 }
 
 # -- priority ------------------------------------------------------------------------------------
@@ -71,9 +73,11 @@ def ups_priority(score: float) -> str:
 # -- codes -----------------------------------------------------------------------------------------
 #: Local coding scheme for the findings a radiologist records ("99" prefix = private, PS3.16 8.2).
 FINDING_SCHEME = "99PACSBRIDGE"
-FINDINGS: dict[str, str] = {"pneumonia": "Pneumonia", "no_pneumonia": "No pneumonia", "other": "Other finding"}
+FINDINGS: dict[str, str] = {Finding.PNEUMONIA.value: "Pneumonia", Finding.NO_PNEUMONIA.value: "No pneumonia",
+                            Finding.OTHER.value: "Other finding"}
 #: Other codes accepted for a finding (SNOMED CT "Pneumonia").
-FINDING_ALIASES: dict[tuple[str, str], str] = {("SCT", "233604007"): "pneumonia", ("SRT", "D2-00100"): "pneumonia"}
+FINDING_ALIASES: dict[tuple[str, str], str] = {("SCT", "233604007"): Finding.PNEUMONIA.value,
+                                               ("SRT", "D2-00100"): Finding.PNEUMONIA.value}
 CONCEPT_FINDING = ("121071", "DCM", "Finding")
 CONCEPT_PROBABILITY = ("PROB", FINDING_SCHEME, "AI probability of pneumonia")
 WORKITEM_INTERPRETATION = ("110005", "DCM", "Interpretation")
@@ -153,7 +157,7 @@ class UpsRecord:
 
     @property
     def blinded(self) -> bool:
-        return self.kind == "audit" and self.status != "completed"
+        return self.kind == "audit" and self.status != WorklistStatus.COMPLETED.value
 
 
 def dt_value(dt: datetime | None) -> str:
@@ -179,7 +183,7 @@ WORKLIST_LABEL = "pacsbridge AI triage"
 
 
 def _progress(rec: UpsRecord) -> Sequence:
-    if rec.status != "canceled":
+    if rec.status != WorklistStatus.CANCELED.value:
         return Sequence()
     return Sequence([item(
         el("ProcedureStepCancellationDateTime", dt_value(rec.completed_at or rec.modified_at)),
@@ -219,7 +223,7 @@ _ATTRIBUTES: dict[str, Callable[[UpsRecord], Any]] = {
     "ScheduledProcessingParametersSequence": lambda r: Sequence(
         [] if r.blinded else [_probability_item(r.probability)]),
     "UnifiedProcedureStepPerformedProcedureSequence": lambda r: Sequence(
-        [_performed_item(r)] if r.status != "scheduled" and r.claimed_at is not None else []),
+        [_performed_item(r)] if r.status != WorklistStatus.SCHEDULED.value and r.claimed_at is not None else []),
 }
 UPS_TAGS: frozenset[int] = frozenset(_tag_vr(k)[0] for k in _ATTRIBUTES)
 
@@ -287,7 +291,7 @@ def _performed_item(rec: UpsRecord) -> Dataset:
         el("PerformedProcedureStepStartDateTime", dt_value(rec.claimed_at)),
         el("PerformedWorkitemCodeSequence", Sequence([code_item(*WORKITEM_INTERPRETATION)])),
         el("PerformedProcessingParametersSequence", Sequence(params)),
-        el("PerformedProcedureStepEndDateTime", dt_value(rec.completed_at) if rec.status == "completed" else ""),
+        el("PerformedProcedureStepEndDateTime", dt_value(rec.completed_at) if rec.status == WorklistStatus.COMPLETED.value else ""),
         el("OutputInformationSequence", Sequence()),
     ]
     if rec.performed.comment:

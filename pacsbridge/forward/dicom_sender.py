@@ -20,7 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from ..config import Destination
 from .outbox import DueEntry
 from .results import Result
-from .sending import ForwardContext, Outcome, PermanentError, Report
+from .sending import PERMANENT, SENT, TRANSIENT, ForwardContext, Outcome, PermanentError, Report
 
 log = logging.getLogger("pacsbridge.forward.senders")  # the name operators filter on
 
@@ -45,10 +45,10 @@ class _Item:
 
 def _classify_status(status: int) -> str:
     if status in (0x0000, 0xB000, 0xB006, 0xB007):
-        return "sent"
+        return SENT
     if (status & 0xFF00) == 0xA900 or (status & 0xF000) == 0xC000 or status in (0x0122, 0x0124):
-        return "permanent"
-    return "transient"  # 0xA7xx out of resources, 0x0110 processing failure, anything unexpected
+        return PERMANENT
+    return TRANSIENT  # 0xA7xx out of resources, 0x0110 processing failure, anything unexpected
 
 
 class DicomSender:
@@ -149,10 +149,10 @@ class DicomSender:
             try:
                 items.append(self.plan(entry))
             except PermanentError as exc:
-                report(Outcome(entry.id, "permanent", str(exc)))
+                report(Outcome(entry.id, PERMANENT, str(exc)))
             except Exception as exc:  # noqa: BLE001 - a broken source must not stop the others
                 log.exception("outbox %d: cannot read the source of %s", entry.id, entry.object)
-                report(Outcome(entry.id, "permanent", f"cannot read the source: {type(exc).__name__}: {exc}"))
+                report(Outcome(entry.id, PERMANENT, f"cannot read the source: {type(exc).__name__}: {exc}"))
         return items
 
     def _associate(self, destination: Destination, items: list[_Item], report: Report) -> Any:  # noqa: ANN401
@@ -175,13 +175,13 @@ class DicomSender:
         try:
             tls_args = self._tls_args(destination)
         except (OSError, ValueError) as exc:  # unreadable certificate/key: a configuration problem
-            _report_all(items, report, "permanent", f"TLS configuration: {exc}")
+            _report_all(items, report, PERMANENT, f"TLS configuration: {exc}")
             return None
         try:
             assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                                  max_pdu=0, evt_handlers=[(evt.EVT_ACSE_RECV, on_acse_recv)], tls_args=tls_args)
         except Exception as exc:  # noqa: BLE001 - e.g. a name that does not resolve
-            _report_all(items, report, "transient", f"cannot connect: {type(exc).__name__}: {exc}")
+            _report_all(items, report, TRANSIENT, f"cannot connect: {type(exc).__name__}: {exc}")
             return None
         if not assoc.is_established:
             _report_all(items, report, *_not_established(assoc, destination, rejection))
@@ -196,15 +196,15 @@ class DicomSender:
             try:
                 it = future.result()
             except PermanentError as exc:
-                report(Outcome(entry_id, "permanent", str(exc)))
+                report(Outcome(entry_id, PERMANENT, str(exc)))
                 continue
             except Exception as exc:  # noqa: BLE001 - a broken source must not stop the others
                 log.exception("outbox %d: could not build the object", entry_id)
-                report(Outcome(entry_id, "permanent", f"could not build the object: {type(exc).__name__}: {exc}"))
+                report(Outcome(entry_id, PERMANENT, f"could not build the object: {type(exc).__name__}: {exc}"))
                 continue
             if not assoc.is_established:
                 for rest_id, _ in futures[n:]:
-                    report(Outcome(rest_id, "transient", "association ended before it was sent"))
+                    report(Outcome(rest_id, TRANSIENT, "association ended before it was sent"))
                 return
             payload = it.payload
             if (it.sop_class, it.transfer_syntax) not in accepted:
@@ -212,7 +212,7 @@ class DicomSender:
                         (it.sop_class, str(ts)) in accepted for ts in UNCOMPRESSED):
                     payload = dcmread(payload)  # uncompressed: pynetdicom converts the encoding only
                 elif isinstance(payload, Path) or not any(a == it.sop_class for a, _ in accepted):
-                    report(Outcome(it.entry.id, "permanent",
+                    report(Outcome(it.entry.id, PERMANENT,
                                    f"{destination.name} accepts no presentation context for SOP class "
                                    f"{it.sop_class} in transfer syntax {it.transfer_syntax} "
                                    "(originals are never re-encoded)", it.sop_instance))
@@ -220,11 +220,11 @@ class DicomSender:
             try:
                 status = assoc.send_c_store(payload)
             except Exception as exc:  # noqa: BLE001 - connection reset, encoding trouble
-                report(Outcome(it.entry.id, "transient", f"C-STORE failed: {type(exc).__name__}: {exc}",
+                report(Outcome(it.entry.id, TRANSIENT, f"C-STORE failed: {type(exc).__name__}: {exc}",
                                it.sop_instance))
                 continue
             if "Status" not in status:
-                report(Outcome(it.entry.id, "transient",
+                report(Outcome(it.entry.id, TRANSIENT,
                                "no C-STORE response (timed out, aborted or invalid)", it.sop_instance))
                 continue
             code = int(status.Status)
@@ -233,7 +233,7 @@ class DicomSender:
             comment = status.get("ErrorComment")
             if comment:
                 detail += f" ({comment})"
-            report(Outcome(it.entry.id, state, detail if state != "sent" or code else "", it.sop_instance))
+            report(Outcome(it.entry.id, state, detail if state != SENT or code else "", it.sop_instance))
 
 
 def _report_all(items: list[_Item], report: Report, state: str, why: str) -> None:
@@ -244,12 +244,12 @@ def _report_all(items: list[_Item], report: Report, state: str, why: str) -> Non
 def _not_established(assoc: Any, destination: Destination, rejection: list[str]) -> tuple[str, str]:  # noqa: ANN401
     """(state, why) for an association that did not come up."""
     if assoc.is_rejected:
-        return "permanent", rejection[0] if rejection else "association rejected"
+        return PERMANENT, rejection[0] if rejection else "association rejected"
     if assoc.rejected_contexts and not assoc.accepted_contexts:
         # The peer answered but supports none of what we would send (e.g. no SR storage).
         refused = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
-        return "permanent", f"{destination.ae_title} accepted none of the presentation contexts {refused}"
-    return "transient", (f"cannot connect to {destination.host}:{destination.port} or no "
+        return PERMANENT, f"{destination.ae_title} accepted none of the presentation contexts {refused}"
+    return TRANSIENT, (f"cannot connect to {destination.host}:{destination.port} or no "
                          "association (refused, timed out or aborted)")
 
 

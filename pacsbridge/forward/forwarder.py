@@ -30,6 +30,7 @@ from ..config import Destination
 from . import outbox
 from .outbox import DueEntry, RetryPolicy
 from .senders import SENDERS, ForwardContext, Outcome, Sender
+from .sending import PERMANENT, SENT, TRANSIENT
 
 log = logging.getLogger(__name__)
 
@@ -156,13 +157,13 @@ class Forwarder:
             except Exception as exc:  # noqa: BLE001 - a sender bug must not stall the other destinations
                 log.exception("forwarding to %s failed", dest.name)
                 for e in chunk:
-                    report(Outcome(e.id, "transient", f"sender error: {type(exc).__name__}: {exc}"))
+                    report(Outcome(e.id, TRANSIENT, f"sender error: {type(exc).__name__}: {exc}"))
             if self._metrics is not None:
                 self._metrics.batch_seconds.labels(dest.name).observe(time.perf_counter() - t0)
 
     def _record(self, dest: Destination, o: Outcome, what: str = "result") -> None:
-        new: str | None = "sent"
-        if o.state == "sent":
+        new: str | None = outbox.SENT
+        if o.state == SENT:
             if not outbox.mark_sent(self._sessions, o.entry_id, o.object_uid, claimer=self.node):
                 new = None
                 log.warning("outbox %d to %s: acknowledged, but this node's claim had lapsed", o.entry_id, dest.name)
@@ -171,7 +172,7 @@ class Forwarder:
                 log.info("forwarded %s (outbox %d) to %s (%s)", what, o.entry_id,
                          dest.name, dest.kind)
         else:
-            new = outbox.mark_failed(self._sessions, o.entry_id, o.detail, permanent=o.state == "permanent",
+            new = outbox.mark_failed(self._sessions, o.entry_id, o.detail, permanent=o.state == PERMANENT,
                                      policy=self._policy, object_uid=o.object_uid, claimer=self.node)
             level = logging.ERROR if new == outbox.DEAD else logging.WARNING
             log.log(level, "outbox %d to %s: %s (%s)", o.entry_id, dest.name, o.detail,

@@ -14,7 +14,7 @@ from pydicom import dcmread
 
 from ..config import Destination
 from .outbox import DueEntry
-from .sending import ForwardContext, Outcome, PermanentError, Report
+from .sending import PERMANENT, SENT, TRANSIENT, ForwardContext, Outcome, PermanentError, Report
 
 log = logging.getLogger("pacsbridge.forward.senders")  # the name operators filter on
 
@@ -53,7 +53,7 @@ class Hl7Sender:
                 messages.append((entry, *self.build(destination, entry)))
             except Exception as exc:  # noqa: BLE001
                 log.exception("outbox %d: could not build the ORU", entry.id)
-                report(Outcome(entry.id, "permanent", f"could not build the ORU: {type(exc).__name__}: {exc}"))
+                report(Outcome(entry.id, PERMANENT, f"could not build the ORU: {type(exc).__name__}: {exc}"))
         if messages:
             asyncio.run(self._send(destination, messages, report))
 
@@ -70,7 +70,7 @@ class Hl7Sender:
         except (OSError, asyncio.TimeoutError) as exc:
             why = f"cannot connect to {destination.host}:{destination.port}: {type(exc).__name__}: {exc}"
             for entry, control_id, _ in messages:
-                report(Outcome(entry.id, "transient", why, control_id))
+                report(Outcome(entry.id, TRANSIENT, why, control_id))
             return
         try:
             for n, (entry, control_id, msg) in enumerate(messages):
@@ -81,9 +81,9 @@ class Hl7Sender:
                 except Exception as exc:  # noqa: BLE001 - socket errors, no ACK in time, a cut stream: retried
                     why = ("no ACK within %.0f s" % timeout if isinstance(exc, asyncio.TimeoutError)
                            else f"connection failed: {type(exc).__name__}: {exc}")
-                    report(Outcome(entry.id, "transient", why, control_id))
+                    report(Outcome(entry.id, TRANSIENT, why, control_id))
                     for rest, rest_id, _ in messages[n + 1:]:
-                        report(Outcome(rest.id, "transient", "not sent: the connection failed before it",
+                        report(Outcome(rest.id, TRANSIENT, "not sent: the connection failed before it",
                                        rest_id))
                     return
                 report(_ack_outcome(entry.id, control_id, ack))
@@ -101,16 +101,16 @@ def _ack_outcome(entry_id: int, control_id: str, ack: Any) -> Outcome:
         code, acked_id = str(msa[1]).strip().upper(), str(msa[2]).strip()
         text = str(msa[3]) if len(msa) > 3 else ""
     except (KeyError, IndexError):
-        return Outcome(entry_id, "transient", "the answer has no MSA segment", control_id)
+        return Outcome(entry_id, TRANSIENT, "the answer has no MSA segment", control_id)
     try:
         err = str(ack.segment("ERR"))
     except KeyError:
         err = ""
     detail = f"ACK {code}" + (f": {text}" if text else "") + (f" [{err}]" if err else "")
     if acked_id != control_id:
-        return Outcome(entry_id, "transient", f"ACK for message {acked_id!r}, expected {control_id!r}", control_id)
+        return Outcome(entry_id, TRANSIENT, f"ACK for message {acked_id!r}, expected {control_id!r}", control_id)
     if code in ("AA", "CA"):
-        return Outcome(entry_id, "sent", "", control_id)
+        return Outcome(entry_id, SENT, "", control_id)
     if code in ("AR", "CR"):
-        return Outcome(entry_id, "permanent", detail, control_id)
-    return Outcome(entry_id, "transient", detail, control_id)  # AE, CE, anything else
+        return Outcome(entry_id, PERMANENT, detail, control_id)
+    return Outcome(entry_id, TRANSIENT, detail, control_id)  # AE, CE, anything else

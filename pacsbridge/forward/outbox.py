@@ -31,12 +31,12 @@ from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import Destination
-from ..store.models import Event, Instance, OutboxEntry, Prediction, Series, Study, utcnow
+from ..store.models import Event, Instance, OutboxEntry, OutboxState, Prediction, Series, Study, utcnow
 from .results import Result
 
 log = logging.getLogger(__name__)
 
-PENDING, SENT, DEAD = "pending", "sent", "dead"
+PENDING, SENT, DEAD = OutboxState.PENDING.value, OutboxState.SENT.value, OutboxState.DEAD.value
 STATES = (PENDING, SENT, DEAD)
 
 

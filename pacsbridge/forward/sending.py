@@ -6,6 +6,7 @@ Outcomes are ``sent``, ``transient`` (retry later) or ``permanent`` (dead).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +19,21 @@ from .outbox import DueEntry
 from .results import Result
 
 
+class SendResult(str, enum.Enum):
+    """What a sender reports for one outbox entry (the forwarder turns it into the entry's next state)."""
+
+    SENT = "sent"              # acknowledged: the entry becomes sent
+    TRANSIENT = "transient"    # try again later (backoff), dead after outbox_max_age_hours
+    PERMANENT = "permanent"    # the peer or the object can never succeed: the entry becomes dead
+
+
+SENT, TRANSIENT, PERMANENT = SendResult.SENT.value, SendResult.TRANSIENT.value, SendResult.PERMANENT.value
+
+
 @dataclass(frozen=True)
 class Outcome:
     entry_id: int
-    state: str  # "sent" | "transient" | "permanent"
+    state: str  # a SendResult value
     detail: str = ""
     object_uid: str | None = None
 

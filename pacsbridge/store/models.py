@@ -80,6 +80,14 @@ class Finding(str, enum.Enum):
     OTHER = "other"
 
 
+class OutboxState(str, enum.Enum):
+    """Where a result is on its way to one destination (pacsbridge.forward.outbox is the one state machine)."""
+
+    PENDING = "pending"            # due now or at next_attempt_at (after a transient failure)
+    SENT = "sent"                  # the peer acknowledged it
+    DEAD = "dead"                  # refused for good, or still failing after outbox_max_age_hours
+
+
 class Role(str, enum.Enum):
     """Roles of API users: admin may do everything, radiologist works the worklist, monitor reads metrics/stats."""
 
@@ -304,7 +312,7 @@ class OutboxEntry(Base):
     prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64), index=True)  # a [[destinations]] name
     object: Mapped[str] = mapped_column(String(16))  # sr | heatmap | images | oru
-    state: Mapped[str] = mapped_column(String(8), default="pending", index=True)
+    state: Mapped[str] = mapped_column(String(8), default=OutboxState.PENDING.value, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -31,15 +31,15 @@ while the rest of the cluster runs.  Leases compare host clocks: keep them in sy
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import Event, Instance, InstanceState, Series, utcnow
+from .claim_rules import stale_reason
+from .models import Event, Instance, InstanceState, Series, as_utc, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,6 @@ class NotRetryable(ValueError):
 
 
 # ----------------------------------------------------------------------------- claims
-
-def _utc(dt: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything stored is UTC (store/ does not import worklist/).
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
 
 
 def _due(now: datetime):  # noqa: ANN202 - a SQL expression
@@ -155,38 +151,6 @@ def claim(sessions: sessionmaker[Session], worker_id: str, limit: int, now: date
     return [Claimed(*r) for r in rows]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def stale_reason(owner: str | None, claimed_at: datetime | None, worker_id: str, stale_after: timedelta,
-                 now: datetime, *, lease_until: datetime | None = None, include_own: bool = True) -> str | None:
-    """Why a ``processing`` claim counts as abandoned, seen from ``worker_id``; None if it holds.
-
-    ``include_own``: the caller is between its batches, so a claim under its own id is a leftover.
-    A claim with a lease holds exactly until the lease ends.  Claims made before leases existed
-    (``lease_until`` NULL, ids ``host:pid``) hold while their pid lives on this host, or for ``stale_after``.
-    """
-    if not owner:
-        return "claim without owner"
-    if owner == worker_id:
-        return "left over from a batch of this worker that was not recorded" if include_own else None
-    if lease_until is not None:
-        ends = _utc(lease_until)
-        return f"its lease expired at {ends.isoformat(timespec='seconds')}" if now > ends else None
-    host = worker_id.split(":", 1)[0]
-    o_host, _, o_pid = owner.rpartition(":")
-    if o_host == host and o_pid.isdigit() and int(o_pid) != os.getpid() and not _pid_alive(int(o_pid)):
-        return f"worker process {o_pid} on this host is gone"
-    if claimed_at is None or now - _utc(claimed_at) > stale_after:
-        return f"claim older than {stale_after.total_seconds():.0f} s"
-    return None
 
 
 def recover_stale_claims(sessions: sessionmaker[Session], worker_id: str, stale_after: timedelta,
@@ -203,7 +167,7 @@ def recover_stale_claims(sessions: sessionmaker[Session], worker_id: str, stale_
     the worker runs out of attempts, not the rest of its batch.
     """
     policy = policy or RetryPolicy()
-    now = _utc(now or utcnow())
+    now = as_utc(now or utcnow())
     released = 0
     maybe = [Instance.claimed_by.is_(None), Instance.lease_until.is_(None), Instance.lease_until < now]
     if include_own:

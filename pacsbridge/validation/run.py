@@ -221,8 +221,8 @@ def data_hash(units: list[Unit]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def validate(units: list[Unit], accounting: dict[str, Any], model: LoadedModel, opts: Options) -> dict[str, Any]:
-    """The full result (the ``--json`` object); raises :class:`ValidationInputError` for unusable labels."""
+def _check_usable(units: list[Unit], accounting: dict[str, Any], opts: Options) -> None:
+    """Stop with :class:`ValidationInputError` when too many label rows are unusable or none is left."""
     rows = accounting["rows"]
     if rows and accounting["rows_unusable"] / rows > opts.max_unusable_share:
         raise ValidationInputError(
@@ -231,6 +231,52 @@ def validate(units: list[Unit], accounting: dict[str, Any], model: LoadedModel, 
             f"{accounting['unusable'][0]['reason']}")
     if not units:
         raise ValidationInputError("no labelled file to validate (check the key column and the PATHs)")
+
+
+def _site_ood_cut(units: list[Unit], model: LoadedModel, opts: Options,
+                  current_cut: float | None) -> tuple[float | None, float | None, float | None]:
+    """(local cut, site cut, model ceiling).  The site's OOD cut keeps ``ood_keep`` of the site's own images
+    that reached the model (with one-sided confidence ``ood_confidence``), never looser than the ceiling."""
+    ceiling = ood_ceiling(model)
+    site_oods = [im.ood_score for u in units for im in u.images
+                 if im.ood_score is not None and math.isfinite(im.ood_score)]
+    if ceiling is not None and site_oods:
+        local = stats.keep_cut(site_oods, opts.ood_keep, opts.ood_confidence)
+        return local, min(local, ceiling), ceiling
+    return None, current_cut, ceiling
+
+
+def _proposal(site: list, site_cut: float | None, local: float | None, ceiling: float | None,
+              opts: Options) -> dict[str, Any]:
+    """The proposed operating point: the site threshold (lower Wilson bound) at the site's OOD cut."""
+    found = stats.site_threshold([o.score for o in site if o.label == 1], opts.target_sensitivity, opts.confidence)
+    proposed = operating_point(site, found[0] if found else None, site_cut)
+    proposed["ood_local_cut"] = local
+    proposed["ood_ceiling"] = ceiling
+    proposed["rule"] = THRESHOLD_RULE.format(confidence=opts.confidence, target=opts.target_sensitivity)
+    if found is None:
+        proposed["why_none"] = (f"no threshold reaches a lower bound of {opts.target_sensitivity} on sensitivity with "
+                                f"{sum(1 for o in site if o.label == 1)} pneumonia units at confidence {opts.confidence}")
+    return proposed
+
+
+def _calibration_refusal(site: list, proposed: dict[str, Any], accounting: dict[str, Any],
+                         opts: Options) -> str | None:
+    """Why no calibration may be written from this result (too few scored per class, no threshold)."""
+    pos_scored = sum(1 for o in site if o.label == 1 and o.score is not None)
+    neg_scored = sum(1 for o in site if o.label == 0 and o.score is not None)
+    if pos_scored < opts.min_per_class or neg_scored < opts.min_per_class:
+        return (f"too few scored labelled {'studies' if accounting['key_column'] in STUDY_KEYS else 'images'}: "
+                f"{pos_scored} pneumonia and {neg_scored} normal, at least {opts.min_per_class} of each are needed "
+                "(validation_min_per_class)")
+    if proposed["threshold"] is None:
+        return proposed["why_none"]
+    return None
+
+
+def validate(units: list[Unit], accounting: dict[str, Any], model: LoadedModel, opts: Options) -> dict[str, Any]:
+    """The full result (the ``--json`` object); raises :class:`ValidationInputError` for unusable labels."""
+    _check_usable(units, accounting, opts)
     current_cut = model.ood.threshold if model.ood is not None else None
     current = evaluate_units(units, model, current_cut)
     refused_by: Counter[str] = Counter(
@@ -239,40 +285,12 @@ def validate(units: list[Unit], accounting: dict[str, Any], model: LoadedModel, 
     pos_scores = [o.score for o in current if o.label == 1 and o.score is not None]
     neg_scores = [o.score for o in current if o.label == 0 and o.score is not None]
     auc = stats.auc_delong(pos_scores, neg_scores)
-
-    # The site's OOD cut: keep `ood_keep` of the site's own images that reached the model (with one-sided
-    # confidence `ood_confidence`), never looser than the model's ceiling.
-    ceiling = ood_ceiling(model)
-    site_oods = [im.ood_score for u in units for im in u.images
-                 if im.ood_score is not None and math.isfinite(im.ood_score)]
-    if ceiling is not None and site_oods:
-        local = stats.keep_cut(site_oods, opts.ood_keep, opts.ood_confidence)
-        site_cut: float | None = min(local, ceiling)
-    else:
-        local, site_cut = None, current_cut
+    local, site_cut, ceiling = _site_ood_cut(units, model, opts, current_cut)
     site = evaluate_units(units, model, site_cut)
-    found = stats.site_threshold([o.score for o in site if o.label == 1], opts.target_sensitivity, opts.confidence)
-    proposed_threshold = found[0] if found else None
-    proposed = operating_point(site, proposed_threshold, site_cut)
-    proposed["ood_local_cut"] = local
-    proposed["ood_ceiling"] = ceiling
-    proposed["rule"] = THRESHOLD_RULE.format(confidence=opts.confidence, target=opts.target_sensitivity)
-    if found is None:
-        proposed["why_none"] = (f"no threshold reaches a lower bound of {opts.target_sensitivity} on sensitivity with "
-                                f"{sum(1 for o in site if o.label == 1)} pneumonia units at confidence {opts.confidence}")
+    proposed = _proposal(site, site_cut, local, ceiling, opts)
     n_pos = sum(1 for u in units if u.label == 1)
-    n_neg = len(units) - n_pos
-    pos_scored = sum(1 for o in site if o.label == 1 and o.score is not None)
-    neg_scored = sum(1 for o in site if o.label == 0 and o.score is not None)
-    refusal = None
-    if pos_scored < opts.min_per_class or neg_scored < opts.min_per_class:
-        refusal = (f"too few scored labelled {'studies' if accounting['key_column'] in STUDY_KEYS else 'images'}: "
-                   f"{pos_scored} pneumonia and {neg_scored} normal, at least {opts.min_per_class} of each are needed "
-                   "(validation_min_per_class)")
-    elif proposed_threshold is None:
-        refusal = proposed["why_none"]
     return {
-        "n": len(units), "n_pneumonia": n_pos, "n_normal": n_neg,
+        "n": len(units), "n_pneumonia": n_pos, "n_normal": len(units) - n_pos,
         "unit": "study" if accounting["key_column"] in STUDY_KEYS else "image",
         "images": sum(len(u.images) for u in units),
         "scored": sum(1 for o in current if o.score is not None),
@@ -282,7 +300,8 @@ def validate(units: list[Unit], accounting: dict[str, Any], model: LoadedModel, 
         "at_current": {**operating_point(current, model.threshold, current_cut), "calibration": model.calibration_id},
         "proposed": proposed,
         "target_sensitivity": opts.target_sensitivity, "confidence": opts.confidence, "ood_keep": opts.ood_keep,
-        "ood_confidence": opts.ood_confidence, "min_per_class": opts.min_per_class, "calibration_refused": refusal,
+        "ood_confidence": opts.ood_confidence, "min_per_class": opts.min_per_class,
+        "calibration_refused": _calibration_refusal(site, proposed, accounting, opts),
         "model": {"model_id": model.model_id, "weights_sha256": model.weights_sha256,
                   "calibration": model.calibration_id},
         "labels": accounting, "data_sha256": data_hash(units),

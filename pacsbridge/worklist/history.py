@@ -13,11 +13,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..store.models import Event, Instance, OutboxEntry, Prediction, Series, Study, WorklistItem
+from ..store.models import (Event, Finding, Instance, InstanceState, OutboxEntry, OutboxState, Prediction, Series,
+                             Study, WorklistItem)
 
 _OBJECTS = {"sr": "the AI result (DICOM SR)", "heatmap": "the heatmap image", "images": "the images",
             "oru": "the AI result (HL7 ORU)"}
-_FINDINGS = {"pneumonia": "pneumonia", "no_pneumonia": "no pneumonia", "other": "other finding"}
+_FINDINGS = {Finding.PNEUMONIA.value: "pneumonia", Finding.NO_PNEUMONIA.value: "no pneumonia",
+             Finding.OTHER.value: "other finding"}
 
 
 def _pct(p: float) -> str:
@@ -68,9 +70,9 @@ def study_history(session: Session, item_id: int) -> list[dict[str, Any]]:
             verdict = "flagged" if pred.positive else "not flagged"
             out.append(_entry(pred.created_at, "scored", f"{label} scored {_pct(pred.probability)} by {pred.model_id} "
                               f"(threshold {_pct(pred.threshold)}): {verdict}"))
-        elif inst.state == "not_analysed":
+        elif inst.state == InstanceState.NOT_ANALYSED.value:
             out.append(_entry(inst.updated_at, "not_analysed", f"{label} not analysed: {inst.state_reason or 'no reason'}"))
-        elif inst.state == "failed":
+        elif inst.state == InstanceState.FAILED.value:
             retry = " (will be tried again)" if inst.next_attempt_at is not None else " (no retry left)"
             out.append(_entry(inst.updated_at, "failed", f"{label} could not be scored because of a fault of the "
                               f"system, not of the image: {inst.last_error or inst.state_reason or 'no reason'}{retry}"))
@@ -87,9 +89,9 @@ def study_history(session: Session, item_id: int) -> list[dict[str, Any]]:
             select(OutboxEntry, Prediction.instance_id).join(Prediction, Prediction.id == OutboxEntry.prediction_id)
             .where(Prediction.instance_id.in_(list(numbers)))):
         what = f"{_OBJECTS.get(entry.object, entry.object)} of image {numbers[inst_id]}"
-        if entry.state == "sent":
+        if entry.state == OutboxState.SENT.value:
             out.append(_entry(entry.sent_at, "forwarded", f"Forwarded {what} to {entry.destination}"))
-        elif entry.state == "dead":
+        elif entry.state == OutboxState.DEAD.value:
             out.append(_entry(entry.updated_at, "forward_failed",
                               f"Could not forward {what} to {entry.destination}: {entry.last_error or 'gave up'}"))
         elif entry.attempts:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from ...auth.users import Principal
+from ...store.models import Finding
 from ...worklist import lifecycle as lc
 from ...worklist.items import ALL_STATUSES, list_worklist
 from ...worklist.reports import item_detail
@@ -59,7 +60,7 @@ class WorklistEntry(BaseModel):
 
 
 class CompleteBody(BaseModel):
-    finding: Literal["pneumonia", "no_pneumonia", "other"]
+    finding: Finding
     comment: str | None = Field(None, max_length=4000)
 
 
@@ -132,7 +133,7 @@ def release(item_id: ItemId, move: _Transition = Depends(), who: Principal = Dep
 def complete(item_id: ItemId, body: CompleteBody, move: _Transition = Depends(),
              who: Principal = Depends(reader)) -> dict[str, Any]:
     """Record the finding (the claimant or an admin; 409 otherwise)."""
-    return move(lc.complete, item_id, who, finding=body.finding, comment=body.comment)
+    return move(lc.complete, item_id, who, finding=body.finding.value, comment=body.comment)
 
 
 @router.post("/api/worklist/{item_id}/cancel")

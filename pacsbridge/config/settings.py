@@ -1,119 +1,18 @@
-"""Settings: one TOML file plus ``PACSBRIDGE_<KEY>`` environment overrides, validated once at start.
-
-Precedence (highest first): environment variables, the TOML file, built-in defaults.  The file
-comes from ``--config`` or ``PACSBRIDGE_CONFIG``, else ``/etc/pacsbridge/pacsbridge.toml`` when it
-exists; without one the defaults run the daemon with SQLite in ``./var`` and the shipped model.
-"""
+"""The settings model: every key of the daemon, its default, bounds and checks."""
 
 from __future__ import annotations
 
 import json
-import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsError, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 1-16 chars, no backslash/control
+from .destination import AE_TITLE_RE, Destination
+from .roles import ROLES, parse_roles
 
-DEFAULT_MODEL = Path(__file__).parent / "models" / "pneumonia-v4.pt"
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; the message names the key and the problem."""
-
-
-#: The parts of ``pacsbridge serve`` a node may run (``roles``, ``serve --roles``).
-ROLES = ("receiver", "worker", "scheduler", "api")
-
-
-def parse_roles(text: str) -> list[str]:
-    """``"receiver,worker"`` -> ["receiver", "worker"]; ValueError naming an unknown role."""
-    roles = [r.strip().lower() for r in text.split(",") if r.strip()]
-    unknown = [r for r in roles if r not in ROLES]
-    if unknown:
-        raise ValueError(f"unknown role {unknown[0]!r} (known: {', '.join(ROLES)})")
-    if not roles:
-        raise ValueError(f"at least one role is needed ({', '.join(ROLES)})")
-    return list(dict.fromkeys(roles))
-
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_HL7_ID_RE = re.compile(r"^[^|^~\\&\r\n]{0,180}$")  # no HL7 delimiters (we do not escape ids)
-
-
-class Destination(BaseModel):
-    """One place results are forwarded to (a ``[[destinations]]`` table); see pacsbridge/forward/."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(description="Unique name (letters, digits, _ . -); used in the outbox and logs.")
-    kind: Literal["dicom", "hl7"]
-    host: str = Field(min_length=1, max_length=253)
-    port: int = Field(ge=1, le=65535)
-    send: Literal["positives", "all"] = "positives"
-    # DICOM: the peer's AE title and what to send for each result.
-    ae_title: str | None = None
-    objects: list[Literal["sr", "heatmap", "images"]] = Field(default_factory=lambda: ["sr"])
-    # HL7: MSH-5/6 (receiving) and MSH-3/4 (sending) application and facility.
-    receiving_application: str = ""
-    receiving_facility: str = ""
-    sending_application: str = "PACSBRIDGE"
-    sending_facility: str = ""
-    # HL7: MSH-18 and the matching encoding of the bytes on the wire (UTF-8, Latin-1 or ASCII).
-    hl7_encoding: Literal["UNICODE UTF-8", "8859/1", "ASCII"] = "UNICODE UTF-8"
-    timeout_s: float = Field(30.0, gt=0, le=600, description="Connect/association/DIMSE/ACK timeout.")
-    max_per_association: int = Field(20, ge=1, le=1000, description="Objects sent over one association/connection.")
-    # DICOM TLS for this destination (SECURITY.md): the server is verified against tls_ca_file (or the
-    # system store) and, with tls_check_hostname, its certificate must name `host`; tls_cert_file and
-    # tls_key_file are our client certificate for mutual TLS.  The minimum version is tls_min_version.
-    tls: bool = False
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    tls_check_hostname: bool = True
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError("must be 1-64 letters, digits, '_', '.' or '-' (starting with a letter or digit)")
-        return v
-
-    @field_validator("ae_title")
-    @classmethod
-    def _check_peer_ae(cls, v: str | None) -> str | None:
-        if v is not None and (not _AE_RE.match(v) or not v.strip()):
-            raise ValueError("must be 1-16 printable characters without backslash")
-        return v
-
-    @field_validator("receiving_application", "receiving_facility", "sending_application", "sending_facility")
-    @classmethod
-    def _check_hl7_id(cls, v: str) -> str:
-        if not _HL7_ID_RE.match(v):
-            raise ValueError("must not contain HL7 delimiters (| ^ ~ \\ &) or line breaks")
-        return v
-
-    @model_validator(mode="after")
-    def _check_kind(self) -> "Destination":
-        if self.kind == "dicom":
-            if not self.ae_title:
-                raise ValueError("ae_title is required when kind = 'dicom'")
-            if not self.objects:
-                raise ValueError("objects must name at least one of 'sr', 'heatmap', 'images'")
-            if len(set(self.objects)) != len(self.objects):
-                raise ValueError("objects lists an object twice")
-        if self.tls and self.kind != "dicom":
-            raise ValueError("tls: only DICOM destinations can use TLS")
-        if (self.tls_cert_file is None) != (self.tls_key_file is None):
-            raise ValueError("tls_cert_file and tls_key_file go together")
-        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
-            path = getattr(self, name)
-            if path is not None and not path.is_file():
-                raise ValueError(f"{name}: no such file: {path}")
-        return self
+DEFAULT_MODEL = Path(__file__).parent.parent / "models" / "pneumonia-v4.pt"
 
 
 class Settings(BaseSettings):
@@ -269,7 +168,7 @@ class Settings(BaseSettings):
     @field_validator("viewer_url")
     @classmethod
     def _check_viewer_url(cls, v: str) -> str:
-        from .worklist.viewer import check_template
+        from ..worklist.viewer import check_template
 
         return check_template(v.strip())
 
@@ -311,7 +210,7 @@ class Settings(BaseSettings):
     @field_validator("ae_title")
     @classmethod
     def _check_ae(cls, v: str) -> str:
-        if not _AE_RE.match(v) or not v.strip():
+        if not AE_TITLE_RE.match(v) or not v.strip():
             raise ValueError("must be 1-16 printable characters without backslash")
         return v
 
@@ -319,7 +218,7 @@ class Settings(BaseSettings):
     @classmethod
     def _check_aes(cls, v: list[str]) -> list[str]:
         for ae in v:
-            if not _AE_RE.match(ae):
+            if not AE_TITLE_RE.match(ae):
                 raise ValueError(f"{ae!r} is not a valid AE title (1-16 printable characters)")
         return v
 
@@ -419,128 +318,3 @@ class Settings(BaseSettings):
         # A config file's values come in as init values (load_settings), minus those the environment sets.
         return init_settings, env_settings
 
-
-#: Settings naming files or folders: a relative value in a config file is relative to that file's folder
-#: (so every command given the same --config finds the same data, from any working directory).
-PATH_KEYS = ("data_dir", "model_path", "site_calibration", "dicom_tls_cert", "dicom_tls_key", "dicom_tls_ca", "dicom_tls_client_cert",
-             "dicom_tls_client_key", "http_tls_cert", "http_tls_key")
-
-
-def _check_toml_lists(data: dict[str, Any], path: Path) -> None:
-    """A list setting written as a TOML string ("PACS1") is an error, not a silent one-item list."""
-    for key, info in Settings.model_fields.items():
-        if key in data and getattr(info.annotation, "__origin__", None) is list and not isinstance(data[key], list):
-            raise ConfigError(
-                f"invalid configuration: {key} (PACSBRIDGE_{key.upper()}): in {path} it must be a TOML list, "
-                f'e.g. {key} = ["PACS1", "CR_ROOM2"] (a comma-separated string is only for the environment '
-                "variable)")
-
-
-def _check_toml_booleans(data: dict[str, Any], path: Path) -> None:
-    """A boolean setting must be TOML true or false: "yes" or 1 is refused rather than guessed."""
-    def check(model: type[BaseModel], table: dict[str, Any], where: str) -> None:
-        for key, info in model.model_fields.items():
-            if info.annotation is bool and key in table and not isinstance(table[key], bool):
-                env = f" (PACSBRIDGE_{key.upper()})" if model is Settings else ""
-                raise ConfigError(f"invalid configuration: {where}{key}{env}: in {path} it must be true or false "
-                                  f"(without quotes), not {table[key]!r}")
-
-    check(Settings, data, "")
-    for i, entry in enumerate(data.get("destinations") or []):
-        if isinstance(entry, dict):
-            name = entry.get("name")
-            check(Destination, entry, f"destinations[{i}]" + (f" {name!r}" if isinstance(name, str) else "") + ".")
-
-
-def _relative_to_config(data: dict[str, Any], path: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in PATH_KEYS:
-        value = data.get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute() \
-                and f"PACSBRIDGE_{key.upper()}" not in os.environ:
-            out[key] = str((path.resolve().parent / value))
-    return out
-
-
-#: Read when neither --config nor PACSBRIDGE_CONFIG names a file and it exists (the systemd setup's
-#: file, so admin commands find the daemon's data without repeating its settings).
-DEFAULT_CONFIG_FILE = Path("/etc/pacsbridge/pacsbridge.toml")
-
-
-def config_path(config_file: str | Path | None = None) -> Path | None:
-    """The config file in use: ``--config``, else ``PACSBRIDGE_CONFIG``, else
-    :data:`DEFAULT_CONFIG_FILE` when it exists (``PACSBRIDGE_CONFIG=""`` turns that off), else None."""
-    if config_file:
-        return Path(config_file)
-    env = os.environ.get("PACSBRIDGE_CONFIG")
-    if env is not None:
-        return Path(env) if env else None
-    default = Path(os.environ.get("PACSBRIDGE_DEFAULT_CONFIG", DEFAULT_CONFIG_FILE))
-    return default if default.is_file() else None
-
-
-def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Read, merge and validate the settings; raises :class:`ConfigError` naming the bad key."""
-    path = config_path(config_file)
-    if path is not None:
-        overrides = {**_from_file(Path(path)), **overrides}
-    try:
-        return Settings(**overrides)
-    except SettingsError as exc:  # e.g. PACSBRIDGE_DESTINATIONS that is not JSON
-        field = re.search(r'field "(\w+)"', str(exc))
-        key = field.group(1) if field else "config"
-        raise ConfigError(f"invalid configuration: {key} (PACSBRIDGE_{key.upper()}): not valid JSON "
-                          f"({exc.__cause__ or exc})") from None
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            key = _destination_key(err["loc"], path) or ".".join(str(p) for p in err["loc"]) or "config"
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            env_key = str(err["loc"][0]) if err["loc"] else key.split(".")[0]
-            problems.append(f"{key} (PACSBRIDGE_{env_key.upper()}): {msg}")
-        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
-
-
-def _from_file(path: Path) -> dict[str, Any]:
-    """The settings a TOML config file gives, with relative paths made relative to the file; keys the
-    environment sets are left out (PACSBRIDGE_<KEY> wins over the file)."""
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist or is not a file")
-    try:
-        import tomllib
-
-        data = tomllib.loads(path.read_text())
-    except Exception as exc:  # noqa: BLE001 - report any parse failure with the file name
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    _check_toml_lists(data, path)
-    _check_toml_booleans(data, path)
-    data = {**data, **_relative_to_config(data, path)}
-    in_env = {k.upper() for k in os.environ}  # environment names are matched without regard to case
-    return {k: v for k, v in data.items() if f"PACSBRIDGE_{k.upper()}" not in in_env}
-
-
-def _destination_key(loc: tuple, config_file: Path | None) -> str | None:
-    """``destinations[1] 'ris'.port`` for an error inside a destination entry (its index and name)."""
-    if len(loc) < 2 or loc[0] != "destinations" or not isinstance(loc[1], int):
-        return None
-    name = None
-    try:  # the entry's name, from wherever the list came from (environment first, as in the settings)
-        raw = os.environ.get("PACSBRIDGE_DESTINATIONS")
-        if raw is not None:
-            import json
-
-            entries = json.loads(raw)
-        elif config_file is not None:
-            import tomllib
-
-            entries = tomllib.loads(Path(config_file).read_text()).get("destinations", [])
-        else:
-            entries = []
-        name = entries[loc[1]].get("name")
-    except Exception:  # noqa: BLE001 - the name is a courtesy; the index is enough
-        pass
-    key = f"destinations[{loc[1]}]" + (f" {name!r}" if isinstance(name, str) else "")
-    rest = ".".join(str(p) for p in loc[2:])
-    return f"{key}.{rest}" if rest else key
