@@ -30,7 +30,6 @@ from sqlalchemy.orm import Session
 from ..store.models import (
     Finding, Instance, InstanceState, Label, Prediction, Series, WorklistItem, WorklistStatus, utcnow,
 )
-from ..store.models import as_utc
 from .stats import wilson_interval
 
 DEFAULT_WEEKS = 12
@@ -40,7 +39,7 @@ WEEK = timedelta(days=7)
 
 def week_bounds(weeks: int, now: datetime | None = None) -> list[datetime]:
     """``weeks + 1`` Mondays 00:00 UTC: the start of each week, oldest first, and the end of the last."""
-    now = as_utc(now or utcnow())
+    now = now or utcnow()
     monday = (now - timedelta(days=now.weekday())).replace(hour=0, minute=0, second=0, microsecond=0)
     first = monday - (weeks - 1) * WEEK
     return [first + i * WEEK for i in range(weeks + 1)]
