@@ -102,6 +102,23 @@ def database_url_for(backend: str, sqlite_path: Path) -> Iterator[str]:
         yield url
 
 
+
+def migrated_sessions(url: str) -> Iterator[sessionmaker[Session]]:
+    """Generator behind the ``sessions`` fixtures: the database at ``url`` migrated to head; the
+    engine is disposed afterwards."""
+    engine = make_engine(url)
+    try:
+        migrations.upgrade(engine)
+        yield make_sessionmaker(engine)
+    finally:
+        engine.dispose()
+
+
+def migrated_sessions_for(backend: str, sqlite_path: Path) -> Iterator[sessionmaker[Session]]:
+    """:func:`migrated_sessions` of :func:`database_url_for` (a SQLite file or a fresh PostgreSQL schema)."""
+    for url in database_url_for(backend, sqlite_path):
+        yield from migrated_sessions(url)
+
 # -- synthetic images ----------------------------------------------------------------------------
 def make_image(
     sop_class: str = ComputedRadiographyImageStorage, *, rows: int = 64, cols: int = 48,

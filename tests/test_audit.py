@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from dicom_support import database_url_for
+from dicom_support import database_url_for, migrated_sessions_for
 from pacsbridge.api.app import create_app
 from pacsbridge.api.server import HttpServer
 from pacsbridge.auth.users import create_user
@@ -38,13 +38,7 @@ ANNA = lifecycle.Actor("anna", "radiologist")
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def sessions(request, tmp_path: Path):
-    for url in database_url_for(request.param, tmp_path / "audit.db"):
-        engine = make_engine(url)
-        try:
-            migrations.upgrade(engine)
-            yield make_sessionmaker(engine)
-        finally:
-            engine.dispose()
+    yield from migrated_sessions_for(request.param, tmp_path / "audit.db")
 
 
 def _scored(sessions, uid: str, p: float, at: datetime, *, n: int = 1, shadow: bool = False,

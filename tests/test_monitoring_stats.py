@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from dicom_support import database_url_for
+from dicom_support import migrated_sessions_for
 from pacsbridge.store import migrations
 from pacsbridge.store.db import make_engine, make_sessionmaker
 from pacsbridge.store.models import (
@@ -32,13 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(params=["sqlite", "postgresql"])
 def sessions(request, tmp_path: Path):
     """A migrated database: a SQLite file, or a fresh schema on the test PostgreSQL (dicom_support)."""
-    for url in database_url_for(request.param, tmp_path / "pb.db"):
-        engine = make_engine(url)
-        try:
-            migrations.upgrade(engine)
-            yield make_sessionmaker(engine)
-        finally:
-            engine.dispose()
+    yield from migrated_sessions_for(request.param, tmp_path / "pb.db")
 
 
 def _study(session, uid: str, *, accession: str | None = None, probability: float | None = None,

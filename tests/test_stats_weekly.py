@@ -25,7 +25,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from dicom_support import database_url_for
+from dicom_support import migrated_sessions_for
 from pacsbridge.api.app import create_app
 from pacsbridge.api.server import HttpServer
 from pacsbridge.auth.users import create_user
@@ -47,13 +47,7 @@ MONDAY = {45: datetime(2026, 11, 2, tzinfo=timezone.utc), 44: datetime(2026, 10,
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def sessions(request, tmp_path: Path):
-    for url in database_url_for(request.param, tmp_path / "pb.db"):
-        engine = make_engine(url)
-        try:
-            migrations.upgrade(engine)
-            yield make_sessionmaker(engine)
-        finally:
-            engine.dispose()
+    yield from migrated_sessions_for(request.param, tmp_path / "pb.db")
 
 
 def _image(sessions, uid: str, at: datetime, probability: float | None, model_id: str = "m",  # noqa: ANN001

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
-from dicom_support import daemon_env, database_url_for, free_port, pacsbridge_cmd
+from dicom_support import daemon_env, database_url_for, free_port, migrated_sessions, pacsbridge_cmd
 from pacsbridge.store import migrations, queue, workers
 from pacsbridge.store.db import make_engine, make_sessionmaker
 from pacsbridge.store.models import Event, Instance, Prediction, utcnow
@@ -37,12 +37,7 @@ def database_url(request, tmp_path) -> Iterator[str]:
 
 @pytest.fixture
 def sessions(database_url):
-    engine = make_engine(database_url)
-    migrations.upgrade(engine)
-    try:
-        yield make_sessionmaker(engine)
-    finally:
-        engine.dispose()
+    yield from migrated_sessions(database_url)
 
 
 def _rows(sessions) -> list:
