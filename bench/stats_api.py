@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 from pacsbridge.api.app import create_app  # noqa: E402
 from pacsbridge.api.server import HttpServer  # noqa: E402
 from pacsbridge.auth.users import create_user  # noqa: E402
-from pacsbridge.store import migrations  # noqa: E402
+from pacsbridge.store import migrations, study_scores  # noqa: E402
 from pacsbridge.store.db import make_engine, make_sessionmaker  # noqa: E402
 from pacsbridge.store.models import Instance, Label, Prediction, Series, Study, WorklistItem, utcnow  # noqa: E402
 from pacsbridge.validation.drift import DriftMonitor, Reference  # noqa: E402
@@ -73,6 +73,13 @@ def fill(engine, n: int, n_labels: int) -> None:  # noqa: ANN001
                 id=i, study_id=i, ups_uid=f"1.2.826.0.1.58.{i}", priority=1.0, probability=p, status="completed",
                 first_positive_at=at, created_at=at, updated_at=at, completed_at=at + timedelta(minutes=30),
                 finding="pneumonia" if rng.random() < 0.6 else "no_pneumonia", completed_by="bench"))
+    # Audit reads (audit_fraction 0.02): 2 % of the studies scored negative, read, 5 % pneumonia.
+    negatives = [r["instance_id"] for r in rows[Prediction] if not r["positive"]]
+    for j, sid in enumerate(rng.sample(negatives, len(negatives) // 50), start=n + 1):
+        rows[WorklistItem].append(dict(
+            id=j, study_id=sid, ups_uid=f"1.2.826.0.1.59.{sid}", priority=0.1, probability=0.1, status="completed",
+            kind="audit", first_positive_at=now, created_at=now, updated_at=now, completed_at=now,
+            finding="pneumonia" if rng.random() < 0.05 else "no_pneumonia", completed_by="bench"))
     for j, sid in enumerate(rng.sample(range(1, n + 1), n_labels), start=1):
         rows[Label].append(dict(id=j, source="ris.csv", study_key=f"uid:1.2.826.0.1.57.{sid}",
                                 study_instance_uid=f"1.2.826.0.1.57.{sid}", finding=rng.choice(
@@ -82,6 +89,7 @@ def fill(engine, n: int, n_labels: int) -> None:  # noqa: ANN001
         for table, batch in rows.items():
             for k in range(0, len(batch), 2000):
                 conn.execute(insert(table.__table__), batch[k:k + 2000])
+        study_scores.rebuild(conn)  # bulk inserts bypass the ORM event that keeps it
         if engine.dialect.name == "postgresql":
             conn.execute(text("ANALYZE"))
 

@@ -195,6 +195,31 @@ class Prediction(Base):
     instance: Mapped[Instance] = relationship(back_populates="prediction")
 
 
+class StudyScore(Base):
+    """What one (model, calibration) made of one study, kept up to date as predictions are recorded
+    (pacsbridge.store.study_scores): the live figures count studies from these rows instead of
+    grouping every prediction by study.  Predictions are never changed or deleted, so these rows
+    only move forward."""
+
+    __tablename__ = "study_scores"
+    # Study and image counts per model and calibration, in total and since a date, from the index alone.
+    __table_args__ = (Index("ix_study_scores_model", "model_id", "calibration", "last_scored_at", "last_positive_at",
+                            "last_shadow_at", "images", "positive_images", "shadow_images"),)
+
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    calibration: Mapped[str] = mapped_column(String(32), primary_key=True)
+    last_scored_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: Latest prediction of the study that was positive (the study is flagged); NULL: none was.
+    last_positive_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: Latest prediction made in shadow mode; NULL: none was.
+    last_shadow_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: Predictions of the study by this (model, calibration): all, positive, in shadow mode.
+    images: Mapped[int] = mapped_column(Integer, default=0)
+    positive_images: Mapped[int] = mapped_column(Integer, default=0)
+    shadow_images: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class WorklistItem(Base):
     """A study with a positive prediction, on the radiologists' queue (also a DICOM UPS instance).
 
@@ -383,3 +408,7 @@ class ClusterIdentity(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
     cluster_id: Mapped[str] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+# Keeps study_scores in step with every prediction recorded, whoever records it.
+from . import study_scores as _study_scores  # noqa: E402,F401

@@ -1,7 +1,9 @@
 """Live performance at the site: per model and calibration, over a window and in total.
 
-Every figure comes from aggregate SQL over indexed columns (one row per model and calibration
-comes back, not one per prediction); only the receipt-to-read times of completed items are
+Every figure comes from aggregate SQL over indexed columns, total and window in one pass (one row
+per model and calibration comes back, not one per prediction); studies are counted from
+``study_scores`` (pacsbridge.store.study_scores), kept as predictions are recorded, not by grouping
+every prediction by study.  Only the receipt-to-read times of the latest completed items are
 fetched as rows (their percentiles are computed here, SQLite has no percentile function).
 
 What each figure is (studies, not images, unless it says images):
@@ -18,8 +20,7 @@ What each figure is (studies, not images, unless it says images):
   pacsbridge.validation.audit_estimate.  Reader findings of flags alone cannot reveal a miss.
   ``value`` null and ``method`` ``none`` when neither exists.
 - ``audit``: audit items of studies scored negative: ``sampled`` (made), ``completed``, ``pneumonia``;
-  ``studies``: studies flagged and studies scored negative (not in shadow mode): the estimator's F and N
-  (counted only once audit items exist; zeros before).
+  ``studies``: studies flagged and studies scored negative (not in shadow mode): the estimator's F and N.
 - ``npv``: RIS-labelled studies scored negative that are not pneumonia / RIS-labelled negatives.
 - ``receipt_to_completion_s``: receipt of the study to the reader's completion, p50/p95 over the
   latest :data:`TIMES_OF` completed items (``n`` says how many).
@@ -35,11 +36,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from ..store.models import (
-    Finding, Instance, InstanceState, Label, Prediction, Series, Study, WorklistItem, WorklistStatus, utcnow,
+    Finding, Instance, InstanceState, Label, Prediction, Study, StudyScore, WorklistItem, WorklistStatus, utcnow,
 )
 from .audit_estimate import audit_sensitivity
 from .ris_labels import label_counts
@@ -78,121 +79,148 @@ def _flag(expr: Any) -> Any:
     return func.sum(case((expr, 1), else_=0))
 
 
-def _group_figures(session: Session, since: datetime | None) -> dict[tuple[str, str], dict[str, Any]]:
-    """The figures of each (model, calibration), predictions since ``since`` (None: all).
+def _any(expr: Any) -> Any:
+    return func.max(case((expr, 1), else_=0))
 
-    Each query is driven by the smaller side: the prediction counts scan predictions once (no
-    join); the RIS confusion starts from the labels, the reader figures from the closed items, and
-    both reach predictions through the indexed study -> series -> instance -> prediction keys."""
-    P = Prediction
-    window = [P.created_at >= since] if since is not None else []
-    out: dict[tuple[str, str], dict[str, Any]] = {}
-    for mid, cal, n, flagged, shadow in session.execute(
-        select(P.model_id, P.calibration, func.count(), _flag(P.positive.is_(True)), _flag(P.shadow.is_(True)))
-        .where(*window).group_by(P.model_id, P.calibration)):
-        out[(mid, cal)] = {**_empty(mid, cal), "scored": _i(n), "flagged": _i(flagged), "shadow": _i(shadow)}
-    if not out:
-        return out
-    positive = func.max(case((P.positive.is_(True), 1), else_=0))
 
-    def via_study(study_id: Any):  # noqa: ANN202 - predictions of the study ``study_id`` names
-        return (Series.__table__.join(Instance.__table__, Instance.series_id == Series.id)
-                .join(P.__table__, P.instance_id == Instance.id)), Series.study_id == study_id
+Figures = dict[tuple[str, str], dict[str, dict[str, Any]]]  # (model, calibration) -> "total"/"window" -> figures
 
-    # RIS labels: one row per (model, calibration, labelled study): flagged? pneumonia?
-    ris_truth = (select(Label.study_id.label("sid"),
-                        func.max(case((Label.finding == Finding.PNEUMONIA.value, 1), else_=0)).label("pos"))
-                 .where(Label.study_id.is_not(None)).group_by(Label.study_id).subquery())
-    joined, on = via_study(ris_truth.c.sid)
-    per = (select(P.model_id.label("mid"), P.calibration.label("cal"), ris_truth.c.pos.label("pos"),
-                  positive.label("flag"))
-           .select_from(ris_truth).join(joined, on).where(*window)
-           .group_by(P.model_id, P.calibration, ris_truth.c.sid, ris_truth.c.pos).subquery())
-    flag, pos = per.c.flag == 1, per.c.pos == 1
-    for mid, cal, tp, fn, tn, fp in session.execute(
-        select(per.c.mid, per.c.cal, _flag(and_(flag, pos)), _flag(and_(~flag, pos)), _flag(and_(~flag, ~pos)),
-               _flag(and_(flag, ~pos))).group_by(per.c.mid, per.c.cal)):
-        e = out.get((mid, cal))
-        if e is None:
-            continue
-        tp, fn, tn, fp = _i(tp), _i(fn), _i(tn), _i(fp)
-        e["npv"] = {"value": _ratio(tn, tn + fn), "ci": _ci(tn, tn + fn), "n": tn + fn}
-        e["ris_labelled"] = {"true_positive": tp, "false_negative": fn, "true_negative": tn, "false_positive": fp}
-    # Readers: closed items of studies this (model, calibration) flagged; one row per item, counted in SQL.
-    W = WorklistItem
-    joined, on = via_study(W.study_id)
-    # coalesce: no index on kind for this (nearly every item is a flag), the status index drives it
-    closed = and_(W.status.in_((WorklistStatus.COMPLETED.value, WorklistStatus.CANCELED.value)),
-                  func.coalesce(W.kind, "flag") == "flag")
-    per_item = (select(P.model_id.label("mid"), P.calibration.label("cal"), W.id.label("iid"),
-                       W.status.label("status"), W.finding.label("finding"))
-                .select_from(W.__table__).join(joined, on).where(closed, P.positive.is_(True), *window)
-                .group_by(P.model_id, P.calibration, W.id, W.status, W.finding).subquery())
-    done = per_item.c.status == WorklistStatus.COMPLETED.value
-    for mid, cal, canceled, pneu, nopneu, total in session.execute(
-        select(per_item.c.mid, per_item.c.cal, _flag(~done),
-               _flag(and_(done, per_item.c.finding == Finding.PNEUMONIA.value)),
-               _flag(and_(done, per_item.c.finding == Finding.NO_PNEUMONIA.value)), _flag(done))
-        .group_by(per_item.c.mid, per_item.c.cal)):
-        e = out.get((mid, cal))
-        if e is not None:
-            e["canceled"] = _i(canceled)
-            e["completed"] = {"pneumonia": _i(pneu), "no_pneumonia": _i(nopneu),
-                              "other": _i(total) - _i(pneu) - _i(nopneu)}
-    # Receipt to read: the latest TIMES_OF completed items of each (bounded work, recent behaviour).
-    times: dict[tuple[str, str], list[float]] = {}
-    for mid, cal in out:
-        rows = session.execute(
-            select(Study.created_at, W.completed_at)
-            .select_from(W.__table__.join(Study.__table__, Study.id == W.study_id))
-            .where(W.id.in_(select(per_item.c.iid).where(per_item.c.mid == mid, per_item.c.cal == cal, done)),
-                   W.completed_at.is_not(None))
-            .order_by(W.completed_at.desc()).limit(TIMES_OF)).all()
-        times[(mid, cal)] = [(c - r).total_seconds() for r, c in rows]
-    _audit_figures(session, out, window)
-    for key, e in out.items():
-        done = e["completed_total"] = sum(e["completed"].values())
-        e["ppv"], e["ppv_ci"] = _ratio(e["completed"]["pneumonia"], done), _ci(e["completed"]["pneumonia"], done)
-        e["sensitivity"] = _sensitivity(e)
-        t = times.get(key, [])
-        e["receipt_to_completion_s"] = {"p50": _pct(t, 50), "p95": _pct(t, 95), "n": len(t)}
+
+def _group_figures(session: Session, since: datetime) -> Figures:
+    """The figures of each (model, calibration), in total and for predictions since ``since``.
+
+    Each figure is one aggregate query that yields total and window together (conditional sums in
+    one pass).  Study-level figures read study_scores (one row per study and model, kept as
+    predictions are recorded): the RIS confusion starts from the labels, the reader figures from
+    the items, and each reaches its study's row by primary key."""
+    out: Figures = {}
+    _counts(session, since, out)
+    if out:
+        _ris_confusion(session, since, out)
+        _reads(session, since, out)
+        _completion_times(session, since, out)
+        for sides in out.values():
+            for e in sides.values():
+                done = e["completed_total"] = sum(e["completed"].values())
+                e["ppv"], e["ppv_ci"] = _ratio(e["completed"]["pneumonia"], done), _ci(e["completed"]["pneumonia"], done)
+                e["sensitivity"] = _sensitivity(e)
     return out
 
 
-def _audit_figures(session: Session, out: dict[tuple[str, str], dict[str, Any]], window: list[Any]) -> None:
-    """Studies flagged / scored negative, and the audit items of the negatives, per (model, calibration).
+class _Scored:
+    """Conditions on a study_scores row for a window starting at ``since``."""
 
-    The study counts group every prediction by study (the costliest query here): only made when
-    audit items exist, since only the audit estimator needs them."""
-    P, W = Prediction, WorklistItem
-    if session.scalar(select(W.id).where(W.kind == "audit").limit(1)) is None:
-        return
-    preds = (P.__table__.join(Instance.__table__, Instance.id == P.instance_id)
-             .join(Series.__table__, Series.id == Instance.series_id))
-    per_study = (select(P.model_id.label("mid"), P.calibration.label("cal"),
-                        func.max(case((P.positive.is_(True), 1), else_=0)).label("flag"),
-                        func.max(case((P.shadow.is_(True), 1), else_=0)).label("shadow"))
-                 .select_from(preds).where(*window).group_by(P.model_id, P.calibration, Series.study_id).subquery())
-    for mid, cal, flagged, negative in session.execute(
-            select(per_study.c.mid, per_study.c.cal, _flag(per_study.c.flag == 1),
-                   _flag(and_(per_study.c.flag == 0, per_study.c.shadow == 0)))
-            .group_by(per_study.c.mid, per_study.c.cal)):
+    def __init__(self, since: datetime) -> None:
+        S = StudyScore
+        self.flagged = S.last_positive_at.is_not(None)
+        self.negative = and_(S.last_positive_at.is_(None), S.last_shadow_at.is_(None))
+        self.w_scored = S.last_scored_at >= since
+        # NULL-safe: the negation of each condition must hold for a study never flagged
+        self.w_flagged = and_(S.last_positive_at.is_not(None), S.last_positive_at >= since)
+        # scored in the window, and neither positive nor in shadow mode there
+        self.w_negative = and_(self.w_scored, or_(S.last_positive_at.is_(None), S.last_positive_at < since),
+                               or_(S.last_shadow_at.is_(None), S.last_shadow_at < since))
+
+
+def _counts(session: Session, since: datetime, out: Figures) -> None:
+    """Images scored / flagged / in shadow mode, and studies flagged and scored negative (not in shadow
+    mode: the audit estimator's F and N): in total from one pass over study_scores, in the window
+    from the window's predictions alone (a range of an index, however long the history)."""
+    S, c = StudyScore, _Scored(since)
+    for mid, cal, n, pos, sh, flagged, negative, w_flagged, w_negative in session.execute(
+            select(S.model_id, S.calibration, func.sum(S.images), func.sum(S.positive_images),
+                   func.sum(S.shadow_images), _flag(c.flagged), _flag(c.negative), _flag(c.w_flagged),
+                   _flag(c.w_negative)).group_by(S.model_id, S.calibration)):
+        out[(mid, cal)] = {
+            "total": {**_empty(mid, cal), "scored": _i(n), "flagged": _i(pos), "shadow": _i(sh),
+                      "studies": {"flagged": _i(flagged), "negative": _i(negative)}},
+            "window": {**_empty(mid, cal), "studies": {"flagged": _i(w_flagged), "negative": _i(w_negative)}}}
+    P = Prediction
+    for mid, cal, n, pos, sh in session.execute(
+            select(P.model_id, P.calibration, func.count(), _flag(P.positive.is_(True)), _flag(P.shadow.is_(True)))
+            .where(P.created_at >= since).group_by(P.model_id, P.calibration)):
         if (mid, cal) in out:
-            out[(mid, cal)]["studies"] = {"flagged": _i(flagged), "negative": _i(negative)}
-    per_item = (select(P.model_id.label("mid"), P.calibration.label("cal"), W.status.label("status"),
-                       W.finding.label("finding"))
-                .select_from(W.__table__.join(Series.__table__, Series.study_id == W.study_id)
-                             .join(Instance.__table__, Instance.series_id == Series.id)
-                             .join(P.__table__, P.instance_id == Instance.id))
-                .where(W.kind == "audit", *window)
-                .group_by(P.model_id, P.calibration, W.id, W.status, W.finding).subquery())
-    done = per_item.c.status == WorklistStatus.COMPLETED.value
-    for mid, cal, sampled, completed, pneumonia in session.execute(
-            select(per_item.c.mid, per_item.c.cal, func.count(), _flag(done),
-                   _flag(and_(done, per_item.c.finding == Finding.PNEUMONIA.value)))
-            .group_by(per_item.c.mid, per_item.c.cal)):
-        if (mid, cal) in out:
-            out[(mid, cal)]["audit"].update(sampled=_i(sampled), completed=_i(completed), pneumonia=_i(pneumonia))
+            out[(mid, cal)]["window"].update(scored=_i(n), flagged=_i(pos), shadow=_i(sh))
+
+
+def _ris_confusion(session: Session, since: datetime, out: Figures) -> None:
+    """Flagged or not against the RIS truth of each labelled study."""
+    S, c = StudyScore, _Scored(since)
+    truth = (select(Label.study_id.label("sid"), _any(Label.finding == Finding.PNEUMONIA.value).label("pos"))
+             .where(Label.study_id.is_not(None)).group_by(Label.study_id).subquery())
+    pos = truth.c.pos == 1
+
+    def cells(flag: Any, present: Any = True) -> list[Any]:
+        return [_flag(and_(present, flag, pos)), _flag(and_(present, ~flag, pos)),
+                _flag(and_(present, ~flag, ~pos)), _flag(and_(present, flag, ~pos))]
+
+    for mid, cal, *counts in session.execute(
+            select(S.model_id, S.calibration, *cells(c.flagged), *cells(c.w_flagged, c.w_scored))
+            .select_from(truth).join(S.__table__, S.study_id == truth.c.sid).group_by(S.model_id, S.calibration)):
+        sides = out.get((mid, cal))
+        if sides is None:
+            continue
+        for side, (tp, fn, tn, fp) in (("total", counts[:4]), ("window", counts[4:])):
+            tp, fn, tn, fp = _i(tp), _i(fn), _i(tn), _i(fp)
+            sides[side]["npv"] = {"value": _ratio(tn, tn + fn), "ci": _ci(tn, tn + fn), "n": tn + fn}
+            sides[side]["ris_labelled"] = {"true_positive": tp, "false_negative": fn, "true_negative": tn,
+                                           "false_positive": fp}
+
+
+def _reads(session: Session, since: datetime, out: Figures) -> None:
+    """Reader findings of the flags this (model, calibration) made, and its audit reads of negatives."""
+    S, W, c = StudyScore, WorklistItem, _Scored(since)
+    done = W.status == WorklistStatus.COMPLETED.value
+    closed = W.status.in_((WorklistStatus.COMPLETED.value, WorklistStatus.CANCELED.value))
+    flag_item, audit = func.coalesce(W.kind, "flag") == "flag", W.kind == "audit"
+    pneu, nopneu = W.finding == Finding.PNEUMONIA.value, W.finding == Finding.NO_PNEUMONIA.value
+
+    def figures(flagged: Any, scored: Any) -> list[Any]:
+        read = and_(flag_item, flagged)
+        return [_flag(and_(read, ~done)), _flag(and_(read, done, pneu)), _flag(and_(read, done, nopneu)),
+                _flag(and_(read, done)), _flag(and_(audit, scored)), _flag(and_(audit, scored, done)),
+                _flag(and_(audit, scored, done, pneu))]
+
+    for mid, cal, *counts in session.execute(
+            select(S.model_id, S.calibration, *figures(c.flagged, True), *figures(c.w_flagged, c.w_scored))
+            .select_from(W.__table__).join(S.__table__, S.study_id == W.study_id)
+            .where(or_(audit, closed)).group_by(S.model_id, S.calibration)):
+        sides = out.get((mid, cal))
+        if sides is None:
+            continue
+        for side, part in (("total", counts[:7]), ("window", counts[7:])):
+            canceled, pn, npn, total, sampled, completed, pneumonia = (_i(x) for x in part)
+            e = sides[side]
+            e["canceled"] = canceled
+            e["completed"] = {"pneumonia": pn, "no_pneumonia": npn, "other": total - pn - npn}
+            e["audit"] = {"sampled": sampled, "completed": completed, "pneumonia": pneumonia}
+
+
+def _completion_times(session: Session, since: datetime, out: Figures) -> None:
+    """Receipt to read of the latest TIMES_OF completed flag items of each (model, calibration), in
+    total and in the window.  Ranked in SQL within the window and outside it (one sort): the latest
+    TIMES_OF in total are among the latest TIMES_OF of each part, so at most 2 x TIMES_OF rows per
+    model come back."""
+    S, W, c = StudyScore, WorklistItem, _Scored(since)
+    in_window = case((c.w_flagged, 1), else_=0)
+    ranked = (select(S.model_id.label("mid"), S.calibration.label("cal"), W.study_id.label("sid"),
+                     W.completed_at.label("completed_at"), in_window.label("w"),
+                     func.row_number().over(partition_by=(S.model_id, S.calibration, in_window),
+                                            order_by=W.completed_at.desc()).label("rank"))
+              .select_from(W.__table__).join(S.__table__, S.study_id == W.study_id)
+              .where(W.status == WorklistStatus.COMPLETED.value, W.completed_at.is_not(None),
+                     func.coalesce(W.kind, "flag") == "flag", c.flagged)
+              .subquery())
+    r = ranked.c
+    rows: dict[tuple[str, str], list[tuple[datetime, float, int]]] = {}
+    for mid, cal, received, completed, w in session.execute(
+            select(r.mid, r.cal, Study.created_at, r.completed_at, r.w)
+            .join(Study.__table__, Study.id == r.sid).where(r.rank <= TIMES_OF)):
+        rows.setdefault((mid, cal), []).append((completed, (completed - received).total_seconds(), w))
+    for key, sides in out.items():
+        latest = sorted(rows.get(key, []), key=lambda row: row[0], reverse=True)
+        for side, t in (("total", [s for _, s, _ in latest[:TIMES_OF]]), ("window", [s for _, s, w in latest if w])):
+            sides[side]["receipt_to_completion_s"] = {"p50": _pct(t, 50), "p95": _pct(t, 95), "n": len(t)}
 
 
 def _sensitivity(e: dict[str, Any]) -> dict[str, Any]:
@@ -246,13 +274,11 @@ def live_stats(session: Session, since: datetime | None = None, now: datetime | 
     same figures since ``since`` (default: the last 30 days)."""
     now = now or utcnow()
     since = since if since is not None else now - DEFAULT_WINDOW
-    total = _group_figures(session, None)
-    recent = _group_figures(session, since)
+    figures = _group_figures(session, since)
     models = []
-    for key in sorted(total):
-        e = {**_empty(*key), **total[key]}
-        w = {**_empty(*key), **recent.get(key, {})}
-        e["window"] = {k: v for k, v in w.items() if k not in ("model_id", "calibration")}
+    for key in sorted(figures):
+        e = figures[key]["total"]
+        e["window"] = {k: v for k, v in figures[key]["window"].items() if k not in ("model_id", "calibration")}
         models.append(e)
     return {
         "models": models,
