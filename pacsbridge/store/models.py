@@ -204,7 +204,9 @@ class StudyScore(Base):
     __tablename__ = "study_scores"
     # Study and image counts per model and calibration, in total and since a date, from the index alone.
     __table_args__ = (Index("ix_study_scores_model", "model_id", "calibration", "last_scored_at", "last_positive_at",
-                            "last_shadow_at", "images", "positive_images", "shadow_images"),)
+                            "last_shadow_at", "images", "positive_images", "shadow_images"),
+                      # SQLite: the row lives in its primary-key b-tree, so a lookup by study is one search
+                      {"sqlite_with_rowid": False})
 
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True)
     model_id: Mapped[str] = mapped_column(String(64), primary_key=True)

@@ -112,7 +112,9 @@ def window_counts(session: Session, limits: DriftLimits, now: datetime | None = 
     now = now or utcnow()
     done = (InstanceState.PREDICTED.value, InstanceState.NOT_ANALYSED.value)
     recent = (select(Instance.id, Instance.state, Instance.state_reason)
-              .where(Instance.state.in_(done), Instance.received_at >= now - timedelta(days=limits.window_days))
+              # coalesce (state is never NULL) keeps the planner off the state index: the newest images
+              # are walked along the received_at index up to the limit, not every image ever scored sorted
+              .where(func.coalesce(Instance.state, "").in_(done), Instance.received_at >= now - timedelta(days=limits.window_days))
               .order_by(Instance.received_at.desc(), Instance.id.desc()).limit(limits.window_images).subquery())
     refused = recent.c.state == InstanceState.NOT_ANALYSED.value
     row = session.execute(

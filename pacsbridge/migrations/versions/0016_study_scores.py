@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(['study_id'], ['studies.id'], name=op.f('fk_study_scores_study_id_studies'),
                                 ondelete='CASCADE'),
         sa.PrimaryKeyConstraint('study_id', 'model_id', 'calibration', name=op.f('pk_study_scores')),
+        sqlite_with_rowid=False,
     )
     op.create_index('ix_study_scores_model', 'study_scores',
                     ['model_id', 'calibration', 'last_scored_at', 'last_positive_at', 'last_shadow_at', 'images',
