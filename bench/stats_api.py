@@ -90,8 +90,13 @@ def fill(engine, n: int, n_labels: int) -> None:  # noqa: ANN001
             for k in range(0, len(batch), 2000):
                 conn.execute(insert(table.__table__), batch[k:k + 2000])
         study_scores.rebuild(conn)  # bulk inserts bypass the ORM event that keeps it
+    # As a site's database is after weeks of running, not straight after one bulk load: the WAL
+    # checkpointed (SQLite); statistics and the visibility map up to date, as autovacuum keeps them (PostgreSQL).
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         if engine.dialect.name == "postgresql":
-            conn.execute(text("ANALYZE"))
+            conn.execute(text("VACUUM ANALYZE"))
+        else:
+            conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
 
 
 def run(url: str, n: int, n_labels: int, requests: int, connect_args: dict | None = None) -> None:
