@@ -209,8 +209,8 @@ def _completion_times(session: Session, since: datetime, out: Figures) -> None:
     rows = session.execute(
         select(S.model_id, S.calibration, Study.created_at, W.completed_at, c.w_flagged)
         .select_from(W.__table__).join(S.__table__, S.study_id == W.study_id).join(Study.__table__, Study.id == W.study_id)
-        .where(W.status == WorklistStatus.COMPLETED.value, W.completed_at.is_not(None),
-               func.coalesce(W.kind, "flag") == "flag", c.flagged)
+        # kind != audit, not kind == flag: the (status, completed_at) index must drive the walk
+        .where(W.status == WorklistStatus.COMPLETED.value, W.completed_at.is_not(None), W.kind != "audit", c.flagged)
         .order_by(W.completed_at.desc()).execution_options(yield_per=256))
     try:
         for mid, cal, received, completed, in_window in rows:
