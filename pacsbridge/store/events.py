@@ -81,19 +81,20 @@ _PREFIX = 1000
 #: processes on PostgreSQL) is then not missed (as worklist.items.LOOKBACK_IDS).
 LOOKBACK_IDS = 64
 
-#: counter name -> (event kinds, labels of the detail's start: one each, or one per reason of a refusal)
-COUNTERS: dict[str, tuple[tuple[str, ...], Callable[[str | None], list[str]]]] = {
-    "associations_rejected": (("association_rejected",), lambda d: [_classify(d, ASSOCIATION_REASONS)]),
-    "stores_rejected": (("store_rejected", "store_failed"), lambda d: [_status(d)]),
-    "refusals": (("not_analysed",), lambda d: _refusal_codes(d)),
-}
-
 
 def _refusal_codes(detail: str | None) -> list[str]:
     """The reason codes of a refusal (``pacsbridge.store.reasons``, as ``state_reasons`` records
     them), each once: an image refused for its age and for not being a chest counts under both."""
     codes = list(dict.fromkeys(code_of(text) for text in split_reasons(detail)))
     return codes or ["other"]
+
+
+#: counter name -> (event kinds, labels of the detail's start: one each, or one per reason of a refusal)
+COUNTERS: dict[str, tuple[tuple[str, ...], Callable[[str | None], list[str]]]] = {
+    "associations_rejected": (("association_rejected",), lambda d: [_classify(d, ASSOCIATION_REASONS)]),
+    "stores_rejected": (("store_rejected", "store_failed"), lambda d: [_status(d)]),
+    "refusals": (("not_analysed",), _refusal_codes),
+}
 
 
 def _classify(text: str | None, table: tuple[tuple[str, str], ...]) -> str:
