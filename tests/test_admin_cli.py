@@ -116,7 +116,7 @@ def test_counters_events_and_logs_over_a_real_daemon(site) -> None:
     assert _metric(text, "pacsbridge_stores_rejected_total", status=f"0x{status:04X}") == 1
     refused = {m.group(1): float(m.group(2)) for m in
                re.finditer(r'^pacsbridge_refusals_total\{reason="(\w+)"\} (\S+)$', text, re.MULTILINE)}
-    assert refused == {"not_chest": 1}, refused
+    assert refused == {"body_part": 1}, refused
     assert _metric(text, "pacsbridge_forwards_total", destination="sink", outcome="sent") == 1
     assert sink.received == [SR]
     assert "# TYPE pacsbridge_associations_rejected_total counter" in text

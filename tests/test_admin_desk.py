@@ -247,5 +247,5 @@ def test_event_counts_grow_with_new_events_and_match_a_fresh_count(tmp_path: Pat
     assert set(later["associations_rejected"]) == {"calling_ae_title", "called_ae_title", "too_many_from_peer",
                                                    "tls", "other"}
     assert set(later["stores_rejected"]) == {"0xA700", "0xA900"} and sum(later["stores_rejected"].values()) == n
-    assert set(later["refusals"]) == {"age", "not_chest", "out_of_distribution", "not_frontal", "decode"}
+    assert set(later["refusals"]) == {"age", "body_part", "ood", "view", "decode"}
     engine.dispose()

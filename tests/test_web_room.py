@@ -25,6 +25,7 @@ from pacsbridge.config import DEFAULT_MODEL
 from pacsbridge.model.artifact import load_model
 from pacsbridge.store.models import (Instance, InstanceState, Prediction, Study, WorklistItem,
                                      utcnow)
+from pacsbridge.store.reasons import Reason, join_reasons, reasons_json
 from pacsbridge.store.records import record_event
 from pacsbridge.worklist import lifecycle
 from pacsbridge.worklist.items import WorklistUpdater
@@ -159,6 +160,15 @@ def test_heatmap_after_claim_viewer_link_and_history(room, browser, tmp_path: Pa
     assert _colour_share(browser) > 0.05, "no coloured overlay after turning the heatmap on"
     legend = browser.find_element(By.ID, "heatmap-legend")
     assert legend.is_displayed() and "raised the AI score" in legend.text and "not a segmentation" in legend.text
+    # The legend is in view, unscrolled, at the common screen sizes whenever the overlay is on.
+    for w, h in ((1366, 768), (800, 600)):
+        browser.set_window_size(w, h)
+        time.sleep(0.4)
+        browser.execute_script("window.scrollTo(0, 0)")
+        box = browser.execute_script("const r = document.getElementById('heatmap-legend').getBoundingClientRect();"
+                                     "return [r.top, r.bottom, r.height, window.innerHeight]")
+        assert box[2] > 0 and 0 <= box[0] and box[1] <= box[3], (w, h, box)
+    browser.set_window_size(1400, 900)
 
     # History in plain words, oldest first: received from the AE, scored, put on the list, claimed.
     items = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#history li")]
@@ -170,6 +180,49 @@ def test_heatmap_after_claim_viewer_link_and_history(room, browser, tmp_path: Pa
     assert "->" not in texts and "in_progress" not in texts  # no developer text
     _shot(browser, tmp_path, "item-heatmap")
     _shot(browser, tmp_path, "item-history", sizes=((1366, 768),), scroll_to="history-box")
+
+
+def _refused_twice(sessions, spool: Path, tmp_path: Path, patient: str) -> list[str]:
+    """A second image in ``patient``'s study, refused for two reasons (as the worker records them)."""
+    with sessions() as s:
+        uid = s.scalars(select(Study.study_instance_uid).where(Study.patient_name == patient)).one()
+    src = tmp_path / "lateral.dcm"
+    synthetic_chest(41, study_uid=uid).save_as(src, enforce_file_format=True)
+    iid = add_instance(sessions, spool, src, sop_uid=uid + ".2", study_uid=uid, series_uid=uid + ".2")
+    reasons = [Reason("view", "lateral view (View Position LL); the model reads frontal views"),
+               Reason("age", "patient age 42 y is outside this model's intended use (0-17 y) [Patient's Age 042Y]")]
+    with sessions.begin() as s:
+        inst = s.get(Instance, iid)
+        inst.state = InstanceState.NOT_ANALYSED.value
+        inst.state_reason, inst.state_reasons = join_reasons(reasons), reasons_json(reasons)
+    return [r.text for r in reasons]
+
+
+def test_every_reason_of_a_refused_image_on_its_own_line(room, browser, tmp_path: Path) -> None:  # noqa: F811
+    sessions, url, token, admin, spool = room
+    texts = _refused_twice(sessions, spool, tmp_path, "Test^Chloe")
+    wait = _sign_in(browser, url, token)
+    with sessions() as s:
+        chloe = s.scalars(select(WorklistItem.id).join(Study).where(Study.patient_name == "Test^Chloe")).one()
+    browser.find_element(By.CSS_SELECTOR, f"#worklist tr[data-id='{chloe}'] td.patient").click()
+    wait.until(EC.visibility_of_element_located((By.ID, "item-view")))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#instance-reasons li"))
+    lines = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#instance-reasons li")]
+    assert lines == texts
+    assert "Image 2 not analysed" in browser.find_element(By.ID, "instance-reasons").text
+    tops = browser.execute_script("return [...document.querySelectorAll('#instance-reasons li')]"
+                                  ".map(li => li.getBoundingClientRect().top)")
+    assert tops[1] > tops[0]  # one line each, not run together
+    _shot(browser, tmp_path, "item-reasons", sizes=((1366, 768),), scroll_to="instance-reasons")
+    browser.find_element(By.ID, "signout").click()
+
+    wait = _sign_in(browser, url, admin)
+    browser.find_element(By.ID, "nav-received").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#received tbody tr")) == 7)
+    cells = browser.execute_script("return [...document.querySelectorAll('#received td.outcome')]"
+                                   ".map(td => [...td.querySelectorAll('li')].map(li => li.textContent))")
+    assert texts in cells and ["body part HAND is not chest"] in cells
+    _shot(browser, tmp_path, "received-reasons", sizes=((1366, 768),))
 
 
 def test_new_stat_raises_a_notice_and_changes_the_title(room, browser, tmp_path: Path) -> None:  # noqa: F811

@@ -62,7 +62,8 @@ _EVENT_COUNTERS = (
     ("associations_rejected", "pacsbridge_associations_rejected", "Associations rejected, by reason class.", "reason"),
     ("stores_rejected", "pacsbridge_stores_rejected", "C-STOREs answered with a failure status, by status.",
      "status"),
-    ("refusals", "pacsbridge_refusals", "Images not analysed, by reason class.", "reason"),
+    ("refusals", "pacsbridge_refusals", "Images not analysed, by reason code (an image refused for several "
+     "reasons counts under each).", "reason"),
 )
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import re
 import threading
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from .models import Event
+from .reasons import code_of, split_reasons
 
 #: Default and largest number of events one listing returns.
 DEFAULT_LIMIT = 100
@@ -71,32 +72,28 @@ ASSOCIATION_REASONS = (
     ("calling ae title", "calling_ae_title"),
     ("tls", "tls"),
 )
-#: Refusals of an image (``not_analysed`` events), by what the reason names; checked in this order.
-REFUSAL_CLASSES = (
-    ("patient age", "age"),
-    ("out-of-distribution", "out_of_distribution"), ("image unlike this model", "out_of_distribution"),
-    ("body part", "not_chest"), ("not chest", "not_chest"), ("limb or breast", "not_chest"),
-    ("description names", "not_chest"),
-    ("view", "not_frontal"),
-    ("modality", "not_radiograph"),
-    ("colour", "colour"),
-    ("too small", "too_small"), ("not a 2-d image", "not_2d"),
-    ("could not be decoded", "decode"), ("could not be parsed", "decode"), ("not a dicom file", "decode"),
-    ("too large", "too_large"), ("file not found", "file_missing"),
-)
 _STATUS_RE = re.compile(r"^status (0x[0-9A-F]{4})")
-#: Only this many leading characters of a detail are grouped on.
-_PREFIX = 120
+#: Only this many leading characters of a detail are grouped on: room for every reason of a refusal
+#: (each at most a few hundred characters), which are counted one by one.
+_PREFIX = 1000
 #: Events with an id this close to the highest seen are counted again on every scrape rather than
 #: added to the running totals: a transaction that took a lower id but committed later (several
 #: processes on PostgreSQL) is then not missed (as worklist.items.LOOKBACK_IDS).
 LOOKBACK_IDS = 64
 
-#: counter name -> (event kinds, label function of the detail's start)
-COUNTERS = {
-    "associations_rejected": (("association_rejected",), lambda d: _classify(d, ASSOCIATION_REASONS)),
-    "stores_rejected": (("store_rejected", "store_failed"), lambda d: _status(d)),
-    "refusals": (("not_analysed",), lambda d: _classify(d, REFUSAL_CLASSES)),
+
+def _refusal_codes(detail: str | None) -> list[str]:
+    """The reason codes of a refusal (``pacsbridge.store.reasons``, as ``state_reasons`` records
+    them), each once: an image refused for its age and for not being a chest counts under both."""
+    codes = list(dict.fromkeys(code_of(text) for text in split_reasons(detail)))
+    return codes or ["other"]
+
+
+#: counter name -> (event kinds, labels of the detail's start: one each, or one per reason of a refusal)
+COUNTERS: dict[str, tuple[tuple[str, ...], Callable[[str | None], list[str]]]] = {
+    "associations_rejected": (("association_rejected",), lambda d: [_classify(d, ASSOCIATION_REASONS)]),
+    "stores_rejected": (("store_rejected", "store_failed"), lambda d: [_status(d)]),
+    "refusals": (("not_analysed",), _refusal_codes),
 }
 
 
@@ -115,6 +112,9 @@ def _status(text: str | None) -> str:
 
 class EventCounts:
     """Counts of refusals in the audit trail, by a small fixed set of classes (never free text).
+
+    A refused image counts once under each of its reason codes, so the ``refusals`` labels add up
+    to at least the number of refused images.
 
     Events are only ever added, so each class's count only grows: a counter that is right across
     restarts and with several processes writing.  The first read counts every event; later reads
@@ -136,8 +136,8 @@ class EventCounts:
         out: dict[str, dict[str, int]] = {name: {} for name in COUNTERS}
         for kind, detail, n in session.execute(q):
             name = kind_of[kind]
-            label = COUNTERS[name][1](detail)
-            out[name][label] = out[name].get(label, 0) + int(n)
+            for label in COUNTERS[name][1](detail):
+                out[name][label] = out[name].get(label, 0) + int(n)
         return out
 
     def read(self, session: Session) -> dict[str, dict[str, int]]:

@@ -47,13 +47,52 @@ def reasons_from_row(state_reason: str | None, stored: str | None) -> list[dict[
     return [{"code": code_of(state_reason), "text": state_reason}]
 
 
+#: Reason codes by a needle of their text, checked in this order.  Texts that wrap a message from
+#: elsewhere (a parser's, a codec's exception) come first, so that words inside that message (a
+#: "view", a "modality") decide nothing.  Each needle is a phrase the gates really write (imaging/,
+#: inference/gates.py, scoring.py); tests/test_reason_codes.py holds code_of to the scoring path's codes.
+_CODE_NEEDLES: tuple[tuple[str, str], ...] = (
+    ("unreadable image header", "header"),
+    ("could not be parsed", "not_dicom"), ("not a dicom", "not_dicom"),
+    ("no pixel data", "pixel_data"),
+    ("too large", "too_large"),
+    ("pixel data could not be decoded", "decode"), ("refused without decoding", "decode"),
+    ("could not be decoded", "decode"), ("codestream", "decode"), ("pixel data", "decode"),
+    ("out-of-distribution", "ood"), ("out of distribution", "ood"), ("image unlike this model", "ood"),
+    ("patient age", "age"),
+    ("body part", "body_part"), ("not chest", "body_part"), ("not a chest", "body_part"),
+    ("limb or breast", "body_part"), ("description names", "body_part"),
+    ("view", "view"),
+    ("modality", "modality"),
+    ("colour", "colour"),
+    ("1-bit image", "bitmap"),
+    ("too small", "too_small"),
+    ("not a 2-d image", "quality"),
+    ("blank image", "blank"),
+    ("not a regular file", "not_regular_file"),
+    ("file not found", "read_error"), ("cannot read the file", "read_error"),
+    ("the model failed", "model_error"), ("non-finite score", "non_finite"),
+)
+
+
 def code_of(text: str) -> str:
-    """A reason code for a reason text made elsewhere (the imaging layer's NotAnalysable, old rows)."""
+    """A reason code for a reason text made elsewhere (the imaging layer's NotAnalysable, old rows,
+    the audit trail's ``not_analysed`` events); ``other`` for a text no needle names."""
     low = text.lower()
-    for needle, code in (("out-of-distribution", "ood"), ("patient age", "age"), ("body part", "body_part"), ("not a chest", "body_part"),
-                         ("view", "view"), ("too large", "too_large"), ("colour", "colour"), ("modality", "modality"),
-                         ("blank image", "blank"), ("not a dicom", "not_dicom"), ("could not be parsed", "not_dicom"),
-                         ("pixel data", "decode"), ("codestream", "decode"), ("unreadable image header", "header")):
-        if needle in low:
-            return code
-    return "other"
+    return next((code for needle, code in _CODE_NEEDLES if needle in low), "other")
+
+
+def split_reasons(joined: str | None) -> list[str]:
+    """The reason texts of a joined ``state_reason`` (or a ``not_analysed`` event's detail).
+
+    Some reasons hold "; " themselves ("lateral view (View Position LL); the model reads frontal
+    views"): a part that names no reason of its own, or that only says what the model reads, is
+    kept with the reason before it.
+    """
+    out: list[str] = []
+    for part in (joined or "").split("; "):
+        if out and (code_of(part) == "other" or part.startswith("the model reads")):
+            out[-1] = f"{out[-1]}; {part}"
+        elif part:
+            out.append(part)
+    return out

@@ -330,15 +330,23 @@ function renderItem() {
   $("complete-form").hidden = !(mine || (admin && it.status === "in_progress"));
 
   const list = $("instances");
+  const why = $("instance-reasons");
   list.replaceChildren();
+  why.replaceChildren();
   it.instances.forEach((inst, i) => {
     const label = "Image " + (i + 1) + (it.blinded ? "" : ": " + (inst.probability !== null
       ? Math.round(inst.probability * 100) + "%" : inst.state.replace("_", " ")));
+    const reasons = reasonsOf(inst);
     const b = el("button", { type: "button", class: inst.id === state.instance ? "active" : "", text: label,
-      title: inst.reason || (inst.model_id ? "model " + inst.model_id + ", threshold " + inst.threshold +
-        ", calibration " + (inst.calibration || "model") : "") });
+      title: reasons.length ? reasons.map((r) => r.text).join("\n") : (inst.model_id ? "model " + inst.model_id +
+        ", threshold " + inst.threshold + ", calibration " + (inst.calibration || "model") : "") });
     b.addEventListener("click", () => { state.instance = inst.id; renderItem(); loadImage(); });
     list.append(b);
+    if (reasons.length) {
+      why.append(el("div", { "data-id": String(inst.id) },
+        el("span", { class: "muted", text: "Image " + (i + 1) + " " + inst.state.replace("_", " ") + ":" }),
+        reasonList(reasons)));
+    }
   });
   $("heatmap").disabled = !it.heatmap_available;
   $("heatmap-note").textContent = it.heatmap_available ? ""
@@ -350,12 +358,26 @@ function renderItem() {
   }
 }
 
+// Why an image was refused or failed: every reason the server recorded (rows from before reasons
+// were recorded carry only the joined text).
+function reasonsOf(inst) {
+  if (inst.state !== "not_analysed" && inst.state !== "failed") return [];
+  if (inst.reasons && inst.reasons.length) return inst.reasons;
+  return inst.reason ? [{ code: "other", text: inst.reason }] : [];
+}
+
+function reasonList(reasons) {  // one line per reason, as text (never HTML)
+  return el("ul", { class: "reasons" }, ...reasons.map((r) => el("li", { text: r.text })));
+}
+
 async function loadImage() {
   const img = $("image");
   if (state.imageUrl) { URL.revokeObjectURL(state.imageUrl); state.imageUrl = null; }
   img.removeAttribute("src");
   $("image-note").textContent = "";
-  $("heatmap-legend").hidden = !$("heatmap").checked;  // say what the colours mean whenever they are shown
+  // Say what the colours mean whenever they are shown, next to the switch (above the image, in view).
+  $("heatmap-legend").hidden = !$("heatmap").checked;
+  $("image").classList.toggle("with-legend", $("heatmap").checked);
   if (state.instance === null) { $("image-note").textContent = "no image"; return; }
   const overlay = $("heatmap").checked ? "&overlay=heatmap" : "";
   try {
@@ -416,14 +438,18 @@ async function loadReceived() {
     const body = $("received").querySelector("tbody");
     body.replaceChildren();
     for (const r of rows) {
-      const outcome = r.blinded ? AUDIT_LABEL : r.probability !== null
-        ? Math.round(r.probability * 100) + "% " + (r.positive ? "flagged" : "not flagged")
-        : (r.reason || (r.state === "received" || r.state === "processing" ? "waiting for the AI" : ""));
+      const reasons = r.blinded ? [] : reasonsOf(r);
+      const outcome = el("td", { class: "outcome" + (r.positive ? " flagged" : "") });
+      if (reasons.length) outcome.append(reasonList(reasons));
+      else {
+        outcome.textContent = r.blinded ? AUDIT_LABEL : r.probability !== null
+          ? Math.round(r.probability * 100) + "% " + (r.positive ? "flagged" : "not flagged")
+          : (r.reason || (r.state === "received" || r.state === "processing" ? "waiting for the AI" : ""));
+      }
       const row = el("tr", { "data-id": String(r.id), tabindex: "0", title: r.sop_instance_uid },
         el("td", { text: localTime(r.received_at) }), el("td", { text: r.calling_ae || "" }),
         el("td", { class: "state-" + r.state, text: r.state.replace("_", " ") }),
-        el("td", { class: "outcome" + (r.positive ? " flagged" : ""), text: outcome }),
-        el("td", { class: "uid", text: r.study_instance_uid }));
+        outcome, el("td", { class: "uid", text: r.study_instance_uid }));
       row.addEventListener("click", () => previewReceived(r, row));
       row.addEventListener("keydown", (e) => { if (e.key === "Enter") previewReceived(r, row); });
       body.append(row);
