@@ -77,7 +77,9 @@ class BatchRecording:
         out = BatchOutcome()
         now = utcnow()
         with self._sessions.begin() as session:
-            for inst, o in results:
+            # In study order: each prediction moves its study's study_scores row forward (a row lock
+            # until commit on PostgreSQL), and workers that take those locks in one order never deadlock.
+            for inst, o in sorted(results, key=lambda r: (r[0].study_id, r[0].id)):
                 if o.state == PREDICTED:
                     self._record_prediction(session, inst, o, now, out)
                 elif o.fault:

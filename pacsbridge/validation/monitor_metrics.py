@@ -26,7 +26,7 @@ class MonitoringCollector(Collector):
     def __init__(self, sessions: sessionmaker[Session], drift: Any | None = None, cache_s: float = 10.0) -> None:
         self._sessions = sessions
         self._drift = drift
-        # The live figures aggregate the history (about 0.5 s with 100,000 predictions): scrapes reuse
+        # The live figures aggregate the history (about 0.15 s with 100,000 predictions): scrapes reuse
         # them for ``cache_s``; the drift alarm state is read fresh every time (one small query).
         self._cache_s = cache_s
         self._cached: tuple[float, dict[str, Any]] | None = None

@@ -18,8 +18,9 @@ router = APIRouter(tags=["stats"])
 
 
 class StatsCache:
-    """The live figures aggregate the whole history (about 0.5 s with 100,000 predictions on SQLite):
-    a dashboard polling every few seconds gets figures at most ``max_age_s`` old instead."""
+    """The live figures aggregate the whole history (about 0.15 s with 100,000 predictions, see
+    docs/benchmarks.md): a dashboard polling every few seconds gets figures at most ``max_age_s`` old
+    instead, and many open pages cost one aggregate per ``max_age_s``."""
 
     def __init__(self, max_age_s: float) -> None:
         self.max_age_s = max_age_s
