@@ -197,8 +197,8 @@ class Prediction(Base):
 
 class StudyScore(Base):
     """What one (model, calibration) made of one study, kept up to date as predictions are recorded
-    (pacsbridge.store.study_scores): the live figures count studies from these rows instead of
-    grouping every prediction by study.  Predictions are never changed or deleted, so these rows
+    (pacsbridge.store.study_scores): the live and weekly figures count studies from these rows
+    instead of grouping every prediction by study.  Predictions are never changed or deleted, so these rows
     only move forward."""
 
     __tablename__ = "study_scores"
@@ -211,8 +211,10 @@ class StudyScore(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), primary_key=True)
     model_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     calibration: Mapped[str] = mapped_column(String(32), primary_key=True)
+    first_scored_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_scored_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    #: Latest prediction of the study that was positive (the study is flagged); NULL: none was.
+    #: First and latest predictions of the study that were positive (it is flagged); NULL: none was.
+    first_positive_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     last_positive_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     #: Latest prediction made in shadow mode; NULL: none was.
     last_shadow_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

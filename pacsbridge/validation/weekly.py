@@ -3,6 +3,7 @@
 Each week runs Monday 00:00 UTC to the next Monday; the latest is the week of ``now``.  The week of
 a row is found in SQL by a CASE over the week boundaries (the same SQL on SQLite and PostgreSQL,
 and a range on the indexed timestamp), so only one row per model, calibration and week comes back.
+Study-level points read ``study_scores`` (the study's first scored and first flagged times).
 
 What each point is (images unless it says studies):
 
@@ -28,7 +29,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from ..store.models import (
-    Finding, Instance, InstanceState, Label, Prediction, Series, WorklistItem, WorklistStatus, utcnow,
+    Finding, Instance, InstanceState, Label, Prediction, StudyScore, WorklistItem, WorklistStatus, utcnow,
 )
 from .stats import wilson_interval
 
@@ -68,13 +69,6 @@ def _i(x: Any) -> int:
     return int(x or 0)
 
 
-def _study_predictions(study_id: Any) -> tuple[Any, Any]:
-    """study -> series -> instance -> prediction (all indexed keys), and the ON clause for ``study_id``."""
-    joined = (Series.__table__.join(Instance.__table__, Instance.series_id == Series.id)
-              .join(Prediction.__table__, Prediction.instance_id == Instance.id))
-    return joined, Series.study_id == study_id
-
-
 def _scored(session: Session, bounds: list[datetime]) -> dict[tuple[str, str, int], tuple[int, int]]:
     P = Prediction
     inner = (select(P.model_id.label("mid"), P.calibration.label("cal"), _bucket(P.created_at, bounds).label("wk"),
@@ -95,39 +89,29 @@ def _received(session: Session, bounds: list[datetime]) -> dict[int, tuple[int, 
 
 def _read(session: Session, bounds: list[datetime]) -> dict[tuple[str, str, int], tuple[int, int]]:
     """(completed, completed as pneumonia) per model, calibration and week of the study's first flag."""
-    P, W = Prediction, WorklistItem
-    joined, on = _study_predictions(W.study_id)
-    per_item = (select(P.model_id.label("mid"), P.calibration.label("cal"), func.min(P.created_at).label("first"),
-                       W.finding.label("finding"))
-                .select_from(W.__table__).join(joined, on)
-                .where(W.status == WorklistStatus.COMPLETED.value, P.positive.is_(True),
-                       P.created_at >= bounds[0], P.created_at < bounds[-1])
-                .group_by(P.model_id, P.calibration, W.id, W.finding).subquery())
-    wk = _bucket(per_item.c.first, bounds).label("wk")
-    bucketed = select(per_item.c.mid, per_item.c.cal, wk, per_item.c.finding).subquery()
-    rows = session.execute(select(bucketed.c.mid, bucketed.c.cal, bucketed.c.wk, func.count(),
-                                  _sum(bucketed.c.finding == Finding.PNEUMONIA.value))
-                           .group_by(bucketed.c.mid, bucketed.c.cal, bucketed.c.wk))
+    S, W = StudyScore, WorklistItem
+    wk = _bucket(S.first_positive_at, bounds).label("wk")
+    rows = session.execute(
+        select(S.model_id, S.calibration, wk, func.count(), _sum(W.finding == Finding.PNEUMONIA.value))
+        .select_from(W.__table__).join(S.__table__, S.study_id == W.study_id)
+        .where(W.status == WorklistStatus.COMPLETED.value, W.kind != "audit",
+               S.first_positive_at >= bounds[0], S.first_positive_at < bounds[-1])
+        .group_by(S.model_id, S.calibration, wk))
     return {(m, c, int(w)): (_i(n), _i(k)) for m, c, w, n, k in rows if w is not None}
 
 
 def _sensitivity(session: Session, bounds: list[datetime]) -> dict[tuple[str, str, int], tuple[int, int]]:
     """(labelled pneumonia, of which flagged) per model, calibration and week of the study's first image."""
-    P = Prediction
+    S = StudyScore
     truth = (select(Label.study_id.label("sid"))
              .where(Label.study_id.is_not(None), Label.finding == Finding.PNEUMONIA.value)
              .group_by(Label.study_id).subquery())
-    joined, on = _study_predictions(truth.c.sid)
-    per_study = (select(P.model_id.label("mid"), P.calibration.label("cal"), func.min(P.created_at).label("first"),
-                        func.max(case((P.positive.is_(True), 1), else_=0)).label("flag"))
-                 .select_from(truth).join(joined, on)
-                 .where(P.created_at >= bounds[0], P.created_at < bounds[-1])
-                 .group_by(P.model_id, P.calibration, truth.c.sid).subquery())
-    bucketed = select(per_study.c.mid, per_study.c.cal, _bucket(per_study.c.first, bounds).label("wk"),
-                      per_study.c.flag).subquery()
-    rows = session.execute(select(bucketed.c.mid, bucketed.c.cal, bucketed.c.wk, func.count(),
-                                  _sum(bucketed.c.flag == 1))
-                           .group_by(bucketed.c.mid, bucketed.c.cal, bucketed.c.wk))
+    wk = _bucket(S.first_scored_at, bounds).label("wk")
+    rows = session.execute(
+        select(S.model_id, S.calibration, wk, func.count(), _sum(S.last_positive_at.is_not(None)))
+        .select_from(truth).join(S.__table__, S.study_id == truth.c.sid)
+        .where(S.first_scored_at >= bounds[0], S.first_scored_at < bounds[-1])
+        .group_by(S.model_id, S.calibration, wk))
     return {(m, c, int(w)): (_i(n), _i(k)) for m, c, w, n, k in rows if w is not None}
 
 
