@@ -123,9 +123,13 @@ def choose_audits(session: Session, study_ids: Iterable[int], now: datetime, *, 
             made += 1
         session.execute(update(Study).where(Study.id == sid, Study.audit_decision.is_(None))
                         .values(audit_decision=decision).execution_options(synchronize_session=False))
-    if made or len(candidates) > made:
-        log.info("audit: %d negative studies drawn, %d audit items made (%d over the day's cap)",
-                 len(candidates), made, len(candidates) - made)
+    if len(candidates) > made:
+        # Not an error (the estimator uses the reads actually made), but the share audited today is
+        # below audit_fraction, and whoever set it should know why.
+        log.warning("audit: the day's cap (audit_max_per_day = %d) is reached: %d of %d drawn negative "
+                    "studies not audited", max_per_day, len(candidates) - made, len(candidates))
+    elif made:
+        log.info("audit: %d negative studies drawn, %d audit items made", len(candidates), made)
     return made
 
 
