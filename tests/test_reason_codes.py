@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import pydicom
 import pytest
+from image_variants import blank, text_file, truncated, variant
 from pipeline_support import SHIPPED_MODEL, export_model, sample_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -40,37 +41,23 @@ def model(tmp_path_factory):
     return load_model(pt, "cpu")
 
 
-def _variant(tmp: Path, name: str, source: str = "RG1_UNCR.dcm", **changes: object) -> Path:
-    """A real radiograph with header changes (None deletes); aged 4 at the study unless changed."""
-    ds = pydicom.dcmread(sample_file(source))
-    ds.PatientBirthDate = "20000301"
-    for keyword, value in changes.items():
-        if value is None:
-            if keyword in ds:
-                delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    path = tmp / f"{name}.dcm"
-    ds.save_as(path)
-    return path
-
 
 def _no_anatomy(tmp: Path, name: str, **changes: object) -> Path:
     """No Body Part Examined, descriptions as given (neutral by default)."""
     plain = {"BodyPartExamined": None, "StudyDescription": "STUDY", "SeriesDescription": "SERIES",
              "ProtocolName": "PROTOCOL"}
-    return _variant(tmp, name, **{**plain, **changes})
+    return variant(tmp, name, **{**plain, **changes})
 
 
 def _view_code(tmp: Path) -> Path:
     item = Dataset()
     item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "R-10206", "SRT", "left lateral"
-    return _variant(tmp, "viewcode", ViewPosition="", ViewCodeSequence=Sequence([item]))
+    return variant(tmp, "viewcode", ViewPosition="", ViewCodeSequence=Sequence([item]))
 
 
 def _real_colour(tmp: Path) -> Path:
     """A CR whose three channels differ: passes the header, refused once decoded."""
-    ds = pydicom.dcmread(_variant(tmp, "rgb0"))
+    ds = pydicom.dcmread(variant(tmp, "rgb0"))
     rng = np.random.default_rng(0)
     ds.Rows = ds.Columns = 256
     ds.PhotometricInterpretation, ds.SamplesPerPixel, ds.PlanarConfiguration = "RGB", 3, 0
@@ -86,27 +73,7 @@ def _real_colour(tmp: Path) -> Path:
     return path
 
 
-def _blank(tmp: Path) -> Path:
-    ds = pydicom.dcmread(_variant(tmp, "blank0"))
-    ds.PixelData = np.full((ds.Rows, ds.Columns), 1000, dtype=np.uint16).tobytes()
-    for kw in ("WindowCenter", "WindowWidth"):
-        if kw in ds:
-            delattr(ds, kw)
-    path = tmp / "blank.dcm"
-    ds.save_as(path)
-    return path
 
-
-def _truncated(tmp: Path) -> Path:
-    path = tmp / "truncated.dcm"
-    path.write_bytes(sample_file("RG1_UNCR.dcm").read_bytes()[:4000])
-    return path
-
-
-def _text_file(tmp: Path) -> Path:
-    path = tmp / "notes.txt"
-    path.write_text("not an image\n")
-    return path
 
 
 def _dangling(tmp: Path) -> Path:
@@ -119,27 +86,27 @@ Make = Callable[[Path], Path]
 #: One input per gate text: how it is made, and the codes the scoring path must record for it
 #: (the codes it gives through code_of itself are named here, so that they are checked too).
 INPUTS: list[tuple[str, Make, list[str]]] = [
-    ("adult age", lambda t: _variant(t, "adult", PatientBirthDate="19400305"), ["age"]),
-    ("body part", lambda t: _variant(t, "hand", BodyPartExamined="HAND"), ["body_part"]),
+    ("adult age", lambda t: variant(t, "adult", PatientBirthDate="19400305"), ["age"]),
+    ("body part", lambda t: variant(t, "hand", BodyPartExamined="HAND"), ["body_part"]),
     ("description names", lambda t: _no_anatomy(t, "knee", StudyDescription="KNEE"), ["body_part"]),
     ("laterality", lambda t: _no_anatomy(t, "side", ImageLaterality="R"), ["body_part"]),
-    ("lateral view position", lambda t: _variant(t, "lat", ViewPosition="LL"), ["view"]),
-    ("oblique view position", lambda t: _variant(t, "obl", ViewPosition="RLO"), ["view"]),
+    ("lateral view position", lambda t: variant(t, "lat", ViewPosition="LL"), ["view"]),
+    ("oblique view position", lambda t: variant(t, "obl", ViewPosition="RLO"), ["view"]),
     ("view code sequence", _view_code, ["view"]),
-    ("series says lateral", lambda t: _variant(t, "serlat", ViewPosition=None, SeriesDescription="CHEST LAT",
+    ("series says lateral", lambda t: variant(t, "serlat", ViewPosition=None, SeriesDescription="CHEST LAT",
                                                ProtocolName=None), ["view"]),
-    ("modality", lambda t: _variant(t, "ct", Modality="CT"), ["modality"]),
-    ("no modality", lambda t: _variant(t, "nomod", Modality=None, SOPClassUID="1.2.840.10008.5.1.4.1.1.2"),
+    ("modality", lambda t: variant(t, "ct", Modality="CT"), ["modality"]),
+    ("no modality", lambda t: variant(t, "nomod", Modality=None, SOPClassUID="1.2.840.10008.5.1.4.1.1.2"),
      ["modality"]),
-    ("colour in the header", lambda t: _variant(t, "palette", PhotometricInterpretation="PALETTE COLOR"),
+    ("colour in the header", lambda t: variant(t, "palette", PhotometricInterpretation="PALETTE COLOR"),
      ["colour"]),
     ("colour once decoded", _real_colour, ["colour"]),
-    ("1-bit", lambda t: _variant(t, "bits", BitsAllocated=1), ["bitmap"]),
-    ("too small", lambda t: _variant(t, "small", Rows=64), ["too_small"]),
-    ("no pixel data", lambda t: _variant(t, "nopixels", PixelData=None), ["pixel_data"]),
-    ("blank", _blank, ["blank"]),
-    ("truncated (and aged 64)", _truncated, ["age", "decode"]),
-    ("not DICOM", _text_file, ["not_dicom"]),
+    ("1-bit", lambda t: variant(t, "bits", BitsAllocated=1), ["bitmap"]),
+    ("too small", lambda t: variant(t, "small", Rows=64), ["too_small"]),
+    ("no pixel data", lambda t: variant(t, "nopixels", PixelData=None), ["pixel_data"]),
+    ("blank", blank, ["blank"]),
+    ("truncated (and aged 64)", truncated, ["age", "decode"]),
+    ("not DICOM", text_file, ["not_dicom"]),
     ("a folder", lambda t: t, ["not_regular_file"]),
     ("file cannot be opened", _dangling, ["read_error"]),
 ]
@@ -161,7 +128,7 @@ def test_code_of_each_real_reason_is_the_code_the_scoring_path_records(tmp_path,
 
 
 def test_too_large_and_the_gate_functions_get_the_scoring_codes(tmp_path, model) -> None:
-    [out] = Scorer(model, max_decoded_bytes=1_000_000).score([_variant(tmp_path, "big")])
+    [out] = Scorer(model, max_decoded_bytes=1_000_000).score([variant(tmp_path, "big")])
     assert [r.code for r in out.reasons] == ["too_large"]
     _assert_codes_agree(out.reasons)
     # Texts the scoring path files under a fixed code (scoring.Scorer._decode and _decide).
@@ -189,9 +156,9 @@ def test_refusals_are_counted_once_under_each_of_their_codes(tmp_path, model) ->
     engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
     migrations.upgrade(engine)
     sessions = make_sessionmaker(engine)
-    sources = [Path(sample_file("RG3_UNCR.dcm")), _variant(tmp_path, "lat", ViewPosition="LL"), _real_colour(tmp_path),
-               _variant(tmp_path, "both", PatientBirthDate="19400305", ViewPosition="LL", BodyPartExamined="HAND"),
-               _truncated(tmp_path)]
+    sources = [Path(sample_file("RG3_UNCR.dcm")), variant(tmp_path, "lat", ViewPosition="LL"), _real_colour(tmp_path),
+               variant(tmp_path, "both", PatientBirthDate="19400305", ViewPosition="LL", BodyPartExamined="HAND"),
+               truncated(tmp_path)]
     outcomes = Scorer(model).score(sources)
     expected: Counter[str] = Counter()
     for o in outcomes:

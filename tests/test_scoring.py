@@ -16,11 +16,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
-import pydicom
 import pytest
 import torch
 from dicom_support import daemon_env, free_port, pacsbridge_cmd, wait_for_port
+from image_variants import blank, text_file, truncated, variant
 from pipeline_support import (
     SHIPPED_MODEL,
     add_instance,
@@ -61,40 +60,8 @@ def model(model_path):
     return load_model(model_path, "cpu")
 
 
-def _variant(tmp: Path, name: str, source: str = "RG1_UNCR.dcm", **changes) -> Path:
-    ds = pydicom.dcmread(sample_file(source))
-    ds.PatientBirthDate = "20000301"  # 4 years old at the study (2004): inside 1-5 y unless changed
-    for keyword, value in changes.items():
-        if value is None:
-            delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    path = tmp / f"{name}.dcm"
-    ds.save_as(path)
-    return path
 
 
-def _blank(tmp: Path) -> Path:
-    ds = pydicom.dcmread(_variant(tmp, "blank0"))
-    ds.PixelData = np.full((ds.Rows, ds.Columns), 1000, dtype=np.uint16).tobytes()
-    for kw in ("WindowCenter", "WindowWidth"):
-        if kw in ds:
-            delattr(ds, kw)
-    path = tmp / "blank.dcm"
-    ds.save_as(path)
-    return path
-
-
-def _truncated(tmp: Path) -> Path:
-    path = tmp / "truncated.dcm"
-    path.write_bytes(sample_file("RG1_UNCR.dcm").read_bytes()[:4000])
-    return path
-
-
-def _text_file(tmp: Path) -> Path:
-    path = tmp / "notes.txt"
-    path.write_text("not an image\n")
-    return path
 
 
 def _fifo(tmp: Path) -> Path:
@@ -111,16 +78,16 @@ def _dangling(tmp: Path) -> Path:
 
 # One row per cause: how the input is made, the outcome's state, the codes of its reasons.
 REFUSALS = [
-    ("adult age", lambda t: _variant(t, "adult", PatientBirthDate="19400305"), ["age"]),
-    ("not a chest", lambda t: _variant(t, "hand", BodyPartExamined="HAND"), ["body_part"]),
-    ("lateral view", lambda t: _variant(t, "lat", ViewPosition="LL"), ["view"]),
-    ("not a radiograph", lambda t: _variant(t, "ct", Modality="CT"), ["modality"]),
+    ("adult age", lambda t: variant(t, "adult", PatientBirthDate="19400305"), ["age"]),
+    ("not a chest", lambda t: variant(t, "hand", BodyPartExamined="HAND"), ["body_part"]),
+    ("lateral view", lambda t: variant(t, "lat", ViewPosition="LL"), ["view"]),
+    ("not a radiograph", lambda t: variant(t, "ct", Modality="CT"), ["modality"]),
     ("small colour picture aged 24", lambda t: Path(sample_file("SC_rgb.dcm")), ["too_small", "age"]),
     ("CT slice aged 0", lambda t: Path(sample_file("CT_small.dcm")), ["modality", "age"]),
-    ("no pixel data", lambda t: _variant(t, "nopixels", PixelData=None), ["pixel_data"]),
-    ("blank image", _blank, ["blank"]),
-    ("not DICOM", _text_file, ["not_dicom"]),
-    ("truncated (and aged 64)", _truncated, ["age", "decode"]),
+    ("no pixel data", lambda t: variant(t, "nopixels", PixelData=None), ["pixel_data"]),
+    ("blank image", blank, ["blank"]),
+    ("not DICOM", text_file, ["not_dicom"]),
+    ("truncated (and aged 64)", truncated, ["age", "decode"]),
     ("not a regular file", _fifo, ["not_regular_file"]),
 ]
 
@@ -134,7 +101,7 @@ def test_each_refusal_is_not_analysed_with_its_reasons(tmp_path, model, name, ma
 
 
 def test_too_large_is_refused_before_decoding(tmp_path, model) -> None:
-    [out] = Scorer(model, max_decoded_bytes=1_000_000).score([_variant(tmp_path, "big")])
+    [out] = Scorer(model, max_decoded_bytes=1_000_000).score([variant(tmp_path, "big")])
     assert (out.state, [r.code for r in out.reasons]) == (NOT_ANALYSED, ["too_large"])
     assert out.inference_ms is None  # never reached the model
 
@@ -186,8 +153,8 @@ class _CrashOn(torch.nn.Module):
 
 
 def test_a_crashing_image_fails_alone_and_the_batch_is_scored(tmp_path, model) -> None:
-    good = [_variant(tmp_path, f"good{i}", ViewPosition=v) for i, v in enumerate(("PA", "AP"))]
-    bad = _variant(tmp_path, "bad", WindowWidth=600, WindowCenter=1500)
+    good = [variant(tmp_path, f"good{i}", ViewPosition=v) for i, v in enumerate(("PA", "AP"))]
+    bad = variant(tmp_path, "bad", WindowWidth=600, WindowCenter=1500)
     bad_input = preprocess(load_for_model(bad).image, model.input_size)
     crashing = dataclasses.replace(model, module=_CrashOn(model.module, bad_input))
     outs = Scorer(crashing).score([good[0], bad, good[1]])
@@ -199,7 +166,7 @@ def test_a_crashing_image_fails_alone_and_the_batch_is_scored(tmp_path, model) -
 
 def test_non_finite_score_is_a_fault(tmp_path, model) -> None:
     model.module.head[-1].bias.data.fill_(float("nan"))
-    [out] = Scorer(model).score([_variant(tmp_path, "chest")])
+    [out] = Scorer(model).score([variant(tmp_path, "chest")])
     assert (out.state, out.reasons[0].code, out.reason) == (FAILED, "non_finite", "the model produced a non-finite score")
 
 
@@ -207,7 +174,7 @@ def test_spool_faults_are_failed_in_the_worker(tmp_path, model) -> None:
     db = sqlite_sessions(tmp_path)
     spool = tmp_path / "spool"
     missing = add_instance(db, spool, None, sop_uid="7.1")
-    deleted = add_instance(db, spool, _variant(tmp_path, "chest"), sop_uid="7.2", study_uid="7.9")
+    deleted = add_instance(db, spool, variant(tmp_path, "chest"), sop_uid="7.2", study_uid="7.9")
     with db.begin() as s:
         s.get(Instance, deleted).spool_deleted_at = utcnow()
     out = InferenceWorker(db, model, spool, max_wait_ms=0).drain()
@@ -245,12 +212,12 @@ def test_stored_reasons_are_used_only_while_they_match_the_text() -> None:
 # ----------------------------------------------------------------------------- predict == daemon
 
 def _parity_files(tmp: Path) -> list[Path]:
-    kid = _variant(tmp, "kid")
+    kid = variant(tmp, "kid")
     return [reuid(kid, tmp / "in" / "kid.dcm"),
-            reuid(_variant(tmp, "kid_ap", ViewPosition="AP", WindowWidth=900), tmp / "in" / "kid_ap.dcm"),
-            reuid(_variant(tmp, "adult", PatientBirthDate="19400305"), tmp / "in" / "adult.dcm"),
+            reuid(variant(tmp, "kid_ap", ViewPosition="AP", WindowWidth=900), tmp / "in" / "kid_ap.dcm"),
+            reuid(variant(tmp, "adult", PatientBirthDate="19400305"), tmp / "in" / "adult.dcm"),
             reuid(Path(sample_file("RG3_UNCR.dcm")), tmp / "in" / "hand.dcm"),
-            reuid(_variant(tmp, "lateral", ViewPosition="LL"), tmp / "in" / "lateral.dcm")]
+            reuid(variant(tmp, "lateral", ViewPosition="LL"), tmp / "in" / "lateral.dcm")]
 
 
 def _wait(condition, timeout: float, proc: subprocess.Popen, log: Path) -> None:
