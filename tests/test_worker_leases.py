@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -21,10 +23,11 @@ import pytest
 from sqlalchemy import func, select, update
 
 from dicom_support import daemon_env, database_url_for, free_port, migrated_sessions, pacsbridge_cmd
-from pacsbridge.store import migrations, queue, workers
+from pacsbridge.store import claim_rules, migrations, queue, workers
 from pacsbridge.store.db import make_engine, make_sessionmaker
 from pacsbridge.store.models import Event, Instance, Prediction, utcnow
 from pipeline_support import add_instance, export_model, sample_file
+from waiting import wait_until
 
 A = workers.WorkerInfo("host-a:11:aaaaaaaa", "worker", 8, host="host-a", pid=11)
 B = workers.WorkerInfo("host-b:22:bbbbbbbb", "serve", 4, host="host-b", pid=22)
@@ -117,6 +120,53 @@ def test_a_worker_whose_loop_is_stuck_stops_renewing_its_leases(sessions, tmp_pa
     assert workers._utc(row.lease_until) > t0 + timedelta(seconds=5)
 
 
+def test_claims_of_a_dead_process_on_this_machine_return_at_once(sessions, tmp_path: Path) -> None:
+    """Killed or crashed on this machine: its claims need not wait for their lease.  A live process,
+    a clean stop, or another machine's worker with the same pid: the lease decides."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    here, t0 = workers.machine_id(), utcnow()
+    assert here is not None  # Linux: host, boot and pid namespace
+    killed = workers.WorkerInfo(f"h:{dead.pid}:11111111", "worker", 8, host="h", pid=dead.pid, machine=here)
+    running = workers.WorkerInfo(f"h:{alive.pid}:22222222", "worker", 8, host="h", pid=alive.pid, machine=here)
+    elsewhere = workers.WorkerInfo(f"h:{dead.pid}:33333333", "worker", 8, host="h", pid=dead.pid, machine="x" * 32)
+    stopped = workers.WorkerInfo(f"h:{dead.pid}:44444444", "worker", 8, host="h", pid=dead.pid, machine=here)
+    try:
+        for k, w in enumerate((killed, running, elsewhere, stopped)):
+            workers.register(sessions, w, now=t0)
+            add_instance(sessions, tmp_path, sample_file("RG1_UNCR.dcm"), sop_uid=f"7.{k}", study_uid=f"6.{k}")
+            assert len(queue.claim(sessions, w.id, 1, now=t0, lease_s=3600)) == 1
+        workers.mark_stopped(sessions, stopped.id, now=t0)
+        me = "h:1:99999999"
+        with sessions() as s:
+            gone = workers.gone_on_this_machine(s, me)
+        assert gone == {killed.id}
+        assert queue.recover_stale_claims(sessions, me, timedelta(hours=2), t0, gone=gone) == 1
+        rows = {r.sop_instance_uid: (r.state, r.claimed_by) for r in _rows(sessions)}
+        assert rows == {"7.0": ("failed", None), "7.1": ("processing", running.id),
+                        "7.2": ("processing", elsewhere.id), "7.3": ("processing", stopped.id)}
+        with sessions() as s:
+            [detail] = s.scalars(select(Event.detail).where(Event.kind == "claim_released")).all()
+        assert f"claim by {killed.id} released: its worker process on this machine is gone" in detail
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_a_zombie_process_is_not_alive() -> None:
+    """Killed but not yet reaped by its parent (a supervisor that is slow to wait): gone all the same."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        wait_until(lambda: Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z",
+                   30, "the child to exit")
+        assert not claim_rules.pid_alive(child.pid)
+        assert claim_rules.pid_alive(os.getpid())
+    finally:
+        child.wait()
+    assert not claim_rules.pid_alive(child.pid)
+
+
 # -- real worker processes --------------------------------------------------------------------
 @contextlib.contextmanager
 def _worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
@@ -191,7 +241,8 @@ def test_a_frozen_or_killed_workers_claims_return_and_are_scored_once(tmp_path: 
     spool.mkdir(parents=True)
     env = daemon_env(data, free_port(), PACSBRIDGE_DATABASE_URL=database_url, PACSBRIDGE_FSYNC="false",
                      PACSBRIDGE_MODEL_PATH=str(export_model(tmp_path / "model")), PACSBRIDGE_HEARTBEAT_S="0.5",
-                     PACSBRIDGE_CLAIM_LEASE_S="4")
+                     # killed: a lease far longer than the test, so only "its process is gone" can return them
+                     PACSBRIDGE_CLAIM_LEASE_S="4" if postgres else "600")
     # A claims a whole batch, then waits 10 s for it to fill: the window in which it is frozen or killed.
     env_a = {**env, "PACSBRIDGE_INFERENCE_BATCH_SIZE": "64", "PACSBRIDGE_INFERENCE_MAX_WAIT_MS": "10000"}
     env_b = {**env, "PACSBRIDGE_INFERENCE_MAX_WAIT_MS": "0"}
@@ -212,9 +263,9 @@ def test_a_frozen_or_killed_workers_claims_return_and_are_scored_once(tmp_path: 
             else:
                 b = stack.enter_context(_worker(env_b, log_b))
                 id_b = _until(lambda: _worker_id(sessions, b.pid), 120, b, log=log_b)
-            # A running B returns them by its heartbeat within a lease or two; without it, only B's start (SQLite
-            # case) or its loop's sweep once a minute would, past this deadline.
-            _until(lambda: _released(sessions) == n, 40 if postgres else 120, b, log=log_b)
+            # Frozen: a running B returns them by its heartbeat within a lease or two. Killed: B, starting on
+            # the same machine, sees A's process is gone and returns them at once, long before the lease ends.
+            _until(lambda: _released(sessions) == n, 40, b, log=log_b)
             _until(lambda: len(_predictions_per_instance(sessions)) == n, 120, b, log=log_b)
             rows = _rows(sessions)
             assert {(r.state, r.claimed_by) for r in rows} == {("predicted", id_b)}
@@ -222,10 +273,12 @@ def test_a_frozen_or_killed_workers_claims_return_and_are_scored_once(tmp_path: 
                 released = s.execute(select(Event.sop_instance_uid, Event.at, Event.detail)
                                      .where(Event.kind == "claim_released")).all()
             assert sorted(r.sop_instance_uid for r in released) == sorted(r.sop_instance_uid for r in rows)
-            assert all(f"claim by {id_a} released: its lease expired" in r.detail for r in released)
+            why = "its lease expired" if postgres else "its worker process on this machine is gone"
+            assert all(f"claim by {id_a} released: {why}" in r.detail for r in released), released
             first = min(workers._utc(r.at) for r in released)
             print(f"claims of the {'frozen' if postgres else 'killed'} worker returned "
-                  f"{(first - stopped_at).total_seconds():.1f} s after it stopped (lease 4 s, heartbeat 0.5 s)")
+                  f"{(first - stopped_at).total_seconds():.1f} s after it stopped "
+                  f"(lease {'4' if postgres else '600'} s, heartbeat 0.5 s)")
 
             def only_b() -> list[dict] | None:  # A is no longer live once 3 heartbeats are missed
                 rows = _cli_workers(env)

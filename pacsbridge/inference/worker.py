@@ -50,6 +50,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..model.artifact import LoadedModel
@@ -137,12 +138,21 @@ class InferenceWorker(BatchRecording):
         worker's own id is a leftover too (a batch that failed to record, e.g. the database went away).
         """
         return queue.recover_stale_claims(self._sessions, self.worker_id, self._stale_after, now,
-                                           self._retry, lock_timeout_s=self._lease_s)
+                                           self._retry, lock_timeout_s=self._lease_s, gone=self._gone())
 
     def recover_expired_leases(self) -> int:
         """Other workers' claims whose lease ran out (the heartbeat calls it, also while a batch is in hand)."""
         return queue.recover_stale_claims(self._sessions, self.worker_id, self._stale_after, None, self._retry,
-                                          include_own=False, lock_timeout_s=self._lease_s)
+                                          include_own=False, lock_timeout_s=self._lease_s, gone=self._gone())
+
+    def _gone(self) -> set[str]:
+        """Workers on this machine whose process died (a restart after a crash, a killed sibling): their
+        claims come back now, not when their lease runs out."""
+        try:
+            with self._sessions() as session:
+                return registry.gone_on_this_machine(session, self.worker_id)
+        except SQLAlchemyError:
+            return set()  # the recovery that follows reports the outage
 
     def claim(self, limit: int) -> list[Claimed]:
         """Claim up to ``limit`` due instances (received, or failed and due for a retry) in arrival order."""

@@ -397,6 +397,9 @@ class Worker(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # host:pid:uuid, as in instances.claimed_by
     host: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
+    #: Where ``pid`` means something: host, boot and pid namespace (pacsbridge.store.workers.machine_id);
+    #: NULL where it cannot be told (not Linux, rows from before it was recorded).
+    machine: Mapped[str | None] = mapped_column(String(64), nullable=True)
     kind: Mapped[str] = mapped_column(String(16))  # serve | worker
     batch_size: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

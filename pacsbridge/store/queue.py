@@ -31,7 +31,7 @@ while the rest of the cluster runs.  Leases compare host clocks: keep them in sy
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -155,10 +155,12 @@ def claim(sessions: sessionmaker[Session], worker_id: str, limit: int, now: date
 
 def recover_stale_claims(sessions: sessionmaker[Session], worker_id: str, stale_after: timedelta,
                          now: datetime | None = None, policy: RetryPolicy | None = None, *,
-                         include_own: bool = True, lock_timeout_s: float = DEFAULT_LEASE_S) -> int:
+                         include_own: bool = True, lock_timeout_s: float = DEFAULT_LEASE_S,
+                         gone: Collection[str] = ()) -> int:
     """Take back instances claimed by a dead, stuck or stopped worker (expired leases); returns how many.
 
     ``include_own=False`` from a heartbeat, which runs while this worker's own batch is in hand.
+    ``gone``: ids of workers known dead (their leases are not waited for).
 
     A lost claim counts as a failed attempt: the worker may have died *because* of one of the images
     (a decoder that crashes the process), and an image that kills every worker that takes it must not
@@ -172,6 +174,8 @@ def recover_stale_claims(sessions: sessionmaker[Session], worker_id: str, stale_
     maybe = [Instance.claimed_by.is_(None), Instance.lease_until.is_(None), Instance.lease_until < now]
     if include_own:
         maybe.append(Instance.claimed_by == worker_id)
+    if gone:
+        maybe.append(Instance.claimed_by.in_(sorted(gone)))
     with sessions.begin() as session:
         _bound_locks(session, lock_timeout_s)
         # SKIP LOCKED: rows another transaction holds (e.g. a frozen worker's) are left for a later round
@@ -184,7 +188,7 @@ def recover_stale_claims(sessions: sessionmaker[Session], worker_id: str, stale_
         ).all()
         for iid, sop, owner, claimed_at, attempts, lease_until in rows:
             why = stale_reason(owner, claimed_at, worker_id, stale_after, now, lease_until=lease_until,
-                               include_own=include_own)
+                               include_own=include_own, gone=gone)
             if why is None:
                 continue
             # Not renewed meanwhile (SQLite took no lock above).

@@ -16,6 +16,7 @@ A worker is *live* while it has not stopped cleanly and its last heartbeat is wi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -24,12 +25,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import Instance, InstanceState, Worker, utcnow
+from .claim_rules import pid_alive
 from .queue import DEFAULT_LEASE_S, _bound_locks
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,17 @@ LIVE_INTERVALS = 3
 KEEP_GONE = timedelta(days=7)
 
 PROCESSING = InstanceState.PROCESSING.value
+
+
+def machine_id() -> str | None:
+    """Host, boot and pid namespace, hashed: two workers with the same value see the same processes,
+    so one can tell that the other's pid is gone.  None where that cannot be told (not Linux)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return hashlib.sha256(f"{socket.gethostname()}|{boot}|{pid_ns}".encode()).hexdigest()[:32]
 
 
 def new_worker_id() -> str:
@@ -58,10 +72,12 @@ class WorkerInfo:
     batch_size: int
     host: str = ""
     pid: int = 0
+    machine: str | None = None  # with ``pid``: a worker described from elsewhere (tests)
 
     def row(self, now: datetime) -> Worker:
         return Worker(id=self.id, host=self.host or socket.gethostname()[:255], pid=self.pid or os.getpid(),
-                      kind=self.kind, batch_size=self.batch_size, started_at=now, last_heartbeat=now)
+                      machine=self.machine if self.pid else machine_id(), kind=self.kind,
+                      batch_size=self.batch_size, started_at=now, last_heartbeat=now)
 
 
 def register(sessions: sessionmaker[Session], info: WorkerInfo, now: datetime | None = None) -> None:
@@ -74,6 +90,23 @@ def register(sessions: sessionmaker[Session], info: WorkerInfo, now: datetime | 
                                              Worker.id.not_in(holding))
                         .execution_options(synchronize_session=False))
         session.add(info.row(now))
+
+
+def gone_on_this_machine(session: Session, me: str) -> set[str]:
+    """Workers on this machine (same host, boot and pid namespace) that did not stop cleanly and
+    whose process no longer exists: killed or crashed, their leases need not be waited for.
+
+    A pid now used by another process reads as alive (the lease decides then); this process's own
+    pid under another id is an earlier process that had it, so that one is gone."""
+    here = machine_id()
+    if here is None:
+        return set()
+    gone = set()
+    for wid, pid in session.execute(select(Worker.id, Worker.pid).where(
+            Worker.machine == here, Worker.stopped_at.is_(None), Worker.id != me)):
+        if pid == os.getpid() or not pid_alive(pid):
+            gone.add(wid)
+    return gone
 
 
 def beat(sessions: sessionmaker[Session], info: WorkerInfo, lease_s: float = DEFAULT_LEASE_S,
