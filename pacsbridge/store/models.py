@@ -415,7 +415,3 @@ class ClusterIdentity(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)  # always 1
     cluster_id: Mapped[str] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-
-
-# Keeps study_scores in step with every prediction recorded, whoever records it.
-from . import study_scores as _study_scores  # noqa: E402,F401
