@@ -12,7 +12,7 @@ from pacsbridge.model.artifact import load_model
 
 from . import metrics
 from .data import labels_of, list_samples, load_images, split_by_patient
-from .ood import extract_pooled
+from .ood import external_table, extract_pooled
 
 
 def evaluate(model_path: Path, data_dir: Path, *, subset: str = "all", plots: Path | None = None,
@@ -98,18 +98,6 @@ def evaluate(model_path: Path, data_dir: Path, *, subset: str = "all", plots: Pa
     print(json.dumps(result))
     return result
 
-
-def external_table(model) -> list[dict]:  # noqa: ANN001 - a LoadedModel with OOD statistics
-    """OOD scores of the distinct grey images of pydicom-data / pydicom (adult chest, extremity, CT, MR...)."""
-    from pacsbridge.model.preprocess import preprocess
-
-    from .ood import external_images
-
-    rows = []
-    for name, what, image in external_images():
-        _, [s] = model.score_inputs(preprocess(image, model.input_size).unsqueeze(0))
-        rows.append({"file": name, "what": what, "ood_score": float(s), "refused": bool(s > model.ood.threshold)})
-    return rows
 
 
 def gated_metrics(y: np.ndarray, prob: np.ndarray, ood: np.ndarray, threshold: float,

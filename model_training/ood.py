@@ -34,7 +34,7 @@ import torch
 from pacsbridge.model.artifact import load_model, sha256_file
 from pacsbridge.model.ood import (METHOD, METHOD_V1, OodStats, OutlierExposureStats, fit_blocks,
                                   forward_pooled, forward_with_features, stage_features)
-from pacsbridge.model.preprocess import preprocess_batch
+from pacsbridge.model.preprocess import preprocess, preprocess_batch
 
 from .data import Sample, labels_of, list_samples, load_images, split_by_patient
 
@@ -144,6 +144,15 @@ def external_images() -> list[tuple[str, str, np.ndarray]]:
             what = " ".join(str(v) for v in (ds.get("Modality"), ds.get("BodyPartExamined")) if v)
             out.append((path.name, what or "?", image))
     return out
+
+
+def external_table(model) -> list[dict]:  # noqa: ANN001 - a LoadedModel with OOD statistics
+    """OOD scores of the distinct grey images of pydicom-data / pydicom (adult chest, extremity, CT, MR...)."""
+    rows = []
+    for name, what, image in external_images():
+        _, [s] = model.score_inputs(preprocess(image, model.input_size).unsqueeze(0))
+        rows.append({"file": name, "what": what, "ood_score": float(s), "refused": bool(s > model.ood.threshold)})
+    return rows
 
 
 def write_ood_artifact(model_path: Path, data_dir: Path, out_dir: Path, version: str, *,
@@ -420,8 +429,6 @@ def evaluate_refusal(model_path: Path, data_dir: Path, adult_dir: Path, *, adult
         by = ", ".join(f"{k} {v['refused_rate']:.4f} of {v['images']}" for k, v in row["by_source"].items())
         print(f"  adult {part} part: {len(paths)} images, refused {row['refused_rate']:.4f} ({by})")
     if external:
-        from .evaluate import external_table
-
         ext = external_table(model)
         result["external"] = {"images": len(ext), "refused": sum(r["refused"] for r in ext)}
         print(f"  pydicom-data grey images (header gates bypassed): {result['external']['refused']} of {len(ext)} refused")
