@@ -4,6 +4,10 @@ at a time, an expired lease is claimed again, a stale holder's outcome is refuse
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -18,7 +22,7 @@ from pacsbridge.forward import outbox
 from pacsbridge.forward.forwarder import Forwarder
 from pacsbridge.forward.outbox import RetryPolicy
 from pacsbridge.forward.senders import ForwardContext
-from pacsbridge.store import migrations
+from pacsbridge.store import claim_rules, migrations
 from pacsbridge.store.db import make_engine, make_sessionmaker
 from pacsbridge.store.models import utcnow
 from pipeline_support import sample_file
@@ -95,6 +99,27 @@ def test_claims_are_exclusive_per_destination_and_leases_expire(sessions, tmp_pa
         rows = {e["id"]: e for e in outbox.list_entries(s)}
     assert rows[stale]["state"] == "sent" and rows[stale]["claimed_by"] is None
     assert rows[again[1].id]["claimed_by"] is None and rows[again[1].id]["lease_until"] is None
+
+
+def test_a_gone_process_on_this_machine_does_not_hold_its_leases(sessions, tmp_path):
+    """A node killed mid-send and restarted on the same machine takes its destination back at once; a
+    live holder, or one named on another machine, keeps it until its lease ends."""
+    _results(sessions, tmp_path, [_ris("a"), _ris("b"), _ris("c")], 2)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tag = claim_rules.process_name().rsplit(":", 1)[1]
+    assert tag != "-"  # Linux: the machine can be told
+    gone_here = f"{socket.gethostname()}:{dead.pid}:aaaaaaaa:{tag}"
+    live_here = f"{socket.gethostname()}:{os.getpid()}:bbbbbbbb:{tag}"  # a live process (this one)
+    elsewhere = f"{socket.gethostname()}:{dead.pid}:cccccccc:{'0' * 8 if tag != '0' * 8 else '1' * 8}"
+    t0 = utcnow()
+    for holder, dest in ((gone_here, "a"), (live_here, "b"), (elsewhere, "c")):
+        assert len(outbox.claim_due(sessions, holder, LEASE_S, t0, destinations=[dest])) == 2
+    me = claim_rules.process_name()
+    got = outbox.claim_due(sessions, me, LEASE_S, t0 + timedelta(seconds=1), destinations=["a", "b", "c"])
+    assert sorted({e.destination for e in got}) == ["a"] and len(got) == 2
+    assert claim_rules.gone_process(gone_here, me) and not claim_rules.gone_process(elsewhere, me)
+    assert not claim_rules.gone_process(me, me) and not claim_rules.gone_process("node-a", me)
 
 
 def test_concurrent_claimers_get_disjoint_entries(pg_sessions, tmp_path):

@@ -31,6 +31,7 @@ from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..config import Destination
+from ..store.claim_rules import gone_process
 from ..store.models import Event, Instance, OutboxEntry, OutboxState, Prediction, Series, Study, utcnow
 from .results import Result
 
@@ -137,7 +138,8 @@ def _destination_lock(session: Session, destination: str) -> bool:
 def claim_due(sessions: sessionmaker[Session], claimer: str, lease_s: float, now: datetime | None = None,
               limit: int = 500, destinations: Iterable[str] | None = None) -> list[DueEntry]:
     """Claim due entries for ``claimer`` until now + ``lease_s``, oldest first, each destination in its
-    own short transaction; a destination on which another claimer holds a live lease is skipped."""
+    own short transaction; a destination on which another claimer holds a live lease is skipped,
+    unless that claimer was a process on this machine that is gone (its leases are not waited for)."""
     now = now or utcnow()
     if destinations is None:
         with sessions() as session:
@@ -148,15 +150,19 @@ def claim_due(sessions: sessionmaker[Session], claimer: str, lease_s: float, now
         with sessions.begin() as session:
             if not _destination_lock(session, dest):
                 continue
-            busy = session.scalar(select(OutboxEntry.id).where(
+            holders = set(session.scalars(select(OutboxEntry.claimed_by).where(
                 OutboxEntry.destination == dest, OutboxEntry.state == PENDING, OutboxEntry.lease_until > now,
-                OutboxEntry.claimed_by != claimer).limit(1))
-            if busy is not None:
+                OutboxEntry.claimed_by != claimer).distinct()))
+            # a holder that was a process on this machine and is gone (a crash, a restart) sends nothing more
+            gone = {h for h in holders if gone_process(h, claimer)}
+            if holders - gone:
                 continue
+            free = [OutboxEntry.lease_until.is_(None), OutboxEntry.lease_until <= now, OutboxEntry.claimed_by == claimer]
+            if gone:
+                free.append(OutboxEntry.claimed_by.in_(sorted(gone)))
             q = (select(OutboxEntry.id).where(
                 OutboxEntry.destination == dest, OutboxEntry.state == PENDING, OutboxEntry.next_attempt_at <= now,
-                or_(OutboxEntry.lease_until.is_(None), OutboxEntry.lease_until <= now,
-                    OutboxEntry.claimed_by == claimer))
+                or_(*free))
                  .order_by(OutboxEntry.next_attempt_at, OutboxEntry.id).limit(limit))
             if session.bind.dialect.name == "postgresql":
                 q = q.with_for_update(skip_locked=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
+import uuid
 from collections.abc import Collection
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -23,6 +26,37 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return True  # no /proc (not Linux), or it ended just now: the lease decides
     return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def machine_id() -> str | None:
+    """Host, boot and pid namespace, hashed: two processes with the same value see the same pids, so
+    one can tell that the other is gone.  None where that cannot be told (not Linux)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return hashlib.sha256(f"{socket.gethostname()}|{boot}|{pid_ns}".encode()).hexdigest()[:32]
+
+
+def process_name() -> str:
+    """``host:pid:<8 hex>:<machine tag>``: a process's name on leases that are not worker claims
+    (outbox entries, the scheduler lock); the tag lets another process on this machine see that the
+    holder is gone (:func:`gone_process`)."""
+    tag = (machine_id() or "-")[:8]
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:{tag}"
+
+
+def gone_process(name: str | None, me: str) -> bool:
+    """Whether ``name`` (a :func:`process_name`) is a process on this machine that no longer exists.
+    A pid in use (by it, or by a newer process that got the number) counts as alive: the lease decides."""
+    if not name or name == me:
+        return False
+    parts = name.rsplit(":", 3)
+    here = machine_id()
+    if len(parts) != 4 or here is None or parts[3] != here[:8] or not parts[1].isdigit():
+        return False
+    return not pid_alive(int(parts[1]))
 
 
 def stale_reason(owner: str | None, claimed_at: datetime | None, worker_id: str, stale_after: timedelta,

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import socket
 import threading
-import uuid
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -29,6 +26,7 @@ from sqlalchemy import Connection, Engine, create_engine, delete, select, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from .claim_rules import process_name
 from .models import SchedulerLeader, utcnow
 from .records import record_event
 
@@ -45,8 +43,9 @@ def lock_key(name: str, schema: str | None = None) -> int:
 
 
 def new_node_name() -> str:
-    """``hostname:pid:uuid`` of this process (unique across containers that reuse pids)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """``hostname:pid:uuid:machine`` of this process (unique across containers that reuse pids; the
+    machine tag lets a restarted process here see that this one is gone, see claim_rules)."""
+    return process_name()
 
 
 def current_schema(conn: Connection) -> str | None:

@@ -362,7 +362,7 @@ class SchedulerLeader(Base):
     __tablename__ = "scheduler_leader"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    node: Mapped[str] = mapped_column(String(200))  # hostname:pid:uuid of the leading process
+    node: Mapped[str] = mapped_column(String(200))  # hostname:pid:uuid:machine of the leading process
     since: Mapped[datetime] = mapped_column(UTCDateTime())
     backend_pid: Mapped[int | None] = mapped_column(Integer)  # PostgreSQL session holding the lock
 

@@ -16,7 +16,6 @@ A worker is *live* while it has not stopped cleanly and its last heartbeat is wi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -25,14 +24,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from .models import Instance, InstanceState, Worker, utcnow
-from .claim_rules import pid_alive
+from .claim_rules import machine_id, pid_alive
 from .queue import DEFAULT_LEASE_S, _bound_locks
 
 log = logging.getLogger(__name__)
@@ -45,17 +43,6 @@ LIVE_INTERVALS = 3
 KEEP_GONE = timedelta(days=7)
 
 PROCESSING = InstanceState.PROCESSING.value
-
-
-def machine_id() -> str | None:
-    """Host, boot and pid namespace, hashed: two workers with the same value see the same processes,
-    so one can tell that the other's pid is gone.  None where that cannot be told (not Linux)."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        pid_ns = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-    return hashlib.sha256(f"{socket.gethostname()}|{boot}|{pid_ns}".encode()).hexdigest()[:32]
 
 
 def new_worker_id() -> str:
@@ -96,15 +83,15 @@ def gone_on_this_machine(session: Session, me: str) -> set[str]:
     """Workers on this machine (same host, boot and pid namespace) that did not stop cleanly and
     whose process no longer exists: killed or crashed, their leases need not be waited for.
 
-    A pid now used by another process reads as alive (the lease decides then); this process's own
-    pid under another id is an earlier process that had it, so that one is gone."""
+    A pid in use (by it, or by a newer process that got the number) reads as alive: the lease
+    decides then.  So does this process's own pid (several workers may run in one process)."""
     here = machine_id()
     if here is None:
         return set()
     gone = set()
     for wid, pid in session.execute(select(Worker.id, Worker.pid).where(
             Worker.machine == here, Worker.stopped_at.is_(None), Worker.id != me)):
-        if pid == os.getpid() or not pid_alive(pid):
+        if not pid_alive(pid):
             gone.add(wid)
     return gone
 
