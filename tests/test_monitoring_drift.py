@@ -1,20 +1,29 @@
 """Drift alarms on SQLite and PostgreSQL: out-of-scope images replacing in-scope ones raise an alarm
-(one event, one WARNING line, the gauge, the drift object), and it clears when in-scope images are back."""
+(one event, one WARNING line, the gauge, the drift object), and it clears when in-scope images are back;
+the same over a real daemon fed by storescu (adults after children)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
+from image_variants import variant
 from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import select
 
 from pacsbridge.store.models import Event, utcnow
 from pacsbridge.validation.drift import DriftLimits, DriftMonitor, Reference, evaluate, reference_from
 from pacsbridge.validation.monitor_metrics import MonitoringCollector
+from pipeline_support import export_model, reuid
+from test_daemon_pipeline import REPO, Daemon, _sessions, _wait_scored
 from test_monitoring_stats import _study, sessions  # noqa: F401 - the parametrised (SQLite, PostgreSQL) fixture
+from waiting import wait_until
 
 SHIPPED_CARD = Path(__file__).resolve().parents[1] / "pacsbridge" / "models" / "pneumonia-v3.json"
 OOD = ("image unlike this model's training data (out-of-distribution score 5.10 > threshold 3.73): "
@@ -96,3 +105,66 @@ def test_out_of_scope_images_raise_an_alarm_that_clears(sessions, caplog) -> Non
     with sessions() as s:
         assert monitor.status(s)["alarm"] is False
     assert 'pacsbridge_drift_alarm{signal="refusal_rate"} 0.0' in generate_latest(registry).decode()
+
+
+# -- over a real daemon ----------------------------------------------------------------------------
+def _api(daemon, auth: dict[str, str], path: str) -> dict:  # noqa: ANN001
+    r = httpx.get(f"{daemon.url}{path}", headers=auth, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_adults_sent_to_a_running_daemon_raise_an_alarm_that_clears(tmp_path: Path) -> None:
+    """A real `serve` (SQLite, 1 s monitoring) judging a window of 40 images: in-scope children, then
+    adults (refused on their age), then children again.  The alarm is on /api/stats, /metrics, the
+    audit trail and the log, with no patient data, and it clears by itself."""
+    model = export_model(tmp_path / "model", threshold=0.0, name="drift-model")  # every scored image flagged
+    card_path = model.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card["intended_use"] = {"age_years": {"min": 1, "max_exclusive": 6, "label": "1-5 y"}}
+    card["validation"] = {"tp": 60, "fp": 40, "tn": 0, "fn": 0}  # reference flag rate 1.0, as this model flags all
+    card["ood"] = {"validation_refusal_rate": 0.01}
+    card_path.write_text(json.dumps(card))
+    src = tmp_path / "in"
+
+    def batch(kind: str, n: int, birth: str) -> list[Path]:
+        return [reuid(variant(tmp_path, f"{kind}{i}-0", PatientBirthDate=birth), src / f"{kind}{i}.dcm")
+                for i in range(n)]
+
+    children, adults, again = batch("child", 30, "20000301"), batch("adult", 30, "19400305"), batch("back", 40, "20000301")
+    data = tmp_path / "data"
+    data.mkdir()
+    db = _sessions(data)
+    daemon = Daemon(data, model, PACSBRIDGE_DRIFT_WINDOW_IMAGES="40", PACSBRIDGE_DRIFT_MIN_IMAGES="20",
+                    PACSBRIDGE_MONITOR_INTERVAL_S="1")
+    try:
+        auth = daemon.token("physicist", "monitor")
+        daemon.send(*children)
+        _wait_scored(db, 30)
+        time.sleep(2.5)  # two monitoring rounds over in-scope traffic
+        drift = _api(daemon, auth, "/api/stats")["drift"]
+        assert drift["alarm"] is False and {s["name"] for s in drift["signals"]} >= {"refusal_rate", "flag_rate"}
+        assert all(s["limit"] is not None for s in drift["signals"] if s["name"] != "ood_score"), drift
+
+        sent = time.monotonic()
+        daemon.send(*adults)  # one association, 30 images
+        drift = wait_until(lambda: (lambda d: d if d["alarm"] else None)(_api(daemon, auth, "/api/stats")["drift"]),
+                           60, "a drift alarm on /api/stats within a minute of the adults")
+        print(f"drift alarm on /api/stats {time.monotonic() - sent:.1f} s after the adults began to arrive")
+        refusal = next(s for s in drift["signals"] if s["name"] == "refusal_rate")
+        assert refusal["alarm"] and refusal["value"] > refusal["limit"] > refusal["reference"] and refusal["since"]
+        metrics = httpx.get(f"{daemon.url}/metrics", headers=auth, timeout=30).text
+        assert 'pacsbridge_drift_alarm{signal="refusal_rate"} 1.0' in metrics
+        warning = wait_until(lambda: next((line for line in daemon.logs().splitlines()
+                                           if "WARNING" in line and "refusal_rate" in line), None), 10, "the WARNING")
+        assert "limit" in warning and "Test^Patient" not in warning and "TEST-PATIENT" not in warning
+
+        daemon.send(*again)
+        wait_until(lambda: not _api(daemon, auth, "/api/stats")["drift"]["alarm"], 120, "the alarm to clear")
+        events = subprocess.run([sys.executable, "-m", "pacsbridge", "events", "--json"], env=daemon.env, cwd=REPO,
+                                capture_output=True, text=True, timeout=120)
+        assert events.returncode == 0, events.stderr
+        kinds = [e["kind"] for e in json.loads(events.stdout)]
+        assert kinds.count("drift_alarm") >= 1 and kinds.count("drift_cleared") == kinds.count("drift_alarm")
+    finally:
+        assert daemon.stop() == 0, daemon.logs()[-3000:]
