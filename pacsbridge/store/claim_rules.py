@@ -1,4 +1,5 @@
-"""When a ``processing`` claim counts as abandoned (pure rules; :mod:`pacsbridge.store.queue` acts on them)."""
+"""When a claim counts as abandoned (pure rules; :mod:`pacsbridge.store.queue` and the outbox act on
+them): lease expiry, and whether the process that holds it is gone from this machine."""
 
 from __future__ import annotations
 
@@ -66,8 +67,9 @@ def stale_reason(owner: str | None, claimed_at: datetime | None, worker_id: str,
 
     ``include_own``: the caller is between its batches, so a claim under its own id is a leftover.
     ``gone``: workers known dead (pacsbridge.store.workers.gone_on_this_machine): their claims are
-    abandoned at once.  Any other claim with a lease holds exactly until the lease ends.  Claims made before leases existed
-    (``lease_until`` NULL, ids ``host:pid``) hold while their pid lives on this host, or for ``stale_after``.
+    abandoned at once.  Any other claim with a lease holds exactly until the lease ends.  Claims made
+    before leases existed (``lease_until`` NULL, ids ``host:pid``) hold while their pid lives on this
+    host, or for ``stale_after``.
     """
     if not owner:
         return "claim without owner"
