@@ -31,7 +31,7 @@ while the rest of the cluster runs.  Leases compare host clocks: keep them in sy
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable, Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -156,7 +156,7 @@ def claim(sessions: sessionmaker[Session], worker_id: str, limit: int, now: date
 def recover_stale_claims(sessions: sessionmaker[Session], worker_id: str, stale_after: timedelta,
                          now: datetime | None = None, policy: RetryPolicy | None = None, *,
                          include_own: bool = True, lock_timeout_s: float = DEFAULT_LEASE_S,
-                         gone: Collection[str] = ()) -> int:
+                         gone: AbstractSet[str] = frozenset()) -> int:
     """Take back instances claimed by a dead, stuck or stopped worker (expired leases); returns how many.
 
     ``include_own=False`` from a heartbeat, which runs while this worker's own batch is in hand.
@@ -171,11 +171,8 @@ def recover_stale_claims(sessions: sessionmaker[Session], worker_id: str, stale_
     policy = policy or RetryPolicy()
     now = as_utc(now or utcnow())
     released = 0
-    maybe = [Instance.claimed_by.is_(None), Instance.lease_until.is_(None), Instance.lease_until < now]
-    if include_own:
-        maybe.append(Instance.claimed_by == worker_id)
-    if gone:
-        maybe.append(Instance.claimed_by.in_(sorted(gone)))
+    maybe = [Instance.claimed_by.is_(None), Instance.lease_until.is_(None), Instance.lease_until < now,
+             Instance.claimed_by.in_(sorted(gone | {worker_id} if include_own else gone))]
     with sessions.begin() as session:
         _bound_locks(session, lock_timeout_s)
         # SKIP LOCKED: rows another transaction holds (e.g. a frozen worker's) are left for a later round
