@@ -22,6 +22,7 @@ from pacsbridge.store.db import make_engine, make_sessionmaker
 from pacsbridge.store.models import (
     Instance, InstanceState, Label, Prediction, Series, Study, WorklistItem, WorklistStatus, utcnow,
 )
+from pacsbridge.store.reasons import Reason, join_reasons, reasons_json
 from pacsbridge.validation.live import live_stats
 from pacsbridge.validation.ris_labels import LabelsImportError, import_labels, match_labels
 from pacsbridge.validation.stats import wilson_interval
@@ -188,6 +189,7 @@ def test_live_figures_on_a_scenario_with_known_truth(sessions, tmp_path: Path) -
     assert m["window"]["scored"] == 100 and m["window"]["sensitivity"]["value"] == 0.8
     assert m["audit"] == {"sampled": 0, "completed": 0, "pneumonia": 0}
     assert out["refused"]["total"] == {"image unlike this model's training data": 1, "not a chest image": 1}
+    assert out["refused_codes"]["total"] == {"ood": 1, "body_part": 1}  # rows without a reason list: their text
     assert out["labels"] == {"ris": 100, "ris_matched": 100, "ris_unmatched": 0, "reader": 31, "disagreements": 1}
 
     # A window that starts after the scenario: the totals stay, the window is empty.
@@ -245,3 +247,22 @@ def test_cli_labels_import_and_stats(tmp_path: Path) -> None:
     assert r.returncode == 0 and "sensitivity 50.0%" in r.stdout and "(ris_labels)" in r.stdout
     r = run("stats", "--since", "last tuesday")
     assert r.returncode == 1 and r.stderr.startswith("pacsbridge: stats: --since:")
+
+
+def test_refusals_by_code_count_every_reason_of_an_image(sessions) -> None:
+    """An image refused for its age and its body part counts under both codes, in total and in the
+    window; one refused before the window counts in total only."""
+    now = utcnow()
+    both = [Reason("age", "patient age 64 y is outside this model's intended use (1-5 y)"),
+            Reason("body_part", "body part HAND is not chest")]
+    with sessions.begin() as s:
+        for uid, reasons, at in (("5.5.1", both, now), ("5.5.2", both[1:], now - timedelta(days=40)),
+                                 ("5.5.3", [Reason("ood", "image unlike this model's training data")], now)):
+            study = _study(s, uid, refused=join_reasons(reasons), at=at)
+            inst = s.scalars(select(Instance).join(Series).where(Series.study_id == study.id)).one()
+            inst.state_reasons = reasons_json(reasons)
+    with sessions() as s:
+        out = live_stats(s, now=now)
+    assert out["refused_codes"] == {"total": {"age": 1, "body_part": 2, "ood": 1},
+                                    "window": {"age": 1, "body_part": 1, "ood": 1}}
+    assert sum(out["refused"]["total"].values()) == 3  # the images themselves, once each

@@ -75,6 +75,10 @@ _CODE_NEEDLES: tuple[tuple[str, str], ...] = (
 )
 
 
+#: Every reason code (what ``state_reasons`` and ``pacsbridge_refusals_total`` use).
+CODES: tuple[str, ...] = tuple(sorted({code for _, code in _CODE_NEEDLES} | {"other"}))
+
+
 def code_of(text: str) -> str:
     """A reason code for a reason text made elsewhere (the imaging layer's NotAnalysable, old rows,
     the audit trail's ``not_analysed`` events); ``other`` for a text no needle names."""

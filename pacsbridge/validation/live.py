@@ -24,7 +24,9 @@ What each figure is (studies, not images, unless it says images):
 - ``npv``: RIS-labelled studies scored negative that are not pneumonia / RIS-labelled negatives.
 - ``receipt_to_completion_s``: receipt of the study to the reader's completion, p50/p95 over the
   latest :data:`TIMES_OF` completed items (``n`` says how many).
-- ``refused`` (top level): images not analysed, by reason (the reason's first words).
+- ``refused`` (top level): images not analysed, by reason (the reason's first words);
+  ``refused_codes``: the same images by reason code (``age``, ``body_part``, ``ood``...), an image
+  refused for several reasons under each, as ``pacsbridge_refusals_total`` counts them.
 
 A study's flag for a model and calibration: any of its images scored positive by it.  The truth
 of a study from the RIS is pneumonia when any of its RIS labels says pneumonia.
@@ -42,6 +44,7 @@ from sqlalchemy.orm import Session
 from ..store.models import (
     Finding, Instance, InstanceState, Label, Prediction, Study, StudyScore, WorklistItem, WorklistStatus, utcnow,
 )
+from ..store.reasons import CODES, code_of
 from .audit_estimate import audit_sensitivity
 from .ris_labels import label_counts
 from .stats import wilson_interval
@@ -263,6 +266,29 @@ def _refused(session: Session, since: datetime | None) -> dict[str, int]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+def _refused_codes(session: Session, since: datetime) -> dict[str, dict[str, int]]:
+    """Images not analysed by reason code, in total and since ``since``: an image refused for several
+    reasons counts under each (as ``pacsbridge_refusals_total``).  One pass over the refused images,
+    testing their recorded reason list for each code; images recorded before the list existed count
+    under the code of their reason's text."""
+    Inst = Instance
+    recent = Inst.received_at >= since
+    has = [Inst.state_reasons.like(f'%"code": "{code}"%') for code in CODES]
+    row = session.execute(
+        select(*(_flag(h) for h in has), *(_flag(and_(h, recent)) for h in has))
+        .where(Inst.state == InstanceState.NOT_ANALYSED.value, Inst.state_reasons.is_not(None))).one()
+    total = {code: _i(n) for code, n in zip(CODES, row[:len(CODES)], strict=True)}
+    window = {code: _i(n) for code, n in zip(CODES, row[len(CODES):], strict=True)}
+    head = func.substr(func.coalesce(Inst.state_reason, ""), 1, 80)
+    for text, n, w in session.execute(
+            select(head, func.count(), _flag(recent))
+            .where(Inst.state == InstanceState.NOT_ANALYSED.value, Inst.state_reasons.is_(None)).group_by(head)):
+        code = code_of(text or "")
+        total[code] += _i(n)
+        window[code] += _i(w)
+    return {"total": {k: v for k, v in total.items() if v}, "window": {k: v for k, v in window.items() if v}}
+
+
 def _empty(mid: str, cal: str) -> dict[str, Any]:
     return {"model_id": mid, "calibration": cal, "scored": 0, "flagged": 0, "shadow": 0,
             "completed": {"pneumonia": 0, "no_pneumonia": 0, "other": 0}, "canceled": 0, "completed_total": 0,
@@ -275,7 +301,7 @@ def _empty(mid: str, cal: str) -> dict[str, Any]:
 
 
 def live_stats(session: Session, since: datetime | None = None, now: datetime | None = None) -> dict[str, Any]:
-    """``{"models": [...], "refused", "labels", "window"}``: each model entry holds the figures in
+    """``{"models": [...], "refused", "refused_codes", "labels", "window"}``: each model entry holds the figures in
     total (the keys ``/api/stats`` always had, and the new ones) and a ``window`` object with the
     same figures since ``since`` (default: the last 30 days)."""
     now = now or utcnow()
@@ -290,5 +316,6 @@ def live_stats(session: Session, since: datetime | None = None, now: datetime | 
         "models": models,
         "window": {"since": since.isoformat(), "until": now.isoformat()},
         "refused": {"total": _refused(session, None), "window": _refused(session, since)},
+        "refused_codes": _refused_codes(session, since),
         "labels": label_counts(session),
     }
