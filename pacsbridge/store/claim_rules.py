@@ -3,6 +3,7 @@ them): lease expiry, and whether the process that holds it is gone from this mac
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
@@ -29,6 +30,7 @@ def pid_alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
+@functools.cache  # fixed for the life of the process; asked at every heartbeat and outbox claim
 def machine_id() -> str | None:
     """Host, boot and pid namespace, hashed: two processes with the same value see the same pids, so
     one can tell that the other is gone.  None where that cannot be told (not Linux)."""

@@ -252,18 +252,20 @@ def _sensitivity(e: dict[str, Any]) -> dict[str, Any]:
     return {"value": None, "ci": None, "n": 0, "method": "none", "estimator": SENSITIVITY_METHOD["none"]}
 
 
-def _refused(session: Session, since: datetime | None) -> dict[str, int]:
-    """Images not analysed by reason; grouped on the reason's first 40 characters in SQL (bounded
-    cardinality: the numbers in a reason come later), then on its first words."""
+def _refused(session: Session, since: datetime) -> dict[str, dict[str, int]]:
+    """Images not analysed by reason, in total and since ``since`` (one pass); grouped on the reason's
+    first 40 characters in SQL (bounded cardinality: the numbers in a reason come later), then on its
+    first words."""
     head = func.substr(func.coalesce(Instance.state_reason, ""), 1, 40)
-    q = select(head, func.count()).where(Instance.state == InstanceState.NOT_ANALYSED.value)
-    if since is not None:
-        q = q.where(Instance.received_at >= since)
-    out: dict[str, int] = {}
-    for reason, n in session.execute(q.group_by(head)):
+    out: dict[str, dict[str, int]] = {"total": {}, "window": {}}
+    for reason, n, w in session.execute(
+            select(head, func.count(), _flag(Instance.received_at >= since))
+            .where(Instance.state == InstanceState.NOT_ANALYSED.value).group_by(head)):
         key = (reason or "").split(";", 1)[0].split(":", 1)[0].split("(", 1)[0].strip() or "unknown"  # the headline
-        out[key] = out.get(key, 0) + int(n)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+        for side, k in (("total", _i(n)), ("window", _i(w))):
+            if k:
+                out[side][key] = out[side].get(key, 0) + k
+    return {side: dict(sorted(d.items(), key=lambda kv: -kv[1])) for side, d in out.items()}
 
 
 def _refused_codes(session: Session, since: datetime) -> dict[str, dict[str, int]]:
@@ -315,7 +317,7 @@ def live_stats(session: Session, since: datetime | None = None, now: datetime | 
     return {
         "models": models,
         "window": {"since": since.isoformat(), "until": now.isoformat()},
-        "refused": {"total": _refused(session, None), "window": _refused(session, since)},
+        "refused": _refused(session, since),
         "refused_codes": _refused_codes(session, since),
         "labels": label_counts(session),
     }
