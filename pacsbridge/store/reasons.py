@@ -86,6 +86,12 @@ def code_of(text: str) -> str:
     return next((code for needle, code in _CODE_NEEDLES if needle in low), "other")
 
 
+def headline(joined: str | None) -> str:
+    """The first reason up to its first ";", ":" or "(", e.g. "not a chest image (BodyPartExamined
+    HAND)" -> "not a chest image": what refusals are counted under when shown to people."""
+    return (joined or "").split(";", 1)[0].split(":", 1)[0].split("(", 1)[0].strip()
+
+
 def split_reasons(joined: str | None) -> list[str]:
     """The reason texts of a joined ``state_reason`` (or a ``not_analysed`` event's detail).
 

@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 from ..store.models import (
     Finding, Instance, InstanceState, Label, Prediction, Study, StudyScore, WorklistItem, WorklistStatus, utcnow,
 )
-from ..store.reasons import CODES, code_of
+from ..store.reasons import CODES, code_of, headline
 from .audit_estimate import audit_sensitivity
 from .ris_labels import label_counts
 from .stats import wilson_interval
@@ -261,7 +261,7 @@ def _refused(session: Session, since: datetime) -> dict[str, dict[str, int]]:
     for reason, n, w in session.execute(
             select(head, func.count(), _flag(Instance.received_at >= since))
             .where(Instance.state == InstanceState.NOT_ANALYSED.value).group_by(head)):
-        key = (reason or "").split(";", 1)[0].split(":", 1)[0].split("(", 1)[0].strip() or "unknown"  # the headline
+        key = headline(reason) or "unknown"
         for side, k in (("total", _i(n)), ("window", _i(w))):
             if k:
                 out[side][key] = out[side].get(key, 0) + k

@@ -26,6 +26,7 @@ from typing import Any, Callable
 from ..inference.gates import ood_refusal
 from ..model.artifact import LoadedModel
 from ..scoring import Scorer, score_paths
+from ..store.reasons import headline
 from . import stats
 from .calibration import ood_ceiling
 from .labels import FileIndex, Labels
@@ -166,8 +167,7 @@ def _refused_by_ood(model: LoadedModel, score: float | None, cut: float | None) 
 
 def _category(reason: str) -> str:
     """Refusal reasons grouped for counting (the numbers and details of each image dropped)."""
-    head = reason.split(";", 1)[0].split(":", 1)[0].split("(", 1)[0].strip()  # the headline of all reasons
-    return head or reason[:60]
+    return headline(reason) or reason[:60]
 
 
 @dataclass
